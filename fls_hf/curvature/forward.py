@@ -1,0 +1,74 @@
+"""Run a model on a batch for curvature work: logits, valid-row mask, eval mode, fp32, no labels.
+
+Curvature passes never use the data labels for the true Fisher (labels are sampled from the model),
+so label keys are removed before the forward. They run in eval mode (dropout off, BatchNorm
+statistics untouched) with autocast disabled, and restore the model's mode afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions")
+
+
+def model_inputs(batch: Mapping[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+    """The batch without label keys, tensors moved to `device`."""
+    inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    if device is not None:
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return inputs
+
+
+def valid_rows(batch: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor:
+    """Bool mask over the logits' leading dims: attention mask and `-100` labels for token outputs."""
+    lead = logits.shape[:-1]
+    if logits.dim() == 2:
+        return torch.ones(lead, dtype=torch.bool, device=logits.device)
+    valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(lead):
+        valid &= mask.to(logits.device).bool()
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(lead):
+        valid &= labels.to(logits.device) != -100
+    return valid
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """`outputs.logits` for HF model outputs, the first element for tuples, the tensor itself otherwise."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        logits = outputs[0]
+    return logits
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def curvature_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and fp32 autocast-free maths for the duration of a curvature pass."""
+    was_training = model.training
+    model.eval()
+    device_type = model_device(model).type
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / torch.compile wrappers (curvature passes must not trigger DDP hooks)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)

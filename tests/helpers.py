@@ -1,0 +1,50 @@
+"""Tiny real models and data for tests (built from configs; no network)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=num_labels, **overrides,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
+
+
+def token_batches(n_batches: int = 4, batch_size: int = 4, seq_len: int = 8, vocab: int = 64, num_labels: int = 2, seed: int = 0):
+    """Random token batches with padding at the end of some rows, and labels."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g)
+        mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+        mask[0, seq_len // 2 :] = 0
+        ids[mask == 0] = 0
+        labels = torch.randint(0, num_labels, (batch_size,), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+class MLP(nn.Sequential):
+    def __init__(self, sizes=(6, 5, 3), bias: bool = True, seed: int = 0):
+        torch.manual_seed(seed)
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b, bias=bias))
+            if i < len(sizes) - 2:
+                layers.append(nn.Tanh())
+        super().__init__(*layers)
