@@ -8,13 +8,17 @@ from .base import (
     register_curvature,
     registered_methods,
 )
+from .fishleg import FishLegConfig, FishLegProvider
 from .magnitude import MagnitudeProvider
 
+register_curvature("fishleg", FishLegProvider)
 register_curvature("magnitude", MagnitudeProvider)
 
 __all__ = [
     "CurvatureConfig",
     "CurvatureProvider",
+    "FishLegConfig",
+    "FishLegProvider",
     "MagnitudeProvider",
     "config_class_for",
     "provider_class_for",

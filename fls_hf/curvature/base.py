@@ -91,8 +91,9 @@ class CurvatureProvider(ABC):
     def blocks(self, name: str, block_size: int) -> torch.Tensor:
         """Dense blocks of Q over consecutive weights of a row: (rows · ceil(cols/B), B, B).
 
-        Exact for any provider: probe t sets coordinate t of every block at once, and only the
-        entries that land inside the same block are kept.
+        This default probes coordinate t of every block at once (B matvecs), so it is exact only
+        when Q does not couple different blocks (diagonal Qs, block-diagonal Qs of the same
+        blocking). Providers with coupled Q (Kronecker) override it with their entry formula.
         """
         rows, cols = self.layers[name].shape
         n_padded = -(-cols // block_size) * block_size

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions")
 
@@ -56,12 +57,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def curvature_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and fp32 autocast-free maths for the duration of a curvature pass."""
+    """Eval mode, autocast off and the math attention kernel for the duration of a curvature pass.
+
+    The fused SDPA kernels have no double backward, which the GGN product (a vjp of a vjp) needs.
+    """
     was_training = model.training
     model.eval()
     device_type = model_device(model).type
     try:
-        with torch.autocast(device_type=device_type, enabled=False):
+        with torch.autocast(device_type=device_type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
         model.train(was_training)

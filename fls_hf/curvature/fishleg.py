@@ -1,0 +1,331 @@
+"""FishLeg: learn Q(λ) ≈ (F + γI)⁻¹ per layer by minimising the auxiliary loss
+
+    A(λ; u) = ½ vᵀ(F + γI)v − uᵀv,   v = Q(λ)u,
+
+whose minimiser over an unconstrained Q is exactly (F + γI)⁻¹ for any distribution of u
+(Garcia et al., ICLR 2023; McGowan et al., arXiv:2412.02328). For pruning, u ~ N(0, I) on the
+surviving weights, so Q is accurate along every coordinate direction OBS needs.
+
+One aux step: draw u, form v = Q(λ)u (with a graph into λ), one Fisher-vector product F·v on a
+batch, r = stopgrad((F + γ)v − u), optionally r ← Q r (preconditioned aux gradient), backpropagate
+⟨v, r⟩ into λ (= J_λ(v)ᵀ r, the aux-loss gradient), all-reduce across ranks, Adam step on λ.
+After pruning, u, v and F·v are masked so Q learns the inverse Fisher of the surviving weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..distributed import all_reduce_mean_
+from ..errors import CurvatureError
+from ..progress import log_main, progress
+from .adapters import LayerAdapter
+from .base import CurvatureConfig, CurvatureProvider, row_blocks
+from .fisher import FISHER_PRODUCTS, sampled_gradient
+from .likelihoods import Likelihood, likelihood_for
+from .structures import STRUCTURES, build_structure, structure_numel
+
+_BYTES_PER_VALUE = 4 * 4  # fp32 value, its gradient and two Adam moments
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CurvatureError(f"recipe key `curvature.{key}` = {value!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class FishLegConfig(CurvatureConfig):
+    """The `curvature:` section for `method: fishleg`."""
+
+    structure: str = field(default="block_diagonal", metadata={"help": "Q structure per layer: " + " | ".join(STRUCTURES)})
+    block_size: int = field(default=32, metadata={"help": "block_diagonal: consecutive weights of a row per block."})
+    factor_block_size: int | None = field(default=None, metadata={"help": "kronecker: make R and L block-diagonal with blocks this size (bounds memory for wide layers)."})
+    init: str = field(default="diagonal", metadata={"help": "identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD)."})
+    init_examples: int = field(default=256, metadata={"help": "Examples (sampled-label gradients) for the diagonal warm start."})
+    aux_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the auxiliary loss."})
+    aux_lr_schedule: str = field(default="constant", metadata={"help": "constant | linear (decays to 0.1 × aux_lr over warmup_steps)."})
+    warmup_steps: int = field(default=100, metadata={"help": "Aux steps before the first pruning step."})
+    refinement_steps: int = field(default=10, metadata={"help": "Aux steps run before each later pruning step (refinement, not re-estimation)."})
+    refine_every: int = field(default=0, metadata={"help": "During training, also run one aux step every N optimizer steps (0 = off)."})
+    fisher_product: str = field(default="ggn", metadata={"help": "ggn (exact Gauss-Newton, default) | hvp (sampled-label Hessian-vector product)."})
+    u_sampling: str = field(default="gaussian", metadata={"help": "gaussian (all coordinate directions, for pruning) | gradient (sampled-label gradient direction)."})
+    precondition_aux: bool = field(default=False, metadata={"help": "Replace r by Q·r in the aux gradient (Newton-like; can diverge at large aux_lr)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the u / label sampling generator (identical on every rank)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("structure", self.structure, STRUCTURES)
+        _check_choice("init", self.init, ("identity", "diagonal"))
+        _check_choice("aux_lr_schedule", self.aux_lr_schedule, ("constant", "linear"))
+        _check_choice("fisher_product", self.fisher_product, tuple(FISHER_PRODUCTS))
+        _check_choice("u_sampling", self.u_sampling, ("gaussian", "gradient"))
+        for key in ("block_size", "init_examples"):
+            if getattr(self, key) < 1:
+                raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 1")
+        for key in ("warmup_steps", "refinement_steps", "refine_every"):
+            if getattr(self, key) < 0:
+                raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 0")
+        if self.factor_block_size is not None and self.factor_block_size < 1:
+            raise CurvatureError(f"recipe key `curvature.factor_block_size` = {self.factor_block_size!r} must be >= 1 or null")
+        if not self.aux_lr > 0:
+            raise CurvatureError(f"recipe key `curvature.aux_lr` = {self.aux_lr!r} must be > 0")
+
+
+class FishLegProvider(CurvatureProvider):
+    """Learned inverse Fisher, one `structures` module per layer, block-diagonal across layers.
+
+    Example:
+        >>> provider = FishLegProvider(resolve_targets(model, targets), FishLegConfig(damping=1e-3))
+        >>> provider.prepare(model, calibration_batches)      # warm start + `warmup_steps` aux steps
+        >>> provider.diag("bert.encoder.layer.0.attention.self.query")
+    """
+
+    config_class = FishLegConfig
+    refines = True
+
+    def __init__(self, layers: Mapping[str, LayerAdapter], config: FishLegConfig, likelihood: Likelihood | None = None) -> None:
+        super().__init__(layers, config)
+        self.config: FishLegConfig = config
+        self._check_memory()
+        self.structures: dict[str, nn.Module] = {}
+        for name, adapter in self.layers.items():
+            rows, cols = adapter.shape
+            self.structures[name] = build_structure(
+                config.structure, rows, self._width(name), config.damping,
+                block_size=config.block_size, factor_block_size=config.factor_block_size,
+            ).to(adapter.weight.device)
+        self.optimizer = torch.optim.Adam(self._parameters(), lr=config.aux_lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.likelihood = likelihood
+        self.steps_done = 0
+        self.skipped_steps = 0
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------- layout
+    def _models_bias(self, name: str) -> bool:
+        return self.config.structure == "kronecker" and self.layers[name].bias is not None
+
+    def _width(self, name: str) -> int:
+        return self.layers[name].shape[1] + int(self._models_bias(name))
+
+    def _parameters(self) -> list[nn.Parameter]:
+        return [p for s in self.structures.values() for p in s.parameters()]
+
+    def estimated_bytes(self) -> int:
+        """Curvature memory (values, gradients, Adam moments), computable before allocating."""
+        total = 0
+        for name, adapter in self.layers.items():
+            total += structure_numel(
+                self.config.structure, adapter.shape[0], self._width(name),
+                block_size=self.config.block_size, factor_block_size=self.config.factor_block_size,
+            )
+        return total * _BYTES_PER_VALUE
+
+    def memory_bytes(self) -> int:
+        return self.estimated_bytes()
+
+    def _check_memory(self) -> None:
+        gib = self.estimated_bytes() / 2**30
+        log_main("FishLeg curvature (%s) for %d layers: %.3f GiB estimated", self.config.structure, len(self.layers), gib)
+        budget = self.config.max_memory_gib
+        if budget is not None and gib > budget:
+            knob = {"block_diagonal": "`curvature.block_size`", "kronecker": "`curvature.factor_block_size`"}.get(self.config.structure, "the structure")
+            raise CurvatureError(
+                f"FishLeg curvature needs {gib:.2f} GiB > `curvature.max_memory_gib` = {budget}; "
+                f"lower {knob}, choose a smaller `curvature.structure`, or target fewer layers with `pruning.targets`"
+            )
+
+    def _keep(self, name: str) -> torch.Tensor:
+        """Keep mask over the structure's (rows, width) coordinates; the bias column is always kept."""
+        rows, cols = self.layers[name].shape
+        keep = torch.ones(rows, self._width(name), device=self.device(name))
+        if name in self.keep:
+            keep[:, :cols] = self.keep[name].to(keep.device, keep.dtype)
+        return keep
+
+    # ----------------------------------------------------------------- queries
+    def diag(self, name: str) -> torch.Tensor:
+        cols = self.layers[name].shape[1]
+        with torch.no_grad():
+            return self.structures[name].diag()[:, :cols].clamp_min(1e-12 / self.damping)
+
+    def matvec(self, name: str, vector: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.layers[name].shape
+        padded = torch.zeros(rows, self._width(name), device=vector.device, dtype=torch.float32)
+        padded[:, :cols] = vector
+        with torch.no_grad():
+            return self.structures[name].matvec(padded)[:, :cols]
+
+    def blocks(self, name: str, block_size: int) -> torch.Tensor:
+        cols = self.layers[name].shape[1]
+        with torch.no_grad():
+            valid = row_blocks(torch.ones(self.layers[name].shape, device=self.device(name)), block_size)
+            return self.structures[name].row_block_entries(block_size, cols) * valid[:, :, None] * valid[:, None, :]
+
+    # ----------------------------------------------------------------- learning
+    def prepare(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+        """Warm start (once) and `warmup_steps` aux steps over the calibration batches."""
+        calibration = list(itertools.islice(batches, self.config.num_batches))
+        if not calibration:
+            raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
+        self._resolve_likelihood(model)
+        if self.steps_done == 0 and self.config.init == "diagonal":
+            self._diagonal_warm_start(model, calibration)
+        return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
+
+    def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
+        diagnostics: dict[str, float] = {}
+        for batch in progress(itertools.islice(itertools.cycle(batches), steps), total=steps, desc=desc):
+            diagnostics = self.update(model, batch)
+        return diagnostics
+
+    def _resolve_likelihood(self, model: nn.Module) -> Likelihood:
+        if self.likelihood is None:
+            self.likelihood = likelihood_for(self.config.likelihood, getattr(model, "config", None))
+        return self.likelihood
+
+    def _diagonal_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
+        """Q₀ = diag 1/(E[g²] + γ) from sampled-label per-example gradients (the OBD point)."""
+        from .gradients import per_example_gradients
+
+        sums = {name: torch.zeros(a.shape, device=self.device(name)) for name, a in self.layers.items()}
+        count = 0
+        for grads in per_example_gradients(
+            model, itertools.cycle(batches), self.layers, labels="sampled", likelihood=self.likelihood,
+            generator=self.generator, max_examples=self.config.init_examples,
+        ):
+            for name, g in grads.items():
+                sums[name] += g.float().pow(2).sum(0)
+            count += next(iter(grads.values())).shape[0]
+        for name, structure in self.structures.items():
+            d = 1.0 / (sums[name] / max(count, 1) + self.damping)
+            if self._models_bias(name):
+                d = torch.cat([d, d.median(dim=1, keepdim=True).values], dim=1)
+            structure.init_diagonal(d)
+
+    def _tangents(self, v: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+        tangents: dict[nn.Parameter, torch.Tensor] = {}
+        for name, vec in v.items():
+            adapter = self.layers[name]
+            cols = adapter.shape[1]
+            tangents[adapter.weight] = adapter.from_matrix(vec[:, :cols])
+            if self._models_bias(name):
+                tangents[adapter.bias] = vec[:, cols]
+        return tangents
+
+    def _as_matrices(self, tangents: dict[nn.Parameter, torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        by_param = dict(zip(tangents, values))
+        out = {}
+        for name, adapter in self.layers.items():
+            parts = [adapter.to_matrix(by_param[adapter.weight])]
+            if self._models_bias(name):
+                parts.append(by_param[adapter.bias][:, None])
+            out[name] = torch.cat(parts, dim=1)
+        return out
+
+    def _draw_u(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        keeps = {name: self._keep(name) for name in self.layers}
+        if self.config.u_sampling == "gaussian":
+            return {n: torch.randn(k.shape, generator=self.generator).to(k.device) * k for n, k in keeps.items()}
+        params = {n: self._tangents({n: torch.zeros_like(k)}) for n, k in keeps.items()}
+        flat = [p for t in params.values() for p in t]
+        grads = self._as_matrices(dict.fromkeys(flat), sampled_gradient(model, batch, flat, self.likelihood, self.generator))
+        return {n: g * keeps[n] * math.sqrt(g.numel()) / g.norm().clamp_min(1e-30) for n, g in grads.items()}
+
+    def update(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One aux step on `batch`; returns aux loss, residual ‖(F+γ)Qu − u‖/‖u‖ and steps done."""
+        likelihood = self._resolve_likelihood(model)
+        u = self._draw_u(model, batch)
+        v = {n: self.structures[n].matvec(u[n]) * self._keep(n) for n in self.layers}
+        tangents = self._tangents({n: x.detach() for n, x in v.items()})
+        product = FISHER_PRODUCTS[self.config.fisher_product]
+        extra = {"generator": self.generator} if self.config.fisher_product == "hvp" else {}
+        fv = self._as_matrices(tangents, product(model, batch, tangents, likelihood, **extra))
+        r = {n: (fv[n] + self.damping * v[n].detach() - u[n]) * self._keep(n) for n in self.layers}
+        aux_loss = sum(0.5 * (v[n].detach() * (fv[n] + self.damping * v[n].detach())).sum() - (u[n] * v[n].detach()).sum() for n in self.layers)
+        residual = math.sqrt(sum(float(x.pow(2).sum()) for x in r.values()) / max(sum(float(x.pow(2).sum()) for x in u.values()), 1e-30))
+        if self.config.precondition_aux:
+            with torch.no_grad():
+                r = {n: self.structures[n].matvec(r[n]) * self._keep(n) for n in self.layers}
+        self.optimizer.zero_grad(set_to_none=False)
+        sum((v[n] * r[n]).sum() for n in self.layers).backward()
+        grads = [p.grad for p in self._parameters()]
+        all_reduce_mean_(grads)
+        diagnostics = {"aux_loss": float(aux_loss), "residual": residual, "aux_steps": float(self.steps_done)}
+        bad = self._non_finite_layers(r)
+        if bad:
+            self._skip(bad)
+            return {**diagnostics, "skipped": 1.0}
+        self._set_lr()
+        self.optimizer.step()
+        self.steps_done += 1
+        diagnostics["aux_steps"] = float(self.steps_done)
+        return diagnostics
+
+    def _non_finite_layers(self, residuals: dict[str, torch.Tensor]) -> list[str]:
+        """Layers whose aux residual or λ-gradient is not finite (the step must not touch Q)."""
+        return [
+            n for n, s in self.structures.items()
+            if not torch.isfinite(residuals[n]).all() or any(not torch.isfinite(p.grad).all() for p in s.parameters())
+        ]
+
+    def _skip(self, bad: list[str]) -> None:
+        self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=False)
+        key = ",".join(bad)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"FishLeg aux step skipped: non-finite values in {', '.join(bad)}; keeping the last good Q", RuntimeWarning, stacklevel=3)
+
+    def _set_lr(self) -> None:
+        lr = self.config.aux_lr
+        if self.config.aux_lr_schedule == "linear":
+            progress_fraction = min(self.steps_done / max(self.config.warmup_steps, 1), 1.0)
+            lr *= 1.0 - 0.9 * progress_fraction
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ----------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, structure in self.structures.items():
+            for pname, param in structure.named_parameters():
+                tensors[f"{name}/{pname}"] = param.data
+                state = self.optimizer.state.get(param, {})
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if moment in state:
+                        tensors[f"{name}/{pname}/{moment}"] = state[moment]
+        return tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors = dict(self.state_tensors())
+        tensors["rng"] = self.generator.get_state()
+        meta = {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps, "structure": self.config.structure}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tensors = dict(state.get("tensors", {}))
+        meta = state.get("meta", {})
+        if meta.get("structure", self.config.structure) != self.config.structure:
+            raise CurvatureError(f"saved FishLeg state has structure {meta.get('structure')!r}, the recipe asks for {self.config.structure!r}")
+        rng = tensors.pop("rng", None)
+        steps = int(meta.get("steps_done", 0))
+        if steps > 0:  # materialise Adam moments so their saved values have somewhere to go
+            for param in self._parameters():
+                st = self.optimizer.state[param]
+                st.setdefault("step", torch.tensor(float(steps)))
+                st.setdefault("exp_avg", torch.zeros_like(param))
+                st.setdefault("exp_avg_sq", torch.zeros_like(param))
+        super().load_state_dict({"tensors": tensors})
+        if rng is not None:
+            self.generator.set_state(rng)
+        self.steps_done = steps
+        self.skipped_steps = int(meta.get("skipped_steps", 0))

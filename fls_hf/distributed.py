@@ -1,0 +1,49 @@
+"""Data-parallel helpers: no-ops without an initialised process group, one code path either way."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .errors import DistributedError
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in place (aux gradients, curvature statistics)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    if is_distributed():
+        for t in tensors:
+            dist.broadcast(t, src)
+
+
+def check_same_on_all_ranks(digest: str, what: str) -> None:
+    """Fail loudly when `digest` (e.g. a mask hash) differs between ranks."""
+    if not is_distributed():
+        return
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise DistributedError(f"{what} differ across ranks: " + ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests)))
