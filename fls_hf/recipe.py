@@ -1,0 +1,345 @@
+"""Typed pruning recipes: `pruning:` (what, how much, when) and `curvature:` (the method's settings).
+
+Every key is checked early and by its dotted name: unknown keys at any level are rejected with the
+nearest valid key, types are checked against the dataclass annotations, and ranges and consistency
+are checked in `__post_init__`. `start_step` / `end_step` / `update_frequency` count optimizer steps.
+
+Example:
+    >>> recipe = load_recipe("recipes/gradual-unstructured-90.yaml", overrides={"pruning.final_sparsity": 0.8})
+    >>> load_recipe(recipe.to_yaml()) == recipe
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .curvature.base import CurvatureConfig, config_class_for
+from .errors import CurvatureError, RecipeError
+
+SECTIONS = ("pruning", "curvature")
+INTER_FUNCS = ("cubic", "linear")
+COMPENSATIONS = ("block", "independent", "none")
+SALIENCIES = ("obs", "obd")
+_N_OF_M = re.compile(r"([0-9]+):([0-9]+)")
+
+
+@dataclass
+class PruningConfig:
+    """The recipe's `pruning:` section: which layers, which pattern, how sparse, and when."""
+
+    method: str = field(default="fishleg", metadata={"help": "Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name)."})
+    targets: list[str] = field(default_factory=list, metadata={"help": "Module names or `re:` regexes to prune; empty = every supported layer not ignored."})
+    ignore: list[str] = field(default_factory=lambda: ["classifier", "re:.*pooler.*", "lm_head", "score"], metadata={"help": "Module names or `re:` regexes never pruned (task heads by default)."})
+    mask_type: str = field(default="unstructured", metadata={"help": "unstructured, or \"N:M\" (keep N of every M consecutive weights, e.g. \"2:4\")."})
+    global_sparsity: bool = field(default=True, metadata={"help": "Rank saliencies across all targeted layers (true) or within each layer (false)."})
+    init_sparsity: float = field(default=0.0, metadata={"help": "Sparsity reached at `start_step`, in [0, 1)."})
+    final_sparsity: float = field(default=0.5, metadata={"help": "Sparsity reached at `end_step`, in [0, 1)."})
+    start_step: int = field(default=0, metadata={"help": "Optimizer step of the first pruning step."})
+    end_step: int = field(default=0, metadata={"help": "Optimizer step of the last pruning step; equal to `start_step` means one-shot."})
+    update_frequency: int = field(default=1, metadata={"help": "Optimizer steps between pruning steps."})
+    inter_func: str = field(default="cubic", metadata={"help": "Sparsity schedule between start and end: cubic | linear."})
+    recomputations: int = field(default=1, metadata={"help": "Curvature re-estimates within one pruning step (prune in that many stages)."})
+    min_layer_sparsity: float = field(default=0.0, metadata={"help": "Lower bound on each layer's sparsity under global ranking."})
+    max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper bound on each layer's sparsity under global ranking."})
+    compensation: str = field(default="block", metadata={"help": "Weight update after pruning: block (joint OBS within blocks) | independent | none."})
+    obs_block_size: int = field(default=50, metadata={"help": "Consecutive weights of a row treated jointly by block compensation."})
+    saliency: str = field(default="obs", metadata={"help": "obs: w²/(2 [Q]_ii) (optimal brain surgeon) | obd: w²·F_ii/2 (optimal brain damage)."})
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self, "pruning")
+        for name in ("init_sparsity", "final_sparsity", "min_layer_sparsity", "max_layer_sparsity"):
+            self._require(name, 0 <= getattr(self, name) < 1, "is out of range: expected 0 <= value < 1")
+        self._require("init_sparsity", self.init_sparsity <= self.final_sparsity,
+                      f"is inconsistent: expected init_sparsity <= `pruning.final_sparsity` (= {self.final_sparsity!r})")
+        self._require("start_step", self.start_step >= 0, "is out of range: expected value >= 0")
+        self._require("end_step", self.end_step >= self.start_step,
+                      f"is inconsistent: expected end_step >= `pruning.start_step` (= {self.start_step!r})")
+        for name in ("update_frequency", "recomputations", "obs_block_size"):
+            self._require(name, getattr(self, name) >= 1, "is out of range: expected value >= 1")
+        self._require("min_layer_sparsity", self.min_layer_sparsity <= self.max_layer_sparsity,
+                      f"is inconsistent: expected min_layer_sparsity <= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})")
+        self._require("final_sparsity", self.min_layer_sparsity <= self.final_sparsity <= self.max_layer_sparsity,
+                      f"is inconsistent: expected `pruning.min_layer_sparsity` (= {self.min_layer_sparsity!r}) <= value "
+                      f"<= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})")
+        for name, allowed in (("inter_func", INTER_FUNCS), ("compensation", COMPENSATIONS), ("saliency", SALIENCIES)):
+            self._require(name, getattr(self, name) in allowed, f"is not allowed: expected one of {', '.join(allowed)}")
+        self._require("method", bool(self.method), "is empty: expected a registered curvature method")
+        self._require("mask_type", self.mask_type == "unstructured" or _n_of_m(self.mask_type) is not None,
+                      "is not allowed: expected 'unstructured' or 'N:M' with integers 0 < N < M, e.g. '2:4'")
+        for name in ("targets", "ignore"):
+            for pattern in getattr(self, name):
+                self._require(name, _valid_pattern(pattern),
+                              f"has {pattern!r}, which is neither a module name nor a valid `re:` regular expression")
+
+    @property
+    def n_of_m(self) -> tuple[int, int] | None:
+        """(N, M) for an "N:M" mask (N weights kept per M consecutive), None when unstructured."""
+        return None if self.mask_type == "unstructured" else _n_of_m(self.mask_type)
+
+    @property
+    def one_shot(self) -> bool:
+        """True when all pruning happens at a single step (`start_step == end_step`)."""
+        return self.start_step == self.end_step
+
+    def _require(self, name: str, ok: bool, problem: str) -> None:
+        if not ok:
+            raise RecipeError(f"recipe key `pruning.{name}` = {getattr(self, name)!r} {problem}")
+
+
+@dataclass
+class PruningRecipe:
+    """A whole recipe: `pruning` settings plus the curvature settings of `pruning.method`.
+
+    `curvature` must be an instance of exactly `config_class_for(pruning.method)`; None (the default)
+    means that class's defaults.
+
+    Example:
+        >>> recipe = PruningRecipe(PruningConfig(method="magnitude", final_sparsity=0.7))
+        >>> recipe.curvature.damping
+        0.001
+    """
+
+    pruning: PruningConfig = field(default_factory=PruningConfig, metadata={"help": "What to prune, how much and when."})
+    curvature: CurvatureConfig = field(default=None, metadata={"help": "Settings of the method's curvature estimate; None = its defaults."})  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pruning, PruningConfig):
+            raise RecipeError(f"recipe section `pruning` must be a PruningConfig, got {type(self.pruning).__name__}")
+        config_class = config_class_for(self.pruning.method)
+        if self.curvature is None:
+            self.curvature = _build_section(config_class, {}, "curvature")
+        elif type(self.curvature) is not config_class:
+            raise RecipeError(
+                f"recipe section `curvature` is a {type(self.curvature).__name__}, but `pruning.method` = "
+                f"{self.pruning.method!r} expects a {config_class.__name__}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> PruningRecipe:
+        """Build from `{"pruning": {...}, "curvature": {...}}`, applying dotted `overrides` first.
+
+        Example:
+            >>> PruningRecipe.from_dict({"pruning": {"method": "magnitude"}}, {"curvature.damping": "1e-2"}).curvature.damping
+            0.01
+        """
+        data = _apply_overrides(_as_mapping(data, "a recipe"), overrides or {})
+        _check_keys(data, SECTIONS, "", _section_keys())
+        pruning = _build_section(PruningConfig, data.get("pruning"), "pruning")
+        curvature = _build_section(config_class_for(pruning.method), data.get("curvature"), "curvature")
+        return cls(pruning, curvature)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of every key (defaults included); `from_dict` inverts it."""
+        return {"pruning": asdict(self.pruning), "curvature": asdict(self.curvature)}
+
+    def to_yaml(self) -> str:
+        """YAML text that `load_recipe` reads back to an equal recipe."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `to_yaml()` to `path` (parent folders created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+
+def load_recipe(
+    source: PruningRecipe | Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None
+) -> PruningRecipe:
+    """Read a recipe from a recipe (copied), a dict, a YAML file path or a YAML string.
+
+    `overrides` maps dotted keys to values and is applied before validation.
+
+    Raises:
+        RecipeError: malformed YAML, a missing file, or a key that is unknown, mistyped, out of range
+            or inconsistent (the message names the dotted key and what is allowed).
+
+    Example:
+        >>> load_recipe("pruning: {method: magnitude, final_sparsity: 0.9}", {"pruning.final_sparsity": 0.8}).pruning.final_sparsity
+        0.8
+    """
+    if isinstance(source, PruningRecipe):
+        data: Any = source.to_dict()
+    elif isinstance(source, Mapping):
+        data = copy.deepcopy(dict(source))
+    elif isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    elif isinstance(source, str):
+        data = _parse_yaml(source, "string")
+    else:
+        raise RecipeError(f"recipe source must be a PruningRecipe, dict, path or YAML string, got {type(source).__name__}")
+    return PruningRecipe.from_dict(data, overrides)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn command-line `key=value` items into an overrides dict, values parsed as YAML.
+
+    Example:
+        >>> parse_overrides(["pruning.final_sparsity=0.8", "pruning.mask_type=2:4"])
+        {'pruning.final_sparsity': 0.8, 'pruning.mask_type': '2:4'}
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r} must look like `section.key=value`, e.g. `pruning.final_sparsity=0.8`")
+        value = _parse_yaml(text, f"override {item!r}")
+        # YAML 1.1 reads unquoted 2:4 as the base-60 integer 124; an N:M pattern is meant.
+        overrides[key.strip()] = text.strip() if ":" in text and isinstance(value, (int, float)) else value
+    return overrides
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = str(error).replace('"<unicode string>"', origin)
+        raise RecipeError(f"recipe {origin} is not valid YAML: {where}") from error
+
+
+def _looks_like_path(text: str) -> bool:
+    if "\n" in text:
+        return False
+    try:
+        return text.endswith((".yaml", ".yml")) or Path(text).is_file()
+    except OSError:
+        return False
+
+
+def _as_mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where} must be a mapping of keys to values, got {type(value).__name__} {value!r:.80}")
+    return {str(key): item for key, item in value.items()}
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not key or "." in key:
+            known = [f"{home}.{name}" for home, names in _section_keys().items() for name in names]
+            guess = _closest(dotted, known)
+            raise RecipeError(f"override key `{dotted}` must look like `section.key`{guess}")
+        if section not in SECTIONS:
+            raise RecipeError(f"override key `{dotted}` is unknown{_closest(section, SECTIONS, suffix='.' + key)}")
+        data[section] = _as_mapping(data.get(section), f"recipe section `{section}`")
+        data[section][key] = value
+    return data
+
+
+def _build_section(cls: type, raw: Any, section: str) -> Any:
+    """Check keys and types of one section, then construct `cls` (its `__post_init__` checks ranges)."""
+    values = _as_mapping(raw, f"recipe section `{section}`")
+    hints = get_type_hints(cls)
+    elsewhere = {other: names for other, names in _section_keys().items() if other != section}
+    _check_keys(values, _names(cls), f"{section}.", elsewhere, cls)
+    kwargs = {key: _coerce(f"{section}.{key}", value, hints[key]) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except CurvatureError as error:
+        raise RecipeError(str(error)) from error
+
+
+def _check_keys(values: Mapping[str, Any], valid: Sequence[str], prefix: str,
+                elsewhere: Mapping[str, Sequence[str]], cls: type | None = None) -> None:
+    for key in values:
+        if key in valid:
+            continue
+        home = next((f"{other}.{key}" for other, names in elsewhere.items() if key in names), None)
+        hint = f" (did you mean `{home}`?)" if home else _closest(key, valid, prefix)
+        owner = f" of {cls.__name__}" if cls is not None else ""
+        raise RecipeError(f"recipe key `{prefix}{key}` is unknown{hint or f'; valid keys{owner}: ' + ', '.join(valid)}")
+
+
+def _closest(word: str, choices: Sequence[str], prefix: str = "", suffix: str = "") -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean `{prefix}{match[0]}{suffix}`?)" if match else ""
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Keys every recipe may hold per section (method-specific curvature keys come on top)."""
+    return {"pruning": _names(PruningConfig), "curvature": _names(CurvatureConfig)}
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init]
+
+
+def _coerce_fields(config: Any, section: str) -> None:
+    hints = get_type_hints(type(config))
+    for name in _names(type(config)):
+        setattr(config, name, _coerce(f"{section}.{name}", getattr(config, name), hints[name]))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the annotated type: ints are not bools, floats accept ints and numeric strings."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except RecipeError:
+                pass
+    elif origin is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return [_coerce(f"{key}[{i}]", item, args[0] if args else Any) for i, item in enumerate(items)]
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif hint is Any:
+        return value
+    elif hint is float:
+        if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            try:
+                return float(value)
+            except (ValueError, OverflowError):
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    sexagesimal = key == "pruning.mask_type" and type(value) is int
+    note = " (quote it: YAML reads an unquoted 2:4 as the base-60 integer 124)" if sexagesimal else ""
+    raise RecipeError(f"recipe key `{key}` = {value!r} has the wrong type: expected {_type_name(hint)}{note}")
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint).replace("typing.", "")
+
+
+def _n_of_m(mask_type: str) -> tuple[int, int] | None:
+    match = _N_OF_M.fullmatch(mask_type)
+    n, m = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return (n, m) if 0 < n < m else None
+
+
+def _valid_pattern(pattern: str) -> bool:
+    if not pattern.startswith("re:"):
+        return bool(pattern)
+    try:
+        re.compile(pattern[3:])
+    except re.error:
+        return False
+    return True
