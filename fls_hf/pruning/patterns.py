@@ -1,0 +1,240 @@
+"""Mask patterns (unstructured, N:M) and the choice of which weights to prune.
+
+Everything works in the adapters' (rows, cols) matrix view. An N:M group is M consecutive weights
+along the input dimension (cols) of one row; at most N of them survive.
+
+`select_pruned` turns saliencies into new keep-masks with an exact pruned count: round(target ·
+numel) per layer, or over all layers together (global scope). Already-pruned weights stay pruned
+and count toward the target; the lowest saliency goes first; ties break by (sorted module name,
+row-major index), so every rank computes the same masks from the same saliencies.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PruningStateError, RecipeError
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_EPS = 1e-9  # float slack when turning sparsity fractions into integer counts
+
+
+@dataclass(frozen=True)
+class MaskPattern:
+    """Unstructured (`n`, `m` None) or N:M (at most `n` non-zeros per `m` consecutive weights of a row)."""
+
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_unstructured(self) -> bool:
+        return self.m is None
+
+    @property
+    def max_target(self) -> float:
+        """Highest reachable sparsity: (M − N)/M for N:M; targets must stay below 1 anyway."""
+        return 1.0 if self.m is None else (self.m - self.n) / self.m
+
+    def __str__(self) -> str:
+        return "unstructured" if self.m is None else f"{self.n}:{self.m}"
+
+    def check_layer(self, name: str, shape: tuple[int, int]) -> None:
+        """Raise when module `name` (matrix `shape`) cannot hold this pattern."""
+        if self.m is not None and shape[1] % self.m:
+            raise RecipeError(
+                f"module `{name}` is too small / not divisible for its pattern: its {shape[1]} input columns "
+                f"do not split into groups of {self.m} (mask_type {self}); add it to `pruning.ignore`"
+            )
+
+    def candidates(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        """bool (rows, cols): weights this pattern allows to prune, given scores (lowest pruned first).
+
+        N:M: the (M − N) lowest-scoring weights of each group (stable order, so ties are deterministic).
+        """
+        if self.m is None:
+            return torch.ones_like(scores, dtype=torch.bool)
+        self.check_layer(name, tuple(scores.shape))
+        groups = scores.reshape(scores.shape[0], -1, self.m)
+        rank = torch.argsort(torch.argsort(groups, dim=-1, stable=True), dim=-1)
+        return (rank < self.m - self.n).reshape(scores.shape)
+
+
+def parse_mask_type(value: str | MaskPattern) -> MaskPattern:
+    """`"unstructured"` or `"N:M"` (1 <= N < M) → MaskPattern; a MaskPattern is returned unchanged."""
+    if isinstance(value, MaskPattern):
+        return value
+    if not isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads an unquoted N:M as a base-60 integer: 2:4 → 124, 4:8 → 248
+        hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
+        raise RecipeError(
+            f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M"'
+        )
+    if value.strip().lower() == "unstructured":
+        return MaskPattern()
+    match = _NM.match(value)
+    if match is None:
+        raise RecipeError(
+            f'recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "N:M" such as "2:4"'
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise RecipeError(f"recipe key `pruning.mask_type` = {value!r} needs 1 <= N < M (N survivors per group of M)")
+    return MaskPattern(n, m)
+
+
+def select_pruned(
+    saliency: Mapping[str, torch.Tensor],
+    keep: Mapping[str, torch.Tensor],
+    target: float,
+    pattern: MaskPattern | str,
+    *,
+    global_scope: bool,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """New keep-masks with exactly round(target · numel) pruned weights.
+
+    Args:
+        saliency: module name → (rows, cols) loss increase of removing each weight.
+        keep: module name → bool (rows, cols) current masks; False entries stay pruned.
+        target: sparsity in [0, 1), at most the pattern's (M − N)/M.
+        pattern: `MaskPattern` or a `pruning.mask_type` string.
+        global_scope: count over all layers together (True) or in every layer (False).
+        min_sparsity, max_sparsity: per-layer bounds honoured by the global allocation, to the
+            nearest whole weight (floor of min · numel, ceil of max · numel). The lower bound is
+            capped at `target`, so the low early targets of a gradual schedule stay feasible.
+            Per-layer scope prunes every layer to `target` itself.
+
+    Returns:
+        module name → new bool (rows, cols) keep mask (fresh tensors; the inputs are not modified).
+    """
+    pattern = parse_mask_type(pattern)
+    _check_fraction("pruning target sparsity", target, pattern)
+    if not 0.0 <= min_sparsity <= max_sparsity <= 1.0:
+        raise RecipeError(
+            f"`pruning.min_sparsity` = {min_sparsity!r} and `pruning.max_sparsity` = {max_sparsity!r} "
+            "need 0 <= min <= max <= 1"
+        )
+    if set(saliency) != set(keep):
+        raise PruningStateError(f"saliency and masks cover different modules: {sorted(set(saliency) ^ set(keep))[:5]}")
+    names = sorted(saliency)
+    if not names:
+        return {}
+    scores = {n: _scores(saliency[n], keep[n]) for n in names}
+    eligible = {n: pattern.candidates(n, scores[n]) | ~keep[n].to(torch.bool) for n in names}
+    if global_scope:
+        counts = _global_counts(scores, eligible, keep, target, min_sparsity, max_sparsity)
+    else:
+        counts = {n: _layer_count(n, eligible[n], keep[n], target) for n in names}
+    return {n: _keep_all_but_lowest(scores[n], eligible[n], counts[n]) for n in names}
+
+
+def _check_fraction(what: str, target: float, pattern: MaskPattern) -> None:
+    if not 0.0 <= target < 1.0:
+        raise RecipeError(f"{what} = {target!r} must be in [0, 1)")
+    if target > pattern.max_target + _EPS:
+        raise RecipeError(
+            f"{what} = {target!r} exceeds {pattern.max_target:g}, the most mask_type {pattern} can prune ((M − N)/M)"
+        )
+
+
+def _scores(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Pruned weights → −inf (they stay pruned, counted first); NaN → +inf (never chosen first)."""
+    scores = torch.where(torch.isnan(saliency), torch.inf, saliency)
+    return scores.masked_fill(~keep.to(torch.bool), -torch.inf)
+
+
+def _round(x: float) -> int:
+    """Round half up: a deterministic count, unlike Python's banker's rounding."""
+    return math.floor(x + 0.5)
+
+
+def _layer_count(name: str, eligible: torch.Tensor, keep: torch.Tensor, target: float) -> int:
+    count = _round(target * keep.numel())
+    already = int((~keep.to(torch.bool)).sum())
+    if count < already:
+        raise RecipeError(
+            f"module `{name}` already has {already} pruned weights, more than target {target!r} allows ({count}); "
+            "pruned weights never regrow, so targets must not decrease"
+        )
+    if count > int(eligible.sum()):
+        raise RecipeError(f"module `{name}` cannot reach target {target!r}: its mask pattern leaves too few candidates")
+    return count
+
+
+def _layer_bounds(
+    name: str, eligible: torch.Tensor, keep: torch.Tensor, min_sparsity: float, max_sparsity: float
+) -> tuple[int, int]:
+    """[lo, hi] pruned count of one layer: already pruned and min bound ≤ count ≤ candidates and max bound.
+
+    Bounds round outwards (floor / ceil) so that min ≤ target ≤ max is always feasible over all layers.
+    """
+    numel = keep.numel()
+    already = int((~keep.to(torch.bool)).sum())
+    lo = max(already, math.floor(min_sparsity * numel + _EPS))
+    hi = min(int(eligible.sum()), math.ceil(max_sparsity * numel - _EPS))
+    if lo > hi:
+        raise RecipeError(
+            f"module `{name}` cannot satisfy its bounds: it needs at least {lo} pruned weights (already pruned "
+            f"{already}, `pruning.min_sparsity` = {min_sparsity!r}) but may have at most {hi} "
+            f"(`pruning.max_sparsity` = {max_sparsity!r} and its mask pattern)"
+        )
+    return lo, hi
+
+
+def _global_counts(
+    scores: dict[str, torch.Tensor],
+    eligible: dict[str, torch.Tensor],
+    keep: Mapping[str, torch.Tensor],
+    target: float,
+    min_sparsity: float,
+    max_sparsity: float,
+) -> dict[str, int]:
+    """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds.
+
+    Walk the candidates of all layers in one stable ascending order; each step raises one layer's
+    raw count c_i by one. The allocation clip(c_i, lo_i, hi_i) then grows by 0 or 1 per step, so it
+    hits the exact total K at some step whenever Σ lo ≤ K ≤ Σ hi. This is water-filling with a
+    common saliency threshold: layers at a bound are fixed there and the rest share the remainder.
+    Memory: a few int64/float tensors the size of all candidate weights together.
+    """
+    names = list(scores)
+    min_sparsity = min(min_sparsity, target)
+    bounds = [_layer_bounds(n, eligible[n], keep[n], min_sparsity, max_sparsity) for n in names]
+    total = _round(target * sum(keep[n].numel() for n in names))
+    lo_sum, hi_sum = sum(b[0] for b in bounds), sum(b[1] for b in bounds)
+    if not lo_sum <= total <= hi_sum:
+        raise RecipeError(
+            f"global target sparsity {target!r} needs {total} pruned weights, but current masks, the mask pattern and "
+            f"`pruning.min_sparsity`/`pruning.max_sparsity` allow only between {lo_sum} and {hi_sum}"
+        )
+    device = scores[names[0]].device
+    values = torch.cat([scores[n][eligible[n]].to(device) for n in names])
+    sizes = torch.tensor([int(eligible[n].sum()) for n in names], device=device)
+    layer = torch.repeat_interleave(torch.arange(len(names), device=device), sizes)
+    order = torch.argsort(values, stable=True)
+    lid = layer[order]
+    # 1-based rank of each walked weight inside its own layer (its layer's raw count after the step)
+    rank = torch.empty_like(lid)
+    rank[torch.argsort(lid, stable=True)] = torch.arange(lid.numel(), device=device) - (sizes.cumsum(0) - sizes)[layer] + 1
+    lo = torch.tensor([b[0] for b in bounds], device=device)
+    hi = torch.tensor([b[1] for b in bounds], device=device)
+    grows = ((rank > lo[lid]) & (rank <= hi[lid])).cumsum(0)
+    steps = 0 if total == lo_sum else int(torch.searchsorted(grows, total - lo_sum)) + 1
+    raw = torch.bincount(lid[:steps], minlength=len(names))
+    counts = torch.minimum(torch.maximum(raw, lo), hi)
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
+def _keep_all_but_lowest(scores: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
+    """bool (rows, cols) keep mask pruning the `count` lowest-scoring eligible weights (stable order)."""
+    index = eligible.reshape(-1).nonzero().squeeze(1)
+    order = torch.argsort(scores.reshape(-1)[index], stable=True)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[index[order[:count]]] = False
+    return keep.view(scores.shape)
