@@ -38,6 +38,11 @@ class Likelihood:
         raise NotImplementedError
 
 
+def _for_generator(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sampling must happen on the generator's device (a CPU generator cannot drive CUDA sampling)."""
+    return t if generator is None else t.to(generator.device)
+
+
 def _scale(valid: torch.Tensor) -> torch.Tensor:
     return valid.to(torch.float32)[..., None] / valid.sum().clamp_min(1)
 
@@ -52,9 +57,9 @@ class Categorical(Likelihood):
         return hv * _scale(valid)
 
     def sample(self, logits, generator=None):
-        p = torch.softmax(logits.float(), dim=-1)
+        p = _for_generator(torch.softmax(logits.float(), dim=-1), generator)
         flat = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator)
-        return flat.reshape(p.shape[:-1])
+        return flat.reshape(p.shape[:-1]).to(logits.device)
 
     def nll(self, logits, labels, valid):
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none")
@@ -71,7 +76,8 @@ class Bernoulli(Likelihood):
         return s * (1 - s) * tangent * _scale(valid)
 
     def sample(self, logits, generator=None):
-        return torch.bernoulli(torch.sigmoid(logits.float()), generator=generator)
+        probs = _for_generator(torch.sigmoid(logits.float()), generator)
+        return torch.bernoulli(probs, generator=generator).to(logits.device)
 
     def nll(self, logits, labels, valid):
         losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").sum(-1)
@@ -88,7 +94,8 @@ class Gaussian(Likelihood):
         return tangent / self.sigma**2 * _scale(valid)
 
     def sample(self, logits, generator=None):
-        noise = torch.randn(logits.shape, generator=generator, device=logits.device)
+        device = generator.device if generator is not None else logits.device
+        noise = torch.randn(logits.shape, generator=generator, device=device).to(logits.device)
         return logits.float() + self.sigma * noise
 
     def nll(self, logits, labels, valid):

@@ -1,0 +1,285 @@
+"""Per-example gradients of each example's own loss w.r.t. each prunable layer's weight matrix view.
+
+The per-example loss ℓ_n is the likelihood's NLL of example n; for token outputs it is the mean over
+the example's valid positions (attention mask, `-100` labels), for sequence outputs its single row:
+
+    ℓ_n = (1 / |T_n|) Σ_{t ∈ T_n} −log p(y_{n,t} | x_n),      g_n = ∂ℓ_n / ∂W   (rows, cols)
+
+(an example with no valid position has ℓ_n = 0, g_n = 0, and still counts as an example).
+
+Linear and GPT-2 Conv1D layers get every g_n from ONE forward/backward of the batch: a forward hook
+keeps the layer input a_n,t, a tensor hook on the output receives δ_n,t = ∂L/∂out_n,t for the SUMMED
+loss L = Σ_n ℓ_n (so δ_n,t = ∂ℓ_n/∂out_n,t in eval mode, where examples do not interact), and
+
+    g_n = Σ_t δ_n,tᵀ a_n,t           (einsum over positions, summed over repeated calls).
+
+Conv2d, weights shared with another module (tied embeddings) and layers whose input does not lead
+with the batch dimension fall back to a loop of batch-size-1 `torch.autograd.grad`. `param.grad` is
+never touched, so a Trainer's live gradients stay intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..distributed import is_main_process
+from ..errors import CurvatureError
+from ..progress import log_main
+from .adapters import Conv1D, LayerAdapter
+from .base import CurvatureConfig, CurvatureProvider
+from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from .likelihoods import Likelihood, likelihood_for
+
+FISHER_LABELS = ("empirical", "sampled")
+_HOOKABLE: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for next-token models, whose logits at t are scored against the label at t + 1 (as HF does)."""
+    name = type(model).__name__
+    return bool(getattr(getattr(model, "config", None), "is_decoder", False)) or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for value in model_inputs(batch).values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise CurvatureError(f"calibration batch has no tensor inputs (keys: {sorted(batch)})")
+
+
+def _slice(batch: Mapping[str, Any], start: int, stop: int, size: int) -> dict[str, Any]:
+    """Examples [start, stop) of every tensor whose leading dimension is the batch size."""
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v for k, v in batch.items()}
+
+
+def _targets(batch: Mapping[str, Any], logits: torch.Tensor, mode: str, likelihood: Likelihood, generator: torch.Generator | None) -> torch.Tensor:
+    """Data labels (`empirical`) or labels drawn from the model (`sampled`, on the generator's device)."""
+    if mode == "empirical":
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            raise CurvatureError("recipe key `curvature.fisher_labels` = 'empirical' needs `labels` in every calibration batch; use 'sampled'")
+        return labels.to(logits.device)
+    source = logits.detach()
+    if generator is not None and generator.device != source.device:
+        return likelihood.sample(source.to(generator.device), generator=generator).to(logits.device)
+    return likelihood.sample(source, generator=generator)
+
+
+def _example_losses(batch: Mapping[str, Any], logits: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood, shift: bool) -> torch.Tensor:
+    """ℓ_n, shape (b,): the likelihood's mean NLL over example n's valid rows.
+
+    Valid rows follow `valid_rows` on the batch (attention mask, data labels ≠ -100, also for sampled
+    targets); with `shift` (empirical causal LM) logits[:, :-1] meet targets[:, 1:] and the mask shifts too.
+    """
+    view: Mapping[str, Any] = batch
+    if shift:
+        mask = batch.get("attention_mask")
+        view = {"labels": targets[:, 1:], **({"attention_mask": mask[:, 1:]} if isinstance(mask, torch.Tensor) else {})}
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    valid = valid_rows(view, logits)
+    return torch.stack([likelihood.nll(logits[n : n + 1], targets[n : n + 1], valid[n : n + 1]) for n in range(logits.shape[0])])
+
+
+@contextlib.contextmanager
+def _requiring_grad(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Frozen weights (PEFT base layers) need requires_grad for the pass; restored afterwards."""
+    frozen = [p for p in params if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _capture(layers: Mapping[str, LayerAdapter], size: int) -> Iterator[tuple[dict[str, torch.Tensor], set[str]]]:
+    """Hooks filling `sums[name]` (size, rows, cols) with Σ_t δ_n,tᵀ a_n,t; `misfits` lists layers to loop."""
+    sums: dict[str, torch.Tensor] = {}
+    misfits: set[str] = set()
+    handles = []
+
+    def forward_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            a = inputs[0]
+            if a.shape[0] != size or not output.requires_grad:
+                misfits.add(name)
+                return
+            a = a.detach().reshape(size, -1, a.shape[-1]).float()
+
+            def on_grad(delta: torch.Tensor) -> None:
+                g = torch.einsum("bto,bti->boi", delta.reshape(size, -1, delta.shape[-1]).float(), a)
+                sums[name] = sums[name] + g if name in sums else g
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    try:
+        for name, adapter in layers.items():
+            handles.append(adapter.module.register_forward_hook(forward_hook(name)))
+        yield sums, misfits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _shared_weight_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, count in seen.items() if count > 1}
+
+
+def _batch_gradients(
+    model: nn.Module, batch: Mapping[str, Any], layers: Mapping[str, LayerAdapter], hookable: set[str],
+    mode: str, likelihood: Likelihood, generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    size, device, shift = _batch_size(batch), model_device(model), mode == "empirical" and is_causal_lm(model)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with curvature_mode(model), torch.enable_grad(), _requiring_grad(a.weight for a in layers.values()):
+        with _capture({n: layers[n] for n in hookable}, size) as (sums, misfits):
+            logits = logits_of(model(**model_inputs(batch))).float()
+            targets = _targets(batch, logits, mode, likelihood, generator)
+            losses = _example_losses(batch, logits, targets, likelihood, shift)
+            if hookable and losses.requires_grad:
+                torch.autograd.grad(losses.sum(), [layers[n].weight for n in hookable], allow_unused=True)
+        looped = [n for n in layers if n not in hookable or n in misfits]
+        per_example: dict[str, list[torch.Tensor]] = {n: [] for n in looped}
+        for i in range(size if looped else 0):
+            one = _slice(batch, i, i + 1, size)
+            loss = _example_losses(one, logits_of(model(**model_inputs(one))).float(), targets[i : i + 1], likelihood, shift)[0]
+            weights = [layers[n].weight for n in looped]
+            grads = torch.autograd.grad(loss, weights, allow_unused=True) if loss.requires_grad else [None] * len(weights)
+            for n, w, g in zip(looped, weights, grads):
+                per_example[n].append(layers[n].to_matrix(torch.zeros_like(w) if g is None else g).float())
+    out = {}
+    for name, adapter in layers.items():
+        if name in per_example:
+            out[name] = torch.stack(per_example[name])
+        else:
+            out[name] = sums.get(name, torch.zeros(size, *adapter.shape, device=device))
+    return out
+
+
+def per_example_gradients(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    layers: Mapping[str, LayerAdapter],
+    *,
+    labels: str = "empirical",
+    likelihood: Likelihood,
+    generator: torch.Generator | None = None,
+    max_examples: int | None = None,
+    keep: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield, per batch, `{name: g}` with g: (b, rows, cols) fp32, g[n] = ∂ℓ_n/∂W in the matrix view.
+
+    Args:
+        labels: `empirical` scores the batch's `labels` (causal LMs: logits[:, :-1] against
+            labels[:, 1:], as HF does); `sampled` draws labels from the model (the true Fisher; no
+            shift, every valid position is scored against its own draw).
+        likelihood: output distribution (`likelihood_for(name, model.config)`).
+        generator: RNG of the `sampled` labels (labels are drawn on its device).
+        max_examples: stop after this many examples; the last batch is cut to fit.
+        keep: name → bool (rows, cols); gradients are multiplied by it (pruned coordinates are 0).
+
+    Each batch runs in `curvature_mode` (eval, no autocast) on the unwrapped model; hooks are removed
+    before the batch is yielded, so the model is untouched between yields.
+    """
+    if labels not in FISHER_LABELS:
+        raise CurvatureError(f"recipe key `curvature.fisher_labels` = {labels!r}; allowed: {', '.join(FISHER_LABELS)}")
+    model = unwrap(model)
+    shared = _shared_weight_ids(model)
+    hookable = {n for n, a in layers.items() if isinstance(a.module, _HOOKABLE) and id(a.weight) not in shared}
+    iterator, seen = iter(batches), 0
+    while max_examples is None or seen < max_examples:
+        batch = next(iterator, None)
+        if batch is None:
+            return
+        size = _batch_size(batch)
+        if max_examples is not None and seen + size > max_examples:
+            batch, size = _slice(batch, 0, max_examples - seen, size), max_examples - seen
+        grads = _batch_gradients(model, batch, layers, hookable, labels, likelihood, generator)
+        for name, k in (keep or {}).items():
+            if name in grads:
+                grads[name] = grads[name] * k.to(grads[name].device, grads[name].dtype)
+        seen += size
+        yield grads
+
+
+def example_progress(total: int, desc: str) -> tqdm:
+    """A tqdm bar over examples, silent on other ranks or when FLS_HF_DISABLE_PROGRESS=1."""
+    disable = not is_main_process() or os.environ.get("FLS_HF_DISABLE_PROGRESS") == "1"
+    return tqdm(total=total, desc=desc, unit="ex", disable=disable, leave=False)
+
+
+@dataclass
+class GradientFisherConfig(CurvatureConfig):
+    """Settings shared by the Fisher estimates built from per-example gradients (diagonal, block)."""
+
+    num_grads: int = field(default=256, metadata={"help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."})
+    fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the label sampling generator (fisher_labels: sampled)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_grads < 1:
+            raise CurvatureError(f"recipe key `curvature.num_grads` = {self.num_grads!r} must be >= 1")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise CurvatureError(f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed: {', '.join(FISHER_LABELS)}")
+
+
+class GradientFisherProvider(CurvatureProvider):
+    """Base of the non-refining providers re-estimated from `num_grads` per-example gradients at every `prepare`."""
+
+    config_class = GradientFisherConfig
+    refines = False
+
+    def __init__(self, layers: Mapping[str, LayerAdapter], config: GradientFisherConfig, likelihood: Likelihood | None = None) -> None:
+        super().__init__(layers, config)
+        self.config: GradientFisherConfig = config
+        self.likelihood = likelihood
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.examples = 0
+
+    def gradients(self, model: nn.Module, batches: Iterable[Mapping[str, Any]], desc: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(b, {name: (b, rows, cols)}) until `num_grads` examples, masked by `self.keep`, with a progress bar."""
+        if self.likelihood is None:
+            self.likelihood = likelihood_for(self.config.likelihood, getattr(unwrap(model), "config", None))
+        bar, seen = example_progress(self.config.num_grads, desc), 0
+        try:
+            for grads in per_example_gradients(
+                model, batches, self.layers, labels=self.config.fisher_labels, likelihood=self.likelihood,
+                generator=self.generator, max_examples=self.config.num_grads, keep=self.keep,
+            ):
+                size = next(iter(grads.values())).shape[0] if grads else 0
+                seen += size
+                bar.update(size)
+                yield size, grads
+        finally:
+            bar.close()
+        if seen == 0:
+            raise CurvatureError("empty calibration dataloader: the Fisher estimate needs at least one example")
+        if seen < self.config.num_grads:
+            log_main("%s from %d examples: the calibration batches ran out before `curvature.num_grads` = %d", desc, seen, self.config.num_grads)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": {**self.state_tensors(), "rng": self.generator.get_state()}, "meta": {"examples": self.examples}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tensors = dict(state.get("tensors", {}))
+        rng = tensors.pop("rng", None)
+        super().load_state_dict({"tensors": tensors})
+        if rng is not None:
+            self.generator.set_state(rng)
+        self.examples = int(state.get("meta", {}).get("examples", 0))
