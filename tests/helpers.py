@@ -13,10 +13,11 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(
+    settings = dict(
         vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=num_labels, **overrides,
+        max_position_embeddings=32, num_labels=num_labels,
     )
+    config = BertConfig(**{**settings, **overrides})
     return BertForSequenceClassification(config)
 
 

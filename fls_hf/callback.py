@@ -1,0 +1,119 @@
+"""`FishLegPruningCallback`: FishLeg Surgeon pruning for a stock `transformers.Trainer` (or any subclass).
+
+Hooks (transformers 5 loop: forward/backward × grad-accum → clip → on_pre_optimizer_step →
+optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step += 1 → on_step_end):
+
+- `on_train_begin`: build the pruner; restore its state when resuming; prune if the schedule starts at step 0.
+- `on_pre_optimizer_step`: zero the gradients of pruned weights.
+- `on_optimizer_step`: re-zero pruned weights (momentum and weight decay would regrow them).
+- `on_step_end`: prune when the schedule is due (counted in optimizer steps, so gradient accumulation
+  is handled), else refine the curvature at `curvature.refine_every`; nothing on a step the fp16 scaler skipped.
+- `on_log`: sparsity and curvature diagnostics join the Trainer's logs.
+- `on_save`: pruner state (masks, curvature, schedule position) into the checkpoint, without pickle.
+- `on_train_end`: `recipe.yaml` and `sparsity_report.json` into `output_dir`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .calibration import CalibrationStream, SeededBatches
+from .distributed import rank
+from .errors import DistributedError, PruningStateError
+from .export import write_pruning_artifacts
+from .progress import log_main
+from .pruner import Pruner
+from .recipe import PruningRecipe, load_recipe
+
+PRUNER_DIR = "fls_pruner"
+
+
+def refuse_sharded_training(args: TrainingArguments) -> None:
+    """FSDP and DeepSpeed ZeRO-3 shard parameters across ranks; masks and Q need whole weights."""
+    if args.fsdp:
+        raise DistributedError("FSDP is not supported by fls_hf yet: run with DDP (`accelerate launch --multi_gpu`) instead")
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return
+    if getattr(args, "deepspeed", None) and is_deepspeed_zero3_enabled():
+        raise DistributedError("DeepSpeed ZeRO-3 is not supported by fls_hf yet: use ZeRO-1/2 or DDP")
+
+
+class FishLegPruningCallback(TrainerCallback):
+    """Prune during training according to `recipe`.
+
+    Args:
+        recipe: a `PruningRecipe`, a path to a YAML recipe, a YAML string or a dict.
+        overrides: dotted-key overrides, e.g. `{"pruning.final_sparsity": 0.8}`.
+
+    Example:
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train)
+        >>> trainer.add_callback(FishLegPruningCallback("recipes/gradual-unstructured-90.yaml"))
+        >>> trainer.train()
+    """
+
+    def __init__(self, recipe: PruningRecipe | Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> None:
+        self.recipe = load_recipe(recipe, overrides=overrides)
+        self.pruner: Pruner | None = None
+        self.batches: SeededBatches | CalibrationStream | None = None
+
+    def _curvature_data(self, args: TrainingArguments, train_dataloader: Any) -> SeededBatches | CalibrationStream:
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            return SeededBatches(dataset, train_dataloader.collate_fn, args.per_device_train_batch_size, args.seed + 7919 * rank())
+        return CalibrationStream(train_dataloader)  # iterable datasets: resume is not bit-exact
+
+    def stream(self, step: int) -> CalibrationStream:
+        return self.batches.stream(step) if isinstance(self.batches, SeededBatches) else self.batches
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+        refuse_sharded_training(args)
+        self.pruner = Pruner(model, self.recipe)
+        self.batches = self._curvature_data(args, train_dataloader)
+        if state.global_step > 0:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_DIR
+            if not checkpoint.is_dir():
+                raise PruningStateError(
+                    f"resuming at step {state.global_step} but {checkpoint} holds no pruner state; refusing to continue as if nothing were pruned"
+                )
+            self.pruner.load(checkpoint)
+            log_main("fls_hf: resumed pruner state from %s (sparsity %.2f %%)", checkpoint, 100 * self.pruner.masks.global_sparsity())
+        else:
+            self.pruner.on_step(model, 0, self.stream(0))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.pruner.zero_pruned_grads()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.pruner.enforce_masks()
+
+    def on_step_end(self, args, state, control, model: nn.Module = None, optimizer: Any = None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):
+            return
+        self.pruner.on_step(model, state.global_step, self.stream(state.global_step))
+
+    def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
+        if self.pruner is None or logs is None:
+            return
+        extra = self.pruner.logs()
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save and self.pruner is not None:
+            self.pruner.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_DIR)
+
+    def on_train_end(self, args, state, control, model: nn.Module = None, **kwargs):
+        if self.pruner is None:
+            return
+        self.pruner.enforce_masks()
+        if args.should_save:
+            report = write_pruning_artifacts(model, self.recipe, args.output_dir)
+            log_main("fls_hf: final sparsity %.2f %%\n%s", 100 * report.global_sparsity, report.to_markdown())
