@@ -169,6 +169,8 @@ class Pruner:
             section, _, rest = key.partition("/")
             split.setdefault(section, {})[rest] = value
         self.masks.load_state_dict({"tensors": split["masks"], "meta": meta["masks"]})
+        for name in self.layers:  # the curvature must keep learning on the surviving weights only
+            self.provider.mask(name, self.masks.keep_matrix(name))
         self.provider.load_state_dict({"tensors": split["curvature"], "meta": meta.get("curvature", {})})
         self.curvature_ready = bool(meta.get("curvature_ready"))
         self.current_target = float(meta.get("current_target", 0.0))

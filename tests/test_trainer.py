@@ -1,0 +1,152 @@
+"""FishLegPruningTrainer / FishLegPruningCallback inside real transformers training on a tiny BERT."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from helpers import tiny_bert
+from fls_hf import FishLegPruningArguments, FishLegPruningCallback, FishLegPruningTrainer, RecipeError, load_recipe, sparsity_report
+from fls_hf.errors import PruningStateError
+
+RECIPE = {
+    "pruning": {
+        "method": "fishleg", "init_sparsity": 0.3, "final_sparsity": 0.8, "start_step": 0, "end_step": 8,
+        "update_frequency": 2, "obs_block_size": 8,
+    },
+    "curvature": {"damping": 1e-3, "num_batches": 2, "warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3},
+}
+
+
+def dataset(n=64, seq_len=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, seq_len), generator=g)
+    labels = (ids[:, 0] > 32).long()  # learnable from the first token
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()})
+
+
+def training_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=1e-3, use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, eval_strategy="no",
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+class SparsityTrace(TrainerCallback):
+    """Records the targeted-layer sparsity after every optimizer step (runs after the pruning callback)."""
+
+    def __init__(self, recipe):
+        self.recipe, self.trace = load_recipe(recipe), []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.trace.append((state.global_step, sparsity_report(model, self.recipe).global_sparsity))
+
+
+def targeted_zeros_fraction(model, recipe):
+    return sparsity_report(model, load_recipe(recipe)).global_sparsity
+
+
+def test_trainer_reaches_exact_target_and_saved_model_reproduces_logits(tmp_path):
+    model = tiny_bert()
+    trace = SparsityTrace(RECIPE)
+    trainer = FishLegPruningTrainer(
+        model=model, args=training_args(tmp_path, eval_strategy="steps", eval_steps=6), recipe=RECIPE,
+        train_dataset=dataset(), eval_dataset=dataset(16, seed=1), callbacks=[trace],
+    )
+    trainer.train()
+    report = sparsity_report(model, trainer.recipe)
+    assert report.zeros == round(0.8 * report.numel)
+    assert [s for step, s in trace.trace if step in (2, 8)] == [pytest.approx(trace.trace[1][1]), pytest.approx(0.8, abs=1e-3)]
+    assert trace.trace[0][1] > 0.3 - 1e-3  # pruned at step 0 already (start_step 0, init 0.3)
+    assert "eval_loss" in trainer.evaluate()
+    logged = [h for h in trainer.state.log_history if "sparsity" in h]
+    assert logged and logged[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3) and "curvature_residual" in logged[-1]
+
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert (out / "recipe.yaml").is_file() and (out / "sparsity_report.json").is_file()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    assert load_recipe(out / "recipe.yaml") == trainer.recipe
+    batch = {k: torch.tensor(v) for k, v in dataset(4, seed=2)[:4].items() if k != "labels"}
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+    assert targeted_zeros_fraction(reloaded, RECIPE) == report.global_sparsity
+
+
+def test_callback_on_stock_trainer(tmp_path):
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
+    callback = FishLegPruningCallback(RECIPE)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert targeted_zeros_fraction(model, RECIPE) == pytest.approx(0.8, abs=1e-3)
+    assert (tmp_path / "sparsity_report.json").is_file()  # written at train end
+    assert callback.pruner.provider.steps_done >= 3
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    traces = []
+    for accumulation, batch in ((1, 8), (4, 2)):
+        trace = SparsityTrace(RECIPE)
+        trainer = FishLegPruningTrainer(
+            model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(), callbacks=[trace],
+            args=training_args(tmp_path / str(accumulation), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation),
+        )
+        trainer.train()
+        traces.append([(step, round(s, 4)) for step, s in trace.trace])
+    assert [s for s, _ in traces[0]] == list(range(1, 13))
+    assert [x[1] for x in traces[0]] == [x[1] for x in traces[1]]
+
+
+def test_resume_continues_with_identical_masks_and_trajectory(tmp_path):
+    def run(output, stop_at=None, resume=None):
+        trace = SparsityTrace(RECIPE)
+        callbacks = [trace]
+        if stop_at:
+            class Stop(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    control.should_training_stop = state.global_step >= stop_at
+            callbacks.append(Stop())
+        trainer = FishLegPruningTrainer(
+            model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(), callbacks=callbacks,
+            args=training_args(output, save_strategy="steps", save_steps=4),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, trace.trace
+
+    full, full_trace = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_at=6)  # "killed" after step 6; last checkpoint at step 4
+    resumed, resumed_trace = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-4"))
+    assert resumed_trace == full_trace[4:]
+    assert resumed.pruner.masks.digest() == full.pruner.masks.digest()
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(b, a, msg=name)
+
+
+def test_resume_without_pruner_state_is_refused(tmp_path):
+    trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(),
+                                    args=training_args(tmp_path, save_strategy="steps", save_steps=4, max_steps=4))
+    trainer.train()
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoint-4" / "fls_pruner")
+    again = FishLegPruningTrainer(model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(),
+                                  args=training_args(tmp_path, save_strategy="steps", save_steps=4, max_steps=8))
+    with pytest.raises(PruningStateError, match="no pruner state"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_arguments_parse_recipe_and_overrides(tmp_path):
+    parser = HfArgumentParser(FishLegPruningArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--recipe", "recipes/gradual-unstructured-90.yaml",
+        "--recipe_args", "pruning.final_sparsity=0.8", "curvature.damping=1e-4", "--use_cpu", "--report_to", "none",
+    ])
+    trainer = FishLegPruningTrainer(model=tiny_bert(), args=args, train_dataset=dataset())
+    assert trainer.recipe.pruning.final_sparsity == 0.8 and trainer.recipe.curvature.damping == 1e-4
+
+
+def test_missing_recipe_is_an_early_error(tmp_path):
+    with pytest.raises(RecipeError, match="needs a recipe"):
+        FishLegPruningTrainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())
