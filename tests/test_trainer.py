@@ -150,3 +150,24 @@ def test_arguments_parse_recipe_and_overrides(tmp_path):
 def test_missing_recipe_is_an_early_error(tmp_path):
     with pytest.raises(RecipeError, match="needs a recipe"):
         FishLegPruningTrainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())
+
+
+def test_bf16_mixed_precision_training(tmp_path):
+    """Accelerate's bf16 autocast on CPU; curvature maths stays fp32 and finite."""
+    model = tiny_bert()
+    trainer = FishLegPruningTrainer(model=model, recipe=RECIPE, train_dataset=dataset(), args=training_args(tmp_path, bf16=True))
+    trainer.train()
+    assert targeted_zeros_fraction(model, RECIPE) == pytest.approx(0.8, abs=1e-3)
+    provider = trainer.pruner.provider
+    assert all(torch.isfinite(provider.diag(name)).all() for name in provider.layers)
+    assert provider.skipped_steps == 0
+
+
+def test_oneshot_on_a_bf16_model_keeps_dtype():
+    from fls_hf import oneshot
+
+    model = tiny_bert().to(torch.bfloat16)
+    batch = {k: torch.tensor(v) for k, v in dataset(8)[:8].items()}
+    report = oneshot(model, [batch], RECIPE)
+    assert report.zeros == round(0.8 * report.numel)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16

@@ -205,8 +205,10 @@ class FishLegProvider(CurvatureProvider):
             for name, g in grads.items():
                 sums[name] += g.float().pow(2).sum(0)
             count += next(iter(grads.values())).shape[0]
-        for name, structure in self.structures.items():
-            d = 1.0 / (sums[name] / max(count, 1) + self.damping)
+        means = [sums[name] / max(count, 1) for name in self.structures]
+        all_reduce_mean_(means)  # identical Q₀ on every data-parallel rank
+        for (name, structure), mean in zip(self.structures.items(), means):
+            d = 1.0 / (mean + self.damping)
             if self._models_bias(name):
                 d = torch.cat([d, d.median(dim=1, keepdim=True).values], dim=1)
             structure.init_diagonal(d)

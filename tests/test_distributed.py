@@ -1,0 +1,80 @@
+"""Two CPU processes in data parallel (gloo): identical masks on every rank, exact final sparsity."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_prune.py"
+
+
+def launch(launcher: list[str], out: Path, method: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*launcher, str(SCRIPT), str(out), method], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["fishleg", "block_fisher"])
+def test_two_rank_torchrun_has_identical_masks(tmp_path, method):
+    ranks = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path, method)
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["zeros"] == round(0.8 * ranks[0]["numel"])
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_two_rank_accelerate_launch(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    ranks = launch(launcher, tmp_path, "fishleg")
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["curvature_steps"] == ranks[1]["curvature_steps"] > 0
+
+
+def _digest_worker(rank: int, init_file: str, queue) -> None:
+    import torch.distributed as dist
+
+    from fls_hf.distributed import check_same_on_all_ranks
+    from fls_hf.errors import DistributedError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_same_on_all_ranks("same", "pruning masks")
+        check_same_on_all_ranks(f"digest-of-rank-{rank}", "pruning masks")
+        queue.put((rank, "no error"))
+    except DistributedError as exc:
+        queue.put((rank, str(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_diverging_masks_fail_loudly_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_digest_worker, args=(r, str(tmp_path / "init"), queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all("pruning masks differ across ranks" in results[r] for r in (0, 1)), results
+
+
+def test_fsdp_is_refused_before_training(tmp_path):
+    from transformers import TrainingArguments
+
+    from fls_hf import FishLegPruningCallback
+    from fls_hf.errors import DistributedError
+
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to=[])
+    callback = FishLegPruningCallback({"pruning": {"method": "magnitude"}})
+    with pytest.raises(DistributedError, match="FSDP is not supported"):
+        callback.on_train_begin(args, None, None, model=None, train_dataloader=None)
