@@ -48,8 +48,8 @@ class FishLegConfig(CurvatureConfig):
     structure: str = field(default="block_diagonal", metadata={"help": "Q structure per layer: " + " | ".join(STRUCTURES)})
     block_size: int = field(default=32, metadata={"help": "block_diagonal: consecutive weights of a row per block."})
     factor_block_size: int | None = field(default=None, metadata={"help": "kronecker: make R and L block-diagonal with blocks this size (bounds memory for wide layers)."})
-    init: str = field(default="diagonal", metadata={"help": "identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD)."})
-    init_examples: int = field(default=256, metadata={"help": "Examples (sampled-label gradients) for the diagonal warm start."})
+    init: str = field(default="diagonal", metadata={"help": "identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD) | kfac (Q from the K-FAC Fisher G ⊗ Ā)."})
+    init_examples: int = field(default=256, metadata={"help": "Examples (sampled labels) for the diagonal or K-FAC warm start."})
     aux_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the auxiliary loss."})
     aux_lr_schedule: str = field(default="constant", metadata={"help": "constant | linear (decays to 0.1 × aux_lr over warmup_steps)."})
     warmup_steps: int = field(default=100, metadata={"help": "Aux steps before the first pruning step."})
@@ -63,7 +63,7 @@ class FishLegConfig(CurvatureConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("structure", self.structure, STRUCTURES)
-        _check_choice("init", self.init, ("identity", "diagonal"))
+        _check_choice("init", self.init, ("identity", "diagonal", "kfac"))
         _check_choice("aux_lr_schedule", self.aux_lr_schedule, ("constant", "linear"))
         _check_choice("fisher_product", self.fisher_product, tuple(FISHER_PRODUCTS))
         _check_choice("u_sampling", self.u_sampling, ("gaussian", "gradient"))
@@ -179,6 +179,8 @@ class FishLegProvider(CurvatureProvider):
         self._resolve_likelihood(model)
         if self.steps_done == 0 and self.config.init == "diagonal":
             self._diagonal_warm_start(model, calibration)
+        elif self.steps_done == 0 and self.config.init == "kfac":
+            self._kfac_warm_start(model, calibration)
         return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
 
     def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
@@ -212,6 +214,18 @@ class FishLegProvider(CurvatureProvider):
             if self._models_bias(name):
                 d = torch.cat([d, d.median(dim=1, keepdim=True).values], dim=1)
             structure.init_diagonal(d)
+
+    def _kfac_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
+        """Q₀ from the K-FAC Fisher G ⊗ Ā of sampled-label passes (see `kfac.py`)."""
+        from .kfac import kronecker_statistics
+
+        stats = kronecker_statistics(model, itertools.cycle(batches), self.layers, self.likelihood,
+                                     generator=self.generator, max_examples=self.config.init_examples)
+        for name, structure in self.structures.items():
+            a_bar, g = stats[name]
+            if not self._models_bias(name):
+                a_bar = a_bar[:-1, :-1]
+            structure.init_kfac(a_bar, g, self.damping)
 
     def _tangents(self, v: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         tangents: dict[nn.Parameter, torch.Tensor] = {}

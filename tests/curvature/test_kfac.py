@@ -1,0 +1,109 @@
+"""fls_hf.curvature.kfac and the structures' K-FAC initialisation, against explicit computations."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import MLP, tiny_bert, token_batches
+from fls_hf.curvature.adapters import adapter_for
+from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
+from fls_hf.curvature.kfac import kronecker_statistics
+from fls_hf.curvature.likelihoods import Categorical
+from fls_hf.curvature.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
+from fls_hf.targets import resolve_targets
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = MLP((5, 4, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_statistics_match_explicit_sampled_label_pass():
+    model = Wrapped()
+    x = torch.randn(6, 5)
+    layer = model.net[2]  # second Linear: inputs are tanh activations
+    layers = {"net.2": adapter_for("net.2", layer)}
+    a_bar, g = kronecker_statistics(model, [{"x": x}], layers, Categorical(), generator=torch.Generator().manual_seed(3))["net.2"]
+
+    labels = Categorical().sample(model(x).detach(), generator=torch.Generator().manual_seed(3))
+    hidden = torch.tanh(model.net[0](x))
+    out = layer(hidden)
+    delta = torch.autograd.grad(nn.functional.cross_entropy(out, labels, reduction="sum"), out)[0]
+    a1 = torch.cat([hidden, torch.ones(6, 1)], 1).detach()
+    torch.testing.assert_close(a_bar, a1.T @ a1 / 6)
+    torch.testing.assert_close(g, delta.pow(2).mean(0))
+
+
+def test_padding_tokens_are_left_out_of_the_input_covariance():
+    model = tiny_bert()
+    layers = resolve_targets(model, ["bert.encoder.layer.0.attention.self.query"])
+    batch = token_batches(n_batches=1)[0]
+    a_bar, g = kronecker_statistics(model, [batch], layers, Categorical(), generator=torch.Generator().manual_seed(0))[
+        "bert.encoder.layer.0.attention.self.query"]
+    assert a_bar[-1, -1] == pytest.approx(1.0)  # the bias column's second moment: exactly 1 over real tokens
+    assert (g > 0).all()
+
+
+def stats(rows=3, cols=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(20, cols + 1, generator=gen)
+    a[:, -1] = 1.0
+    return a.T @ a / 20, torch.rand(rows, generator=gen) + 0.1
+
+
+def explicit(structure):
+    rows, cols = structure.shape
+    eye = torch.eye(rows * cols)
+    with torch.no_grad():
+        return torch.stack([structure.matvec(e.view(rows, cols)).reshape(-1) for e in eye], 1)
+
+
+def test_diagonal_init_is_kfac_fisher_diagonal():
+    a_bar, g = stats()
+    s = DiagonalQ(3, 6, 0.1)
+    s.init_kfac(a_bar, g, 0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(s.diag(), 1 / (torch.outer(g, torch.diagonal(a_bar)[:6]) + 0.1))
+
+
+@pytest.mark.parametrize("block", [3, 4])
+def test_block_init_inverts_kfac_blocks(block):
+    a_bar, g = stats()
+    s = BlockDiagonalQ(3, 6, 0.1, block)
+    s.init_kfac(a_bar, g, 0.1)
+    q = explicit(s)
+    for i in range(3):
+        for start in range(0, 6, block):
+            idx = list(range(start, min(start + block, 6)))
+            want = torch.linalg.inv(g[i] * a_bar[idx][:, idx] + 0.1 * torch.eye(len(idx)))
+            got = q[[i * 6 + j for j in idx]][:, [i * 6 + j for j in idx]]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_kronecker_init_is_factored_damped_kfac_inverse():
+    a_bar, g = stats()
+    s = KroneckerQ(3, 7, 0.1)  # models the bias column
+    s.init_kfac(a_bar, g, 0.1)
+    pi = math.sqrt(float(torch.diagonal(a_bar).mean() / g.mean()))
+    left = torch.diag(1 / (g + pi * math.sqrt(0.1)))
+    right = torch.linalg.inv(a_bar + math.sqrt(0.1) / pi * torch.eye(7))
+    torch.testing.assert_close(explicit(s), torch.kron(left, right.contiguous()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "block_diagonal", "kronecker"])
+def test_provider_kfac_init_on_tiny_bert(structure):
+    """A freshly initialised BERT has a tiny Fisher: a tiny damping lets the statistics show in Q."""
+    model = tiny_bert()
+    layers = resolve_targets(model, ["re:.*encoder\\.layer\\.0\\..*(query|dense)$"])
+    provider = FishLegProvider(layers, FishLegConfig(damping=1e-9, init="kfac", warmup_steps=0, structure=structure, block_size=4))
+    before = {n: provider.diag(n).clone() for n in layers}
+    provider.prepare(model, token_batches(n_batches=2))
+    for name in layers:
+        d = provider.diag(name)
+        assert torch.isfinite(d).all() and (d > 0).all() and not torch.equal(d, before[name])
