@@ -65,6 +65,7 @@ class Pruner:
         self.provider = provider_class_for(cfg.method)(self.layers, self.recipe.curvature)
         self.masks = MaskSet.dense(self.layers)
         self.curvature_ready = False
+        self._fresh_curvature = False
         self.current_target = 0.0
         self.history: list[dict[str, float]] = []
         self.last_diagnostics: dict[str, float] = {}
@@ -74,12 +75,20 @@ class Pruner:
     def _ready_curvature(self, model: nn.Module, stream: CalibrationStream) -> None:
         """Estimate (first time, or every time for non-learned baselines) or refine the curvature."""
         cfg = self.recipe.curvature
+        if self._fresh_curvature:  # adopted from a pass made elsewhere for this very model state
+            self._fresh_curvature = False
+            return
         if not self.curvature_ready or not getattr(self.provider, "refines", False):
             self.last_diagnostics = self.provider.prepare(model, stream)
             self.curvature_ready = True
         else:
             steps = getattr(cfg, "refinement_steps", 0)
             self.last_diagnostics = self.provider.refine(model, stream.take(cfg.num_batches), steps) if steps else {}
+
+    def adopt_curvature(self, state: Mapping[str, Any]) -> None:
+        """Use a provider state estimated on this model as it is now (e.g. one pass reused for several targets)."""
+        self.provider.load_state_dict(state)
+        self.curvature_ready = self._fresh_curvature = True
 
     def refine_once(self, model: nn.Module, stream: CalibrationStream) -> None:
         """One aux step between pruning steps (learned providers only)."""

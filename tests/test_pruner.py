@@ -72,3 +72,17 @@ def test_state_for_another_model_shape_is_refused(tmp_path):
     other = tiny_bert(intermediate_size=48)
     with pytest.raises(PruningStateError, match="intermediate"):
         Pruner(other, RECIPE).load(tmp_path)
+
+
+def test_adopted_curvature_gives_the_same_pruning_as_estimating_it():
+    direct_model, direct = pruned()
+    model = tiny_bert()
+    estimation_copy = tiny_bert()
+    estimator = Pruner(estimation_copy, RECIPE)
+    estimator.provider.prepare(estimation_copy, token_batches(n_batches=2))
+    adopted = Pruner(model, RECIPE)
+    adopted.adopt_curvature(estimator.provider.state_dict())
+    adopted.prune_to(model, 0.5, token_batches(n_batches=2))
+    assert adopted.masks.digest() == direct.masks.digest()
+    for a, b in zip(model.parameters(), direct_model.parameters()):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,117 @@
+"""B2 / issue 9: one-shot pruning of the fine-tuned MiniLM, every method through the same surgeon.
+
+For each method the curvature is estimated once on the dense model (calibration batches from the
+train split), then the dense model is pruned to each sparsity with that estimate (plus any
+`recomputations`), and accuracy is measured without fine-tuning on the validation split (for tuning)
+and the test split (for reporting). Results: benchmarks/results/oneshot_minilm.json (+ a PNG plot).
+
+    python benchmarks/oneshot_minilm.py                       # all methods, 50/60/70/80 %
+    python benchmarks/oneshot_minilm.py --methods magnitude,fls-kfac-block --sparsities 0.5,0.7
+    python benchmarks/oneshot_minilm.py --quick               # smoke run: tiny slices, two methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import minilm  # noqa: E402
+
+from fls_hf.pruner import Pruner  # noqa: E402
+from fls_hf.calibration import CalibrationStream  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def method(name: str, curvature: dict, **pruning) -> dict:
+    return {"pruning": {"method": name, "targets": minilm.ENCODER_TARGETS, "ignore": [], "global_sparsity": True,
+                        "max_layer_sparsity": 0.98, **pruning},
+            "curvature": curvature}
+
+
+GRADS = 1024
+METHODS = {
+    "magnitude": method("magnitude", {}, compensation="none"),
+    "obd-empirical": method("diagonal_fisher", {"num_grads": GRADS, "damping": 1e-8}, compensation="none"),
+    "obd-true": method("diagonal_fisher", {"num_grads": GRADS, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
+    "obert-1e-7": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-7}, obs_block_size=50),
+    "obert-1e-6": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
+    "obert-1e-5": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-5}, obs_block_size=50),
+    "fls-kfac-diag": method("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
+                                        "damping": 1e-8}, compensation="none"),
+    "fls-kfac-block": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
+                                         "warmup_steps": 0, "damping": 1e-8}, obs_block_size=32),
+    "fls-kfac-kron": method("fishleg", {"structure": "kronecker", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
+                                        "damping": 1e-4}, compensation="none"),
+}
+
+
+def calibration(data, batch_size: int, limit: int | None):
+    dataset = data["train"] if limit is None else data["train"].select(range(limit))
+    return minilm.loader(dataset, batch_size, shuffle=True, seed=0)
+
+
+def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
+    cfg = copy.deepcopy(recipe)
+    cfg["curvature"].setdefault("num_batches", args.num_batches)
+    estimator_model = copy.deepcopy(dense)
+    estimator = Pruner(estimator_model, cfg)
+    start = time.time()
+    estimator.provider.prepare(estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
+    curvature_s = time.time() - start
+    state = estimator.provider.state_dict()
+    row = {"method": name, "recipe": cfg, "curvature_seconds": curvature_s,
+           "curvature_gib": estimator.provider.memory_bytes() / 2**30, "results": {}}
+    del estimator, estimator_model
+    for sparsity in sparsities:
+        model = copy.deepcopy(dense)
+        pruner = Pruner(model, cfg)
+        pruner.adopt_curvature(state)
+        start = time.time()
+        pruner.prune_to(model, sparsity, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
+        row["results"][str(sparsity)] = {
+            "prune_seconds": time.time() - start, "sparsity": pruner.masks.global_sparsity(),
+            "validation": minilm.accuracy(model, data["validation"]), "test": minilm.accuracy(model, data["test"]),
+        }
+        print(f"{name:18s} {100 * sparsity:4.0f} %  val {100 * row['results'][str(sparsity)]['validation']:.2f}  "
+              f"test {100 * row['results'][str(sparsity)]['test']:.2f}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="One-shot pruning of the fine-tuned MiniLM")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_batches", type=int, default=64)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    args.calibration_limit = None
+    torch.manual_seed(0)
+    data = minilm.splits()
+    if args.quick:
+        args.methods, args.sparsities, args.num_batches, args.calibration_limit = "magnitude,fls-kfac-diag", "0.5", 2, 16
+        data = {"train": data["train"], "validation": data["validation"].select(range(64)), "test": data["test"].select(range(64))}
+    dense = minilm.dense_model(data if not args.quick else minilm.splits())
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    report = {"dense": {"validation": minilm.accuracy(dense, data["validation"]), "test": minilm.accuracy(dense, data["test"])},
+              "settings": {"batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": minilm.MAX_LENGTH},
+              "methods": []}
+    print(f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}", flush=True)
+    out = Path(args.output) if args.output else RESULTS / ("oneshot_minilm_quick.json" if args.quick else "oneshot_minilm.json")
+    for name in args.methods.split(","):
+        report["methods"].append(run_method(name, METHODS[name], dense, data, sparsities, args))
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
