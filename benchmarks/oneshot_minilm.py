@@ -6,7 +6,7 @@ train split), then the dense model is pruned to each sparsity with that estimate
 and the test split (for reporting). Results: benchmarks/results/oneshot_minilm.json (+ a PNG plot).
 
     python benchmarks/oneshot_minilm.py                       # all methods, 50/60/70/80 %
-    python benchmarks/oneshot_minilm.py --methods magnitude,fls-kfac-block --sparsities 0.5,0.7
+    python benchmarks/oneshot_minilm.py --methods magnitude,fls-kfac-block@1e-6 --sparsities 0.5,0.7
     python benchmarks/oneshot_minilm.py --quick               # smoke run: tiny slices, two methods
 """
 
@@ -48,9 +48,24 @@ METHODS = {
                                         "damping": 1e-8}, compensation="none"),
     "fls-kfac-block": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
                                          "warmup_steps": 0, "damping": 1e-8}, obs_block_size=32),
+    "fls-kfac-block-aux": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
+                                             "warmup_steps": 60, "aux_lr": 1e-3, "aux_lr_schedule": "linear", "damping": 1e-6},
+                                 obs_block_size=32),
+    "fls-kfac-block-rec4": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
+                                              "warmup_steps": 0, "refinement_steps": 10, "aux_lr": 1e-3, "damping": 1e-6},
+                                  obs_block_size=32, recomputations=4),
     "fls-kfac-kron": method("fishleg", {"structure": "kronecker", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
                                         "damping": 1e-4}, compensation="none"),
 }
+
+
+def resolve(name: str) -> dict:
+    """`method` or `method@damping` (a damping variant, for scans on the validation split)."""
+    base, _, damping = name.partition("@")
+    recipe = copy.deepcopy(METHODS[base])
+    if damping:
+        recipe["curvature"]["damping"] = float(damping)
+    return recipe
 
 
 def calibration(data, batch_size: int, limit: int | None):
@@ -108,7 +123,7 @@ def main() -> None:
     print(f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}", flush=True)
     out = Path(args.output) if args.output else RESULTS / ("oneshot_minilm_quick.json" if args.quick else "oneshot_minilm.json")
     for name in args.methods.split(","):
-        report["methods"].append(run_method(name, METHODS[name], dense, data, sparsities, args))
+        report["methods"].append(run_method(name, resolve(name), dense, data, sparsities, args))
         out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 
