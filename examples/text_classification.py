@@ -60,7 +60,6 @@ from transformers import (  # noqa: E402
 )
 
 from fls_hf import FishLegPruningArguments, FishLegPruningTrainer, FlsError, sparsity_report  # noqa: E402
-from fls_hf.card import CARD_TAGS, write_model_card  # noqa: E402
 from fls_hf.data import DEFAULT_MODEL_ID, MOVIE_SNIPPETS_NAME, default_model_path, load_movie_snippets  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -220,23 +219,6 @@ def accuracy_metric(metric_name_or_path: str | None):
     return compute_metrics
 
 
-class TextClassificationTrainer(FishLegPruningTrainer):
-    """Writes the fls_hf model card wherever transformers writes its draft card, `push_to_hub` included.
-
-    transformers 5's `create_model_card` overwrites `README.md` with a generic draft (hyper-parameters,
-    training results, framework versions), and `push_to_hub` calls it right before uploading. So the draft
-    is written first and the fls_hf card (sparsity table, recipe, metrics, usage) over it, keeping the
-    draft's training-procedure section.
-    """
-
-    card: dict[str, Any] | None = None
-
-    def create_model_card(self, **kwargs: Any) -> None:
-        super().create_model_card(**kwargs)
-        if self.card is not None and self.is_world_process_zero():
-            write_model_card(self.args.output_dir, sparsity_report(self.model, self.recipe), self.recipe, **self.card)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
@@ -274,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             num_proc=data_args.preprocessing_num_workers, desc="Tokenizing",
         )
 
-    trainer = TextClassificationTrainer(
+    trainer = FishLegPruningTrainer(
         model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["eval"],
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_metric(data_args.metric_name_or_path),
     )
@@ -300,21 +282,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metric = "accuracy" if "eval_accuracy" in pruned else next((k[5:] for k in pruned if k.startswith("eval_") and k != "eval_loss"), "loss")
     base_model = DEFAULT_MODEL_ID if embedded_model else model_args.model_name_or_path
-    trainer.card = {
-        "base_model": base_model,
-        "metrics": {k: v for k, v in eval_metrics.items() if k.startswith(("dense_", "eval_")) and not k.endswith(BOOKKEEPING)},
-        "dataset_name": dataset_name,
-        "model_id": training_args.hub_model_id or training_args.output_dir,
-        "language": "en" if data_args.dataset_name is None and data_args.train_file is None else None,
-        "license": "apache-2.0" if embedded_model else None,  # all-MiniLM-L6-v2's licence
-    }
+    # The model card (FishLegPruningTrainer.create_model_card): transformers' draft, then the fls_hf card over it.
+    # The dense metrics are passed explicitly: `train()` starts a fresh log history.
     card_kwargs = {
-        "finetuned_from": base_model if not Path(base_model).exists() else None,
+        "finetuned_from": base_model if not Path(base_model).exists() else None,  # else the local path, in the text only
         "tasks": "text-classification",
         "dataset": dataset_name,
-        "tags": list(CARD_TAGS),
-        **({"license": trainer.card["license"]} if trainer.card["license"] else {}),
-        **({"language": trainer.card["language"]} if trainer.card["language"] else {}),
+        "metrics": {k: v for k, v in eval_metrics.items() if k.startswith(("dense_", "eval_")) and not k.endswith(BOOKKEEPING)},
+        "language": "en" if data_args.dataset_name is None and data_args.train_file is None else None,
+        "license": "apache-2.0" if embedded_model else None,  # all-MiniLM-L6-v2's licence
     }
     if main_process:
         head = " (fresh classification head: chance level expected)" if fresh_head else ""
@@ -323,9 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"pruned {metric} after fine-tuning at {100 * report.global_sparsity:.2f} % sparsity: "
               f"{pruned.get('eval_' + metric, float('nan')):.4f}\n")
 
-    # Weights with exact zeros + recipe.yaml + sparsity_report.json, then the model card (transformers' draft
-    # first, the fls_hf card over it: see TextClassificationTrainer). `push_to_hub` does both itself before
-    # uploading; calling `save_model()` first would upload twice (it pushes when --push_to_hub is set).
+    # Weights with exact zeros + recipe.yaml + sparsity_report.json, then the model card. `push_to_hub` does both
+    # itself before uploading; calling `save_model()` first would upload twice (it pushes when --push_to_hub is set).
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:

@@ -8,9 +8,11 @@ optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step
 - `on_optimizer_step`: re-zero pruned weights (momentum and weight decay would regrow them).
 - `on_step_end`: prune when the schedule is due (counted in optimizer steps, so gradient accumulation
   is handled), else refine the curvature at `curvature.refine_every`; nothing on a step the fp16 scaler skipped.
-- `on_log`: sparsity and curvature diagnostics join the Trainer's logs.
+- `on_log`: sparsity and curvature diagnostics join the periodic training logs (not `evaluate()` or
+  `train()` metrics).
 - `on_save`: pruner state (masks, curvature, schedule position) into the checkpoint, without pickle.
-- `on_train_end`: `recipe.yaml` and `sparsity_report.json` into `output_dir`.
+- `on_train_end`: `recipe.yaml` and `sparsity_report.json` into `output_dir`; on a PEFT model whose pruned
+  layers carry adapters, a one-time warning that a plain `merge_and_unload()` would densify them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .calibration import CalibrationStream, SeededBatches
-from .distributed import rank
+from .distributed import is_main_process, rank
 from .errors import DistributedError, PruningStateError
 from .export import write_pruning_artifacts
+from .peft import warn_if_merge_densifies
 from .progress import log_main
 from .pruner import Pruner
 from .recipe import PruningRecipe, load_recipe
@@ -62,6 +65,7 @@ class FishLegPruningCallback(TrainerCallback):
         self.recipe = load_recipe(recipe, overrides=overrides)
         self.pruner: Pruner | None = None
         self.batches: SeededBatches | CalibrationStream | None = None
+        self.merge_warned = False
 
     def _curvature_data(self, args: TrainingArguments, train_dataloader: Any) -> SeededBatches | CalibrationStream:
         dataset = getattr(train_dataloader, "dataset", None)
@@ -99,8 +103,8 @@ class FishLegPruningCallback(TrainerCallback):
         self.pruner.on_step(model, state.global_step, self.stream(state.global_step))
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
-        if self.pruner is None or logs is None:
-            return
+        if self.pruner is None or logs is None or not {"loss", "learning_rate"} & logs.keys():
+            return  # evaluation and end-of-training metrics stay as the Trainer returns them
         extra = self.pruner.logs()
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -114,6 +118,8 @@ class FishLegPruningCallback(TrainerCallback):
         if self.pruner is None:
             return
         self.pruner.enforce_masks()
+        if is_main_process() and not self.merge_warned:
+            self.merge_warned = warn_if_merge_densifies(model, self.pruner)
         if args.should_save:
             report = write_pruning_artifacts(model, self.recipe, args.output_dir)
             log_main("fls_hf: final sparsity %.2f %%\n%s", 100 * report.global_sparsity, report.to_markdown())

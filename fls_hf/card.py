@@ -4,8 +4,9 @@
 `write_model_card` writes it to `README.md` in a saved model folder. When that `README.md` is still
 the draft `transformers.Trainer.create_model_card` writes (hyper-parameters, training results,
 framework versions), the draft's tags, metadata and "Training procedure" section are kept in the
-new card, so the sensible order is: `trainer.create_model_card(...)` first, `write_model_card(...)`
-after (the Trainer's draft would otherwise overwrite this card).
+new card, so the sensible order is: the Trainer's draft first, `write_model_card(...)` after (the draft
+would otherwise overwrite this card). `FishLegPruningTrainer.create_model_card` (which `push_to_hub`
+calls before uploading) does exactly that; call `write_model_card` yourself with a stock `Trainer`.
 
 Example:
     >>> report = sparsity_report(model, recipe)

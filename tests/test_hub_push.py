@@ -1,4 +1,5 @@
-"""`--push_to_hub` in examples/text_classification.py, offline: everything up to the network call.
+"""`--push_to_hub` in examples/text_classification.py and `FishLegPruningTrainer.push_to_hub`, offline:
+everything up to the network call; the model card is the trainer's own (`create_model_card`).
 
 transformers 5's `Trainer.push_to_hub` saves the model, writes the model card (`create_model_card`),
 then calls `hf_api().upload_folder(folder_path=args.output_dir, ...)` (`transformers.utils.hub.hf_api`
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
@@ -120,3 +122,40 @@ def test_push_to_hub_uploads_a_complete_pruned_folder(tmp_path, fake_hub, capsys
     assert report.to_markdown() in card
     assert 'from_pretrained("someone/tiny-pruned")' in card and "## Training procedure" in card
     assert re.search(r"pruned accuracy after fine-tuning at 60\.0\d % sparsity: \d\.\d{4}", capsys.readouterr().out)
+
+
+def test_trainer_push_to_hub_uploads_its_own_card(tmp_path, fake_hub):
+    """`FishLegPruningTrainer.create_model_card` (called by `push_to_hub`) writes the fls_hf card, no subclass needed."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from fls_hf import FishLegPruningTrainer
+
+    ids = torch.randint(1, 64, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] > 32).long().tolist()})
+    recipe = {"pruning": {"method": "magnitude", "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
+                          "ignore": ["classifier", "re:.*pooler.*"], "final_sparsity": 0.5}}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, use_cpu=True, report_to=[],
+        save_strategy="no", disable_tqdm=True, push_to_hub=True, hub_model_id="someone/tiny-trainer", hub_token="not-a-token",
+    )
+    trainer = FishLegPruningTrainer(model=tiny_bert(), args=args, recipe=recipe, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    evaluation = trainer.evaluate()
+    assert "sparsity" not in evaluation
+    trainer.push_to_hub(dataset="tiny-tokens", license="mit")
+
+    folder = fake_hub.uploads[-1]["folder"]
+    card = (folder / "README.md").read_text()
+    meta = yaml.safe_load(re.match(r"\A---\n(.*?)\n---\n", card, re.DOTALL).group(1))
+    assert set(CARD_TAGS) | {"generated_from_trainer"} <= set(meta["tags"])
+    assert meta["license"] == "mit" and meta["datasets"] == ["tiny-tokens"]
+    report = sparsity_report(AutoModelForSequenceClassification.from_pretrained(folder), load_recipe(folder / "recipe.yaml"))
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-3) and report.to_markdown() in card
+    assert "# model pruned to 50 % sparsity with the FishLeg Surgeon" in card  # not the repo name push_to_hub passes
+    assert f"| eval_loss | {evaluation['eval_loss']:.4f} |" in card  # from the log history
+    assert 'from_pretrained("someone/tiny-trainer")' in card and "## Training procedure" in card
+
+    trainer.create_model_card(model_name="Tiny pruned BERT", metrics={"eval_accuracy": 0.75})
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# Tiny pruned BERT" in card and "| eval_accuracy | 0.7500 |" in card and "eval_loss" not in card

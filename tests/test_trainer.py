@@ -54,12 +54,14 @@ def test_trainer_reaches_exact_target_and_saved_model_reproduces_logits(tmp_path
         model=model, args=training_args(tmp_path, eval_strategy="steps", eval_steps=6), recipe=RECIPE,
         train_dataset=dataset(), eval_dataset=dataset(16, seed=1), callbacks=[trace],
     )
-    trainer.train()
+    result = trainer.train()
     report = sparsity_report(model, trainer.recipe)
     assert report.zeros == round(0.8 * report.numel)
     assert [s for step, s in trace.trace if step in (2, 8)] == [pytest.approx(trace.trace[1][1]), pytest.approx(0.8, abs=1e-3)]
     assert trace.trace[0][1] > 0.3 - 1e-3  # pruned at step 0 already (start_step 0, init 0.3)
-    assert "eval_loss" in trainer.evaluate()
+    evaluation = trainer.evaluate()
+    assert "eval_loss" in evaluation and "sparsity" not in evaluation and "sparsity" not in result.metrics
+    assert not any("sparsity" in h for h in trainer.state.log_history if "eval_loss" in h or "train_runtime" in h)
     logged = [h for h in trainer.state.log_history if "sparsity" in h]
     assert logged and logged[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3) and "curvature_residual" in logged[-1]
 

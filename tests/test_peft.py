@@ -1,0 +1,171 @@
+"""Pruning under LoRA: target resolution on PEFT names, training, plain vs masked merge."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.func import functional_call
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from helpers import tiny_bert
+from fls_hf import FishLegPruningTrainer, FlsError, sparsity_report
+from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_densifies
+from fls_hf.pruning.masks import MaskSet
+from fls_hf.targets import plain_name, resolve_targets
+
+# peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (pyproject turns that into an error).
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+RECIPE = {
+    "pruning": {
+        "method": "magnitude", "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
+        "ignore": ["classifier", "re:.*pooler.*"], "init_sparsity": 0.5, "final_sparsity": 0.8,
+        "start_step": 0, "end_step": 4, "update_frequency": 2,
+    },
+}
+PREFIX = "base_model.model."
+
+
+def dataset(n: int = 64, seq_len: int = 8, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, seq_len), generator=g)
+    labels = (ids[:, 0] > 32).long()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()})
+
+
+def lora_bert(seed: int = 0, **overrides):
+    settings = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"], task_type="SEQ_CLS")
+    torch.manual_seed(seed)
+    return get_peft_model(tiny_bert(seed=seed), LoraConfig(**{**settings, **overrides}))
+
+
+def test_plain_name_drops_peft_prefix_and_wrapper_segments():
+    assert plain_name(PREFIX + "bert.encoder.layer.0.attention.self.query.base_layer") == "bert.encoder.layer.0.attention.self.query"
+    assert plain_name(PREFIX + "classifier.modules_to_save.default") == "classifier"
+    assert plain_name(PREFIX + "classifier.original_module") == "classifier"
+    assert plain_name("bert.encoder.layer.0.output.dense") == "bert.encoder.layer.0.output.dense"
+
+
+@pytest.mark.parametrize("pattern", [
+    r"re:.*(query|value)$",                            # written for the plain model, `$` anchored
+    r"re:bert\.encoder\.layer\.\d+\..*(query|value)",  # anchored at the plain model's root
+    "query", "value",                                  # suffix names
+    "bert.encoder.layer.1.attention.self.query",       # an exact plain name
+])
+def test_plain_recipe_resolves_to_base_layers(pattern):
+    plain = set(resolve_targets(tiny_bert(), [pattern]))
+    wrapped = set(resolve_targets(lora_bert(), [pattern]))
+    assert all(name.startswith(PREFIX) and name.endswith(".base_layer") for name in wrapped)
+    assert {plain_name(name) for name in wrapped} == plain
+
+
+def test_peft_names_resolve_too():
+    wrapped = resolve_targets(lora_bert(), [r"re:.*(query|value)\.base_layer$"])
+    assert set(wrapped) == set(resolve_targets(lora_bert(), ["query", "value"]))
+
+
+def test_default_targets_skip_adapters_and_frozen_copies():
+    model = lora_bert()
+    everything = set(resolve_targets(model, None))
+    assert not any("lora_" in name or "original_module" in name for name in everything)
+    assert PREFIX + "classifier.modules_to_save.default" in everything  # the trainable copy of the head
+    ignore = ["classifier", "re:.*pooler.*"]
+    assert {plain_name(n) for n in resolve_targets(model, None, ignore)} == set(resolve_targets(tiny_bert(), None, ignore))
+
+
+def train_pruned_lora(tmp_path, max_steps: int = 6):
+    model = lora_bert()
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=1e-2, use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+    )
+    trainer = FishLegPruningTrainer(model=model, args=args, recipe=RECIPE, train_dataset=dataset())
+    with pytest.warns(UserWarning, match="masked_merge_and_unload") as caught:
+        trainer.train()
+    assert sum("masked_merge_and_unload" in str(w.message) for w in caught) == 1
+    return trainer, lora_before
+
+
+def test_lora_training_prunes_base_weights_while_adapters_train(tmp_path):
+    trainer, lora_before = train_pruned_lora(tmp_path)
+    model = trainer.model
+    report = sparsity_report(model, trainer.recipe)
+    assert report.zeros == round(0.8 * report.numel)
+    assert any(name.endswith("query.base_layer") for name in trainer.pruner.layers)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert (param != 0).all(), f"{name} must stay dense"
+            assert not torch.equal(param, lora_before[name]), f"{name} must train"
+
+
+def test_plain_merge_densifies_masked_merge_keeps_exact_zeros(tmp_path):
+    trainer, _ = train_pruned_lora(tmp_path)
+    model, recipe, masks = trainer.model, trainer.recipe, trainer.pruner.masks
+    pruned = sparsity_report(model, recipe)
+    batch = {k: torch.tensor(v) for k, v in dataset(4, seed=2)[:4].items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+    base = {key: trainer.pruner.layers[key].weight.detach().clone() for key in masks}
+    delta = {key: model.get_submodule(key.removesuffix(".base_layer")).get_delta_weight("default").detach()
+             for key in masks if key.endswith(".base_layer")}
+
+    densified = copy.deepcopy(model).merge_and_unload()
+    plain_report = sparsity_report(densified, recipe)
+    assert plain_report.global_sparsity < pruned.global_sparsity - 0.1
+    assert all(layer.sparsity == 0 for layer in plain_report.layers if layer.name.endswith(("query", "value")))
+
+    merged = masked_merge_and_unload(model, trainer.pruner)
+    assert not is_peft_model(merged)
+    merged_report = sparsity_report(merged, recipe)
+    assert [(l.name, l.zeros) for l in merged_report.layers] == [(plain_name(l.name), l.zeros) for l in pruned.layers]
+    restored = {}
+    for key, keep in ((key, masks.keep(key)) for key in masks):
+        weight = merged.get_submodule(plain_name(key)).weight
+        expected = torch.where(keep, base[key] + delta.get(key, 0), torch.zeros_like(weight))
+        assert torch.equal(weight, expected), key  # (W + ΔW) ⊙ keep, bit for bit
+        if key in delta:  # adding back the adapter update on pruned coordinates gives the PEFT model again
+            restored[plain_name(key) + ".weight"] = weight + delta[key] * keep.logical_not()
+    assert restored
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(merged, restored, args=(), kwargs=batch).logits, peft_logits)
+        assert not torch.allclose(merged(**batch).logits, peft_logits, atol=1e-6)
+
+
+def test_masked_merge_accepts_a_mask_set_and_rejects_foreign_keys():
+    model = lora_bert()
+    layers = resolve_targets(model, ["query", "classifier"])  # a LoRA base layer and a `modules_to_save` copy
+    assert PREFIX + "classifier.modules_to_save.default" in layers
+    masks = MaskSet.dense(layers)
+    for name in layers:
+        masks.set(name, torch.rand(layers[name].shape) > 0.5)
+    merged = masked_merge_and_unload(copy.deepcopy(model), masks)
+    assert all(torch.equal(merged.get_submodule(plain_name(n)).weight != 0, masks.keep(n)) for n in layers)
+
+    foreign = MaskSet.dense(resolve_targets(model.base_model, ["query"]))  # keys without the `base_model.model.` prefix
+    with pytest.raises(FlsError, match=r"mask key `model\.bert\.encoder\.layer\.0\.attention\.self\.query\.base_layer`"):
+        masked_merge_and_unload(model, foreign)
+    with pytest.raises(FlsError, match="is not a PEFT model"):
+        masked_merge_and_unload(tiny_bert(), MaskSet.dense(resolve_targets(tiny_bert(), ["query"])))
+
+
+def test_merge_warning_only_when_an_adapted_layer_is_pruned():
+    model = lora_bert()
+    unadapted = MaskSet.dense(resolve_targets(model, ["key"]))
+    adapted = MaskSet.dense(resolve_targets(model, ["query"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_merge_densifies(model, adapted)  # nothing pruned yet
+        name = adapted.names[0]
+        unadapted.set(unadapted.names[0], torch.zeros(16, 16, dtype=torch.bool))
+        assert not warn_if_merge_densifies(model, unadapted)
+        assert not warn_if_merge_densifies(tiny_bert(), MaskSet.dense(resolve_targets(tiny_bert(), ["query"])))
+    adapted.set(name, torch.zeros(16, 16, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"bert\.encoder\.layer\.0\.attention\.self\.query"):
+        assert warn_if_merge_densifies(model, adapted)
