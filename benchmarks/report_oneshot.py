@@ -35,10 +35,13 @@ def table(dense: dict, methods: list[dict], split: str) -> str:
 
 
 def plot(dense: dict, methods: list[dict], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(methods):
         xs = sorted(m["results"], key=float)
-        ax.plot([100 * float(x) for x in xs], [100 * m["results"][x]["test"] for x in xs], marker="o", label=m["method"])
+        fls = m["method"].startswith("fls")  # FishLeg solid, baselines dashed
+        ax.plot([100 * float(x) for x in xs], [100 * m["results"][x]["test"] for x in xs], color=colors[i % 20],
+                linestyle="-" if fls else "--", marker="o" if fls else "s", label=m["method"])
     ax.axhline(100 * dense["test"], color="black", linestyle="--", label="dense")
     ax.set_xlabel("sparsity of the encoder linears (%)")
     ax.set_ylabel("test accuracy (%)")
