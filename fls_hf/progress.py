@@ -15,10 +15,18 @@ T = TypeVar("T")
 logger = logging.getLogger("fls_hf")
 
 
+def _silent() -> bool:
+    return not is_main_process() or os.environ.get("FLS_HF_DISABLE_PROGRESS") == "1"
+
+
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
     """tqdm over `iterable`, silent on other ranks or when FLS_HF_DISABLE_PROGRESS=1."""
-    disable = not is_main_process() or os.environ.get("FLS_HF_DISABLE_PROGRESS") == "1"
-    return iter(tqdm(iterable, total=total, desc=desc, disable=disable, leave=False))
+    return iter(tqdm(iterable, total=total, desc=desc, disable=_silent(), leave=False))
+
+
+def example_progress(total: int, desc: str) -> tqdm:
+    """A tqdm bar counted in examples (call `.update(n)`), silent where `progress` is."""
+    return tqdm(total=total, desc=desc, unit="ex", disable=_silent(), leave=False)
 
 
 def log_main(message: str, *args: object) -> None:

@@ -21,18 +21,15 @@ never touched, so a Trainer's live gradients stay intact.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..distributed import is_main_process
 from ..errors import CurvatureError
-from ..progress import log_main
+from ..progress import example_progress, log_main
 from .adapters import Conv1D, LayerAdapter
 from .base import CurvatureConfig, CurvatureProvider
 from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
@@ -215,12 +212,6 @@ def per_example_gradients(
                 grads[name] = grads[name] * k.to(grads[name].device, grads[name].dtype)
         seen += size
         yield grads
-
-
-def example_progress(total: int, desc: str) -> tqdm:
-    """A tqdm bar over examples, silent on other ranks or when FLS_HF_DISABLE_PROGRESS=1."""
-    disable = not is_main_process() or os.environ.get("FLS_HF_DISABLE_PROGRESS") == "1"
-    return tqdm(total=total, desc=desc, unit="ex", disable=disable, leave=False)
 
 
 @dataclass

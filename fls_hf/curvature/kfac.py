@@ -12,7 +12,6 @@ the FishLeg structures need no more (diagonal: G_ii Ā_jj; within-row blocks: G_
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
+from ..progress import example_progress
 from .adapters import Conv1DAdapter, LayerAdapter
 from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from .likelihoods import Likelihood
@@ -64,8 +64,9 @@ def kronecker_statistics(
     examples, tokens = 0, 0.0
     store: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
     params = [a.weight for a in layers.values()]
-    with curvature_mode(model), _capture(layers, store):
-        for batch in itertools.islice(batches, 10**9):
+    bar = example_progress(max_examples, "K-FAC statistics")
+    with curvature_mode(model), _capture(layers, store), bar:
+        for batch in batches:
             if examples >= max_examples:
                 break
             logits = logits_of(model(**model_inputs(batch, device))).float()
@@ -82,6 +83,7 @@ def kronecker_statistics(
                 sums[name][0] += a.T @ a
                 sums[name][1] += d.pow(2).reshape(-1, d.shape[-1]).sum(0)
             examples += n
+            bar.update(n)
     if examples == 0:
         raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
     flat = [t for pair in sums.values() for t in pair]
