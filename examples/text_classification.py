@@ -48,6 +48,8 @@ if _runs_embedded_default(sys.argv[1:]):  # before huggingface_hub is imported: 
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
@@ -219,6 +221,23 @@ def accuracy_metric(metric_name_or_path: str | None):
     return compute_metrics
 
 
+@torch.no_grad()
+def evaluate_untrained(trainer: FishLegPruningTrainer, dataset: datasets.Dataset) -> dict[str, float]:
+    """Metrics of the model before training, computed outside the Trainer.
+
+    `trainer.evaluate()` before `trainer.train()` leaves data-parallel CPU processes training out of sync
+    (transformers 5), which fls_hf's cross-rank mask check then refuses; a plain loop has no such side effect.
+    """
+    model = trainer.model.eval()
+    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    logits, labels = [], []
+    for batch in loader:
+        labels.append(batch.pop("labels").numpy())
+        logits.append(model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu().numpy())
+    metrics = trainer.compute_metrics(transformers.EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(labels)))
+    return {f"dense_{key}": value for key, value in metrics.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
@@ -266,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     model_path, dataset_name, len(tokenized["train"]), len(tokenized["eval"]), training_args.recipe)
 
     # Dense accuracy before any training or pruning (the pruner is built when training starts).
-    dense = trainer.evaluate(metric_key_prefix="dense")
+    dense = evaluate_untrained(trainer, tokenized["eval"])
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     pruned = trainer.evaluate()
     report = sparsity_report(trainer.model, trainer.recipe)
