@@ -194,3 +194,18 @@ def test_text_classification_example_on_embedded_minilm(tmp_path):
     assert "## Training procedure" in body and "| eval_accuracy |" in body and "| dense_accuracy |" in body
     assert json.loads((out / "eval_results.json").read_text())["eval_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert not torch.isnan(model.classifier.weight).any()
+
+
+def test_oneshot_causal_lm_example_reports_perplexities():
+    """examples/oneshot_causal_lm.py end to end on a few training steps: both patterns reach 50 %."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "oneshot_causal_lm.py"
+    env = {**__import__("os").environ, "FLS_HF_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), "--train_steps", "5"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "perplexity" in line]
+    assert len(lines) == 5 and lines[0].startswith("dense perplexity")
+    assert sum("sparsity 50.0 %" in line for line in lines) == 4
