@@ -253,10 +253,11 @@ class FishLegProvider(CurvatureProvider):
         keeps = {name: self._keep(name) for name in self.layers}
         if self.config.u_sampling == "gaussian":
             return {n: torch.randn(k.shape, generator=self.generator).to(k.device) * k for n, k in keeps.items()}
-        params = {n: self._tangents({n: torch.zeros_like(k)}) for n, k in keeps.items()}
-        flat = [p for t in params.values() for p in t]
-        grads = self._as_matrices(dict.fromkeys(flat), sampled_gradient(model, batch, flat, self.likelihood, self.generator))
-        return {n: g * keeps[n] * math.sqrt(g.numel()) / g.norm().clamp_min(1e-30) for n, g in grads.items()}
+        params = list(self._tangents({n: torch.zeros_like(k) for n, k in keeps.items()}))  # each layer's weight (and bias)
+        gradient = sampled_gradient(model, batch, params, self._resolve_likelihood(model), self.generator)
+        grads = self._as_matrices(dict.fromkeys(params), gradient)
+        # masked, then scaled so E‖u‖² matches a Gaussian u on the kept coordinates
+        return {n: g * keeps[n] * keeps[n].sum().sqrt() / (g * keeps[n]).norm().clamp_min(1e-30) for n, g in grads.items()}
 
     def update(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
         """One aux step on `batch`; returns aux loss, residual ‖(F+γ)Qu − u‖/‖u‖ and steps done."""

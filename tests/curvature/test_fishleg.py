@@ -158,3 +158,20 @@ def test_refines_on_tiny_bert_with_unlabelled_batches():
     last = provider.prepare(model, batches)
     assert last["aux_steps"] == 101 and last["residual"] < 0.5 * first["residual"]
     assert all(torch.isfinite(provider.diag(n)).all() for n in layers)
+
+
+def test_gradient_direction_u_on_tiny_bert():
+    """u along the sampled-label gradient (the optimiser's choice), masked and scaled like a Gaussian u."""
+    model = tiny_bert()
+    layers = resolve_targets(model, ["re:.*encoder\\.layer\\.0\\..*(query|dense)$"])
+    provider = FishLegProvider(layers, FishLegConfig(damping=1e-7, init="identity", u_sampling="gradient", warmup_steps=0))
+    keep = torch.ones(layers["bert.encoder.layer.0.attention.self.query"].shape, dtype=torch.bool)
+    keep[:, :4] = False
+    provider.mask("bert.encoder.layer.0.attention.self.query", keep)
+    batch = token_batches(n_batches=1)[0]
+    u = provider._draw_u(model, batch)
+    for name, vec in u.items():
+        assert vec.shape == layers[name].shape and torch.isfinite(vec).all()
+        assert vec.pow(2).mean().item() == pytest.approx(float(provider._keep(name).mean()), rel=0.3)
+    assert (u["bert.encoder.layer.0.attention.self.query"][:, :4] == 0).all()
+    assert provider.update(model, batch)["aux_steps"] == 1.0
