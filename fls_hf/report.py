@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .curvature.forward import unwrap
+from .pruning.patterns import parse_mask_type
 from .targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -86,10 +87,11 @@ class SparsityReport:
         return self.to_markdown()
 
 
-def _nm_ok(matrix: torch.Tensor, pattern: str) -> bool:
-    if ":" not in pattern:
+def _nm_ok(matrix: torch.Tensor, mask_type: str) -> bool:
+    pattern = parse_mask_type(mask_type)
+    if pattern.is_unstructured:
         return True
-    n, m = (int(x) for x in pattern.split(":"))
+    n, m = pattern.n, pattern.m
     rows, cols = matrix.shape
     if cols % m:
         return False

@@ -61,6 +61,23 @@ def from_row_blocks(blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Tenso
     return blocks.reshape(rows, -1)[:, :cols]
 
 
+def regroup_row_blocks(stored: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
+    """Blocks of a block-diagonal Q (stored over row blocks of S weights) regrouped into row blocks of B.
+
+    stored: (rows · ceil(cols/S), S, S) → (rows · ceil(cols/B), B, B); entry (j, k) is Q's when both columns
+    fall in the same stored block, else 0 (Q has no coupling there); padding is zero.
+    """
+    rows, cols = shape
+    size = stored.shape[-1]
+    column = torch.arange(-(-cols // block_size) * block_size, device=stored.device).reshape(-1, block_size)
+    valid = column < cols
+    column = column.clamp_max(cols - 1)
+    which, offset = column // size, column % size  # stored block within the row, position in it
+    entries = stored.reshape(rows, -1, size, size)[:, which[:, :, None], offset[:, :, None], offset[:, None, :]]
+    coupled = (which[:, :, None] == which[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return (entries * coupled).reshape(-1, block_size, block_size)
+
+
 class CurvatureProvider(ABC):
     """An inverse-Fisher estimate Q ≈ (F + γI)⁻¹, block-diagonal over the prunable layers.
 

@@ -30,7 +30,7 @@ from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
 from ..progress import log_main
 from .adapters import LayerAdapter
-from .base import from_row_blocks, row_blocks
+from .base import from_row_blocks, regroup_row_blocks, row_blocks
 from .forward import model_device
 from .gradients import GradientFisherConfig, GradientFisherProvider
 from .likelihoods import Likelihood
@@ -162,13 +162,7 @@ class BlockFisherProvider(GradientFisherProvider):
         if block_size == stored:
             valid = row_blocks(torch.ones(rows, cols, device=inverse.device), stored)
             return inverse * valid[:, :, None] * valid[:, None, :]
-        column = torch.arange(-(-cols // block_size) * block_size, device=inverse.device).reshape(-1, block_size)
-        valid = column < cols
-        column = column.clamp_max(cols - 1)
-        which, offset = column // stored, column % stored  # stored block within the row, position in it
-        entries = inverse.reshape(rows, -1, stored, stored)[:, which[:, :, None], offset[:, :, None], offset[:, None, :]]
-        coupled = (which[:, :, None] == which[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-        return (entries * coupled).reshape(-1, block_size, block_size)
+        return regroup_row_blocks(inverse, (rows, cols), block_size)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.inverse)

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .base import from_row_blocks, row_blocks
+from .base import from_row_blocks, regroup_row_blocks, row_blocks
 
 
 def _pad_to(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -31,6 +31,12 @@ def _pad_to(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
         return x
     widths = [0, 0] * (x.dim() - dim - 1) + [0, pad]
     return nn.functional.pad(x, widths)
+
+
+def _diagonal_blocks(square: torch.Tensor, size: int, count: int) -> torch.Tensor:
+    """The `count` consecutive (size × size) blocks on the diagonal of `square`, zero-padded: (count, size, size)."""
+    padded = _pad_to(_pad_to(square, count * size, 0), count * size, 1)
+    return torch.stack([padded[b * size : (b + 1) * size, b * size : (b + 1) * size] for b in range(count)])
 
 
 class BlockFactor(nn.Module):
@@ -99,8 +105,7 @@ class KroneckerQ(nn.Module):
         nbc = -(-cols // block_size)
         width = self.shape[1]
         l_dense = torch.block_diag(*self.L.matrix_blocks())[:width, :width]
-        llt = _pad_to(_pad_to((l_dense @ l_dense.T)[:cols, :cols], nbc * block_size, 0), nbc * block_size, 1)
-        g = torch.stack([llt[b * block_size : (b + 1) * block_size, b * block_size : (b + 1) * block_size] for b in range(nbc)])
+        g = _diagonal_blocks((l_dense @ l_dense.T)[:cols, :cols], block_size, nbc)
         a = _pad_to(self.log_a.exp()[:, :cols], nbc * block_size, 1).reshape(rows, nbc, block_size)
         rr = self.R.column_sq_norms()
         out = rr[:, None, None, None] * a[..., :, None] * a[..., None, :] * g[None]
@@ -121,9 +126,7 @@ class KroneckerQ(nn.Module):
         r_diag = (g + pi * math.sqrt(damping)).rsqrt()
         r_full = _pad_to(r_diag, self.R.nb * self.R.k, 0).reshape(self.R.nb, self.R.k)
         self.R.weight.copy_(torch.diag_embed(r_full))
-        n = self.L.nb * self.L.k
-        padded = _pad_to(_pad_to(a_bar, n, 0), n, 1)
-        blocks = torch.stack([padded[b * self.L.k : (b + 1) * self.L.k, b * self.L.k : (b + 1) * self.L.k] for b in range(self.L.nb)])
+        blocks = _diagonal_blocks(a_bar, self.L.k, self.L.nb)
         # L = U (Λ + √γ/π)^-½ gives LLᵀ = (Ā + √γ/π I)⁻¹ without a Cholesky of an ill-conditioned inverse.
         lam, vecs = torch.linalg.eigh(blocks.double())
         self.L.weight.copy_((vecs * (lam.clamp_min(0) + math.sqrt(damping) / pi).rsqrt()[:, None, :]).float())
@@ -161,17 +164,7 @@ class BlockDiagonalQ(nn.Module):
         dense = self.dense_blocks()
         if block_size == self.block_size:
             return dense
-        rows, width = self.shape
-        own = self.block_size
-        per_row = -(-width // own)
-        nbc = -(-cols // block_size)
-        j = torch.arange(nbc * block_size, device=dense.device).reshape(nbc, block_size)
-        jj, kk = j[:, :, None].expand(-1, -1, block_size), j[:, None, :].expand(-1, block_size, -1)
-        same = (jj // own == kk // own) & (jj < cols) & (kk < cols)
-        row = torch.arange(rows, device=dense.device)[:, None, None, None]
-        block_index = row * per_row + (jj // own).clamp_max(per_row - 1)
-        out = dense[block_index, (jj % own), (kk % own)] * same
-        return out.reshape(rows * nbc, block_size, block_size)
+        return regroup_row_blocks(dense, (self.shape[0], cols), block_size)
 
     @torch.no_grad()
     def init_kfac(self, a_bar: torch.Tensor, g: torch.Tensor, damping: float) -> None:
@@ -189,8 +182,7 @@ class BlockDiagonalQ(nn.Module):
 def _kfac_blocks_inverse_sqrt(a_bar: torch.Tensor, g: torch.Tensor, damping: float, cols: int, block_size: int) -> torch.Tensor:
     """C with C Cᵀ = (g_i Ā_JJ + γI)⁻¹ for every row i and block J of `block_size` columns: (rows·nbc, B, B)."""
     nbc = -(-cols // block_size)
-    padded = _pad_to(_pad_to(a_bar[:cols, :cols], nbc * block_size, 0), nbc * block_size, 1).double()
-    blocks = torch.stack([padded[b * block_size : (b + 1) * block_size, b * block_size : (b + 1) * block_size] for b in range(nbc)])
+    blocks = _diagonal_blocks(a_bar[:cols, :cols], block_size, nbc).double()
     lam, vecs = torch.linalg.eigh(blocks)  # Ā_J = U Λ Uᵀ, so (g Ā_J + γ)⁻¹ = U (gΛ + γ)⁻¹ Uᵀ
     inv_sqrt = (g.double()[:, None, None] * lam.clamp_min(0)[None] + damping).rsqrt()  # (rows, nbc, B)
     c = vecs[None] * inv_sqrt[:, :, None, :]
