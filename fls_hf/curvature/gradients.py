@@ -35,7 +35,8 @@ from .base import CurvatureConfig, CurvatureProvider
 from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from .likelihoods import Likelihood, likelihood_for
 
-FISHER_LABELS = ("empirical", "sampled")
+FISHER_LABELS = ("empirical", "sampled", "expected")
+MAX_EXPECTED_CLASSES = 64  # `expected` costs one backward pass per class
 _HOOKABLE: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
 
@@ -164,7 +165,7 @@ def _batch_gradients(
         if name in per_example:
             out[name] = torch.stack(per_example[name])
         else:
-            out[name] = sums.get(name, torch.zeros(size, *adapter.shape, device=device))
+            out[name] = sums[name] if name in sums else torch.zeros(size, *adapter.shape, device=device)
     return out
 
 
@@ -184,7 +185,9 @@ def per_example_gradients(
     Args:
         labels: `empirical` scores the batch's `labels` (causal LMs: logits[:, :-1] against
             labels[:, 1:], as HF does); `sampled` draws labels from the model (the true Fisher; no
-            shift, every valid position is scored against its own draw).
+            shift, every valid position is scored against its own draw); `expected` yields, per batch,
+            one gradient set per class c scaled by √(C p_c) (sequence classification only): the mean
+            of their outer products is the exact true Fisher, and `max_examples` counts these vectors.
         likelihood: output distribution (`likelihood_for(name, model.config)`).
         generator: RNG of the `sampled` labels (labels are drawn on its device).
         max_examples: stop after this many examples; the last batch is cut to fit.
@@ -204,14 +207,49 @@ def per_example_gradients(
         if batch is None:
             return
         size = _batch_size(batch)
-        if max_examples is not None and seen + size > max_examples:
-            batch, size = _slice(batch, 0, max_examples - seen, size), max_examples - seen
-        grads = _batch_gradients(model, batch, layers, hookable, labels, likelihood, generator)
-        for name, k in (keep or {}).items():
-            if name in grads:
-                grads[name] = grads[name] * k.to(grads[name].device, grads[name].dtype)
-        seen += size
-        yield grads
+        probs = torch.softmax(_class_logits(model, batch, likelihood), dim=-1) if labels == "expected" else None
+        passes = 1 if probs is None else probs.shape[-1]
+        if max_examples is not None and seen + size * passes > max_examples:
+            fit = -(-(max_examples - seen) // passes)  # whole examples: every class pass sees the same ones
+            batch, size = _slice(batch, 0, fit, size), fit
+            probs = None if probs is None else probs[:fit]
+        if probs is not None:
+            results = _expected_gradients(model, batch, probs, layers, hookable, likelihood)
+        else:
+            results = iter([_batch_gradients(model, batch, layers, hookable, labels, likelihood, generator)])
+        for grads in results:
+            for name, k in (keep or {}).items():
+                if name in grads:
+                    grads[name] = grads[name] * k.to(grads[name].device, grads[name].dtype)
+            seen += size
+            yield grads
+
+
+def _class_logits(model: nn.Module, batch: Mapping[str, Any], likelihood: Likelihood) -> torch.Tensor:
+    """Logits (b, C) of a no-grad pass, checked for the `expected` mode (one categorical row per example)."""
+    with curvature_mode(model), torch.no_grad():
+        logits = logits_of(model(**model_inputs(batch, model_device(model)))).float()
+    if likelihood.name != "categorical" or logits.dim() != 2 or logits.shape[-1] > MAX_EXPECTED_CLASSES:
+        raise CurvatureError(
+            "recipe key `curvature.fisher_labels` = 'expected' needs one categorical output row per example with at most "
+            f"{MAX_EXPECTED_CLASSES} classes (sequence classification); got {likelihood.name} logits of shape "
+            f"{tuple(logits.shape)}: use 'sampled'"
+        )
+    return logits
+
+
+def _expected_gradients(
+    model: nn.Module, batch: Mapping[str, Any], probs: torch.Tensor, layers: Mapping[str, LayerAdapter], hookable: set[str],
+    likelihood: Likelihood,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One gradient set per class c: g_{n,c} · √(C p_{n,c}), so the mean of g gᵀ over all C·b vectors is the
+    exact true Fisher (1/b) Σ_n Σ_c p_{n,c} g_{n,c} g_{n,c}ᵀ (= J_nᵀ (diag p − ppᵀ) J_n): no label-sampling noise."""
+    classes = probs.shape[-1]
+    for c in range(classes):
+        labelled = {**batch, "labels": torch.full((probs.shape[0],), c, dtype=torch.long)}
+        grads = _batch_gradients(model, labelled, layers, hookable, "empirical", likelihood, None)
+        weight = (classes * probs[:, c]).sqrt()
+        yield {name: g * weight.to(g.device)[:, None, None] for name, g in grads.items()}
 
 
 @dataclass
@@ -219,7 +257,7 @@ class GradientFisherConfig(CurvatureConfig):
     """Settings shared by the Fisher estimates built from per-example gradients (diagonal, block)."""
 
     num_grads: int = field(default=256, metadata={"help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."})
-    fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher)."})
+    fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected (exact true Fisher, one pass per class; classification only; num_grads counts examples × classes)."})
     seed: int = field(default=0, metadata={"help": "Seed of the label sampling generator (fisher_labels: sampled)."})
 
     def __post_init__(self) -> None:

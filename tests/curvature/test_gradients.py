@@ -159,3 +159,34 @@ def test_empirical_labels_are_required():
         next(per_example_gradients(model, [{"input": batches[0]["input"]}], layers, likelihood=Categorical()))
     with pytest.raises(CurvatureError, match="allowed: empirical, sampled"):
         next(per_example_gradients(model, batches, layers, labels="true", likelihood=Categorical()))
+
+
+def test_expected_labels_give_the_exact_true_fisher():
+    """Mean of g gᵀ over the √(C p_c)-scaled class passes = (1/b) Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n, explicitly."""
+    model, batches, layers = mlp_case()
+    model.eval()
+    batch = {k: v[:3] for k, v in batches[0].items()}  # 3 examples × 3 classes = 9 vectors, asked for 8
+    vectors = [g["0"].reshape(g["0"].shape[0], -1) for g in per_example_gradients(
+        model, [batch], {"0": layers["0"]}, labels="expected", likelihood=Categorical(), max_examples=8)]
+    g = torch.cat(vectors)
+    assert g.shape[0] == 9  # the cut keeps whole examples: all 3 class passes see the same 3 inputs
+    fisher = g.T @ g / g.shape[0]
+
+    weight = layers["0"].weight
+    exact = torch.zeros(weight.numel(), weight.numel())
+    for x in batch["input"]:
+        def logits(w, x=x):
+            return torch.func.functional_call(model, {"0.weight": w}, (x[None],))[0]
+        jac = torch.func.jacrev(logits)(weight.detach()).reshape(3, -1)
+        p = torch.softmax(logits(weight.detach()), -1)
+        exact += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac / 3
+    torch.testing.assert_close(fisher, exact, rtol=1e-4, atol=1e-6)
+
+
+def test_expected_labels_refuse_token_outputs():
+    model = tiny_gpt2()
+    layers = resolve_targets(model, ["c_attn"])
+    batch = next(iter(token_batches(1, num_labels=2)))
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with pytest.raises(CurvatureError, match=r"fisher_labels` = 'expected'.*use 'sampled'"):
+        next(per_example_gradients(model, [batch], layers, labels="expected", likelihood=Categorical()))
