@@ -4,14 +4,16 @@ Hooks (transformers 5 loop: forward/backward × grad-accum → clip → on_pre_o
 optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step += 1 → on_step_end):
 
 - `on_train_begin`: build the pruner; restore its state when resuming; prune if the schedule starts at step 0.
-- `on_pre_optimizer_step`: zero the gradients of pruned weights.
+- `on_pre_optimizer_step`: zero the gradients of pruned weights; a NaN / inf gradient in a targeted layer
+  drops the whole update (warned, counted), so no non-finite value reaches the weights or the masks.
 - `on_optimizer_step`: re-zero pruned weights (momentum and weight decay would regrow them).
 - `on_step_end`: prune when the schedule is due (counted in optimizer steps, so gradient accumulation
   is handled), else refine the curvature at `curvature.refine_every`; nothing on a step the fp16 scaler skipped.
 - `on_log`: sparsity and curvature diagnostics join the periodic training logs (not `evaluate()` or
   `train()` metrics).
 - `on_save`: pruner state (masks, curvature, schedule position) into the checkpoint, without pickle.
-- `on_train_end`: `recipe.yaml` and `sparsity_report.json` into `output_dir`; on a PEFT model whose pruned
+- `on_train_end`: `recipe.yaml` and `sparsity_report.json` into `output_dir`; a warning with the number of
+  updates dropped for non-finite gradients, if any; on a PEFT model whose pruned
   layers carry adapters, a one-time warning that a plain `merge_and_unload()` would densify them.
 """
 
@@ -29,7 +31,7 @@ from .distributed import is_main_process, rank
 from .errors import DistributedError, PruningStateError
 from .export import write_pruning_artifacts
 from .peft import warn_if_merge_densifies
-from .progress import log_main
+from .progress import log_main, warn_main
 from .pruner import Pruner
 from .recipe import PruningRecipe, load_recipe
 
@@ -91,8 +93,29 @@ class FishLegPruningCallback(TrainerCallback):
         else:
             self.pruner.on_step(model, 0, self.stream(0))
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model: nn.Module = None, **kwargs):
+        if not args.fp16:  # fp16's GradScaler skips non-finite steps itself, and needs the gradients to do so
+            self._drop_non_finite_update(model, state.global_step + 1)
         self.pruner.zero_pruned_grads()
+
+    def _drop_non_finite_update(self, model: nn.Module, step: int) -> None:
+        """NaN / inf in a targeted layer's gradient: drop every gradient, so the optimizer skips this update.
+
+        Optimizers skip parameters whose `.grad` is None (no momentum, no weight decay), so nothing
+        non-finite reaches the weights or the optimizer state. The whole model, not the one layer: the
+        Trainer's gradient-norm pass (`clip_grad_norm_`, run even with clipping off) has spread it everywhere.
+        """
+        bad = self.pruner.non_finite_grads()
+        if not bad:
+            return
+        for param in model.parameters():
+            param.grad = None
+        self.pruner.skipped_steps += 1
+        count = self.pruner.skipped_steps
+        if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th... skip: a diverged run does not warn every step
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            warn_main("fls_hf: non-finite gradient in targeted module(s) %s at optimizer step %d; "
+                      "update skipped (%d so far)", shown, step, count)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.enforce_masks()
@@ -118,6 +141,9 @@ class FishLegPruningCallback(TrainerCallback):
         if self.pruner is None:
             return
         self.pruner.enforce_masks()
+        if self.pruner.skipped_steps:
+            warn_main("fls_hf: %d optimizer update(s) skipped for non-finite gradients in targeted layers",
+                      self.pruner.skipped_steps)
         if is_main_process() and not self.merge_warned:
             self.merge_warned = warn_if_merge_densifies(model, self.pruner)
         if args.should_save:

@@ -187,7 +187,17 @@ def _unpack(key: str, packed: torch.Tensor, shape: tuple[int, ...], source: str)
 
 
 def _build(model_class: type, directory: Path) -> nn.Module:
-    config = AutoConfig.from_pretrained(directory)
+    """`model_class` from `directory/config.json`; a config that asks for custom code (`auto_map`) is refused."""
+    try:
+        custom = "auto_map" in json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PruningStateError(f"{directory / 'config.json'} is missing or not JSON: {exc}") from exc
+    if custom:
+        raise PruningStateError(
+            f"{directory / 'config.json'} has an `auto_map` (custom modeling code); fls_hf never runs remote code: "
+            "build the model yourself (with the trust you choose) and pass the instance to load_compressed"
+        )
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     return model.eval()
 
@@ -201,7 +211,8 @@ def load_compressed(model_or_class: nn.Module | type, directory: str | os.PathLi
         directory: the folder `save_compressed` wrote.
 
     Raises:
-        PruningStateError: the file is missing, truncated or corrupt, or does not match the model.
+        PruningStateError: the file is missing, truncated or corrupt, or does not match the model; or
+            `config.json` asks for custom code (`auto_map`) when a class is given (remote code never runs).
 
     Example:
         >>> model = load_compressed(AutoModelForSequenceClassification, "out-compressed")

@@ -1,16 +1,19 @@
-"""What a pruned model folder holds beside the weights: `recipe.yaml` and `sparsity_report.json`."""
+"""What a pruned model folder holds beside the weights: `recipe.yaml`, `sparsity_report.json` and, from the
+trainer, `training_args.json` (transformers' `training_args.bin` is a pickle; fls_hf never loads it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from torch import nn
+from transformers import TrainingArguments
 
 from .recipe import PruningRecipe
 from .report import SparsityReport, sparsity_report
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "sparsity_report.json"
+TRAINING_ARGS_FILE = "training_args.json"
 
 
 def write_pruning_artifacts(model: nn.Module, recipe: PruningRecipe, output_dir: str | Path) -> SparsityReport:
@@ -21,3 +24,11 @@ def write_pruning_artifacts(model: nn.Module, recipe: PruningRecipe, output_dir:
     report = sparsity_report(model, recipe)
     report.save(output_dir / REPORT_FILE)
     return report
+
+
+def write_training_args(args: TrainingArguments, output_dir: str | Path) -> Path:
+    """The training arguments as JSON (`*_token` values redacted by transformers), readable without unpickling."""
+    path = Path(output_dir) / TRAINING_ARGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(args.to_json_string())
+    return path

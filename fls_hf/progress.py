@@ -32,3 +32,9 @@ def example_progress(total: int, desc: str) -> tqdm:
 def log_main(message: str, *args: object) -> None:
     if is_main_process():
         logger.info(message, *args)
+
+
+def warn_main(message: str, *args: object) -> None:
+    """A warning on the `fls_hf` logger from the main process only (once per event, not once per rank)."""
+    if is_main_process():
+        logger.warning(message, *args)

@@ -67,6 +67,7 @@ class Pruner:
         self.curvature_ready = False
         self._fresh_curvature = False
         self.current_target = 0.0
+        self.skipped_steps = 0  # optimizer updates dropped for non-finite gradients (see `non_finite_grads`)
         self.history: list[dict[str, float]] = []
         self.last_diagnostics: dict[str, float] = {}
         log_main("fls_hf: pruning %d layers with method %s", len(self.layers), cfg.method)
@@ -133,12 +134,27 @@ class Pruner:
     def enforce_masks(self) -> None:
         self.masks.apply(self.layers)
 
+    def non_finite_grads(self) -> list[str]:
+        """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""
+        names, finite = [], []
+        for name, adapter in self.layers.items():
+            grads = [p.grad for p in (adapter.weight, adapter.bias) if p is not None and p.grad is not None]
+            if grads:
+                names.append(name)
+                finite.append(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if not finite:
+            return []
+        flags = torch.stack([f.to(finite[0].device) for f in finite]).tolist()
+        return [name for name, ok in zip(names, flags) if not ok]
+
     def logs(self) -> dict[str, float]:
         """Scalars for the Trainer's reporting."""
         out = {"sparsity": self.masks.global_sparsity(), "sparsity_target": self.current_target}
         for key in ("aux_loss", "residual", "aux_steps"):
             if key in self.last_diagnostics:
                 out[f"curvature_{key}"] = self.last_diagnostics[key]
+        if self.skipped_steps:
+            out["skipped_non_finite_steps"] = float(self.skipped_steps)
         return out
 
     # ------------------------------------------------------------------ state
@@ -149,7 +165,7 @@ class Pruner:
         meta = {
             "version": STATE_VERSION, "recipe": self.recipe.to_dict(), "masks": masks["meta"],
             "curvature": provider.get("meta", {}), "curvature_ready": self.curvature_ready,
-            "current_target": self.current_target, "history": self.history,
+            "current_target": self.current_target, "history": self.history, "skipped_steps": self.skipped_steps,
         }
         return tensors, meta
 
@@ -177,6 +193,7 @@ class Pruner:
         for key, value in tensors.items():
             section, _, rest = key.partition("/")
             split.setdefault(section, {})[rest] = value
+        _refuse_non_finite(split["curvature"], directory)
         self.masks.load_state_dict({"tensors": split["masks"], "meta": meta["masks"]})
         for name in self.layers:  # the curvature must keep learning on the surviving weights only
             self.provider.mask(name, self.masks.keep_matrix(name))
@@ -184,4 +201,12 @@ class Pruner:
         self.curvature_ready = bool(meta.get("curvature_ready"))
         self.current_target = float(meta.get("current_target", 0.0))
         self.history = list(meta.get("history", []))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         self.enforce_masks()
+
+
+def _refuse_non_finite(curvature: Mapping[str, torch.Tensor], directory: Path) -> None:
+    """A NaN / inf in saved curvature would silently turn every later saliency into "never prune"."""
+    bad = sorted(k for k, v in curvature.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise PruningStateError(f"pruner state in {directory} holds non-finite curvature values in {bad[:5]}; refusing to load it")

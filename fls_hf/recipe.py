@@ -206,6 +206,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def _parse_yaml(text: str, origin: str) -> Any:
     try:
         return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as error:  # e.g. `!!python/object/apply:os.system`
+        raise RecipeError(
+            f"recipe {origin} uses a YAML tag that is not plain data ({error.problem}); recipes are read with "
+            "yaml.safe_load and never construct Python objects or run code"
+        ) from error
     except yaml.YAMLError as error:
         where = str(error).replace('"<unicode string>"', origin)
         raise RecipeError(f"recipe {origin} is not valid YAML: {where}") from error

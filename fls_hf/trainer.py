@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 from .callback import FishLegPruningCallback
 from .card import write_model_card
 from .errors import RecipeError
-from .export import write_pruning_artifacts
+from .export import write_pruning_artifacts, write_training_args
 from .pruner import Pruner
 from .recipe import PruningRecipe, load_recipe, parse_overrides
 from .report import sparsity_report
@@ -73,12 +73,14 @@ class FishLegPruningTrainer(Trainer):
         return self.pruning_callback.pruner
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Plain HF weights (pruned weights are exact zeros) plus `recipe.yaml` and `sparsity_report.json`."""
+        """Plain HF weights (pruned weights are exact zeros) plus `recipe.yaml`, `sparsity_report.json` and
+        `training_args.json` (a JSON twin of transformers' pickled `training_args.bin`, which fls_hf never loads)."""
         if self.pruner is not None:
             self.pruner.enforce_masks()
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_pruning_artifacts(self.model, self.recipe, output_dir or self.args.output_dir)
+            write_training_args(self.args, output_dir or self.args.output_dir)
 
     def create_model_card(
         self,

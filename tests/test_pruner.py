@@ -37,11 +37,13 @@ def test_state_round_trip_restores_masks_and_curvature(tmp_path):
         assert torch.equal(adapter.weight == 0, ~fresh.masks.keep(name)) or (adapter.weight[~fresh.masks.keep(name)] == 0).all()
 
 
+@pytest.mark.bad_input
 def test_missing_state_is_reported(tmp_path):
     with pytest.raises(PruningStateError, match="no pruner state"):
         Pruner(tiny_bert(), RECIPE).load(tmp_path)
 
 
+@pytest.mark.bad_input
 def test_truncated_state_is_reported(tmp_path):
     _, pruner = pruned()
     pruner.save(tmp_path)
@@ -51,6 +53,7 @@ def test_truncated_state_is_reported(tmp_path):
         Pruner(tiny_bert(), RECIPE).load(tmp_path)
 
 
+@pytest.mark.malicious
 def test_pickled_state_is_refused_and_never_executed(tmp_path):
     _, pruner = pruned()
     pruner.save(tmp_path)
@@ -66,6 +69,7 @@ def test_pickled_state_is_refused_and_never_executed(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.bad_input
 def test_state_for_another_model_shape_is_refused(tmp_path):
     _, pruner = pruned()
     pruner.save(tmp_path)

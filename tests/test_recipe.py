@@ -210,6 +210,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("case", "source", "overrides", "match"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_rejected(case, source, overrides, match):
     with pytest.raises(RecipeError, match=match):
@@ -227,6 +228,7 @@ def test_every_bad_input_is_rejected():
     assert len(rejected) == len(BAD_INPUTS) == 51
 
 
+@pytest.mark.bad_input
 def test_malformed_file_error_names_the_file(tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text("pruning:\n  method: magnitude\n   final_sparsity: 0.5\n")

@@ -33,7 +33,8 @@ from .fisher import FISHER_PRODUCTS, sampled_gradient
 from .likelihoods import Likelihood, likelihood_for
 from .structures import STRUCTURES, build_structure, structure_numel
 
-_BYTES_PER_VALUE = 4 * 4  # fp32 value, its gradient and two Adam moments
+_BYTES_PER_LEARNED_VALUE = 4 * 4  # fp32 value, its gradient and two Adam moments
+_BYTES_PER_FIXED_VALUE = 4  # no aux step ever runs: the gradient and Adam moments are never allocated
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -50,8 +51,9 @@ class FishLegConfig(CurvatureConfig):
     structure: str = field(default="diagonal", metadata={"help": "Q structure per layer: " + " | ".join(STRUCTURES)})
     block_size: int = field(default=32, metadata={"help": "block_diagonal: consecutive weights of a row per block."})
     factor_block_size: int | None = field(default=None, metadata={"help": "kronecker: make R and L block-diagonal with blocks this size (bounds memory for wide layers)."})
-    init: str = field(default="kfac", metadata={"help": "identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD) | kfac (Q from the K-FAC Fisher G ⊗ Ā)."})
-    init_examples: int = field(default=256, metadata={"help": "Examples (sampled labels) for the diagonal or K-FAC warm start."})
+    init: str = field(default="kfac", metadata={"help": "identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD) | kfac (Q from the K-FAC Fisher G ⊗ Ā) | fisher (block_diagonal / diagonal: the structure's blocks of (E[g gᵀ] + γI)⁻¹ from per-example gradients, ≡ oBERT's inverse from the true Fisher)."})
+    init_examples: int = field(default=256, metadata={"help": "Examples (sampled labels) for the diagonal or K-FAC warm start; gradient vectors (examples × classes with init_labels: expected) for init: fisher."})
+    init_labels: str = field(default="sampled", metadata={"help": "init: diagonal / fisher: sampled (labels drawn from the model) | expected (exact true Fisher, one pass per class; classification only)."})
     aux_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the auxiliary loss."})
     aux_lr_schedule: str = field(default="constant", metadata={"help": "constant | linear (decays to 0.1 × aux_lr over warmup_steps)."})
     warmup_steps: int = field(default=100, metadata={"help": "Aux steps before the first pruning step."})
@@ -65,7 +67,10 @@ class FishLegConfig(CurvatureConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("structure", self.structure, STRUCTURES)
-        _check_choice("init", self.init, ("identity", "diagonal", "kfac"))
+        _check_choice("init", self.init, ("identity", "diagonal", "kfac", "fisher"))
+        _check_choice("init_labels", self.init_labels, ("sampled", "expected"))
+        if self.init == "fisher" and self.structure == "kronecker":
+            raise CurvatureError("recipe key `curvature.init` = 'fisher' needs `curvature.structure` block_diagonal or diagonal; kronecker takes 'kfac'")
         _check_choice("aux_lr_schedule", self.aux_lr_schedule, ("constant", "linear"))
         _check_choice("fisher_product", self.fisher_product, tuple(FISHER_PRODUCTS))
         _check_choice("u_sampling", self.u_sampling, ("gaussian", "gradient"))
@@ -129,7 +134,9 @@ class FishLegProvider(CurvatureProvider):
                 self.config.structure, adapter.shape[0], self._width(name),
                 block_size=self.config.block_size, factor_block_size=self.config.factor_block_size,
             )
-        return total * _BYTES_PER_VALUE
+        cfg = self.config
+        learns = cfg.warmup_steps or cfg.refinement_steps or cfg.refine_every
+        return total * (_BYTES_PER_LEARNED_VALUE if learns else _BYTES_PER_FIXED_VALUE)
 
     def memory_bytes(self) -> int:
         return self.estimated_bytes()
@@ -183,6 +190,8 @@ class FishLegProvider(CurvatureProvider):
             self._diagonal_warm_start(model, calibration)
         elif self.steps_done == 0 and self.config.init == "kfac":
             self._kfac_warm_start(model, calibration)
+        elif self.steps_done == 0 and self.config.init == "fisher":
+            self._fisher_warm_start(model, calibration)
         return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
 
     def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
@@ -211,11 +220,31 @@ class FishLegProvider(CurvatureProvider):
             count += next(iter(grads.values())).shape[0]
         means = [sums[name] / max(count, 1) for name in self.structures]
         all_reduce_mean_(means)  # identical Q₀ on every data-parallel rank
+        unusable = []
         for (name, structure), mean in zip(self.structures.items(), means):
+            if not torch.isfinite(mean).all():
+                unusable.append(name)
+                continue
             d = 1.0 / (mean + self.damping)
             if self._models_bias(name):
                 d = torch.cat([d, d.median(dim=1, keepdim=True).values], dim=1)
             structure.init_diagonal(d)
+        self._identity_where_non_finite(unusable)
+
+    def _fisher_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
+        """Q₀ = the structure's row blocks of (γI + (1/m) Σ g gᵀ)⁻¹ from true-Fisher per-example gradients
+        (oBERT's estimate, from the model's own label distribution): FishLeg then refines it."""
+        from .block_fisher import BlockFisherConfig, BlockFisherProvider
+
+        block = self.config.block_size if self.config.structure == "block_diagonal" else 1
+        estimate = BlockFisherProvider(self.layers, BlockFisherConfig(
+            damping=self.damping, block_size=block, num_grads=self.config.init_examples,
+            fisher_labels=self.config.init_labels, seed=self.config.seed,
+        ), self.likelihood)
+        estimate.keep = dict(self.keep)
+        estimate.prepare(model, itertools.cycle(batches))
+        for name, structure in self.structures.items():
+            structure.init_blocks(estimate.inverse.pop(name))
 
     def _kfac_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
         """Q₀ from the K-FAC Fisher G ⊗ Ā of sampled-label passes (see `kfac.py`)."""
@@ -223,11 +252,33 @@ class FishLegProvider(CurvatureProvider):
 
         stats = kronecker_statistics(model, itertools.cycle(batches), self.layers, self.likelihood,
                                      generator=self.generator, max_examples=self.config.init_examples)
+        unusable = []
         for name, structure in self.structures.items():
             a_bar, g = stats[name]
             if not self._models_bias(name):
                 a_bar = a_bar[:-1, :-1]
+            if not (torch.isfinite(a_bar).all() and torch.isfinite(g).all()):
+                unusable.append(name)  # eigh of a NaN factor may not even return
+                continue
             structure.init_kfac(a_bar, g, self.damping)
+        self._identity_where_non_finite(unusable)
+
+    def _identity_where_non_finite(self, unusable: list[str]) -> None:
+        """Q₀ = I/γ (the identity start) for layers whose warm-start statistics or Q₀ are not finite; warned.
+
+        A NaN Q₀ would never recover (every later aux step on that layer is skipped) and would make the
+        layer's saliencies meaningless; I/γ is the safe, magnitude-equivalent start.
+        """
+        broken = {n for n, s in self.structures.items() if not all(torch.isfinite(p).all() for p in s.parameters())}
+        names = sorted(set(unusable) | broken)
+        for name in names:
+            structure = self.structures[name]
+            structure.init_diagonal(torch.full(structure.shape, 1.0 / self.damping, device=self.device(name)))
+        if names:
+            warnings.warn(
+                f"FishLeg warm start (`curvature.init: {self.config.init}`) gave non-finite statistics for "
+                f"{', '.join(names)}; these layers start from Q = I/γ (as `init: identity`)", RuntimeWarning, stacklevel=3,
+            )
 
     def _tangents(self, v: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         tangents: dict[nn.Parameter, torch.Tensor] = {}
@@ -260,7 +311,11 @@ class FishLegProvider(CurvatureProvider):
         return {n: g * keeps[n] * keeps[n].sum().sqrt() / (g * keeps[n]).norm().clamp_min(1e-30) for n, g in grads.items()}
 
     def update(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One aux step on `batch`; returns aux loss, residual ‖(F+γ)Qu − u‖/‖u‖ and steps done."""
+        """One aux step on `batch`; returns aux loss, residual ‖(F+γ)Qu − u‖/‖u‖ and steps done.
+
+        A layer whose Fisher product or λ-gradient is not finite keeps its Q for this step (warned once);
+        the other layers still learn, and the diagnostics cover them only.
+        """
         likelihood = self._resolve_likelihood(model)
         u = self._draw_u(model, batch)
         v = {n: self.structures[n].matvec(u[n]) * self._keep(n) for n in self.layers}
@@ -269,8 +324,7 @@ class FishLegProvider(CurvatureProvider):
         extra = {"generator": self.generator} if self.config.fisher_product == "hvp" else {}
         fv = self._as_matrices(tangents, product(model, batch, tangents, likelihood, **extra))
         r = {n: (fv[n] + self.damping * v[n].detach() - u[n]) * self._keep(n) for n in self.layers}
-        aux_loss = sum(0.5 * (v[n].detach() * (fv[n] + self.damping * v[n].detach())).sum() - (u[n] * v[n].detach()).sum() for n in self.layers)
-        residual = math.sqrt(sum(float(x.pow(2).sum()) for x in r.values()) / max(sum(float(x.pow(2).sum()) for x in u.values()), 1e-30))
+        terms = self._diagnostic_terms(u, v, fv, r)
         if self.config.precondition_aux:
             with torch.no_grad():
                 r = {n: self.structures[n].matvec(r[n]) * self._keep(n) for n in self.layers}
@@ -278,10 +332,12 @@ class FishLegProvider(CurvatureProvider):
         sum((v[n] * r[n]).sum() for n in self.layers).backward()
         grads = [p.grad for p in self._parameters()]
         all_reduce_mean_(grads)
-        diagnostics = {"aux_loss": float(aux_loss), "residual": residual, "aux_steps": float(self.steps_done)}
         bad = self._non_finite_layers(r)
+        good = [n for n in self.layers if n not in bad]
+        diagnostics = self._summarise(terms, good or list(self.layers))
         if bad:
             self._skip(bad)
+        if not good:
             return {**diagnostics, "skipped": 1.0}
         self._set_lr()
         self.optimizer.step()
@@ -289,20 +345,36 @@ class FishLegProvider(CurvatureProvider):
         diagnostics["aux_steps"] = float(self.steps_done)
         return diagnostics
 
+    def _diagnostic_terms(self, u: dict, v: dict, fv: dict, r: dict) -> dict[str, torch.Tensor]:
+        """Per layer, before preconditioning: [½vᵀ(F+γ)v − uᵀv, ‖r‖², ‖u‖²] as a (3,) tensor."""
+        terms = {}
+        for n in self.layers:
+            vd = v[n].detach()
+            aux = 0.5 * (vd * (fv[n] + self.damping * vd)).sum() - (u[n] * vd).sum()
+            terms[n] = torch.stack([aux, r[n].pow(2).sum(), u[n].pow(2).sum()])
+        return terms
+
+    def _summarise(self, terms: dict[str, torch.Tensor], names: list[str]) -> dict[str, float]:
+        aux, rr, uu = sum(terms[n].double().cpu() for n in names).tolist()
+        return {"aux_loss": aux, "residual": math.sqrt(rr / max(uu, 1e-30)), "aux_steps": float(self.steps_done)}
+
     def _non_finite_layers(self, residuals: dict[str, torch.Tensor]) -> list[str]:
-        """Layers whose aux residual or λ-gradient is not finite (the step must not touch Q)."""
+        """Layers whose aux residual or λ-gradient is not finite (the step must not touch their Q)."""
         return [
             n for n, s in self.structures.items()
             if not torch.isfinite(residuals[n]).all() or any(not torch.isfinite(p.grad).all() for p in s.parameters())
         ]
 
     def _skip(self, bad: list[str]) -> None:
+        """Count the step as skipped and drop the bad layers' λ-gradients: Adam leaves gradient-less parameters alone."""
         self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=False)
+        for name in bad:
+            for param in self.structures[name].parameters():
+                param.grad = None
         key = ",".join(bad)
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"FishLeg aux step skipped: non-finite values in {', '.join(bad)}; keeping the last good Q", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"FishLeg aux step skipped for {', '.join(bad)}: non-finite values; keeping their last good Q", RuntimeWarning, stacklevel=3)
 
     def _set_lr(self) -> None:
         lr = self.config.aux_lr

@@ -86,6 +86,11 @@ def kronecker_statistics(
             bar.update(n)
     if examples == 0:
         raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
+    if tokens == 0:
+        raise CurvatureError(
+            "calibration batches hold no real token (every `attention_mask` entry is 0): K-FAC statistics "
+            "(`curvature.init: kfac`) need unpadded tokens"
+        )
     flat = [t for pair in sums.values() for t in pair]
     scale = [1.0 / tokens, 1.0 / examples] * len(sums)
     for t, s in zip(flat, scale):

@@ -58,6 +58,9 @@ class Categorical(Likelihood):
 
     def sample(self, logits, generator=None):
         p = _for_generator(torch.softmax(logits.float(), dim=-1), generator)
+        # A non-finite row (overflowing activations) would make multinomial raise; its label is meaningless
+        # anyway, and the non-finite statistics that row leads to are caught downstream.
+        p = torch.where(torch.isfinite(p).all(-1, keepdim=True), p, torch.ones_like(p))
         flat = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator)
         return flat.reshape(p.shape[:-1]).to(logits.device)
 
@@ -76,7 +79,7 @@ class Bernoulli(Likelihood):
         return s * (1 - s) * tangent * _scale(valid)
 
     def sample(self, logits, generator=None):
-        probs = _for_generator(torch.sigmoid(logits.float()), generator)
+        probs = _for_generator(torch.sigmoid(logits.float()), generator).nan_to_num(0.5)  # see Categorical.sample
         return torch.bernoulli(probs, generator=generator).to(logits.device)
 
     def nll(self, logits, labels, valid):

@@ -12,7 +12,8 @@ bias column for structures that model the bias — and is PSD by construction:
 - `DiagonalQ`: Q = diag(exp(2s)).
 
 `init_diagonal(d)` sets Q = diag(d) (d > 0), e.g. d = 1/γ (FLS ≡ magnitude pruning before any aux
-step) or d = 1/(E[g²] + γ) (≡ OBD).
+step) or d = 1/(E[g²] + γ) (≡ OBD); `init_blocks` (block_diagonal, diagonal) starts from row blocks of a
+per-example-gradient Fisher inverse (≡ oBERT's, from the true Fisher).
 """
 
 from __future__ import annotations
@@ -169,8 +170,19 @@ class BlockDiagonalQ(nn.Module):
     @torch.no_grad()
     def init_kfac(self, a_bar: torch.Tensor, g: torch.Tensor, damping: float) -> None:
         """Q_b = (G_ii Ā_JJ + γI)⁻¹: the K-FAC Fisher's within-row blocks, inverted exactly."""
-        self.C.copy_(_kfac_blocks_inverse_sqrt(a_bar, g, damping, self.shape[1], self.block_size))
-        self.log_s.zero_()
+        self._set_factor(_kfac_blocks_inverse_sqrt(a_bar, g, damping, self.shape[1], self.block_size))
+
+    @torch.no_grad()
+    def init_blocks(self, blocks: torch.Tensor) -> None:
+        """Q_b = the given PD blocks (nblocks, B, B) in this structure's row-block layout."""
+        self._set_factor(torch.linalg.cholesky(blocks.double()).float())
+
+    def _set_factor(self, c: torch.Tensor) -> None:
+        """Q_b = c cᵀ stored scale-free: S = √diag(c cᵀ) and C = S⁻¹c (unit-norm rows), so that Adam's
+        absolute steps on C are relative changes of Q whatever the Fisher's scale (raw C entries ~ γ^-½)."""
+        norms = c.pow(2).sum(-1).clamp_min(1e-30)
+        self.C.copy_(c * norms.rsqrt()[..., None])
+        self.log_s.copy_(0.5 * norms.log())
 
     @torch.no_grad()
     def init_diagonal(self, d: torch.Tensor) -> None:
@@ -209,6 +221,11 @@ class DiagonalQ(nn.Module):
     @torch.no_grad()
     def init_diagonal(self, d: torch.Tensor) -> None:
         self.log_s.copy_(0.5 * d.log())
+
+    @torch.no_grad()
+    def init_blocks(self, blocks: torch.Tensor) -> None:
+        """Q = the diagonal of the given row blocks (nblocks, B, B), padding dropped."""
+        self.init_diagonal(from_row_blocks(blocks.diagonal(dim1=-2, dim2=-1), self.shape))
 
     @torch.no_grad()
     def init_kfac(self, a_bar: torch.Tensor, g: torch.Tensor, damping: float) -> None:

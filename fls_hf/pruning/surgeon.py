@@ -157,7 +157,9 @@ def prune_step(
     names = sorted(layers)
     old_keep = {n: masks.keep_matrix(n) for n in names}
     weights = {n: layers[n].weight_matrix() for n in names}
-    saliency = {n: obs_saliency(weights[n], provider.diag(n)) for n in names}
+    diags = {n: provider.diag(n) for n in names}
+    broken = _non_finite_curvature(diags)
+    saliency = {n: obs_saliency(weights[n], diags[n]) for n in names}
     new_keep = select_pruned(
         saliency, old_keep, target, pattern,
         global_scope=global_scope, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
@@ -165,12 +167,28 @@ def prune_step(
     report: dict[str, dict[str, float | int]] = {}
     for n in names:
         pruned_now = old_keep[n] & ~new_keep[n]
-        new_weight = _compensated(provider, n, weights[n], new_keep[n], pruned_now, compensation, block_size)
+        method = "none" if n in broken else compensation
+        new_weight = _compensated(provider, n, weights[n], new_keep[n], pruned_now, method, block_size)
         _write(layers[n], new_weight)
         masks.set(n, new_keep[n])
         provider.mask(n, new_keep[n])
         report[n] = {"sparsity": masks.sparsity(n), "pruned_now": int(pruned_now.sum())}
     return report
+
+
+def _non_finite_curvature(diags: Mapping[str, torch.Tensor]) -> set[str]:
+    """Modules whose diag Q holds NaN / inf (warned): pruned without compensation, their bad entries last."""
+    broken = set()
+    for name, diag in diags.items():
+        bad = int((~torch.isfinite(diag)).sum())
+        if bad:
+            broken.add(name)
+            warnings.warn(
+                f"module `{name}`: diag Q is not finite at {bad} of {diag.numel()} weights; those count as most "
+                "salient (pruned last) and this layer is pruned without compensation (check its curvature estimate "
+                "and `curvature.damping`)", RuntimeWarning, stacklevel=3,
+            )
+    return broken
 
 
 def _compensated(

@@ -138,6 +138,15 @@ def test_memory_budget_names_the_knob():
         make_provider(net, structure="block_diagonal", max_memory_gib=1e-9)
 
 
+def test_memory_estimate_counts_adam_state_only_when_q_learns():
+    """B = 6 blocks on a 3 × 6 layer: 3 · (36 + 6) values; ×16 bytes with aux steps, ×4 without."""
+    net, _, _ = kronecker_problem()
+    learning = make_provider(net, structure="block_diagonal", block_size=N_IN, warmup_steps=1)
+    fixed = make_provider(net, structure="block_diagonal", block_size=N_IN, refinement_steps=0)
+    assert learning.estimated_bytes() == 3 * 42 * 16
+    assert fixed.estimated_bytes() == 3 * 42 * 4
+
+
 def test_unsupported_targeted_module_is_refused():
     model = tiny_bert()
     with pytest.raises(UnsupportedModuleError, match="LayerNorm"):
@@ -175,3 +184,32 @@ def test_gradient_direction_u_on_tiny_bert():
         assert vec.pow(2).mean().item() == pytest.approx(float(provider._keep(name).mean()), rel=0.3)
     assert (u["bert.encoder.layer.0.attention.self.query"][:, :4] == 0).all()
     assert provider.update(model, batch)["aux_steps"] == 1.0
+
+
+@pytest.mark.parametrize("structure", ["block_diagonal", "diagonal"])
+def test_fisher_init_is_the_exact_true_fisher_block_inverse(structure):
+    """init: fisher, init_labels: expected on a linear softmax classifier: Q₀'s row blocks equal
+    (γI + (1/n) Σ_n H_n,ii x_n x_nᵀ)⁻¹ with H_n = diag p_n − p_n p_nᵀ (diagonal: 1 / the blocks' diagonal, OBD)."""
+    from fls_hf.curvature.likelihoods import Categorical
+
+    torch.manual_seed(0)
+    net = LinearNet()
+    x = torch.randn(8, N_IN)
+    config = FishLegConfig(damping=GAMMA, init="fisher", init_labels="expected", init_examples=8 * N_OUT,
+                           warmup_steps=0, structure=structure, block_size=N_IN)
+    provider = FishLegProvider({"lin": adapter_for("lin", net.lin)}, config, likelihood=Categorical())
+    provider.prepare(net, [{"x": x}])
+
+    with torch.no_grad():
+        p = torch.softmax(net(x), -1)
+    blocks = []
+    for i in range(N_OUT):
+        h = p[:, i] * (1 - p[:, i])
+        fisher = (h[:, None, None] * x[:, :, None] * x[:, None, :]).mean(0) + GAMMA * torch.eye(N_IN)
+        blocks.append(torch.linalg.inv(fisher) if structure == "block_diagonal" else torch.diag(1 / torch.diagonal(fisher)))
+    torch.testing.assert_close(explicit_q(provider), torch.block_diag(*blocks), rtol=1e-4, atol=1e-4)
+
+
+def test_fisher_init_refuses_the_kronecker_structure():
+    with pytest.raises(CurvatureError, match="`curvature.init` = 'fisher'.*kronecker"):
+        FishLegConfig(structure="kronecker", init="fisher")
