@@ -106,7 +106,7 @@ class Pruner:
             prune_step(
                 self.provider, self.layers, self.masks, sub_target, self.pattern,
                 global_scope=cfg.global_sparsity, compensation=cfg.compensation, block_size=cfg.obs_block_size,
-                min_sparsity=cfg.min_layer_sparsity, max_sparsity=cfg.max_layer_sparsity,
+                min_sparsity=cfg.min_layer_sparsity, max_sparsity=cfg.max_layer_sparsity, saliency=cfg.saliency,
             )
             self.current_target = sub_target
         check_same_on_all_ranks(self.masks.digest(), "pruning masks")

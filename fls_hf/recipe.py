@@ -29,7 +29,7 @@ from .errors import CurvatureError, RecipeError
 SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("block", "independent", "none")
-SALIENCIES = ("obs",)  # OBD-style saliency from a structured Fisher diagonal: see issue 9
+SALIENCIES = ("obs", "obd")
 _N_OF_M = re.compile(r"([0-9]+):([0-9]+)")
 
 
@@ -53,7 +53,7 @@ class PruningConfig:
     max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper bound on each layer's sparsity under global ranking."})
     compensation: str = field(default="block", metadata={"help": "Weight update after pruning: block (joint OBS within blocks) | independent | none."})
     obs_block_size: int = field(default=50, metadata={"help": "Consecutive weights of a row treated jointly by block compensation."})
-    saliency: str = field(default="obs", metadata={"help": "obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency (the only one implemented so far)."})
+    saliency: str = field(default="obs", metadata={"help": "obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal read off Q's blocks of obs_block_size (others held fixed)."})
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "pruning")

@@ -193,7 +193,7 @@ BAD_INPUTS = [
     ("mask type typo", _p(mask_type="2-4"), None, r"`pruning\.mask_type` = '2-4' is not allowed"),
     ("bad inter_func", _p(inter_func="quadratic"), None, r"`pruning\.inter_func` = 'quadratic' is not allowed: expected one of cubic, linear"),
     ("bad compensation", _p(compensation="joint"), None, r"`pruning\.compensation` = 'joint' is not allowed: expected one of block, independent, none"),
-    ("bad saliency", _p(saliency="wanda"), None, r"`pruning\.saliency` = 'wanda' is not allowed: expected one of obs"),
+    ("bad saliency", _p(saliency="wanda"), None, r"`pruning\.saliency` = 'wanda' is not allowed: expected one of obs, obd"),
     ("bad target regex", _p(targets=["re:(query"]), None, r"`pruning\.targets` = \['re:\(query'\] has 're:\(query', which is neither"),
     ("empty ignore name", _p(ignore=[""]), None, r"`pruning\.ignore` = \[''\] has ''"),
     ("unknown method", _p(method="obs_magic"), None, r"`pruning\.method` = 'obs_magic' is unknown; registered: .*magnitude"),

@@ -2,8 +2,10 @@
 
 With Q ≈ (F + γI)⁻¹ over one layer's weights (the (rows, cols) matrix view of its adapter):
 
-- saliency of weight q: ρ_q = w_q² / (2 Q_qq), the loss increase of removing q alone and letting
-  the others move optimally under the quadratic model;
+- saliency of weight q: ρ_q = w_q² / (2 Q_qq) (`obs`), the loss increase of removing q alone and letting
+  the others move optimally under the quadratic model; or ρ_q = ½ w_q² [Q_b⁻¹]_qq (`obd`), the increase
+  if the others stay put, with the Fisher diagonal read off Q's row blocks (for a diagonal Q both agree;
+  for a K-FAC-started block Q it is the Kronecker Fisher diagonal G_ii Ā_jj + γ);
 - independent compensation for a pruned set P (one Q·v product): δW = −Q(1_P ⊙ W / diag Q), exact
   for a single weight, an approximation that ignores interactions inside P otherwise;
 - joint block compensation (oBERT-style, blocks of B consecutive weights of a row):
@@ -27,6 +29,7 @@ from .masks import MaskSet
 from .patterns import MaskPattern, parse_mask_type, select_pruned
 
 COMPENSATIONS = ("block", "independent", "none")
+SALIENCIES = ("obs", "obd")
 DIAG_FLOOR = 1e-12  # diag Q is positive by contract; the floor only keeps 1 / diag Q finite
 _JITTERS = (1e-8, 1e-6, 1e-4, 1e-2)  # relative to the block's mean pruned diagonal, tried in order
 
@@ -55,6 +58,22 @@ def obs_saliency(weight: torch.Tensor, diag_q: torch.Tensor) -> torch.Tensor:
     saliency = weight.to(diag.dtype).square() / (2 * diag)
     largest = torch.finfo(diag.dtype).max
     return torch.nan_to_num(saliency, nan=largest, posinf=largest)
+
+
+def obd_saliency(weight: torch.Tensor, q_blocks: torch.Tensor) -> torch.Tensor:
+    """ρ = ½ W² · diag(Q_b⁻¹) per row block (`q_blocks` as `provider.blocks(name, B)`, padding zeroed).
+
+    Blocks whose Cholesky fails fall back to 1 / diag Q (the OBS saliency) for their weights.
+    """
+    q = q_blocks.double()
+    diag = q.diagonal(dim1=-2, dim2=-1)
+    padded = diag == 0  # padding (and only padding) has a zero diagonal: Q is positive definite
+    factor, info = torch.linalg.cholesky_ex(q + torch.diag_embed(padded.double()))
+    inverse_diag = torch.cholesky_inverse(factor).diagonal(dim1=-2, dim2=-1)
+    fallback = (info != 0)[:, None] | ~torch.isfinite(inverse_diag)
+    inverse_diag = torch.where(fallback, 1.0 / diag.clamp_min(DIAG_FLOOR), inverse_diag)
+    fisher_diag = from_row_blocks(inverse_diag, tuple(weight.shape)).to(_compute_dtype(weight.dtype))
+    return obs_saliency(weight, 1.0 / fisher_diag)
 
 
 def independent_compensation(
@@ -141,8 +160,9 @@ def prune_step(
     block_size: int = 50,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    saliency: str = "obs",
 ) -> dict[str, dict[str, float | int]]:
-    """Prune every layer to `target` (see `select_pruned`) with OBS saliencies and compensation.
+    """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation.
 
     Updates the module weights (in their dtype), `masks` (in place) and the provider's mask.
 
@@ -151,6 +171,8 @@ def prune_step(
     """
     if compensation not in COMPENSATIONS:
         raise RecipeError(f"recipe key `pruning.compensation` = {compensation!r}; allowed: {', '.join(COMPENSATIONS)}")
+    if saliency not in SALIENCIES:
+        raise RecipeError(f"recipe key `pruning.saliency` = {saliency!r}; allowed: {', '.join(SALIENCIES)}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise RecipeError(f"recipe key `pruning.block_size` = {block_size!r} must be an integer >= 1")
     pattern = parse_mask_type(pattern)
@@ -159,9 +181,12 @@ def prune_step(
     weights = {n: layers[n].weight_matrix() for n in names}
     diags = {n: provider.diag(n) for n in names}
     broken = _non_finite_curvature(diags)
-    saliency = {n: obs_saliency(weights[n], diags[n]) for n in names}
+    scores = {
+        n: obd_saliency(weights[n], provider.blocks(n, block_size)) if saliency == "obd" and n not in broken
+        else obs_saliency(weights[n], diags[n]) for n in names
+    }
     new_keep = select_pruned(
-        saliency, old_keep, target, pattern,
+        scores, old_keep, target, pattern,
         global_scope=global_scope, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
     )
     report: dict[str, dict[str, float | int]] = {}

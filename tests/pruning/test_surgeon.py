@@ -13,7 +13,8 @@ from fls_hf.curvature.magnitude import MagnitudeProvider
 from fls_hf.errors import RecipeError
 from fls_hf.pruning.masks import MaskSet
 from fls_hf.pruning.patterns import MaskPattern
-from fls_hf.pruning.surgeon import independent_compensation, joint_block_compensation, obs_saliency, prune_step
+from fls_hf.pruning.surgeon import (independent_compensation, joint_block_compensation, obd_saliency, obs_saliency,
+                                   prune_step)
 
 
 class ExplicitProvider(CurvatureProvider):
@@ -221,3 +222,28 @@ def test_bad_options(kwargs, match):
     layers = mixed_layers()
     with pytest.raises(RecipeError, match=match):
         prune_step(MagnitudeProvider(layers, CurvatureConfig()), layers, MaskSet.dense(layers), 0.5, "unstructured", **kwargs)
+
+
+def test_obd_saliency_is_the_cost_of_zeroing_one_weight_with_the_others_fixed():
+    """Q = F⁻¹ with F block-diagonal in row blocks of 3 (cols 5: the second block is padded): removing q
+    alone without compensation costs ½ w_q² F_qq exactly, which `saliency: obd` reads off Q's blocks."""
+    layers, provider, w, loss = quadratic_problem((2, 5), block_sizes=[3, 2, 3, 2])
+    saliency = obd_saliency(w, provider.blocks("layer", 3))
+    for q in range(10):
+        zeroed = w.clone().view(-1)
+        zeroed[q] = 0
+        assert loss(zeroed.view(2, 5)) == pytest.approx(float(saliency.view(-1)[q]), rel=1e-9)
+
+
+def test_prune_step_with_obd_saliency_removes_the_cheapest_weight_to_zero():
+    layers, provider, w, loss = quadratic_problem((2, 5), block_sizes=[3, 2, 3, 2])
+    costs = []
+    for q in range(10):
+        zeroed = w.clone().view(-1)
+        zeroed[q] = 0
+        costs.append(loss(zeroed.view(2, 5)))
+    masks = MaskSet.dense(layers)
+    prune_step(provider, layers, masks, 0.1, "unstructured", compensation="none", block_size=3, saliency="obd")
+    assert (~masks.keep("layer")).view(-1).nonzero().squeeze(1).tolist() == [min(range(10), key=costs.__getitem__)]
+    with pytest.raises(RecipeError, match="`pruning.saliency` = 'wanda'"):
+        prune_step(provider, layers, masks, 0.2, "unstructured", saliency="wanda")
