@@ -1,0 +1,63 @@
+"""B3 (a) smoke test: benchmarks/fashion_autoencoder.py --quick on the Debian Fashion-MNIST files, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import fashion_data  # noqa: E402
+
+needs_data = pytest.mark.skipif(
+    not fashion_data.available(),
+    reason=f"Fashion-MNIST idx files not in {fashion_data.data_dir()}: `apt-get install -y dataset-fashion-mnist` (.ci/run does)",
+)
+
+
+def test_read_idx_round_trip(tmp_path):
+    """The idx parser reads back what the format says, and refuses a truncated file."""
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 0x08, 3]) + np.array([2, 3, 4], dtype=">i4").tobytes()
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(header + pixels.tobytes())
+    assert np.array_equal(fashion_data.read_idx(path), pixels)
+    path.write_bytes(header + pixels.tobytes()[:-1])
+    with pytest.raises(ValueError, match="data bytes"):
+        fashion_data.read_idx(path)
+
+
+@needs_data
+def test_splits_shapes_and_range():
+    data = fashion_data.splits(validation=5000, seed=0)
+    assert {k: v.shape for k, v in data.items()} == {"train": (55000, 784), "validation": (5000, 784), "test": (10000, 784)}
+    assert all(v.dtype == np.float32 and v.min() >= 0 and v.max() <= 1 for v in data.values())
+
+
+@needs_data
+@pytest.mark.slow
+def test_quick_benchmark_writes_finite_monotone_losses(tmp_path):
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "fashion_autoencoder.py"), "--quick", "--output", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert math.isfinite(report["dense"]["test"]) and report["dense"]["test"] > 0
+    rows = {row["method"]: row for row in report["methods"]}
+    assert "magnitude" in rows and any(name.startswith("fls-diag") for name in rows)
+    for row in rows.values():
+        assert set(row["results"]) == {"0.5", "0.9"}
+        for target, measured in row["results"].items():
+            assert math.isfinite(measured["test"]) and math.isfinite(measured["validation"])
+            assert measured["sparsity"] == pytest.approx(float(target), abs=1e-3)
+    magnitude = rows["magnitude"]["results"]
+    assert magnitude["0.9"]["test"] >= magnitude["0.5"]["test"]
