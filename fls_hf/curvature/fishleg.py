@@ -245,6 +245,7 @@ class FishLegProvider(CurvatureProvider):
         estimate.prepare(model, itertools.cycle(batches))
         for name, structure in self.structures.items():
             structure.init_blocks(estimate.inverse.pop(name))
+        self._identity_where_non_finite([])  # a block the Cholesky factor could not represent
 
     def _kfac_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
         """Q₀ from the K-FAC Fisher G ⊗ Ā of sampled-label passes (see `kfac.py`)."""
