@@ -102,11 +102,12 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
     estimator_model = copy.deepcopy(dense)
     estimator = Pruner(estimator_model, cfg)
     start = time.time()
-    estimator.provider.prepare(estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
+    diagnostics = estimator.provider.prepare(estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
     curvature_s = time.time() - start
     state = estimator.provider.state_dict()
+    # FishLeg: aux loss and residual ‖(F+γ)Qu − u‖/‖u‖ of the last warm-up step; baselines: examples used
     row = {"method": name, "recipe": cfg, "curvature_seconds": curvature_s,
-           "curvature_gib": estimator.provider.memory_bytes() / 2**30, "results": {}}
+           "curvature_gib": estimator.provider.memory_bytes() / 2**30, "curvature_diagnostics": diagnostics, "results": {}}
     del estimator, estimator_model
     for sparsity in sparsities:
         model = copy.deepcopy(dense)
