@@ -25,11 +25,10 @@ import yaml
 
 from .curvature.base import CurvatureConfig, config_class_for
 from .errors import CurvatureError, RecipeError
+from .pruning.surgeon import COMPENSATIONS, SALIENCIES  # one list of choices: the surgeon's
 
 SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
-COMPENSATIONS = ("block", "independent", "none")
-SALIENCIES = ("obs", "obd")
 _N_OF_M = re.compile(r"([0-9]+):([0-9]+)")
 
 

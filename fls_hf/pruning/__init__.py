@@ -3,7 +3,7 @@
 from .masks import MaskSet
 from .patterns import MaskPattern, parse_mask_type, select_pruned
 from .schedule import SparsitySchedule, recomputation_targets
-from .surgeon import independent_compensation, joint_block_compensation, obs_saliency, prune_step
+from .surgeon import independent_compensation, joint_block_compensation, obd_saliency, obs_saliency, prune_step
 
 __all__ = [
     "MaskPattern",
@@ -11,6 +11,7 @@ __all__ = [
     "SparsitySchedule",
     "independent_compensation",
     "joint_block_compensation",
+    "obd_saliency",
     "obs_saliency",
     "parse_mask_type",
     "prune_step",
