@@ -33,23 +33,15 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # 
 from fls_hf import FishLegPruningTrainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TARGETS = minilm.ENCODER_TARGETS
-
-
-def _recipe(method: str, curvature: dict, **pruning) -> dict:
-    return {"pruning": {"method": method, "targets": TARGETS, "ignore": [], "global_sparsity": True,
-                        "max_layer_sparsity": 0.98, "mask_type": "unstructured", "inter_func": "cubic", **pruning},
-            "curvature": curvature}
-
 
 # Same schedule for all; per-method curvature settings from the one-shot benchmark's validation scans.
 METHODS = {
     "finetune": None,
-    "gmp": _recipe("magnitude", {}, compensation="none"),
-    "obd": _recipe("diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
-    "obert": _recipe("block_fisher", {"num_grads": 256, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
-    "fls": _recipe("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 256, "damping": 1e-6,
-                               "warmup_steps": 10, "refinement_steps": 5, "aux_lr": 1e-3}, compensation="none"),
+    "gmp": minilm.recipe("magnitude", {}, compensation="none"),
+    "obd": minilm.recipe("diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
+    "obert": minilm.recipe("block_fisher", {"num_grads": 256, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
+    "fls": minilm.recipe("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 256, "damping": 1e-6,
+                                     "warmup_steps": 10, "refinement_steps": 5, "aux_lr": 1e-3}, compensation="none"),
 }
 
 
@@ -60,7 +52,7 @@ def schedule(steps: int, sparsity: float, mask_type: str) -> dict:
     """Prune from step 0 to 60 % of the run (7 pruning steps), recover for the last 40 %."""
     end = max(int(0.6 * steps), 1)
     return {"init_sparsity": min(0.3, sparsity), "final_sparsity": sparsity, "start_step": 0, "end_step": end,
-            "update_frequency": max(end // 6, 1), "mask_type": mask_type}
+            "update_frequency": max(end // 6, 1), "inter_func": "cubic", "mask_type": mask_type}
 
 
 def run_single(args) -> dict:

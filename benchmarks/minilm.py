@@ -28,6 +28,13 @@ MAX_LENGTH = 64
 ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
 
 
+def recipe(method: str, curvature: dict, **pruning) -> dict:
+    """A recipe dict pruning the encoder linears with one global threshold (each layer at most 98 %)."""
+    return {"pruning": {"method": method, "targets": ENCODER_TARGETS, "ignore": [], "global_sparsity": True,
+                        "max_layer_sparsity": 0.98, **pruning},
+            "curvature": curvature}
+
+
 def tokenizer():
     return AutoTokenizer.from_pretrained(default_model_path())
 

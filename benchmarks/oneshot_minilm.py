@@ -28,13 +28,7 @@ from fls_hf.pruner import Pruner  # noqa: E402
 from fls_hf.calibration import CalibrationStream  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def method(name: str, curvature: dict, **pruning) -> dict:
-    return {"pruning": {"method": name, "targets": minilm.ENCODER_TARGETS, "ignore": [], "global_sparsity": True,
-                        "max_layer_sparsity": 0.98, **pruning},
-            "curvature": curvature}
-
+method = minilm.recipe  # every method prunes the encoder linears with one global threshold
 
 GRADS = 1024
 METHODS = {
