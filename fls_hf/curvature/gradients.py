@@ -7,15 +7,17 @@ the example's valid positions (attention mask, `-100` labels), for sequence outp
 
 (an example with no valid position has ℓ_n = 0, g_n = 0, and still counts as an example).
 
-Linear and GPT-2 Conv1D layers get every g_n from ONE forward/backward of the batch: a forward hook
-keeps the layer input a_n,t, a tensor hook on the output receives δ_n,t = ∂L/∂out_n,t for the SUMMED
-loss L = Σ_n ℓ_n (so δ_n,t = ∂ℓ_n/∂out_n,t in eval mode, where examples do not interact), and
+Linear, GPT-2 Conv1D and plain Conv2d layers get every g_n from ONE forward/backward of the batch: a
+forward hook keeps the layer input a_n,t, a tensor hook on the output receives δ_n,t = ∂L/∂out_n,t for
+the SUMMED loss L = Σ_n ℓ_n (so δ_n,t = ∂ℓ_n/∂out_n,t in eval mode, where examples do not interact), and
 
     g_n = Σ_t δ_n,tᵀ a_n,t           (einsum over positions, summed over repeated calls).
 
-Conv2d, weights shared with another module (tied embeddings) and layers whose input does not lead
-with the batch dimension fall back to a loop of batch-size-1 `torch.autograd.grad`. `param.grad` is
-never touched, so a Trainer's live gradients stay intact.
+For a Conv2d, t runs over output positions: a_n,t is the input patch under t (im2col, `patches.py`).
+Convs that are not plain (groups > 1, non-zero padding modes, overridden forwards), weights shared
+with another module (tied embeddings) and layers whose input does not lead with the batch dimension
+fall back to a loop of batch-size-1 `torch.autograd.grad`. `param.grad` is never touched, so a
+Trainer's live gradients stay intact.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .adapters import Conv1D, LayerAdapter
 from .base import CurvatureConfig, CurvatureProvider
 from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from .likelihoods import Likelihood, likelihood_for
+from .patches import conv_output_rows, conv_patches, plain_conv
 
 FISHER_LABELS = ("empirical", "sampled", "expected")
 MAX_EXPECTED_CLASSES = 64  # `expected` costs one backward pass per class
@@ -109,13 +112,16 @@ def _capture(layers: Mapping[str, LayerAdapter], size: int) -> Iterator[tuple[di
     def forward_hook(name: str):
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             a = inputs[0]
-            if a.shape[0] != size or not output.requires_grad:
+            conv = isinstance(module, nn.Conv2d)
+            if a.shape[0] != size or not output.requires_grad or (conv and a.dim() != 4):  # conv: 3-d is unbatched
                 misfits.add(name)
                 return
-            a = a.detach().reshape(size, -1, a.shape[-1]).float()
+            # a conv's patches (kh·kw times its input) are unfolded only when its δ arrives, one layer at a time
+            a = a.detach() if conv else a.detach().reshape(size, -1, a.shape[-1]).float()
 
             def on_grad(delta: torch.Tensor) -> None:
-                g = torch.einsum("bto,bti->boi", delta.reshape(size, -1, delta.shape[-1]).float(), a)
+                rows = conv_output_rows(delta) if conv else delta.reshape(size, -1, delta.shape[-1]).float()
+                g = torch.einsum("bto,bti->boi", rows, conv_patches(module, a) if conv else a)
                 sums[name] = sums[name] + g if name in sums else g
 
             output.register_hook(on_grad)
@@ -136,6 +142,15 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     return {k for k, count in seen.items() if count > 1}
+
+
+def hooked_layers(model: nn.Module, layers: Mapping[str, LayerAdapter]) -> set[str]:
+    """Layers whose per-example gradients come from the one hooked pass (the rest loop; see the module doc)."""
+    shared = _shared_weight_ids(unwrap(model))
+    return {
+        n for n, a in layers.items()
+        if (isinstance(a.module, _HOOKABLE) or plain_conv(a.module)) and id(a.weight) not in shared
+    }
 
 
 def _batch_gradients(
@@ -199,8 +214,7 @@ def per_example_gradients(
     if labels not in FISHER_LABELS:
         raise CurvatureError(f"recipe key `curvature.fisher_labels` = {labels!r}; allowed: {', '.join(FISHER_LABELS)}")
     model = unwrap(model)
-    shared = _shared_weight_ids(model)
-    hookable = {n for n, a in layers.items() if isinstance(a.module, _HOOKABLE) and id(a.weight) not in shared}
+    hookable = hooked_layers(model, layers)
     iterator, seen = iter(batches), 0
     while max_examples is None or seen < max_examples:
         batch = next(iterator, None)

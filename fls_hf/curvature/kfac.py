@@ -3,10 +3,14 @@
 For a linear map with inputs a_t and output gradients δ_t at token positions t, the per-example
 gradient is g = Σ_t δ_t a_tᵀ. K-FAC treats δ and a as independent and tokens as uncorrelated:
 
-    F ≈ G ⊗ Ā,   G = E_n[Σ_t δ_nt δ_ntᵀ],   Ā = E_{n,t}[ā ā ᵀ]  (ā = [a; 1] when the layer has a bias),
+    F ≈ G ⊗ Ā,   G = E_n[Σ_t δ_nt δ_ntᵀ],   Ā = E_{n,t}[ā āᵀ]  (ā = [a; 1]),
 
-with labels sampled from the model (true Fisher). Only diag G (rows,) and Ā ((cols+1)²) are kept:
-the FishLeg structures need no more (diagonal: G_ii Ā_jj; within-row blocks: G_ii Ā_JJ).
+with labels sampled from the model (true Fisher). Ā always carries the ones column, whether or not
+the layer has a bias; structures that do not model the bias drop it. Only diag G (rows,) and Ā
+((cols+1)²) are kept: the FishLeg structures need no more (diagonal: G_ii Ā_jj; within-row blocks:
+G_ii Ā_JJ). Linear and GPT-2 Conv1D layers use their token positions; a plain Conv2d (groups=1, zero
+padding) is the same map at every output position, with a_t the input patch under t (im2col,
+`patches.py`; "KFC", Grosse & Martens 2016): its positions are all real, whatever the attention mask.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..progress import example_progress
 from .adapters import Conv1DAdapter, LayerAdapter
 from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from .likelihoods import Likelihood
+from .patches import conv_obstacle, conv_output_rows, conv_patches
 
 
 @contextlib.contextmanager
@@ -39,8 +44,14 @@ def _capture(layers: Mapping[str, LayerAdapter], store: dict[str, dict[str, torc
 
     try:
         for name, adapter in layers.items():
-            if not isinstance(adapter.module, nn.Linear) and not isinstance(adapter, Conv1DAdapter):
-                raise CurvatureError(f"`curvature.init: kfac` supports Linear and Conv1D layers; `{name}` is {type(adapter.module).__name__}")
+            module = adapter.module
+            if isinstance(module, nn.Conv2d) and conv_obstacle(module) is not None:
+                raise CurvatureError(
+                    f"`curvature.init: kfac` supports plain Conv2d layers only (groups=1, padding_mode='zeros'); `{name}` has "
+                    f"{conv_obstacle(module)}: use another `curvature.init` or add it to `pruning.ignore`"
+                )
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(adapter, Conv1DAdapter):
+                raise CurvatureError(f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}")
             handles.append(adapter.module.register_forward_hook(forward_hook(name)))
         yield
     finally:
@@ -61,7 +72,7 @@ def kronecker_statistics(
     model = unwrap(model)
     device = model_device(model)
     sums = {n: [torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device), torch.zeros(a.shape[0], device=device)] for n, a in layers.items()}
-    examples, tokens = 0, 0.0
+    examples, tokens = 0, dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
     store: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
     params = [a.weight for a in layers.values()]
     bar = example_progress(max_examples, "K-FAC statistics")
@@ -75,34 +86,46 @@ def kronecker_statistics(
             n = logits.shape[0]
             # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
             torch.autograd.grad(likelihood.nll(logits, labels, valid) * n, params, allow_unused=True)
-            token_mask = _token_mask(batch, store[next(iter(layers))]["a"], device)
-            tokens += float(token_mask.sum())
-            for name in layers:
-                a, d = store[name]["a"].float(), store[name]["d"].float()
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[token_mask]
+            for name, adapter in layers.items():
+                a, d = _rows(adapter.module, store[name]["a"], store[name]["d"])
+                mask = _token_mask(batch, a, device, conv=isinstance(adapter.module, nn.Conv2d))
+                tokens[name] += float(mask.sum())
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
                 sums[name][0] += a.T @ a
                 sums[name][1] += d.pow(2).reshape(-1, d.shape[-1]).sum(0)
             examples += n
             bar.update(n)
     if examples == 0:
         raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
-    if tokens == 0:
+    if any(count == 0 for count in tokens.values()):
         raise CurvatureError(
             "calibration batches hold no real token (every `attention_mask` entry is 0): K-FAC statistics "
             "(`curvature.init: kfac`) need unpadded tokens"
         )
     flat = [t for pair in sums.values() for t in pair]
-    scale = [1.0 / tokens, 1.0 / examples] * len(sums)
+    scale = [s for name in sums for s in (1.0 / tokens[name], 1.0 / examples)]
     for t, s in zip(flat, scale):
         t.mul_(s)
     all_reduce_mean_(flat)
     return {name: (pair[0], pair[1]) for name, pair in sums.items()}
 
 
-def _token_mask(batch: Mapping[str, Any], activations: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Bool over the activations' leading dims: real tokens only (padding carries no signal)."""
+def _rows(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (input, output gradient) rows (..., cols) and (..., out): a conv's patches and positions (N, L, ·)."""
+    if isinstance(module, nn.Conv2d):
+        if a.dim() != 4:
+            raise CurvatureError(f"`curvature.init: kfac` needs batched (N, C, H, W) Conv2d inputs; got shape {tuple(a.shape)}")
+        return conv_patches(module, a), conv_output_rows(d)
+    return a.float(), d.float()
+
+
+def _token_mask(batch: Mapping[str, Any], activations: torch.Tensor, device: torch.device, conv: bool = False) -> torch.Tensor:
+    """Bool over the activations' leading dims: real tokens only (padding carries no signal).
+
+    A conv's (N, L) output positions are all real: an attention mask (text of a multimodal batch) never
+    applies to them, even where its shape happens to be (N, L)."""
     lead = activations.shape[:-1]
     mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(lead):
+    if not conv and isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(lead):
         return mask.to(device).bool()
     return torch.ones(lead, dtype=torch.bool, device=device)
