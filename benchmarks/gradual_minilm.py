@@ -8,7 +8,11 @@ Every method runs in its own process, so peak memory (max RSS) is per method.
 
     python benchmarks/gradual_minilm.py                                   # all methods, 90 %
     python benchmarks/gradual_minilm.py --methods gmp,fls --sparsity 0.8 --seeds 0,1
+    python benchmarks/gradual_minilm.py --methods fls --set damping=1e-4 --set aux_lr=1e-2   # a scan point
     python benchmarks/gradual_minilm.py --quick                           # smoke run: a few steps, tiny slices
+
+`--set key=value` overrides a `curvature:` setting of every selected method, `--set fls.key=value` of one
+(values parsed as JSON, else kept as text); such rows are named e.g. `fls[damping=0.0001]`, so scan points sit beside the defaults.
 
 Results: benchmarks/results/gradual_minilm[_<sparsity>].json (one row per method and seed).
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import minilm  # noqa: E402
+from overrides import parse_overrides, row_name  # noqa: E402
 
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
@@ -76,6 +81,7 @@ def run_single(args) -> dict:
     else:
         recipe["pruning"].update(schedule(steps, args.sparsity, args.mask_type))
         recipe["curvature"].setdefault("num_batches", 4)
+        recipe["curvature"].update(parse_overrides(args.set, args.method))
         if args.quick:  # a smoke run exercises the pipeline, not the estimate
             recipe["curvature"].update({k: v for k, v in QUICK_CURVATURE.items() if k in recipe["curvature"]})
         trainer = FishLegPruningTrainer(recipe=recipe, **common)
@@ -84,7 +90,7 @@ def run_single(args) -> dict:
     seconds = time.time() - start
     pruner = getattr(trainer, "pruner", None)
     return {
-        "method": args.method, "seed": args.seed, "recipe": recipe, "steps": steps, "train_seconds": seconds,
+        "method": row_name(args.method, parse_overrides(args.set, args.method)), "seed": args.seed, "recipe": recipe, "steps": steps, "train_seconds": seconds,
         "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
         "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -102,6 +108,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--quick", action="store_true", help="64 examples, two methods: a smoke run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a curvature setting of every selected method (repeatable)")
     parser.add_argument("--output", default=None)
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -122,11 +130,12 @@ def main() -> None:
                 command = [sys.executable, __file__, "--method", name, "--seed", str(seed), "--row", row.name,
                            "--sparsity", str(args.sparsity), "--mask_type", args.mask_type, "--epochs", str(args.epochs),
                            "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate)]
+                command += [f"--set={pair}" for pair in args.set]
                 subprocess.run(command + (["--quick"] if args.quick else []), check=True)
                 result = json.loads(Path(row.name).read_text())
-            report["rows"] = [r for r in report["rows"] if (r["method"], r["seed"]) != (name, seed)] + [result]
+            report["rows"] = [r for r in report["rows"] if (r["method"], r["seed"]) != (result["method"], seed)] + [result]
             out.write_text(json.dumps(report, indent=1) + "\n")
-            print(f"{name:9s} seed {seed}: sparsity {100 * result['sparsity']:.1f} %  val {100 * result['validation']:.2f}  "
+            print(f"{result['method']:9s} seed {seed}: sparsity {100 * result['sparsity']:.1f} %  val {100 * result['validation']:.2f}  "
                   f"test {100 * result['test']:.2f}  {result['train_seconds']:.0f} s  peak {result['peak_rss_gib']:.2f} GiB", flush=True)
     print(f"wrote {out}")
 

@@ -61,3 +61,32 @@ def test_quick_benchmark_writes_finite_monotone_losses(tmp_path):
             assert measured["sparsity"] == pytest.approx(float(target), abs=1e-3)
     magnitude = rows["magnitude"]["results"]
     assert magnitude["0.9"]["test"] >= magnitude["0.5"]["test"]
+
+
+def test_labelled_splits_keep_the_image_order_of_splits():
+    if not fashion_data.available():
+        pytest.skip("Fashion-MNIST not installed")
+    pixels = fashion_data.splits(validation=1000, seed=3, limit=200)
+    pairs = fashion_data.labelled_splits(validation=1000, seed=3, limit=200)
+    for name, (x, y) in pairs.items():
+        assert np.array_equal(x, pixels[name]) and y.shape == (200,) and y.dtype == np.int64
+        assert 0 <= y.min() and y.max() <= 9
+    assert np.bincount(fashion_data.labels("test"), minlength=10).tolist() == [1000] * 10
+
+
+@needs_data
+@pytest.mark.slow
+def test_resnet_quick_prunes_convolutions_to_95_percent(tmp_path):
+    out = tmp_path / "resnet.json"
+    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "fashion_resnet.py"), "--quick", "--output", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"gmp", "fls"}
+    for row in rows.values():
+        assert row["sparsity"] == pytest.approx(0.95, abs=1e-3)
+        assert 0.0 <= row["validation"] <= 1.0 and 0.0 <= row["test"] <= 1.0
+    assert rows["fls"]["curvature_gib"] > 0 == rows["gmp"]["curvature_gib"]
+    assert report["dense"]["train_seconds"] > 0

@@ -42,3 +42,16 @@ def test_oneshot_quick_reports_each_method_at_each_sparsity(tmp_path):
         result = row["results"]["0.5"]
         assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
         assert all(math.isfinite(result[k]) for k in ("validation", "test", "prune_seconds"))
+
+
+def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tmp_path):
+    report = run_quick("curvature_diagnostics.py", tmp_path / "diagnostics.json")
+    rows = {row["structure"]: row for row in report["rows"]}
+    assert set(rows) == {"diagonal", "kronecker", "block_diagonal"}
+    for row in rows.values():
+        assert len(row["steps"]) == 3
+        assert all(math.isfinite(step["residual"]) and step["residual"] >= 0 for step in row["steps"])
+        assert set(row["validation_start"]) == set(row["validation_refined"]) == {"0.5"}
+        assert row["curvature_gib"] > 0
+    # memory follows the structure: a diagonal over every weight (+ Adam) < Kronecker factors < blocks of 8
+    assert rows["diagonal"]["curvature_gib"] < rows["kronecker"]["curvature_gib"] < rows["block_diagonal"]["curvature_gib"]
