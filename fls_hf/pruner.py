@@ -83,6 +83,8 @@ class Pruner:
             self.last_diagnostics = self.provider.prepare(model, stream)
             self.curvature_ready = True
         else:
+            if getattr(cfg, "rewarm", False):
+                self.provider.restart(model, stream.take(cfg.num_batches))
             steps = getattr(cfg, "refinement_steps", 0)
             self.last_diagnostics = self.provider.refine(model, stream.take(cfg.num_batches), steps) if steps else {}
 

@@ -58,6 +58,7 @@ class FishLegConfig(CurvatureConfig):
     aux_lr_schedule: str = field(default="constant", metadata={"help": "constant | linear (decays to 0.1 × aux_lr over warmup_steps)."})
     warmup_steps: int = field(default=100, metadata={"help": "Aux steps before the first pruning step."})
     refinement_steps: int = field(default=10, metadata={"help": "Aux steps run before each later pruning step (refinement, not re-estimation)."})
+    rewarm: bool = field(default=False, metadata={"help": "Before every later pruning step, restart Q from a fresh warm start (`init`) on the current weights, then take the refinement_steps aux steps (tracks a Fisher that pruning changes a lot, e.g. under BatchNorm)."})
     refine_every: int = field(default=0, metadata={"help": "During training, also run one aux step every N optimizer steps (0 = off)."})
     fisher_product: str = field(default="ggn", metadata={"help": "ggn (exact Gauss-Newton, default) | hvp (sampled-label Hessian-vector product)."})
     u_sampling: str = field(default="gaussian", metadata={"help": "gaussian (all coordinate directions, for pruning) | gradient (sampled-label gradient direction)."})
@@ -186,13 +187,32 @@ class FishLegProvider(CurvatureProvider):
         if not calibration:
             raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
         self._resolve_likelihood(model)
-        if self.steps_done == 0 and self.config.init == "diagonal":
-            self._diagonal_warm_start(model, calibration)
-        elif self.steps_done == 0 and self.config.init == "kfac":
-            self._kfac_warm_start(model, calibration)
-        elif self.steps_done == 0 and self.config.init == "fisher":
-            self._fisher_warm_start(model, calibration)
+        if self.steps_done == 0:
+            self._warm_start(model, calibration)
         return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
+
+    def restart(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
+        """A fresh warm start on the model as it is now (`curvature.rewarm`), Adam moments cleared.
+
+        A few aux steps at a small learning rate move a log-parameterised Q by a few percent, while
+        pruning can change the Fisher by an order of magnitude (BatchNorm rescales what follows a pruned
+        conv): re-running the cheap warm-start statistics lets the aux steps refine from where F is now."""
+        calibration = list(itertools.islice(batches, self.config.num_batches))
+        if not calibration:
+            raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
+        self._resolve_likelihood(model)
+        self._warm_start(model, calibration)
+        self.optimizer.state.clear()
+
+    def _warm_start(self, model: nn.Module, calibration: list[Mapping[str, Any]]) -> None:
+        if self.config.init == "diagonal":
+            self._diagonal_warm_start(model, calibration)
+        elif self.config.init == "kfac":
+            self._kfac_warm_start(model, calibration)
+        elif self.config.init == "fisher":
+            self._fisher_warm_start(model, calibration)
+        else:  # identity: Q = I/γ (what the structures are built as)
+            self._set_identity(list(self.layers))
 
     def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
         diagnostics: dict[str, float] = {}
@@ -272,14 +292,17 @@ class FishLegProvider(CurvatureProvider):
         """
         broken = {n for n, s in self.structures.items() if not all(torch.isfinite(p).all() for p in s.parameters())}
         names = sorted(set(unusable) | broken)
-        for name in names:
-            structure = self.structures[name]
-            structure.init_diagonal(torch.full(structure.shape, 1.0 / self.damping, device=self.device(name)))
+        self._set_identity(names)
         if names:
             warnings.warn(
                 f"FishLeg warm start (`curvature.init: {self.config.init}`) gave non-finite statistics for "
                 f"{', '.join(names)}; these layers start from Q = I/γ (as `init: identity`)", RuntimeWarning, stacklevel=3,
             )
+
+    def _set_identity(self, names: list[str]) -> None:
+        for name in names:
+            structure = self.structures[name]
+            structure.init_diagonal(torch.full(structure.shape, 1.0 / self.damping, device=self.device(name)))
 
     def _tangents(self, v: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         tangents: dict[nn.Parameter, torch.Tensor] = {}

@@ -213,3 +213,59 @@ def test_fisher_init_is_the_exact_true_fisher_block_inverse(structure):
 def test_fisher_init_refuses_the_kronecker_structure():
     with pytest.raises(CurvatureError, match="`curvature.init` = 'fisher'.*kronecker"):
         FishLegConfig(structure="kronecker", init="fisher")
+
+
+def _expected_fisher_provider(net, **overrides):
+    """init: fisher with the exact (expected-label) Fisher: a deterministic warm start to compare against."""
+    from fls_hf.curvature.likelihoods import Categorical
+
+    config = FishLegConfig(**{"damping": GAMMA, "init": "fisher", "init_labels": "expected", "init_examples": 8 * N_OUT,
+                              "warmup_steps": 0, "structure": "diagonal", "aux_lr": 1e-1, **overrides})
+    return FishLegProvider({"lin": adapter_for("lin", net.lin)}, config, likelihood=Categorical())
+
+
+def test_restart_is_a_fresh_warm_start_on_the_current_weights():
+    """`rewarm`: after the weights change, restart() gives the Q a new provider would start from, Adam cleared."""
+    torch.manual_seed(0)
+    net, batch = LinearNet(), {"x": torch.randn(8, N_IN)}
+    provider = _expected_fisher_provider(net)
+    provider.prepare(net, [batch])
+    for _ in range(3):
+        provider.update(net, batch)
+    assert provider.optimizer.state
+    with torch.no_grad():
+        net.lin.weight.mul_(4.0)  # sharper softmax: a different Fisher
+    stale = explicit_q(provider)
+    provider.restart(net, [batch])
+    fresh = _expected_fisher_provider(net)
+    fresh.prepare(net, [batch])
+    torch.testing.assert_close(explicit_q(provider), explicit_q(fresh))
+    assert rel_err(stale, explicit_q(fresh)) > 0.1  # the restart mattered
+    assert not provider.optimizer.state
+    assert provider.steps_done == 3  # the step count (lr schedule, RNG stream) carries on
+
+
+@pytest.mark.parametrize("rewarm", [False, True])
+def test_pruner_rewarms_before_later_pruning_steps_only_when_asked(rewarm):
+    import copy
+
+    from fls_hf.pruner import Pruner
+
+    torch.manual_seed(0)
+    net, batch = LinearNet(), {"x": torch.randn(8, N_IN)}
+    recipe = {"pruning": {"method": "fishleg", "targets": ["lin"], "compensation": "none"},
+              "curvature": {"likelihood": "categorical", "damping": GAMMA, "init": "fisher", "init_labels": "expected",
+                            "init_examples": 8 * N_OUT, "warmup_steps": 0, "refinement_steps": 0, "num_batches": 1,
+                            "structure": "diagonal", "rewarm": rewarm}}
+    pruner = Pruner(net, recipe)
+    pruner.prune_to(net, 0.3, [batch])
+    first = explicit_q(pruner.provider)
+    with torch.no_grad():
+        net.lin.weight.mul_(4.0)
+    reference = copy.deepcopy(net)
+    pruner.prune_to(net, 0.5, [batch])
+    fresh = _expected_fisher_provider(reference)
+    fresh.prepare(reference, [batch])
+    kept = reference.lin.weight.flatten() != 0  # Q on pruned coordinates is never read (and kept out of the warm start)
+    expected = explicit_q(fresh) if rewarm else first
+    torch.testing.assert_close(explicit_q(pruner.provider)[kept][:, kept], expected[kept][:, kept])
