@@ -40,6 +40,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 sys.path.insert(0, str(Path(__file__).parent))
 import fashion_data  # noqa: E402
 from overrides import parse_overrides, row_name  # noqa: E402
+from plots import image_link, method_bars  # noqa: E402
 
 from fls_hf import FishLegPruningTrainer  # noqa: E402
 
@@ -199,11 +200,6 @@ def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: arg
 
 # ----------------------------------------------------------------------------- report
 def report(path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     data = json.loads(path.read_text())
     groups: dict[str, list[dict]] = {}
     for row in data["rows"]:
@@ -216,22 +212,9 @@ def report(path: Path) -> None:
         spread = (lambda v: f"{v.mean():.2f}" + (f" ± {(v.max() - v.min()) / 2:.2f}" if len(v) > 1 else ""))
         print(f"| {name} | {len(rows)} | {100 * rows[0]['sparsity']:.1f} % | {spread(val)} | {spread(test)} | "
               f"{np.mean([r['train_seconds'] for r in rows]):.0f} s | {max(r['curvature_gib'] for r in rows) * 1024:.2f} MiB |")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    names = list(groups)
-    means = [100 * np.mean([r["test"] for r in groups[n]]) for n in names]
-    ax.bar(names, means, color=["#888888" if n == "finetune" else "#1f77b4" if n.startswith("fls") else "#ff7f0e" for n in names])
-    for i, n in enumerate(names):
-        ax.scatter([i] * len(groups[n]), [100 * r["test"] for r in groups[n]], color="black", s=12, zorder=3)
-        ax.text(i, means[i] + 0.3, f"{means[i]:.1f}", ha="center", fontsize=8)
-    ax.axhline(100 * dense["test"], color="grey", linestyle="--", linewidth=1, label="dense")
-    ax.set_ylim(min(means) - 5, 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Small ResNet, Fashion-MNIST: gradual pruning to {100 * data['settings']['sparsity']:.0f} %")
-    ax.legend(loc="lower right")
-    ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    print(f"\n![resnet]({path.with_suffix('.png').relative_to(HERE)})")
+    title = f"Small ResNet, Fashion-MNIST: gradual pruning to {100 * data['settings']['sparsity']:.0f} %"
+    method_bars(groups, title, path.with_suffix(".png"), dense=dense["test"])
+    print("\n" + image_link(path.with_suffix(".png"), "resnet"))
 
 
 def main() -> None:

@@ -10,11 +10,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from plots import image_link, method_bars  # noqa: E402
 
 ORDER = ("finetune", "gmp", "obd", "obert", "fls")
 
@@ -49,21 +48,8 @@ def table(rows: dict[str, list[dict]]) -> str:
 
 
 def plot(settings: dict, rows: dict[str, list[dict]], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    names = list(rows)
-    means = [100 * np.mean([r["test"] for r in rows[n]]) for n in names]
-    colors = ["#888888" if n == "finetune" else "#1f77b4" if n == "fls" else "#ff7f0e" for n in names]
-    ax.bar(names, means, color=colors)
-    for i, n in enumerate(names):
-        ax.scatter([i] * len(rows[n]), [100 * r["test"] for r in rows[n]], color="black", s=12, zorder=3)
-        ax.text(i, means[i] + 0.5, f"{means[i]:.1f}", ha="center", fontsize=8)
-    low = min(min(means) - 5, 50)
-    ax.set_ylim(low, 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Gradual pruning to {100 * settings['sparsity']:.0f} % during {settings['epochs']} epoch(s) of fine-tuning")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    title = f"Gradual pruning to {100 * settings['sparsity']:.0f} % during {settings['epochs']} epoch(s) of fine-tuning"
+    method_bars(rows, title, out)
 
 
 def main() -> None:
@@ -72,7 +58,7 @@ def main() -> None:
         print(f"### {Path(path).name}\n\n" + table(rows))
         out = Path(path).resolve().with_suffix(".png")
         plot(settings, rows, out)
-        print(f"\n![gradual]({out.relative_to(Path(__file__).parent)})\n")
+        print("\n" + image_link(out, "gradual") + "\n")
 
 
 if __name__ == "__main__":

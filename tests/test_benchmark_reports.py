@@ -1,0 +1,37 @@
+"""The gradual benchmarks' report steps: Markdown table and PNG from a results file (real files, subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows(names_and_tests):
+    return [{"method": name, "seed": seed, "sparsity": 0.9, "validation": acc - 0.01, "test": acc, "train_seconds": 100.0 + seed,
+             "peak_rss_gib": 1.0, "curvature_gib": 0.1} for name, seed, acc in names_and_tests]
+
+
+def test_gradual_report_averages_seeds_and_plots_scan_points(tmp_path):
+    path = tmp_path / "gradual.json"
+    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1},
+                                "rows": rows([("finetune", 0, 0.85), ("fls", 0, 0.78), ("fls", 1, 0.80), ("fls[rewarm=True]", 0, 0.81)])}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
+    assert "| fls | 2 | 90.0 % | 78.00 ± 1.00 | 79.00 ± 1.00 | 100 s | 1.00× |" in done.stdout
+    assert "| fls[rewarm=True] | 1 |" in done.stdout
+    assert path.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
+    path = tmp_path / "resnet.json"
+    data = {"settings": {"sparsity": 0.95}, "dense": {"validation": 0.91, "test": 0.9, "train_seconds": 400.0},
+            "rows": rows([("gmp", 0, 0.87), ("fls[rewarm=True,aux_lr=0.01]", 0, 0.868), ("fls[rewarm=True,aux_lr=0.01]", 1, 0.872)])}
+    path.write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fashion_resnet.py"), "--report", str(path)],
+                          capture_output=True, text=True, check=True)
+    assert "dense: validation 91.00 %, test 90.00 %" in done.stdout
+    assert "| fls[rewarm=True,aux_lr=0.01] | 2 | 90.0 % | 86.00 ± 0.20 | 87.00 ± 0.20 |" in done.stdout
+    assert path.with_suffix(".png").stat().st_size > 10_000
