@@ -53,8 +53,8 @@ METHODS = {
                                              "warmup_steps": 60, "aux_lr": 1e-3, "aux_lr_schedule": "linear", "damping": 1e-6},
                                  obs_block_size=32),
     "fls-kfac-block-rec4": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
-                                              "warmup_steps": 0, "refinement_steps": 10, "aux_lr": 1e-3, "damping": 1e-6},
-                                  obs_block_size=32, recomputations=4),
+                                              "warmup_steps": 0, "refinement_steps": 10, "aux_lr": 1e-3, "damping": 1e-6,
+                                              "rewarm": False}, obs_block_size=32, recomputations=4),
     # Q₀ from the exact true Fisher's blocks (oBERT's inverse without the empirical-Fisher bias), then refined
     "fls-fisher-block": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "fisher", "init_labels": "expected",
                                            "init_examples": GRADS, "warmup_steps": 0, "refinement_steps": 0, "damping": 1e-6},
@@ -64,7 +64,7 @@ METHODS = {
                                                "damping": 1e-6}, obs_block_size=50),
     "fls-fisher-block-rec4": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "fisher", "init_labels": "expected",
                                                 "init_examples": GRADS, "warmup_steps": 0, "refinement_steps": 10, "aux_lr": 1e-3,
-                                                "damping": 1e-6}, obs_block_size=50, recomputations=4),
+                                                "damping": 1e-6, "rewarm": False}, obs_block_size=50, recomputations=4),
     # OBD saliency (Fisher diagonal read off Q's blocks: the Kronecker diagonal G_ii Ā_jj + γ for a K-FAC start)
     # with the joint block OBS update — the strongest saliency with oBERT's compensation
     "fls-kfac-block-obd": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "kfac", "init_examples": 512,

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import warnings
 import pickle
 import re
 from pathlib import Path
@@ -211,7 +212,7 @@ def test_non_finite_curvature_at_pruning_time_writes_no_nan():
     """A Q with NaN entries (memory corruption, a bad refinement): those weights are pruned last and the
     layer gets no compensation, so nothing non-finite reaches its weights or masks."""
     model, batches = tiny_bert(), token_batches(n_batches=2)
-    pruner = Pruner(model, recipe(warmup_steps=2, refinement_steps=0))
+    pruner = Pruner(model, recipe(warmup_steps=2, refinement_steps=0, rewarm=False))
     pruner.prune_to(model, 0.3, batches)
     with torch.no_grad():
         pruner.provider.structures[QUERY].log_s[0, :3] = float("nan")
@@ -222,6 +223,23 @@ def test_non_finite_curvature_at_pruning_time_writes_no_nan():
     keep = pruner.masks.keep_matrix(QUERY)
     assert keep[0, :3].all()  # most salient: kept
     assert torch.equal(layer.weight_matrix(), before.masked_fill(~keep, 0))  # zeroed, not compensated
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert pruner.masks.num_pruned() == math.floor(0.6 * pruner.masks.numel() + 0.5)
+
+
+@pytest.mark.fault
+def test_rewarm_replaces_a_corrupted_q_before_the_next_pruning_step():
+    """With `rewarm` (the default) the next pruning step starts from fresh K-FAC statistics: NaN entries
+    left in Q by a bad refinement are gone before any saliency is read."""
+    model, batches = tiny_bert(), token_batches(n_batches=2)
+    pruner = Pruner(model, recipe(warmup_steps=2, refinement_steps=0))
+    pruner.prune_to(model, 0.3, batches)
+    with torch.no_grad():
+        pruner.provider.structures[QUERY].log_s[0, :3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pruner.prune_to(model, 0.6, batches)
+    assert torch.isfinite(pruner.provider.structures[QUERY].log_s).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert pruner.masks.num_pruned() == math.floor(0.6 * pruner.masks.numel() + 0.5)
 
