@@ -69,7 +69,8 @@ def run_structure(name: str, dense, data, args) -> dict:
     start = time.time()
     pruner.provider.prepare(model, CalibrationStream(calibration))
     init_seconds = time.time() - start
-    before = pruner.provider.state_dict()
+    before = copy.deepcopy(pruner.provider.state_dict())  # the aux steps below update Q's tensors in place
+    start_diag = {n: pruner.provider.diag(n).clone() for n in pruner.layers}
     steps, start = [], time.time()
     for k in range(args.steps):
         diagnostics = pruner.provider.update(model, calibration[k % len(calibration)])
@@ -77,8 +78,11 @@ def run_structure(name: str, dense, data, args) -> dict:
         print(f"{name:15s} step {k + 1:3d}  aux {diagnostics['aux_loss']:.4g}  residual {diagnostics['residual']:.4g}", flush=True)
     aux_seconds = time.time() - start
     after = pruner.provider.state_dict()
+    moved = sum(float((pruner.provider.diag(n) - d).pow(2).sum()) for n, d in start_diag.items())
+    change = (moved / sum(float(d.pow(2).sum()) for d in start_diag.values())) ** 0.5  # ‖Δ diag Q‖ / ‖diag Q₀‖
     row = {"structure": name, "recipe": cfg, "curvature_gib": pruner.provider.memory_bytes() / 2**30,
-           "init_seconds": init_seconds, "aux_seconds_per_step": aux_seconds / max(args.steps, 1), "steps": steps}
+           "init_seconds": init_seconds, "aux_seconds_per_step": aux_seconds / max(args.steps, 1), "steps": steps,
+           "diag_change": change}
     del pruner, model
     sparsities = [float(s) for s in args.sparsities.split(",")]
     row["validation_start"] = accuracies(dense, cfg, before, sparsities, data, calibration)
@@ -91,14 +95,14 @@ def report(path: Path) -> None:
     w = data["settings"]["window"]
     sparsities = list(data["rows"][0]["validation_start"])
     head = " | ".join(f"val {100 * float(s):.0f} % start → refined" for s in sparsities)
-    print(f"| structure | memory | residual, first {w} → last {w} steps | aux loss, first {w} → last {w} | {head} |")
-    print("|---|---|---|---|" + "---|" * len(sparsities))
+    print(f"| structure | memory | residual, first {w} → last {w} steps | aux loss, first {w} → last {w} | ‖Δ diag Q‖ / ‖diag Q₀‖ | {head} |")
+    print("|---|---|---|---|---|" + "---|" * len(sparsities))
     for row in data["rows"]:
         first, last = row["steps"][:w], row["steps"][-w:]
         mean = (lambda rows, key: float(np.mean([r[key] for r in rows])))
         accs = " | ".join(f"{100 * row['validation_start'][s]:.2f} → {100 * row['validation_refined'][s]:.2f}" for s in sparsities)
         print(f"| {row['structure']} | {row['curvature_gib']:.2f} GiB | {mean(first, 'residual'):.3g} → {mean(last, 'residual'):.3g} | "
-              f"{mean(first, 'aux_loss'):.3g} → {mean(last, 'aux_loss'):.3g} | {accs} |")
+              f"{mean(first, 'aux_loss'):.3g} → {mean(last, 'aux_loss'):.3g} | {row['diag_change']:.3g} | {accs} |")
 
 
 def main() -> None:

@@ -53,5 +53,6 @@ def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tm
         assert all(math.isfinite(step["residual"]) and step["residual"] >= 0 for step in row["steps"])
         assert set(row["validation_start"]) == set(row["validation_refined"]) == {"0.5"}
         assert row["curvature_gib"] > 0
+        assert row["diag_change"] > 0  # the aux steps moved Q (start and refined are different states)
     # memory follows the structure: a diagonal over every weight (+ Adam) < Kronecker factors < blocks of 8
     assert rows["diagonal"]["curvature_gib"] < rows["kronecker"]["curvature_gib"] < rows["block_diagonal"]["curvature_gib"]
