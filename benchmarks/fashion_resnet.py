@@ -40,7 +40,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 sys.path.insert(0, str(Path(__file__).parent))
 import fashion_data  # noqa: E402
 from overrides import parse_overrides, row_name  # noqa: E402
-from plots import image_link, method_bars  # noqa: E402
 
 from fls_hf import FishLegPruningTrainer  # noqa: E402
 
@@ -202,6 +201,8 @@ def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: arg
 
 # ----------------------------------------------------------------------------- report
 def report(path: Path) -> None:
+    from plots import image_link, method_bars  # matplotlib: only the report needs it (the `bench` extra)
+
     data = json.loads(path.read_text())
     groups: dict[str, list[dict]] = {}
     for row in data["rows"]:
