@@ -175,8 +175,9 @@ def schedule(steps: int, sparsity: float) -> dict:
             "update_frequency": max(end // 9, 1), "inter_func": "cubic"}
 
 
-def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: argparse.Namespace, seed: int, overrides: list[str]) -> dict:
+def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: argparse.Namespace, seed: int, pairs: list[str]) -> dict:
     model = copy.deepcopy(dense).train()
+    overrides = parse_overrides(pairs, name)
     steps = -(-len(data["train"]) // args.batch_size) * args.epochs
     common = {"model": model, "args": training_args(args, args.epochs, args.lr, seed), "train_dataset": data["train"]}
     cfg = copy.deepcopy(METHODS[name])
@@ -185,7 +186,7 @@ def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: arg
     else:
         cfg["pruning"].update(schedule(steps, args.sparsity))
         cfg["curvature"].setdefault("num_batches", 4)
-        cfg["curvature"].update(parse_overrides(overrides, name))
+        cfg["curvature"].update(overrides)
         if args.quick:
             cfg["curvature"].update({k: v for k, v in QUICK_CURVATURE.items() if k in cfg["curvature"]})
         trainer = FishLegPruningTrainer(recipe=cfg, **common)
@@ -193,7 +194,7 @@ def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: arg
     trainer.train()
     seconds = time.time() - start
     pruner = getattr(trainer, "pruner", None)
-    return {"method": row_name(name, parse_overrides(overrides, name)), "seed": seed, "recipe": cfg, "steps": steps, "train_seconds": seconds,
+    return {"method": row_name(name, overrides), "seed": seed, "recipe": cfg, "steps": steps, "train_seconds": seconds,
             "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
             "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
             "validation": accuracy(model, data["validation"]), "test": accuracy(model, data["test"])}

@@ -185,10 +185,7 @@ class FishLegProvider(CurvatureProvider):
     # ----------------------------------------------------------------- learning
     def prepare(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         """Warm start (once) and `warmup_steps` aux steps over the calibration batches."""
-        calibration = list(itertools.islice(batches, self.config.num_batches))
-        if not calibration:
-            raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
-        self._resolve_likelihood(model)
+        calibration = self._calibration(model, batches)
         if self.steps_done == 0:
             self._warm_start(model, calibration)
         return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
@@ -199,12 +196,17 @@ class FishLegProvider(CurvatureProvider):
         A few aux steps at a small learning rate move a log-parameterised Q by a few percent, while
         pruning can change the Fisher by an order of magnitude (BatchNorm rescales what follows a pruned
         conv): re-running the cheap warm-start statistics lets the aux steps refine from where F is now."""
+        calibration = self._calibration(model, batches)
+        self._warm_start(model, calibration)
+        self.optimizer.state.clear()
+
+    def _calibration(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The first `num_batches` batches (at least one), with the likelihood resolved for this model."""
         calibration = list(itertools.islice(batches, self.config.num_batches))
         if not calibration:
             raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
         self._resolve_likelihood(model)
-        self._warm_start(model, calibration)
-        self.optimizer.state.clear()
+        return calibration
 
     def _warm_start(self, model: nn.Module, calibration: list[Mapping[str, Any]]) -> None:
         if self.config.init == "diagonal":
