@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fashion_data  # noqa: E402
+import model_cache  # noqa: E402
 
 from fls_hf.calibration import CalibrationStream  # noqa: E402
 from fls_hf.curvature.fishleg import FishLegConfig  # noqa: E402
@@ -113,19 +113,8 @@ def dense_model(train_images: torch.Tensor, args: argparse.Namespace) -> tuple[D
                 "train_images": len(train_images), "validation": args.validation}
     folder = CACHE / f"fashion-autoencoder-e{args.epochs}-s{args.seed}"
     torch.manual_seed(args.seed)
-    model = DeepAutoencoder()
-    meta_file = folder / "meta.json"
-    if not args.quick and meta_file.is_file() and json.loads(meta_file.read_text())["settings"] == settings:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval(), json.loads(meta_file.read_text())
-    start = time.time()
-    train(model, train_images, args.epochs, args.lr, args.train_batch_size, args.seed)
-    meta = {"settings": settings, "train_seconds": time.time() - start}
-    if not args.quick:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-    return model.eval(), meta
+    return model_cache.trained(DeepAutoencoder(), folder, settings, cache=not args.quick,
+                               train=lambda model: train(model, train_images, args.epochs, args.lr, args.train_batch_size, args.seed))
 
 
 # ----------------------------------------------------------------------------- methods

@@ -32,14 +32,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fashion_data  # noqa: E402
+import model_cache  # noqa: E402
 from overrides import parse_overrides, row_name  # noqa: E402
+from rows import record  # noqa: E402
 
 from fls_hf import FishLegPruningTrainer  # noqa: E402
 
@@ -134,20 +135,14 @@ def dense_model(data: dict[str, Images], args: argparse.Namespace) -> tuple[Smal
     settings = {"epochs": args.dense_epochs, "lr": args.dense_lr, "batch_size": args.batch_size, "train_images": len(data["train"])}
     folder = CACHE / f"fashion-resnet-e{args.dense_epochs}"
     torch.manual_seed(0)
-    model = SmallResNet()
-    meta_file = folder / "meta.json"
-    if not args.quick and meta_file.is_file() and json.loads(meta_file.read_text())["settings"] == settings:
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval(), json.loads(meta_file.read_text())
-    start = time.time()
-    Trainer(model=model, args=training_args(args, args.dense_epochs, args.dense_lr, seed=0), train_dataset=data["train"]).train()
-    meta = {"settings": settings, "train_seconds": time.time() - start,
-            "validation": accuracy(model, data["validation"]), "test": accuracy(model, data["test"])}
-    if not args.quick:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-    return model.eval(), meta
+
+    def train(model: SmallResNet) -> None:
+        Trainer(model=model, args=training_args(args, args.dense_epochs, args.dense_lr, seed=0), train_dataset=data["train"]).train()
+
+    def evaluate(model: SmallResNet) -> dict:
+        return {"validation": accuracy(model, data["validation"]), "test": accuracy(model, data["test"])}
+
+    return model_cache.trained(SmallResNet(), folder, settings, train, cache=not args.quick, evaluate=evaluate)
 
 
 def recipe(method: str, curvature: dict, **pruning) -> dict:
@@ -253,11 +248,7 @@ def main() -> None:
         result["rows"] = json.loads(out.read_text())["rows"]
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.methods.split(","):
-            row = run_method(name, dense, data, args, seed, args.set)
-            result["rows"] = [r for r in result["rows"] if (r["method"], r["seed"]) != (row["method"], seed)] + [row]
-            out.write_text(json.dumps(result, indent=1) + "\n")
-            print(f"{row['method']:9s} seed {seed}: sparsity {100 * row['sparsity']:.1f} %  val {100 * row['validation']:.2f}  "
-                  f"test {100 * row['test']:.2f}  {row['train_seconds']:.0f} s", flush=True)
+            record(result, run_method(name, dense, data, args, seed, args.set), out)
     print(f"wrote {out}")
 
 

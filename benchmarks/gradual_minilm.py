@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import minilm  # noqa: E402
 from overrides import parse_overrides, row_name  # noqa: E402
+from rows import record  # noqa: E402
 
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
@@ -135,10 +136,7 @@ def main() -> None:
                 command += [f"--set={pair}" for pair in args.set]
                 subprocess.run(command + (["--quick"] if args.quick else []), check=True)
                 result = json.loads(Path(row.name).read_text())
-            report["rows"] = [r for r in report["rows"] if (r["method"], r["seed"]) != (result["method"], seed)] + [result]
-            out.write_text(json.dumps(report, indent=1) + "\n")
-            print(f"{result['method']:9s} seed {seed}: sparsity {100 * result['sparsity']:.1f} %  val {100 * result['validation']:.2f}  "
-                  f"test {100 * result['test']:.2f}  {result['train_seconds']:.0f} s  peak {result['peak_rss_gib']:.2f} GiB", flush=True)
+            record(report, result, out, extra=f"  peak {result['peak_rss_gib']:.2f} GiB")
     print(f"wrote {out}")
 
 
