@@ -59,6 +59,7 @@ def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> Da
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def accuracy(model, dataset, batch_size: int = 128) -> float:
     model.eval()
     correct = 0

@@ -8,6 +8,11 @@ and the test split (for reporting). Results: benchmarks/results/oneshot_minilm.j
     python benchmarks/oneshot_minilm.py                       # all methods, 50/60/70/80 %
     python benchmarks/oneshot_minilm.py --methods magnitude,fls-kfac-block@1e-6 --sparsities 0.5,0.7
     python benchmarks/oneshot_minilm.py --quick               # smoke run: tiny slices, two methods
+    python benchmarks/oneshot_minilm.py --peers               # + llm-compressor's SparseGPT / Wanda, same run and file
+
+`--peers` runs benchmarks/peers/llmcompressor_oneshot.py after the fls_hf methods (never beside them: they
+would share the CPU) with the peers' own interpreter (default benchmarks/.venv-peers/bin/python, see that
+script for how to make it) on the same dense checkpoint, split and sparsities, and appends its rows.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,18 +33,36 @@ import minilm  # noqa: E402
 
 from fls_hf.pruner import Pruner  # noqa: E402
 from fls_hf.calibration import CalibrationStream  # noqa: E402
+from fls_hf.recipe import load_recipe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+PEERS_SCRIPT = Path(__file__).parent / "peers" / "llmcompressor_oneshot.py"
+PEERS_PYTHON = Path(__file__).parent / ".venv-peers" / "bin" / "python"
 method = minilm.recipe  # every method prunes the encoder linears with one global threshold
 
 GRADS = 1024
+DEFAULT_RECIPE = Path(__file__).parent.parent / "recipes" / "oneshot-unstructured-50.yaml"
+
+
+def default_recipe() -> dict:
+    """The shipped one-shot recipe as a user gets it, aimed at the harness's encoder linears and 98 % layer cap."""
+    cfg = load_recipe(DEFAULT_RECIPE).to_dict()
+    harness = method(cfg["pruning"]["method"], {})["pruning"]
+    cfg["pruning"].update({key: harness[key] for key in ("targets", "ignore", "global_sparsity", "max_layer_sparsity")})
+    return cfg
+
 METHODS = {
     "magnitude": method("magnitude", {}, compensation="none"),
     "obd-empirical": method("diagonal_fisher", {"num_grads": GRADS, "damping": 1e-8}, compensation="none"),
+    "obd-empirical-512": method("diagonal_fisher", {"num_grads": 512, "damping": 1e-8}, compensation="none"),
     "obd-true": method("diagonal_fisher", {"num_grads": GRADS, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
+    "obert-1e-8": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-8}, obs_block_size=50),
     "obert-1e-7": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-7}, obs_block_size=50),
     "obert-1e-6": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
     "obert-1e-5": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-5}, obs_block_size=50),
+    # oBERT with the recomputations the FLS default uses (1,024 fresh gradients before each of 4 stages)
+    "obert-1e-6-rec4": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50,
+                              recomputations=4),
     # the same block OBS from the true Fisher: labels drawn from the model, or its exact expectation over the 2 classes
     # (`expected`: 512 examples × 2 class passes = the same 1,024 gradient vectors)
     "obert-sampled": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6, "fisher_labels": "sampled"},
@@ -73,6 +98,18 @@ METHODS = {
     "obert-obd": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50, saliency="obd"),
     "fls-kfac-kron": method("fishleg", {"structure": "kronecker", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
                                         "damping": 1e-4}, compensation="none"),
+    # the issue's "same, independent compensation δW = −Q(1_P ⊙ W / diag Q)" (kept to show why it is not the default)
+    "fls-kfac-kron-independent": method("fishleg", {"structure": "kronecker", "init": "kfac", "init_examples": 512,
+                                                    "warmup_steps": 0, "damping": 1e-4}, compensation="independent"),
+    # K-FAC start re-taken on the pruned model before each of 4 stages (`rewarm`), no aux steps: oBERT-style
+    # recomputation at 4 × 12 s of statistics, still below one 1,024-gradient pass
+    "fls-kfac-diag-rewarm4": method("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
+                                                "refinement_steps": 0, "rewarm": True, "damping": 1e-6},
+                                    compensation="none", recomputations=4),
+    "fls-kfac-block-rewarm4": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac",
+                                                 "init_examples": 512, "warmup_steps": 0, "refinement_steps": 0,
+                                                 "rewarm": True, "damping": 1e-6}, obs_block_size=32, recomputations=4),
+    "fls-default": default_recipe(),
 }
 
 
@@ -118,6 +155,19 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
     return row
 
 
+def peer_rows(python: Path, dense_dir: Path, sparsities: str, quick: bool) -> list[dict]:
+    """llm-compressor's rows, run from its own environment on the checkpoint this script cached."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peers.json"
+        command = [str(python), str(PEERS_SCRIPT), "--sparsities", sparsities, "--dense_dir", str(dense_dir),
+                   "--output", str(out)] + (["--quick"] if quick else [])
+        subprocess.run(command, check=True)
+        rows = json.loads(out.read_text())["methods"]
+    for row in rows:
+        row["source"] = "llm-compressor, own environment (benchmarks/peers)"
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="One-shot pruning of the fine-tuned MiniLM")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -126,7 +176,11 @@ def main() -> None:
     parser.add_argument("--num_batches", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--peers", nargs="?", const=str(PEERS_PYTHON), default=None, metavar="PYTHON",
+                        help=f"also run llm-compressor's SparseGPT / Wanda with this interpreter (default {PEERS_PYTHON})")
     args = parser.parse_args()
+    if args.peers and not Path(args.peers).is_file():  # fail before an hour of fls_hf methods, not after
+        parser.error(f"--peers: no interpreter at {args.peers}; make the peers' venv as benchmarks/peers/llmcompressor_oneshot.py says")
     args.calibration_limit = None
     torch.manual_seed(0)
     data = minilm.splits()
@@ -134,8 +188,10 @@ def main() -> None:
         args.methods, args.sparsities, args.num_batches, args.calibration_limit = "magnitude,fls-kfac-diag", "0.5", 2, 16
         data = {"train": data["train"], "validation": data["validation"].select(range(64)), "test": data["test"].select(range(64))}
     if args.quick:  # a smoke model, cached apart from the real one
-        dense = minilm.dense_model({"train": data["train"].select(range(64))}, directory=minilm.QUICK_DENSE_DIR)
+        dense_dir = minilm.QUICK_DENSE_DIR
+        dense = minilm.dense_model({"train": data["train"].select(range(64))}, directory=dense_dir)
     else:
+        dense_dir = minilm.DENSE_DIR
         dense = minilm.dense_model(data)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     report = {"dense": {"validation": minilm.accuracy(dense, data["validation"]), "test": minilm.accuracy(dense, data["test"])},
@@ -145,6 +201,9 @@ def main() -> None:
     out = Path(args.output) if args.output else RESULTS / ("oneshot_minilm_quick.json" if args.quick else "oneshot_minilm.json")
     for name in args.methods.split(","):
         report["methods"].append(run_method(name, resolve(name), dense, data, sparsities, args))
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.peers:
+        report["methods"].extend(peer_rows(Path(args.peers), dense_dir, args.sparsities, args.quick))
         out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 

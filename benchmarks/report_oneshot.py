@@ -1,18 +1,25 @@
 """Tables (Markdown) and a plot (PNG) from one or more oneshot_minilm.py result files.
 
-    python benchmarks/report_oneshot.py benchmarks/results/oneshot_fast.json benchmarks/results/oneshot_scan.json
+    python benchmarks/report_oneshot.py benchmarks/results/oneshot_minilm.json
+    python benchmarks/report_oneshot.py benchmarks/results/oneshot_minilm.json \\
+        --pick obert=obert-1e-8,obert-1e-7,obert-1e-6,obert-1e-5 --plot /tmp/oneshot.png
+
+`--pick NAME=A,B,...` adds a row NAME whose entry at each sparsity is the variant (e.g. a damping) with the best
+*validation* accuracy there: how a user tuning on held-out data would choose, never on the test split.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+DEFAULT_PLOT = Path(__file__).parent / "results" / "oneshot_minilm.png"
 
 
 def load(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -24,14 +31,35 @@ def load(paths: list[str]) -> tuple[dict, list[dict]]:
     return dense, methods
 
 
+def picked_on_validation(methods: list[dict], name: str, variants: list[str]) -> dict:
+    """A row holding, per sparsity, the result of the variant with the best validation accuracy (named in `picked`)."""
+    rows = {m["method"]: m for m in methods}
+    missing = [v for v in variants if v not in rows]
+    if missing:
+        raise SystemExit(f"--pick {name}: no results for {', '.join(missing)} (have: {', '.join(rows)})")
+    sparsities = sorted({s for v in variants for s in rows[v]["results"]}, key=float)
+    results, seconds = {}, []
+    for s in sparsities:
+        best = max((v for v in variants if s in rows[v]["results"]), key=lambda v: rows[v]["results"][s]["validation"])
+        results[s] = {**rows[best]["results"][s], "picked": best}
+        seconds.append(rows[best]["curvature_seconds"])
+    return {"method": name, "results": results, "curvature_seconds": max(seconds),
+            "curvature_gib": max(rows[v]["curvature_gib"] for v in variants)}
+
+
 def table(dense: dict, methods: list[dict], split: str) -> str:
     sparsities = sorted({s for m in methods for s in m["results"]}, key=float)
     head = "| method | " + " | ".join(f"{100 * float(s):.0f} %" for s in sparsities) + " | curvature time | curvature memory |"
-    lines = [head, "|---" * (len(sparsities) + 3) + "|", f"| dense | " + " | ".join(f"{100 * dense[split]:.2f}" for _ in sparsities) + " | – | – |"]
+    lines = [head, "|---" * (len(sparsities) + 3) + "|", "| dense | " + " | ".join(f"{100 * dense[split]:.2f}" for _ in sparsities) + " | – | – |"]
     for m in methods:
-        cells = [f"{100 * m['results'][s][split]:.2f}" if s in m["results"] else "–" for s in sparsities]
+        cells = [cell(m["results"][s], split) if s in m["results"] else "–" for s in sparsities]
         lines.append(f"| {m['method']} | " + " | ".join(cells) + f" | {m['curvature_seconds']:.0f} s | {m['curvature_gib']:.2f} GiB |")
     return "\n".join(lines)
+
+
+def cell(result: dict, split: str) -> str:
+    text = f"{100 * result[split]:.2f}"
+    return f"{text} ({result['picked']})" if "picked" in result else text
 
 
 def plot(dense: dict, methods: list[dict], out: Path) -> None:
@@ -53,11 +81,21 @@ def plot(dense: dict, methods: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    dense, methods = load(sys.argv[1:])
+    parser = argparse.ArgumentParser(description="Tables and a plot from oneshot_minilm.py result files")
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--pick", action="append", default=[], metavar="NAME=A,B,...",
+                        help="add a row NAME taking, per sparsity, the variant best on validation")
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG to write (test accuracy per method)")
+    args = parser.parse_args()
+    dense, methods = load(args.results)
+    for spec in args.pick:
+        name, sep, variants = spec.partition("=")
+        if not sep or not variants:
+            parser.error(f"--pick {spec!r}: expected NAME=A,B,...")
+        methods.append(picked_on_validation(methods, name, variants.split(",")))
     print("### Test accuracy\n\n" + table(dense, methods, "test") + "\n\n### Validation accuracy (used for choices)\n\n" + table(dense, methods, "validation"))
-    out = Path(__file__).parent / "results" / "oneshot_minilm.png"
-    plot(dense, methods, out)
-    print(f"\n![one-shot MiniLM]({out.relative_to(Path(__file__).parent)})")
+    plot(dense, methods, args.plot)
+    print(f"\n![one-shot MiniLM]({args.plot.name})")
 
 
 if __name__ == "__main__":

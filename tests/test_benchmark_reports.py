@@ -35,3 +35,30 @@ def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
     assert "dense: validation 91.00 %, test 90.00 %" in done.stdout
     assert "| fls[rewarm=True,aux_lr=0.01] | 2 | 90.0 % | 86.00 ± 0.20 | 87.00 ± 0.20 |" in done.stdout
     assert path.with_suffix(".png").stat().st_size > 10_000
+
+
+def oneshot_row(name, validation, test):
+    return {"method": name, "curvature_seconds": 10.0, "curvature_gib": 2.0,
+            "results": {s: {"validation": v, "test": t, "sparsity": float(s)} for s, v, t in zip(("0.5", "0.7"), validation, test)}}
+
+
+def test_oneshot_report_picks_each_sparsitys_variant_on_validation_not_test(tmp_path):
+    path = tmp_path / "oneshot.json"
+    path.write_text(json.dumps({"dense": {"validation": 0.86, "test": 0.857}, "methods": [
+        oneshot_row("obert-1e-6", (0.85, 0.80), (0.84, 0.83)),   # best validation at 50 %
+        oneshot_row("obert-1e-7", (0.84, 0.82), (0.86, 0.81)),   # best test at 50 %, best validation at 70 %
+    ]}))
+    plot = tmp_path / "oneshot.png"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_oneshot.py"), str(path),
+                           "--pick", "obert=obert-1e-6,obert-1e-7", "--plot", str(plot)], capture_output=True, text=True, check=True)
+    test_table = done.stdout.split("### Validation")[0]
+    assert "| obert | 84.00 (obert-1e-6) | 81.00 (obert-1e-7) |" in test_table
+    assert plot.stat().st_size > 10_000
+
+
+def test_oneshot_report_names_a_variant_it_has_no_results_for(tmp_path):
+    path = tmp_path / "oneshot.json"
+    path.write_text(json.dumps({"dense": {"validation": 0.86, "test": 0.857}, "methods": [oneshot_row("obert-1e-6", (0.8, 0.8), (0.8, 0.8))]}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_oneshot.py"), str(path), "--pick", "obert=obert-1e-6,obert-1e-9",
+                           "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
+    assert done.returncode != 0 and "obert-1e-9" in done.stderr

@@ -56,3 +56,23 @@ def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tm
         assert row["diag_change"] > 0  # the aux steps moved Q (start and refined are different states)
     # memory follows the structure: a diagonal over every weight (+ Adam) < Kronecker factors < blocks of 8
     assert rows["diagonal"]["curvature_gib"] < rows["kronecker"]["curvature_gib"] < rows["block_diagonal"]["curvature_gib"]
+
+
+def test_oneshot_peers_without_their_interpreter_stop_before_any_method_runs(tmp_path):
+    out = tmp_path / "oneshot.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "oneshot_minilm.py"), "--quick", "--peers", str(tmp_path / "no-python"),
+                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no-python" in done.stderr and "--peers" in done.stderr
+    assert not out.exists()
+
+
+def test_oneshot_default_recipe_row_is_the_shipped_yaml_aimed_at_the_harness_layers():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import oneshot_minilm
+    from fls_hf import load_recipe
+
+    row = oneshot_minilm.METHODS["fls-default"]
+    shipped = load_recipe(REPO / "recipes" / "oneshot-unstructured-50.yaml").to_dict()
+    assert row["curvature"] == shipped["curvature"]
+    assert {k: v for k, v in row["pruning"].items() if k not in ("targets", "ignore", "max_layer_sparsity")} == \
+        {k: v for k, v in shipped["pruning"].items() if k not in ("targets", "ignore", "max_layer_sparsity")}

@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--calibration_examples", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="one sparsity, 64 calibration examples, 64-example eval slices")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--dense_dir", default=str(minilm.DENSE_DIR), help="fine-tuned checkpoint to prune (oneshot_minilm.py's cache)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on the shared 2-core machine two threads ran 10-25x slower per matmul)")
     parser.add_argument("--verbose", action="store_true", help="keep llm-compressor's INFO log and progress bars")
@@ -168,9 +169,10 @@ def main() -> None:
     if args.quick:
         args.sparsities, args.calibration_examples = "0.5", 64
         data = {"train": data["train"], "validation": data["validation"].select(range(64)), "test": data["test"].select(range(64))}
-    if not (minilm.DENSE_DIR / "config.json").is_file():
-        sys.exit(f"{minilm.DENSE_DIR} missing: run benchmarks/oneshot_minilm.py once (with the fls_hf venv) to fine-tune it")
-    dense = AutoModelForSequenceClassification.from_pretrained(minilm.DENSE_DIR)
+    dense_dir = Path(args.dense_dir)
+    if not (dense_dir / "config.json").is_file():
+        sys.exit(f"{dense_dir} missing: run benchmarks/oneshot_minilm.py once (with the fls_hf venv) to fine-tune it")
+    dense = AutoModelForSequenceClassification.from_pretrained(dense_dir)
     dense.eval()
     tok = minilm.tokenizer()
     # the first N examples of minilm.loader(train, 8, shuffle=True, seed=0): what oneshot_minilm.py calibrates on
