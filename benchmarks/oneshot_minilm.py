@@ -149,6 +149,7 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
         row["results"][str(sparsity)] = {
             "prune_seconds": time.time() - start, "sparsity": pruner.masks.global_sparsity(),
             "validation": minilm.accuracy(model, data["validation"]), "test": minilm.accuracy(model, data["test"]),
+            "layer_sparsity": {layer: pruner.masks.sparsity(layer) for layer in pruner.masks},
         }
         print(f"{name:18s} {100 * sparsity:4.0f} %  val {100 * row['results'][str(sparsity)]['validation']:.2f}  "
               f"test {100 * row['results'][str(sparsity)]['test']:.2f}", flush=True)
