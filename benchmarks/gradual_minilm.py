@@ -69,7 +69,8 @@ def run_single(args) -> dict:
     if args.quick:
         data = {"train": data["train"].select(range(64)), "validation": data["validation"].select(range(64)),
                 "test": data["test"].select(range(64))}
-    model = minilm.dense_model(data, directory=minilm.QUICK_DENSE_DIR if args.quick else minilm.DENSE_DIR)
+    dense_dir = minilm.QUICK_DENSE_DIR if args.quick else minilm.DENSE_DIR
+    model = minilm.dense_model(data, directory=dense_dir)
     steps = -(-len(data["train"]) // args.batch_size) * args.epochs
     training = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="gradual-"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
@@ -93,7 +94,8 @@ def run_single(args) -> dict:
     seconds = time.time() - start
     pruner = getattr(trainer, "pruner", None)
     return {
-        "method": row_name(args.method, parse_overrides(args.set, args.method)), "seed": args.seed, "recipe": recipe, "steps": steps, "train_seconds": seconds,
+        "method": row_name(args.method, parse_overrides(args.set, args.method)), "seed": args.seed,
+        "dense_checkpoint": minilm.checkpoint_id(dense_dir), "recipe": recipe, "steps": steps, "train_seconds": seconds,
         "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
         "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

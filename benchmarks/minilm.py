@@ -7,6 +7,7 @@ test split); max length 64.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -84,6 +85,14 @@ def dense_model(data, *, epochs: float = 2.0, seed: int = 0, directory: Path = D
         model.save_pretrained(directory)
         (directory / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
     return AutoModelForSequenceClassification.from_pretrained(directory)
+
+
+def checkpoint_id(directory: Path = DENSE_DIR) -> str:
+    """First 12 hex digits of the dense weights' SHA-256: which cached fine-tune a result row started from.
+
+    The cache is not committed and a retrained one differs (another transformers version, other threads),
+    so rows from different checkpoints are replicates of the whole pipeline, not of the pruning seed alone."""
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
 def summary(values) -> str:

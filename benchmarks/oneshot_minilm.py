@@ -195,7 +195,8 @@ def main() -> None:
         dense_dir = minilm.DENSE_DIR
         dense = minilm.dense_model(data)
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    report = {"dense": {"validation": minilm.accuracy(dense, data["validation"]), "test": minilm.accuracy(dense, data["test"])},
+    report = {"dense": {"validation": minilm.accuracy(dense, data["validation"]), "test": minilm.accuracy(dense, data["test"]),
+                        "checkpoint": minilm.checkpoint_id(dense_dir)},
               "settings": {"batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": minilm.MAX_LENGTH},
               "methods": []}
     print(f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}", flush=True)

@@ -27,14 +27,14 @@ def by_method(path: str) -> tuple[dict, dict[str, list[dict]]]:
 
 
 def spread(values: list[float]) -> str:
-    """Mean, with ± half the range when there is more than one seed."""
+    """Mean, with ± half the range when there is more than one run (seeds, or dense checkpoints)."""
     mean = 100 * float(np.mean(values))
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {50 * (max(values) - min(values)):.2f}"
 
 
 def table(rows: dict[str, list[dict]]) -> str:
     reference = rows.get("finetune", [{}])[0].get("train_seconds")
-    lines = ["| method | seeds | sparsity | validation | test | wall time | × fine-tune | peak RSS | curvature memory |",
+    lines = ["| method | runs | sparsity | validation | test | wall time | × fine-tune | peak RSS | curvature memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         seconds = float(np.mean([r["train_seconds"] for r in runs]))

@@ -1,4 +1,4 @@
-"""Result rows of the gradual benchmarks: one row per (method, seed), replaced when re-measured."""
+"""Result rows of the gradual benchmarks: one row per (method, seed, dense checkpoint), replaced when re-measured."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ from pathlib import Path
 
 
 def record(report: dict, row: dict, out: Path, extra: str = "") -> None:
-    """Put `row` into `report["rows"]` (replacing the same method and seed), write the file, print a summary line."""
-    key = (row["method"], row["seed"])
-    report["rows"] = [r for r in report["rows"] if (r["method"], r["seed"]) != key] + [row]
+    """Put `row` into `report["rows"]` (replacing the same method, seed and dense checkpoint), write the file, print a summary line.
+
+    Rows from another dense checkpoint (`dense_checkpoint`; absent in rows older than that field) are kept beside it."""
+    report["rows"] = [r for r in report["rows"] if _key(r) != _key(row)] + [row]
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{row['method']:9s} seed {row['seed']}: sparsity {100 * row['sparsity']:.1f} %  val {100 * row['validation']:.2f}  "
           f"test {100 * row['test']:.2f}  {row['train_seconds']:.0f} s{extra}", flush=True)
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["seed"], row.get("dense_checkpoint")

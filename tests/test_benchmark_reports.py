@@ -62,3 +62,15 @@ def test_oneshot_report_names_a_variant_it_has_no_results_for(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_oneshot.py"), str(path), "--pick", "obert=obert-1e-6,obert-1e-9",
                            "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert done.returncode != 0 and "obert-1e-9" in done.stderr
+
+
+def test_gradual_rows_replace_a_rerun_but_keep_another_dense_checkpoints_row(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from rows import record
+
+    out = tmp_path / "gradual.json"
+    report = {"settings": {}, "rows": rows([("fls", 0, 0.78)])}            # an old row: no dense_checkpoint field
+    record(report, {**rows([("fls", 0, 0.79)])[0], "dense_checkpoint": "abc"}, out)
+    record(report, {**rows([("fls", 0, 0.80)])[0], "dense_checkpoint": "abc"}, out)  # re-measured: replaces
+    stored = json.loads(out.read_text())["rows"]
+    assert [(r.get("dense_checkpoint"), r["test"]) for r in stored] == [(None, 0.78), ("abc", 0.80)]
