@@ -32,16 +32,33 @@ def spread(values: list[float]) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {50 * (max(values) - min(values)):.2f}"
 
 
+def finetune_seconds(rows: dict[str, list[dict]]) -> dict:
+    """Plain fine-tune time per dense checkpoint (`None` for rows from before checkpoints were recorded)."""
+    references: dict = {}
+    for run in rows.get("finetune", []):
+        references.setdefault(run.get("dense_checkpoint"), run["train_seconds"])
+    return references
+
+
+def time_ratio(runs: list[dict], references: dict) -> str:
+    """Mean of each run's time over the fine-tune of its own dense checkpoint (the same session and machine
+    load), else over the first fine-tune: wall times of different sessions are not comparable."""
+    if not references:
+        return "–"
+    first = next(iter(references.values()))
+    ratios = [r["train_seconds"] / references.get(r.get("dense_checkpoint"), first) for r in runs]
+    return f"{np.mean(ratios):.2f}×"
+
+
 def table(rows: dict[str, list[dict]]) -> str:
-    reference = rows.get("finetune", [{}])[0].get("train_seconds")
+    references = finetune_seconds(rows)
     lines = ["| method | runs | sparsity | validation | test | wall time | × fine-tune | peak RSS | curvature memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         seconds = float(np.mean([r["train_seconds"] for r in runs]))
-        ratio = f"{seconds / reference:.2f}×" if reference else "–"
         lines.append(
             f"| {name} | {len(runs)} | {100 * runs[0]['sparsity']:.1f} % | {spread([r['validation'] for r in runs])} | "
-            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {ratio} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
+            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {time_ratio(runs, references)} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
             f"{max(r['curvature_gib'] for r in runs):.3f} GiB |"
         )
     return "\n".join(lines)

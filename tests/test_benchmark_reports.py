@@ -25,6 +25,18 @@ def test_gradual_report_averages_seeds_and_plots_scan_points(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_gradual_report_times_each_run_against_the_fine_tune_of_its_own_checkpoint(tmp_path):
+    """Sessions run at different machine speeds: a 2× slower session's runs must not look 2× costlier."""
+    runs = rows([("finetune", 0, 0.85), ("finetune", 0, 0.85), ("gmp", 0, 0.7), ("gmp", 0, 0.7), ("obd", 0, 0.75)])
+    for run, checkpoint, seconds in zip(runs, ("old", "new", "old", "new", "unknown"), (100.0, 200.0, 150.0, 300.0, 120.0)):
+        run.update(dense_checkpoint=checkpoint, train_seconds=seconds)
+    path = tmp_path / "gradual.json"
+    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
+    assert "| 225 s | 1.50× |" in done.stdout  # gmp: 150/100 and 300/200
+    assert "| 120 s | 1.20× |" in done.stdout  # obd: no fine-tune of its checkpoint, so the first one
+
+
 def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
     path = tmp_path / "resnet.json"
     data = {"settings": {"sparsity": 0.95}, "dense": {"validation": 0.91, "test": 0.9, "train_seconds": 400.0},
