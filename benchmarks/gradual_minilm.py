@@ -63,6 +63,12 @@ def schedule(steps: int, sparsity: float, mask_type: str) -> dict:
             "update_frequency": max(end // 6, 1), "inter_func": "cubic", "mask_type": mask_type}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: unlike wall time, not inflated by CPU steal on a shared host."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_single(args) -> dict:
     """One method, one seed, in this process: train, evaluate, measure."""
     data = minilm.splits()
@@ -89,13 +95,14 @@ def run_single(args) -> dict:
         if args.quick:  # a smoke run exercises the pipeline, not the estimate
             recipe["curvature"].update({k: v for k, v in QUICK_CURVATURE.items() if k in recipe["curvature"]})
         trainer = FishLegPruningTrainer(recipe=recipe, **common)
-    start = time.time()
+    start, cpu_start = time.time(), cpu_seconds()
     trainer.train()
-    seconds = time.time() - start
+    seconds, cpu = time.time() - start, cpu_seconds() - cpu_start
     pruner = getattr(trainer, "pruner", None)
     return {
         "method": row_name(args.method, parse_overrides(args.set, args.method)), "seed": args.seed,
         "dense_checkpoint": minilm.checkpoint_id(dense_dir), "recipe": recipe, "steps": steps, "train_seconds": seconds,
+        "train_cpu_seconds": cpu,
         "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
         "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -32,33 +32,36 @@ def spread(values: list[float]) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {50 * (max(values) - min(values)):.2f}"
 
 
-def finetune_seconds(rows: dict[str, list[dict]]) -> dict:
-    """Plain fine-tune time per dense checkpoint (`None` for rows from before checkpoints were recorded)."""
+def finetune_seconds(rows: dict[str, list[dict]], key: str) -> dict:
+    """Plain fine-tune time (`key`: train_seconds | train_cpu_seconds) per dense checkpoint (`None` for rows
+    from before checkpoints were recorded)."""
     references: dict = {}
     for run in rows.get("finetune", []):
-        references.setdefault(run.get("dense_checkpoint"), run["train_seconds"])
+        if key in run:
+            references.setdefault(run.get("dense_checkpoint"), run[key])
     return references
 
 
-def time_ratio(runs: list[dict], references: dict) -> str:
+def time_ratio(runs: list[dict], rows: dict[str, list[dict]], key: str) -> str:
     """Mean of each run's time over the fine-tune of its own dense checkpoint (the same session and machine
     load), else over the first fine-tune: wall times of different sessions are not comparable."""
-    if not references:
+    references = finetune_seconds(rows, key)
+    timed = [r for r in runs if key in r]
+    if not references or not timed:
         return "–"
     first = next(iter(references.values()))
-    ratios = [r["train_seconds"] / references.get(r.get("dense_checkpoint"), first) for r in runs]
-    return f"{np.mean(ratios):.2f}×"
+    return f"{np.mean([r[key] / references.get(r.get('dense_checkpoint'), first) for r in timed]):.2f}×"
 
 
 def table(rows: dict[str, list[dict]]) -> str:
-    references = finetune_seconds(rows)
-    lines = ["| method | runs | sparsity | validation | test | wall time | × fine-tune | peak RSS | curvature memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | runs | sparsity | validation | test | wall time | × fine-tune | CPU × fine-tune | peak RSS | curvature memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         seconds = float(np.mean([r["train_seconds"] for r in runs]))
         lines.append(
             f"| {name} | {len(runs)} | {100 * runs[0]['sparsity']:.1f} % | {spread([r['validation'] for r in runs])} | "
-            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {time_ratio(runs, references)} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
+            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {time_ratio(runs, rows, 'train_seconds')} | "
+            f"{time_ratio(runs, rows, 'train_cpu_seconds')} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
             f"{max(r['curvature_gib'] for r in runs):.3f} GiB |"
         )
     return "\n".join(lines)

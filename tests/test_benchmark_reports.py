@@ -20,7 +20,7 @@ def test_gradual_report_averages_seeds_and_plots_scan_points(tmp_path):
     path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1},
                                 "rows": rows([("finetune", 0, 0.85), ("fls", 0, 0.78), ("fls", 1, 0.80), ("fls[rewarm=True]", 0, 0.81)])}))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
-    assert "| fls | 2 | 90.0 % | 78.00 ± 1.00 | 79.00 ± 1.00 | 100 s | 1.00× |" in done.stdout
+    assert "| fls | 2 | 90.0 % | 78.00 ± 1.00 | 79.00 ± 1.00 | 100 s | 1.00× | – |" in done.stdout
     assert "| fls[rewarm=True] | 1 |" in done.stdout
     assert path.with_suffix(".png").stat().st_size > 10_000
 
@@ -33,8 +33,20 @@ def test_gradual_report_times_each_run_against_the_fine_tune_of_its_own_checkpoi
     path = tmp_path / "gradual.json"
     path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
-    assert "| 225 s | 1.50× |" in done.stdout  # gmp: 150/100 and 300/200
-    assert "| 120 s | 1.20× |" in done.stdout  # obd: no fine-tune of its checkpoint, so the first one
+    assert "| 225 s | 1.50× | – |" in done.stdout  # gmp: 150/100 and 300/200; no CPU times recorded
+    assert "| 120 s | 1.20× | – |" in done.stdout  # obd: no fine-tune of its checkpoint, so the first one
+
+
+def test_gradual_report_gives_the_cpu_time_ratio_where_runs_recorded_it(tmp_path):
+    runs = rows([("finetune", 0, 0.85), ("fls", 0, 0.8), ("fls", 0, 0.8), ("gmp", 0, 0.7)])
+    for run, cpu in zip(runs, (400.0, 480.0, None, None)):
+        if cpu is not None:
+            run["train_cpu_seconds"] = cpu
+    path = tmp_path / "gradual.json"
+    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
+    assert "| fls | 2 | 90.0 % | 79.00 ± 0.00 | 80.00 ± 0.00 | 100 s | 1.00× | 1.20× |" in done.stdout  # the run that has a CPU time
+    assert "| gmp | 1 | 90.0 % | 69.00 | 70.00 | 100 s | 1.00× | – |" in done.stdout
 
 
 def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
