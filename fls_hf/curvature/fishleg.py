@@ -10,6 +10,7 @@ One aux step: draw u, form v = Q(λ)u (with a graph into λ), one Fisher-vector 
 batch, r = stopgrad((F + γ)v − u), optionally r ← Q r (preconditioned aux gradient), backpropagate
 ⟨v, r⟩ into λ (= J_λ(v)ᵀ r, the aux-loss gradient), all-reduce across ranks, Adam step on λ.
 After pruning, u, v and F·v are masked so Q learns the inverse Fisher of the surviving weights.
+The Q₀ each run starts from (`curvature.init`) is set in `warm_start.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .base import CurvatureConfig, CurvatureProvider, row_blocks
 from .fisher import FISHER_PRODUCTS, sampled_gradient
 from .likelihoods import Likelihood, likelihood_for
 from .structures import STRUCTURES, build_structure, structure_numel
+from .warm_start import warm_start
 
 _BYTES_PER_LEARNED_VALUE = 4 * 4  # fp32 value, its gradient and two Adam moments
 _BYTES_PER_FIXED_VALUE = 4  # no aux step ever runs: the gradient and Adam moments are never allocated
@@ -120,11 +122,12 @@ class FishLegProvider(CurvatureProvider):
         self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- layout
-    def _models_bias(self, name: str) -> bool:
+    def models_bias(self, name: str) -> bool:
+        """Whether Q covers the layer's bias as one more input column (Kronecker Q of a biased layer)."""
         return self.config.structure == "kronecker" and self.layers[name].bias is not None
 
     def _width(self, name: str) -> int:
-        return self.layers[name].shape[1] + int(self._models_bias(name))
+        return self.layers[name].shape[1] + int(self.models_bias(name))
 
     def _parameters(self) -> list[nn.Parameter]:
         return [p for s in self.structures.values() for p in s.parameters()]
@@ -187,7 +190,7 @@ class FishLegProvider(CurvatureProvider):
         """Warm start (once) and `warmup_steps` aux steps over the calibration batches."""
         calibration = self._calibration(model, batches)
         if self.steps_done == 0:
-            self._warm_start(model, calibration)
+            warm_start(self, model, calibration)
         return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
 
     def restart(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
@@ -197,7 +200,7 @@ class FishLegProvider(CurvatureProvider):
         pruning can change the Fisher by an order of magnitude (BatchNorm rescales what follows a pruned
         conv): re-running the cheap warm-start statistics lets the aux steps refine from where F is now."""
         calibration = self._calibration(model, batches)
-        self._warm_start(model, calibration)
+        warm_start(self, model, calibration)
         self.optimizer.state.clear()
 
     def _calibration(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -207,16 +210,6 @@ class FishLegProvider(CurvatureProvider):
             raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
         self._resolve_likelihood(model)
         return calibration
-
-    def _warm_start(self, model: nn.Module, calibration: list[Mapping[str, Any]]) -> None:
-        if self.config.init == "diagonal":
-            self._diagonal_warm_start(model, calibration)
-        elif self.config.init == "kfac":
-            self._kfac_warm_start(model, calibration)
-        elif self.config.init == "fisher":
-            self._fisher_warm_start(model, calibration)
-        else:  # identity: Q = I/γ (what the structures are built as)
-            self._set_identity(list(self.layers))
 
     def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
         diagnostics: dict[str, float] = {}
@@ -229,92 +222,13 @@ class FishLegProvider(CurvatureProvider):
             self.likelihood = likelihood_for(self.config.likelihood, getattr(model, "config", None))
         return self.likelihood
 
-    def _diagonal_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
-        """Q₀ = diag 1/(E[g²] + γ) from sampled-label per-example gradients (the OBD point)."""
-        from .gradients import per_example_gradients
-
-        sums = {name: torch.zeros(a.shape, device=self.device(name)) for name, a in self.layers.items()}
-        count = 0
-        for grads in per_example_gradients(
-            model, itertools.cycle(batches), self.layers, labels="sampled", likelihood=self.likelihood,
-            generator=self.generator, max_examples=self.config.init_examples,
-        ):
-            for name, g in grads.items():
-                sums[name] += g.float().pow(2).sum(0)
-            count += next(iter(grads.values())).shape[0]
-        means = [sums[name] / max(count, 1) for name in self.structures]
-        all_reduce_mean_(means)  # identical Q₀ on every data-parallel rank
-        unusable = []
-        for (name, structure), mean in zip(self.structures.items(), means):
-            if not torch.isfinite(mean).all():
-                unusable.append(name)
-                continue
-            d = 1.0 / (mean + self.damping)
-            if self._models_bias(name):
-                d = torch.cat([d, d.median(dim=1, keepdim=True).values], dim=1)
-            structure.init_diagonal(d)
-        self._identity_where_non_finite(unusable)
-
-    def _fisher_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
-        """Q₀ = the structure's row blocks of (γI + (1/m) Σ g gᵀ)⁻¹ from true-Fisher per-example gradients
-        (oBERT's estimate, from the model's own label distribution): FishLeg then refines it."""
-        from .block_fisher import BlockFisherConfig, BlockFisherProvider
-
-        block = self.config.block_size if self.config.structure == "block_diagonal" else 1
-        estimate = BlockFisherProvider(self.layers, BlockFisherConfig(
-            damping=self.damping, block_size=block, num_grads=self.config.init_examples,
-            fisher_labels=self.config.init_labels, seed=self.config.seed,
-        ), self.likelihood)
-        estimate.keep = dict(self.keep)
-        estimate.prepare(model, itertools.cycle(batches))
-        for name, structure in self.structures.items():
-            structure.init_blocks(estimate.inverse.pop(name))
-        self._identity_where_non_finite([])  # a block the Cholesky factor could not represent
-
-    def _kfac_warm_start(self, model: nn.Module, batches: list[Mapping[str, Any]]) -> None:
-        """Q₀ from the K-FAC Fisher G ⊗ Ā of sampled-label passes (see `kfac.py`)."""
-        from .kfac import kronecker_statistics
-
-        stats = kronecker_statistics(model, itertools.cycle(batches), self.layers, self.likelihood,
-                                     generator=self.generator, max_examples=self.config.init_examples)
-        unusable = []
-        for name, structure in self.structures.items():
-            a_bar, g = stats[name]
-            if not self._models_bias(name):
-                a_bar = a_bar[:-1, :-1]
-            if not (torch.isfinite(a_bar).all() and torch.isfinite(g).all()):
-                unusable.append(name)  # eigh of a NaN factor may not even return
-                continue
-            structure.init_kfac(a_bar, g, self.damping)
-        self._identity_where_non_finite(unusable)
-
-    def _identity_where_non_finite(self, unusable: list[str]) -> None:
-        """Q₀ = I/γ (the identity start) for layers whose warm-start statistics or Q₀ are not finite; warned.
-
-        A NaN Q₀ would never recover (every later aux step on that layer is skipped) and would make the
-        layer's saliencies meaningless; I/γ is the safe, magnitude-equivalent start.
-        """
-        broken = {n for n, s in self.structures.items() if not all(torch.isfinite(p).all() for p in s.parameters())}
-        names = sorted(set(unusable) | broken)
-        self._set_identity(names)
-        if names:
-            warnings.warn(
-                f"FishLeg warm start (`curvature.init: {self.config.init}`) gave non-finite statistics for "
-                f"{', '.join(names)}; these layers start from Q = I/γ (as `init: identity`)", RuntimeWarning, stacklevel=3,
-            )
-
-    def _set_identity(self, names: list[str]) -> None:
-        for name in names:
-            structure = self.structures[name]
-            structure.init_diagonal(torch.full(structure.shape, 1.0 / self.damping, device=self.device(name)))
-
     def _tangents(self, v: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         tangents: dict[nn.Parameter, torch.Tensor] = {}
         for name, vec in v.items():
             adapter = self.layers[name]
             cols = adapter.shape[1]
             tangents[adapter.weight] = adapter.from_matrix(vec[:, :cols])
-            if self._models_bias(name):
+            if self.models_bias(name):
                 tangents[adapter.bias] = vec[:, cols]
         return tangents
 
@@ -323,7 +237,7 @@ class FishLegProvider(CurvatureProvider):
         out = {}
         for name, adapter in self.layers.items():
             parts = [adapter.to_matrix(by_param[adapter.weight])]
-            if self._models_bias(name):
+            if self.models_bias(name):
                 parts.append(by_param[adapter.bias][:, None])
             out[name] = torch.cat(parts, dim=1)
         return out
