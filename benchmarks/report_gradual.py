@@ -44,13 +44,10 @@ def finetune_seconds(rows: dict[str, list[dict]], key: str) -> dict:
 
 def time_ratio(runs: list[dict], rows: dict[str, list[dict]], key: str) -> str:
     """Mean of each run's time over the fine-tune of its own dense checkpoint (the same session and machine
-    load), else over the first fine-tune: wall times of different sessions are not comparable."""
+    load); runs on a checkpoint without a fine-tune row are left out: times of different sessions differ."""
     references = finetune_seconds(rows, key)
-    timed = [r for r in runs if key in r]
-    if not references or not timed:
-        return "–"
-    first = next(iter(references.values()))
-    return f"{np.mean([r[key] / references.get(r.get('dense_checkpoint'), first) for r in timed]):.2f}×"
+    ratios = [r[key] / references[r.get("dense_checkpoint")] for r in runs if key in r and r.get("dense_checkpoint") in references]
+    return f"{np.mean(ratios):.2f}×" if ratios else "–"
 
 
 def table(rows: dict[str, list[dict]]) -> str:
