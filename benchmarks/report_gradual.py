@@ -42,23 +42,23 @@ def finetune_seconds(rows: dict[str, list[dict]], key: str) -> dict:
     return references
 
 
-def time_ratio(runs: list[dict], rows: dict[str, list[dict]], key: str) -> str:
+def time_ratio(runs: list[dict], references: dict, key: str) -> str:
     """Mean of each run's time over the fine-tune of its own dense checkpoint (the same session and machine
     load); runs on a checkpoint without a fine-tune row are left out: times of different sessions differ."""
-    references = finetune_seconds(rows, key)
     ratios = [r[key] / references[r.get("dense_checkpoint")] for r in runs if key in r and r.get("dense_checkpoint") in references]
     return f"{np.mean(ratios):.2f}×" if ratios else "–"
 
 
 def table(rows: dict[str, list[dict]]) -> str:
+    wall, cpu = finetune_seconds(rows, "train_seconds"), finetune_seconds(rows, "train_cpu_seconds")
     lines = ["| method | runs | sparsity | validation | test | wall time | × fine-tune | CPU × fine-tune | peak RSS | curvature memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         seconds = float(np.mean([r["train_seconds"] for r in runs]))
         lines.append(
             f"| {name} | {len(runs)} | {100 * runs[0]['sparsity']:.1f} % | {spread([r['validation'] for r in runs])} | "
-            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {time_ratio(runs, rows, 'train_seconds')} | "
-            f"{time_ratio(runs, rows, 'train_cpu_seconds')} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
+            f"{spread([r['test'] for r in runs])} | {seconds:.0f} s | {time_ratio(runs, wall, 'train_seconds')} | "
+            f"{time_ratio(runs, cpu, 'train_cpu_seconds')} | {max(r['peak_rss_gib'] for r in runs):.2f} GiB | "
             f"{max(r['curvature_gib'] for r in runs):.3f} GiB |"
         )
     return "\n".join(lines)

@@ -15,13 +15,18 @@ def rows(names_and_tests):
              "peak_rss_gib": 1.0, "curvature_gib": 0.1} for name, seed, acc in names_and_tests]
 
 
+def gradual_report(path: Path, runs: list[dict]) -> str:
+    """Write a 90 % results file with these runs and return what report_gradual.py prints for it."""
+    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
 def test_gradual_report_averages_seeds_and_plots_scan_points(tmp_path):
     path = tmp_path / "gradual.json"
-    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1},
-                                "rows": rows([("finetune", 0, 0.85), ("fls", 0, 0.78), ("fls", 1, 0.80), ("fls[rewarm=True]", 0, 0.81)])}))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
-    assert "| fls | 2 | 90.0 % | 78.00 ± 1.00 | 79.00 ± 1.00 | 100 s | 1.00× | – |" in done.stdout
-    assert "| fls[rewarm=True] | 1 |" in done.stdout
+    report = gradual_report(path, rows([("finetune", 0, 0.85), ("fls", 0, 0.78), ("fls", 1, 0.80), ("fls[rewarm=True]", 0, 0.81)]))
+    assert "| fls | 2 | 90.0 % | 78.00 ± 1.00 | 79.00 ± 1.00 | 100 s | 1.00× | – |" in report
+    assert "| fls[rewarm=True] | 1 |" in report
     assert path.with_suffix(".png").stat().st_size > 10_000
 
 
@@ -30,11 +35,9 @@ def test_gradual_report_times_each_run_against_the_fine_tune_of_its_own_checkpoi
     runs = rows([("finetune", 0, 0.85), ("finetune", 0, 0.85), ("gmp", 0, 0.7), ("gmp", 0, 0.7), ("obd", 0, 0.75)])
     for run, checkpoint, seconds in zip(runs, ("old", "new", "old", "new", "unknown"), (100.0, 200.0, 150.0, 300.0, 120.0)):
         run.update(dense_checkpoint=checkpoint, train_seconds=seconds)
-    path = tmp_path / "gradual.json"
-    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
-    assert "| 225 s | 1.50× | – |" in done.stdout  # gmp: 150/100 and 300/200; no CPU times recorded
-    assert "| 120 s | – | – |" in done.stdout  # obd: no fine-tune on its checkpoint to compare with
+    report = gradual_report(tmp_path / "gradual.json", runs)
+    assert "| 225 s | 1.50× | – |" in report  # gmp: 150/100 and 300/200; no CPU times recorded
+    assert "| 120 s | – | – |" in report  # obd: no fine-tune on its checkpoint to compare with
 
 
 def test_gradual_report_gives_the_cpu_time_ratio_where_runs_recorded_it(tmp_path):
@@ -42,11 +45,9 @@ def test_gradual_report_gives_the_cpu_time_ratio_where_runs_recorded_it(tmp_path
     for run, cpu in zip(runs, (400.0, 480.0, None, None)):
         if cpu is not None:
             run["train_cpu_seconds"] = cpu
-    path = tmp_path / "gradual.json"
-    path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
-    assert "| fls | 2 | 90.0 % | 79.00 ± 0.00 | 80.00 ± 0.00 | 100 s | 1.00× | 1.20× |" in done.stdout  # the run that has a CPU time
-    assert "| gmp | 1 | 90.0 % | 69.00 | 70.00 | 100 s | 1.00× | – |" in done.stdout
+    report = gradual_report(tmp_path / "gradual.json", runs)
+    assert "| fls | 2 | 90.0 % | 79.00 ± 0.00 | 80.00 ± 0.00 | 100 s | 1.00× | 1.20× |" in report  # the run that has a CPU time
+    assert "| gmp | 1 | 90.0 % | 69.00 | 70.00 | 100 s | 1.00× | – |" in report
 
 
 def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):

@@ -1,9 +1,10 @@
 """The CUDA paths, run on a GPU when there is one (skipped elsewhere: CI and the CPU machines have none).
 
 - One-shot pruning on CUDA agrees with the same work on CPU for every method and Q structure, and so do
-  diagonal-Q aux steps (block and Kronecker aux steps amplify rounding, see their test), up to float rounding: a CUDA-vs-CPU difference may be no larger than what a 1e-6 relative
-  perturbation of the weights (a few fp32 ulps) causes on CPU. Label and u sampling use CPU
-  generators, so both devices see the same random draws.
+  diagonal-Q aux steps (block and Kronecker aux steps amplify rounding, see their test), up to float
+  rounding: a CUDA-vs-CPU difference may be no larger than what a 1e-6 relative perturbation of the
+  weights (a few fp32 ulps) causes on CPU. Label and u sampling use CPU generators, so both devices
+  see the same random draws.
 - Mixed-precision training on CUDA (fp16 with its GradScaler, bf16 autocast) reaches the exact target
   with finite weights; the pruner's masks and curvature live on the GPU.
 - A step the fp16 GradScaler skips neither prunes nor refines; its target is reached at the next
