@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.curvature.likelihoods import Gaussian
-from fls_hf.targets import resolve_targets
+from fls_hf.fisher.likelihoods import Gaussian
+from fls_hf.model.targets import resolve_targets
 
 ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
 STRUCTURES = {

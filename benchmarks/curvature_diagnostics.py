@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import minilm  # noqa: E402
 
-from fls_hf.calibration import CalibrationStream  # noqa: E402
-from fls_hf.pruner import Pruner  # noqa: E402
+from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
+from fls_hf.pruning.pruner import Pruner  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 START = {"init": "kfac", "init_examples": 512, "warmup_steps": 0, "refinement_steps": 0}
@@ -67,7 +67,7 @@ def run_structure(name: str, dense, data, args) -> dict:
     model = copy.deepcopy(dense)
     pruner = Pruner(model, cfg)
     start = time.time()
-    pruner.provider.prepare(model, CalibrationStream(calibration))
+    pruner.provider.ready(model, CalibrationStream(calibration))
     init_seconds = time.time() - start
     before = copy.deepcopy(pruner.provider.state_dict())  # the aux steps below update Q's tensors in place
     start_diag = {n: pruner.provider.diag(n).clone() for n in pruner.layers}

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fashion_data  # noqa: E402
 import model_cache  # noqa: E402
 
-from fls_hf.calibration import CalibrationStream  # noqa: E402
+from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
 from fls_hf.curvature.fishleg import FishLegConfig  # noqa: E402
 from fls_hf.progress import progress  # noqa: E402
-from fls_hf.pruner import Pruner  # noqa: E402
+from fls_hf.pruning.pruner import Pruner  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -176,7 +176,7 @@ def estimate(dense: nn.Module, cfg: dict, calibration: list[dict]) -> dict:
     model = copy.deepcopy(dense)
     pruner = Pruner(model, cfg)
     start = time.time()
-    diagnostics = pruner.provider.prepare(model, CalibrationStream(calibration))
+    diagnostics = pruner.provider.ready(model, CalibrationStream(calibration))
     seconds = time.time() - start
     tensors = pruner.provider.state_tensors().items()
     values = sum(t.numel() * t.element_size() for k, t in tensors if not k.endswith(("exp_avg", "exp_avg_sq")))  # no Adam moments

@@ -40,11 +40,11 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from fls_hf.curvature import config_class_for, provider_class_for
-from fls_hf.curvature.fisher import ggn_product
-from fls_hf.curvature.gradients import per_example_gradients
-from fls_hf.curvature.likelihoods import Categorical
+from fls_hf.fisher.products import ggn_product
+from fls_hf.fisher.gradients import per_example_gradients
+from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.progress import progress
-from fls_hf.targets import resolve_targets
+from fls_hf.model.targets import resolve_targets
 
 RESULTS = Path(__file__).parent / "results"
 D_IN, HIDDEN, CLASSES, N_TRAIN, N_TEST = 16, 32, 6, 2048, 2048

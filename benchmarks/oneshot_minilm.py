@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import minilm  # noqa: E402
 
-from fls_hf.pruner import Pruner  # noqa: E402
-from fls_hf.calibration import CalibrationStream  # noqa: E402
+from fls_hf.pruning.pruner import Pruner  # noqa: E402
+from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
 from fls_hf.recipe import load_recipe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -133,7 +133,7 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
     estimator_model = copy.deepcopy(dense)
     estimator = Pruner(estimator_model, cfg)
     start = time.time()
-    diagnostics = estimator.provider.prepare(estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
+    diagnostics = estimator.provider.ready(estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
     curvature_s = time.time() - start
     state = estimator.provider.state_dict()
     # FishLeg: aux loss and residual ‖(F+γ)Qu − u‖/‖u‖ of the last warm-up step; baselines: examples used

@@ -8,7 +8,7 @@ from .callback import FishLegPruningCallback
 from .errors import CurvatureError, DistributedError, FlsError, PruningStateError, RecipeError, UnsupportedModuleError
 from .oneshot import oneshot
 from .recipe import PruningRecipe, load_recipe
-from .report import SparsityReport, sparsity_report
+from .export.report import SparsityReport, sparsity_report
 from .trainer import FishLegPruningArguments, FishLegPruningTrainer
 
 __version__ = "0.1.0.dev0"

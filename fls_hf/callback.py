@@ -3,7 +3,7 @@
 Hooks (transformers 5 loop: forward/backward × grad-accum → clip → on_pre_optimizer_step →
 optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step += 1 → on_step_end):
 
-- `on_train_begin`: build the pruner; restore its state when resuming; prune if the schedule starts at step 0.
+- `on_train_begin`: fix the schedule (a recipe without `end_step` prunes over the first 3/4 of the run); build the pruner; restore its state when resuming; prune if the schedule starts at step 0.
 - `on_pre_optimizer_step`: zero the gradients of pruned weights; a NaN / inf gradient in a targeted layer
   drops the whole update (warned, counted), so no non-finite value reaches the weights or the masks.
 - `on_optimizer_step`: re-zero pruned weights (momentum and weight decay would regrow them).
@@ -27,14 +27,14 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .calibration import CalibrationStream, SeededBatches
 from .distributed import is_main_process, rank
 from .errors import DistributedError, PruningStateError
-from .export import write_pruning_artifacts
+from .export.artifacts import write_pruning_artifacts
+from .fisher.calibration import CalibrationStream, SeededBatches
 from .peft import warn_if_merge_densifies
 from .progress import log_main, warn_main
-from .pruner import Pruner
-from .recipe import PruningRecipe, load_recipe
+from .pruning.pruner import Pruner
+from .recipe import PruningRecipe, load_recipe, schedule_over_run
 
 PRUNER_DIR = "fls_pruner"
 
@@ -65,7 +65,8 @@ class FishLegPruningCallback(TrainerCallback):
     """
 
     def __init__(self, recipe: PruningRecipe | Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> None:
-        self.recipe = load_recipe(recipe, overrides=overrides)
+        parsed = isinstance(recipe, PruningRecipe) and not overrides
+        self.recipe = recipe if parsed else load_recipe(recipe, overrides=overrides)  # the Trainer passes it parsed
         self.pruner: Pruner | None = None
         self.batches: SeededBatches | CalibrationStream | None = None
         self.merge_warned = False
@@ -82,6 +83,7 @@ class FishLegPruningCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, train_dataloader: Any = None, **kwargs: Any) -> None:
         refuse_sharded_training(args)
+        self.recipe = schedule_over_run(self.recipe, state.max_steps)
         self.pruner = Pruner(model, self.recipe)
         self.batches = self._curvature_data(args, train_dataloader)
         if state.global_step > 0:

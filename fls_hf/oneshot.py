@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from .pruner import Pruner
+from .export.report import SparsityReport, sparsity_report
+from .pruning.pruner import Pruner
 from .recipe import PruningRecipe, load_recipe
-from .report import SparsityReport, sparsity_report
 
 
 def oneshot(

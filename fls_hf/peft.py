@@ -26,11 +26,11 @@ import warnings
 import torch
 from torch import nn
 
-from .curvature.forward import unwrap
 from .errors import FlsError
-from .pruner import Pruner
+from .model.forward import unwrap
+from .model.targets import peft_inner_name, plain_name
 from .pruning.masks import MaskSet
-from .targets import peft_inner_name, plain_name
+from .pruning.pruner import Pruner
 
 MERGE_WARNING = (
     "fls_hf: {count} pruned layer(s) of this PEFT model carry adapters (e.g. `{example}`): a plain "

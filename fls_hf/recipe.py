@@ -3,6 +3,12 @@
 Every key is checked early and by its dotted name: unknown keys at any level are rejected with the
 nearest valid key, types are checked against the dataclass annotations, and ranges and consistency
 are checked in `__post_init__`. `start_step` / `end_step` / `update_frequency` count optimizer steps.
+This module is the only place recipe values are validated: it owns the choice lists and the N:M
+grammar, and the code below it takes the typed values as given.
+
+A minimal recipe (`pruning: {final_sparsity: 0.8}`) leaves `end_step` unset: `oneshot` prunes to
+`final_sparsity` at once, and the Trainer spreads a cubic schedule over the first 3/4 of the run
+(`schedule_over_run`), leaving the last quarter for recovery.
 
 Example:
     >>> recipe = load_recipe("recipes/gradual-unstructured-90.yaml", overrides={"pruning.final_sparsity": 0.8})
@@ -14,22 +20,28 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .curvature.base import CurvatureConfig, config_class_for
+from .curvature.base import config_class_for
+from .curvature.config import CurvatureConfig
 from .errors import CurvatureError, RecipeError
-from .pruning.surgeon import COMPENSATIONS, SALIENCIES  # one list of choices: the surgeon's
+from .progress import log_main
 
 SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
-_N_OF_M = re.compile(r"([0-9]+):([0-9]+)")
+COMPENSATIONS = ("block", "independent", "none")
+SALIENCIES = ("obs", "obd")
+PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
+PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
+_N_OF_M = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*")
 
 
 @dataclass
@@ -44,8 +56,8 @@ class PruningConfig:
     init_sparsity: float = field(default=0.0, metadata={"help": "Sparsity reached at `start_step`, in [0, 1)."})
     final_sparsity: float = field(default=0.5, metadata={"help": "Sparsity reached at `end_step`, in [0, 1)."})
     start_step: int = field(default=0, metadata={"help": "Optimizer step of the first pruning step."})
-    end_step: int = field(default=0, metadata={"help": "Optimizer step of the last pruning step; equal to `start_step` means one-shot."})
-    update_frequency: int = field(default=1, metadata={"help": "Optimizer steps between pruning steps."})
+    end_step: int | None = field(default=None, metadata={"help": "Optimizer step of the last pruning step; equal to `start_step` means one-shot. Unset: one-shot in `oneshot`; in the Trainer, the first 3/4 of the run."})
+    update_frequency: int | None = field(default=None, metadata={"help": "Optimizer steps between pruning steps; unset: 1, or about 10 pruning steps when the Trainer sets `end_step`."})
     inter_func: str = field(default="cubic", metadata={"help": "Sparsity schedule between start and end: cubic | linear."})
     recomputations: int = field(default=1, metadata={"help": "Curvature re-estimates within one pruning step (prune in that many stages)."})
     min_layer_sparsity: float = field(default=0.0, metadata={"help": "Lower bound on each layer's sparsity under global ranking."})
@@ -61,10 +73,12 @@ class PruningConfig:
         self._require("init_sparsity", self.init_sparsity <= self.final_sparsity,
                       f"is inconsistent: expected init_sparsity <= `pruning.final_sparsity` (= {self.final_sparsity!r})")
         self._require("start_step", self.start_step >= 0, "is out of range: expected value >= 0")
-        self._require("end_step", self.end_step >= self.start_step,
+        self._require("end_step", self.end_step is None or self.end_step >= self.start_step,
                       f"is inconsistent: expected end_step >= `pruning.start_step` (= {self.start_step!r})")
+        if self.end_step is not None and self.update_frequency is None:
+            self.update_frequency = 1
         for name in ("update_frequency", "recomputations", "obs_block_size"):
-            self._require(name, getattr(self, name) >= 1, "is out of range: expected value >= 1")
+            self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "is out of range: expected value >= 1")
         self._require("min_layer_sparsity", self.min_layer_sparsity <= self.max_layer_sparsity,
                       f"is inconsistent: expected min_layer_sparsity <= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})")
         self._require("final_sparsity", self.min_layer_sparsity <= self.final_sparsity <= self.max_layer_sparsity,
@@ -73,8 +87,8 @@ class PruningConfig:
         for name, allowed in (("inter_func", INTER_FUNCS), ("compensation", COMPENSATIONS), ("saliency", SALIENCIES)):
             self._require(name, getattr(self, name) in allowed, f"is not allowed: expected one of {', '.join(allowed)}")
         self._require("method", bool(self.method), "is empty: expected a registered curvature method")
-        self._require("mask_type", self.mask_type == "unstructured" or _n_of_m(self.mask_type) is not None,
-                      "is not allowed: expected 'unstructured' or 'N:M' with integers 0 < N < M, e.g. '2:4'")
+        n_of_m = parse_mask_type(self.mask_type)
+        self.mask_type = "unstructured" if n_of_m is None else f"{n_of_m[0]}:{n_of_m[1]}"
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name):
                 self._require(name, _valid_pattern(pattern),
@@ -83,12 +97,17 @@ class PruningConfig:
     @property
     def n_of_m(self) -> tuple[int, int] | None:
         """(N, M) for an "N:M" mask (N weights kept per M consecutive), None when unstructured."""
-        return None if self.mask_type == "unstructured" else _n_of_m(self.mask_type)
+        return parse_mask_type(self.mask_type)
+
+    @property
+    def last_step(self) -> int:
+        """`end_step`, or `start_step` when unset (one-shot)."""
+        return self.start_step if self.end_step is None else self.end_step
 
     @property
     def one_shot(self) -> bool:
-        """True when all pruning happens at a single step (`start_step == end_step`)."""
-        return self.start_step == self.end_step
+        """True when all pruning happens at a single step (`end_step` unset or equal to `start_step`)."""
+        return self.last_step == self.start_step
 
     def _require(self, name: str, ok: bool, problem: str) -> None:
         if not ok:
@@ -182,6 +201,48 @@ def load_recipe(
     else:
         raise RecipeError(f"recipe source must be a PruningRecipe, dict, path or YAML string, got {type(source).__name__}")
     return PruningRecipe.from_dict(data, overrides)
+
+
+def parse_mask_type(value: Any) -> tuple[int, int] | None:
+    """The one N:M grammar: `"unstructured"` → None, `"N:M"` (integers, 1 <= N < M, spaces allowed) → (N, M).
+
+    Raises:
+        RecipeError: anything else, naming `pruning.mask_type` (an int gets the YAML base-60 hint).
+    """
+    if not isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads an unquoted N:M as a base-60 integer: 2:4 → 124, 4:8 → 248
+        hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
+        raise RecipeError(f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M"')
+    if value.strip().lower() == "unstructured":
+        return None
+    match = _N_OF_M.fullmatch(value)
+    if match is None:
+        raise RecipeError(f'recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "N:M" such as "2:4"')
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise RecipeError(f"recipe key `pruning.mask_type` = {value!r} needs 1 <= N < M (N survivors per group of M)")
+    return n, m
+
+
+def schedule_over_run(recipe: PruningRecipe, max_steps: int) -> PruningRecipe:
+    """The recipe a training run of `max_steps` optimizer steps follows; unchanged when it sets `end_step`.
+
+    Without `end_step`, pruning runs from `start_step` over `PRUNING_SHARE_OF_RUN` of the remaining steps in
+    about `PRUNING_STEPS_PER_RUN` pruning steps (unless `update_frequency` is set), then the model recovers.
+    Logged once, so the run says what schedule it follows.
+    """
+    cfg = recipe.pruning
+    if cfg.end_step is not None:
+        return recipe
+    span = max(0, math.floor(PRUNING_SHARE_OF_RUN * (max_steps - cfg.start_step)))
+    frequency = cfg.update_frequency or max(1, span // PRUNING_STEPS_PER_RUN)
+    pruning = replace(cfg, end_step=cfg.start_step + span, update_frequency=frequency)
+    log_main(
+        "fls_hf: the recipe sets no `pruning.end_step`: pruning %.0f %% → %.0f %% from step %d to %d, every %d steps "
+        "(of %d; the rest is for recovery)", 100 * cfg.init_sparsity, 100 * cfg.final_sparsity, pruning.start_step,
+        pruning.end_step, frequency, max_steps,
+    )
+    return PruningRecipe(pruning, recipe.curvature)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -331,12 +392,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint).replace("typing.", "")
-
-
-def _n_of_m(mask_type: str) -> tuple[int, int] | None:
-    match = _N_OF_M.fullmatch(mask_type)
-    n, m = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    return (n, m) if 0 < n < m else None
 
 
 def _valid_pattern(pattern: str) -> bool:

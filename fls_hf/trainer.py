@@ -14,12 +14,12 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 
 from .callback import FishLegPruningCallback
-from .card import write_model_card
 from .errors import RecipeError
-from .export import write_pruning_artifacts, write_training_args
-from .pruner import Pruner
+from .export.artifacts import write_pruning_artifacts, write_training_args
+from .export.card import write_model_card
+from .export.report import sparsity_report
+from .pruning.pruner import Pruner
 from .recipe import PruningRecipe, load_recipe, parse_overrides
-from .report import sparsity_report
 
 # Keys of `evaluate()` logs that are bookkeeping, not results (kept out of the model card's metrics).
 _BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_samples", "_epoch", "_model_preparation_time")

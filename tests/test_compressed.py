@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 from helpers import tiny_bert, tiny_gpt2
 from fls_hf import PruningStateError, load_recipe
 from fls_hf.compressed import WEIGHTS_FILE, load_compressed, save_compressed
-from fls_hf.targets import resolve_targets
+from fls_hf.model.targets import resolve_targets
 
 RECIPE = {
     "pruning": {

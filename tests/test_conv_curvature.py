@@ -1,4 +1,4 @@
-"""Conv2d in the fast curvature paths (im2col, `fls_hf.curvature.patches`), against explicit computations:
+"""Conv2d in the fast curvature paths (im2col, `fls_hf.model.patches`), against explicit computations:
 hooked per-example gradients, K-FAC statistics ("KFC") and FishLeg's K-FAC warm start on a tiny conv net."""
 
 import pytest
@@ -8,14 +8,14 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from helpers import tiny_bert, token_batches
-from fls_hf.curvature.adapters import adapter_for
+from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.curvature.gradients import hooked_layers, per_example_gradients
-from fls_hf.curvature.kfac import kronecker_statistics
-from fls_hf.curvature.likelihoods import Categorical
-from fls_hf.curvature.patches import conv_patches, plain_conv
+from fls_hf.fisher.gradients import hooked_layers, per_example_gradients
+from fls_hf.fisher.kronecker import kronecker_statistics
+from fls_hf.fisher.likelihoods import Categorical
+from fls_hf.model.patches import conv_patches, plain_conv
 from fls_hf.errors import CurvatureError
-from fls_hf.targets import resolve_targets
+from fls_hf.model.targets import resolve_targets
 
 CONVS = ("c1", "c2", "c3")
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's note on c3
@@ -185,7 +185,7 @@ def test_fishleg_kfac_warm_start_on_a_conv_net(structure):
     layers = layers_of(model)
     config = FishLegConfig(damping=1e-6, init="kfac", warmup_steps=0, structure=structure, block_size=4, init_examples=8)
     provider = FishLegProvider(layers, config, likelihood=Categorical())
-    provider.prepare(model, batches)
+    provider.ready(model, batches)
     stats = kronecker_statistics(model, batches, layers, Categorical(), generator=torch.Generator().manual_seed(config.seed), max_examples=8)
     for name, adapter in layers.items():
         d = provider.diag(name)
@@ -200,5 +200,5 @@ def test_kfac_refuses_a_grouped_conv_by_name():
     model = TinyConvNet({"groups": 2})
     provider = FishLegProvider(layers_of(model), FishLegConfig(damping=1e-6, init="kfac", warmup_steps=0), likelihood=Categorical())
     with pytest.raises(CurvatureError, match=r"`c2` has groups=2"):
-        provider.prepare(model, image_batches())
+        provider.ready(model, image_batches())
     assert all(not m._forward_hooks for m in model.modules())

@@ -21,9 +21,9 @@ from transformers import TrainerCallback, TrainingArguments
 
 from helpers import tiny_bert, token_batches
 from fls_hf import FishLegPruningTrainer, load_recipe, oneshot, sparsity_report
-from fls_hf.calibration import CalibrationStream
+from fls_hf.fisher.calibration import CalibrationStream
 from fls_hf.compressed import load_compressed, save_compressed
-from fls_hf.pruner import Pruner
+from fls_hf.pruning.pruner import Pruner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -97,7 +97,7 @@ def q_products(model, recipe) -> dict[str, torch.Tensor]:
     on each device.
     """
     provider = Pruner(model, recipe).provider
-    provider.prepare(model, CalibrationStream(token_batches(n_batches=4, batch_size=4)))
+    provider.ready(model, CalibrationStream(token_batches(n_batches=4, batch_size=4)))
     generator = torch.Generator().manual_seed(2)
     out = {}
     with torch.no_grad():

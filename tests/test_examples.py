@@ -16,7 +16,7 @@ import yaml
 
 from helpers import tiny_bert
 from fls_hf import FlsError, load_recipe, sparsity_report
-from fls_hf.card import CARD_TAGS, model_card_text, trainer_draft_parts, write_model_card
+from fls_hf.export.card import CARD_TAGS, model_card_text, trainer_draft_parts, write_model_card
 from fls_hf.data import MOVIE_SNIPPETS_FILE, MissingDependencyError, default_model_path, load_movie_snippets
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from helpers import tiny_bert
 from fls_hf import load_recipe, sparsity_report
-from fls_hf.card import CARD_TAGS
+from fls_hf.export.card import CARD_TAGS
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (

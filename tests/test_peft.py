@@ -16,7 +16,7 @@ from helpers import tiny_bert
 from fls_hf import FishLegPruningTrainer, FlsError, sparsity_report
 from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_densifies
 from fls_hf.pruning.masks import MaskSet
-from fls_hf.targets import plain_name, resolve_targets
+from fls_hf.model.targets import plain_name, resolve_targets
 
 # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (pyproject turns that into an error).
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -1,4 +1,4 @@
-"""fls_hf.pruner: state save / load without pickle, refusal of missing, truncated or pickled state."""
+"""fls_hf.pruning.pruner: state save / load without pickle, refusal of missing, truncated or pickled state."""
 
 import pickle
 
@@ -7,7 +7,7 @@ import torch
 
 from helpers import tiny_bert, token_batches
 from fls_hf.errors import PruningStateError
-from fls_hf.pruner import STATE_TENSORS, Pruner
+from fls_hf.pruning.pruner import STATE_TENSORS, Pruner
 
 RECIPE = {
     "pruning": {"method": "fishleg", "final_sparsity": 0.5, "obs_block_size": 8},
@@ -28,7 +28,7 @@ def test_state_round_trip_restores_masks_and_curvature(tmp_path):
     fresh = Pruner(tiny_bert(), RECIPE)
     fresh.load(tmp_path)
     assert fresh.masks.digest() == pruner.masks.digest()
-    assert fresh.current_target == 0.5 and fresh.curvature_ready
+    assert fresh.current_target == 0.5 and fresh.provider.prepared
     for key, value in pruner.provider.state_tensors().items():
         assert torch.equal(fresh.provider.state_tensors()[key], value), key
     # loading enforces the masks on the (unpruned) fresh model's weights
@@ -83,7 +83,7 @@ def test_adopted_curvature_gives_the_same_pruning_as_estimating_it():
     model = tiny_bert()
     estimation_copy = tiny_bert()
     estimator = Pruner(estimation_copy, RECIPE)
-    estimator.provider.prepare(estimation_copy, token_batches(n_batches=2))
+    estimator.provider.ready(estimation_copy, token_batches(n_batches=2))
     adopted = Pruner(model, RECIPE)
     adopted.adopt_curvature(estimator.provider.state_dict())
     adopted.prune_to(model, 0.5, token_batches(n_batches=2))

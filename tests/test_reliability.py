@@ -29,7 +29,7 @@ from test_trainer import RECIPE, SparsityTrace, dataset, training_args
 from fls_hf import FishLegPruningTrainer, load_recipe, oneshot
 from fls_hf.compressed import WEIGHTS_FILE, load_compressed, save_compressed
 from fls_hf.errors import CurvatureError, FlsError, PruningStateError, RecipeError, UnsupportedModuleError
-from fls_hf.pruner import STATE_META, STATE_TENSORS, Pruner
+from fls_hf.pruning.pruner import STATE_META, STATE_TENSORS, Pruner
 from fls_hf.recipe import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_non_finite_fisher_product_of_one_module_spares_the_others():
 
     reference_model = tiny_bert()
     reference = Pruner(reference_model, recipe(warmup_steps=0))  # the same K-FAC warm start, no aux step
-    reference.provider.prepare(reference_model, batches)
+    reference.provider.ready(reference_model, batches)
     for name, structure in provider.structures.items():
         same = all(torch.equal(a, b) for a, b in zip(structure.parameters(), reference.provider.structures[name].parameters()))
         assert same == (name == QUERY), name  # QUERY kept its warm start; every other Q moved

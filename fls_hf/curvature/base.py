@@ -1,14 +1,15 @@
-"""The curvature-provider interface every inverse-Fisher estimate implements.
+"""The curvature-provider interface every inverse-Fisher estimate implements, and its registry.
 
 A provider holds, for each prunable layer (keyed by module name), an estimate Q ≈ (F + γI)⁻¹ of the
-damped inverse Fisher restricted to that layer's weights. The surgeon only ever calls:
+damped inverse Fisher restricted to that layer's weights. The Pruner drives it with two verbs:
 
-- `diag(name)`: diag Q in the layer's (rows, cols) matrix view;
-- `matvec(name, V)`: Q·V for V of shape (rows, cols);
-- `blocks(name, block_size)`: the dense within-row blocks of Q used by the joint OBS update;
-- `prepare(model, batches)` / `update(model, batch)`: estimate before the first pruning step, refine later;
-- `mask(name, keep)`: restrict Q to the surviving weights;
-- `state_dict()` / `load_state_dict()`, `memory_bytes()`.
+- `ready(model, batches)`: bring Q up to date for a pruning step on the model as it is now (each provider
+  decides how from its own config: re-estimate, warm up, re-warm, refine);
+- `on_optimizer_step(model, batches, step)`: after a training step that did not prune (default: nothing);
+
+the surgeon reads it through `diag(name)`, `matvec(name, V)` and `blocks(name, B)`, and restricts it to the
+surviving weights with `mask(name, keep)`. State: `state_dict()` / `load_state_dict()`; memory:
+`estimated_bytes()` (before allocating) and `memory_bytes()`.
 
 The magnitude provider (Q = I/γ) is the simplest implementation and doubles as the test double.
 """
@@ -17,65 +18,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import CurvatureError, RecipeError
-from .adapters import LayerAdapter
+from ..fisher.likelihoods import Likelihood, likelihood_for
+from ..model.adapters import LayerAdapter
+from ..model.blocks import row_blocks
+from ..model.forward import unwrap
+from ..progress import log_main
+from .config import CurvatureConfig
 
-
-@dataclass
-class CurvatureConfig:
-    """Settings shared by every curvature method (the recipe's `curvature:` section)."""
-
-    damping: float = field(default=1e-3, metadata={"help": "γ in Q ≈ (F + γI)⁻¹; moves OBS (small) towards magnitude (large)."})
-    num_batches: int = field(default=16, metadata={"help": "Calibration batches used to estimate curvature before pruning."})
-    likelihood: str = field(default="auto", metadata={"help": "auto | categorical | gaussian | bernoulli (output distribution for the true Fisher)."})
-    max_memory_gib: float | None = field(default=None, metadata={"help": "Refuse to allocate curvature state above this many GiB."})
-
-    def __post_init__(self) -> None:
-        if not self.damping > 0:
-            raise CurvatureError(f"recipe key `curvature.damping` = {self.damping!r} must be > 0")
-        if self.num_batches < 1:
-            raise CurvatureError(f"recipe key `curvature.num_batches` = {self.num_batches!r} must be >= 1")
-        allowed = ("auto", "categorical", "gaussian", "bernoulli")
-        if self.likelihood not in allowed:
-            raise CurvatureError(f"recipe key `curvature.likelihood` = {self.likelihood!r}; allowed: {', '.join(allowed)}")
-
-
-def row_blocks(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(rows, cols) → (rows · ceil(cols / B), B): consecutive weights of a row, zero-padded at the row end."""
-    rows, cols = matrix.shape
-    pad = (-cols) % block_size
-    if pad:
-        matrix = torch.nn.functional.pad(matrix, (0, pad))
-    return matrix.reshape(rows * ((cols + pad) // block_size), block_size)
-
-
-def from_row_blocks(blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `row_blocks`: (nblocks, B) → (rows, cols), dropping the padding."""
-    rows, cols = shape
-    return blocks.reshape(rows, -1)[:, :cols]
-
-
-def regroup_row_blocks(stored: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
-    """Blocks of a block-diagonal Q (stored over row blocks of S weights) regrouped into row blocks of B.
-
-    stored: (rows · ceil(cols/S), S, S) → (rows · ceil(cols/B), B, B); entry (j, k) is Q's when both columns
-    fall in the same stored block, else 0 (Q has no coupling there); padding is zero.
-    """
-    rows, cols = shape
-    size = stored.shape[-1]
-    column = torch.arange(-(-cols // block_size) * block_size, device=stored.device).reshape(-1, block_size)
-    valid = column < cols
-    column = column.clamp_max(cols - 1)
-    which, offset = column // size, column % size  # stored block within the row, position in it
-    entries = stored.reshape(rows, -1, size, size)[:, which[:, :, None], offset[:, :, None], offset[:, None, :]]
-    coupled = (which[:, :, None] == which[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    return (entries * coupled).reshape(-1, block_size, block_size)
+Batches = Iterable[Mapping[str, Any]]
 
 
 class CurvatureProvider(ABC):
@@ -84,19 +40,33 @@ class CurvatureProvider(ABC):
     Args:
         layers: module name → adapter, for every layer the provider covers.
         config: the method's `CurvatureConfig` subclass.
+        likelihood: output distribution of the true Fisher; None resolves `config.likelihood` against the
+            model at the first pass (`likelihood_of`).
     """
 
     config_class: type[CurvatureConfig] = CurvatureConfig
 
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: CurvatureConfig) -> None:
+    def __init__(self, layers: Mapping[str, LayerAdapter], config: CurvatureConfig, likelihood: Likelihood | None = None) -> None:
         self.layers = dict(layers)
         self.config = config
         self.keep: dict[str, torch.Tensor] = {}
+        self.likelihood = likelihood
+        self.generator = torch.Generator().manual_seed(config.seed)  # sampled labels / u, identical on every rank
 
     @property
     def damping(self) -> float:
         return self.config.damping
 
+    # ----------------------------------------------------------------- what the Pruner drives
+    def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
+        """Bring Q up to date for a pruning step on `model` as it is now; returns diagnostics (default: Q fixed)."""
+        return {}
+
+    def on_optimizer_step(self, model: nn.Module, batches: Batches, step: int) -> dict[str, float]:
+        """After optimizer step `step` when nothing was pruned; learned providers may refine (default: nothing)."""
+        return {}
+
+    # ----------------------------------------------------------------- what the surgeon reads
     @abstractmethod
     def diag(self, name: str) -> torch.Tensor:
         """diag Q for layer `name`, shape (rows, cols), strictly positive."""
@@ -124,45 +94,68 @@ class CurvatureProvider(ABC):
         valid = row_blocks(torch.ones(rows, cols, device=out.device), block_size)
         return out * valid[:, :, None] * valid[:, None, :]
 
-    def device(self, name: str) -> torch.device:
-        return self.layers[name].weight.device
-
-    def prepare(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-        """Estimate the curvature from calibration batches before the first pruning step."""
-        return {}
-
-    def update(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
-        """Refine the estimate from one batch (learned providers); returns diagnostics."""
-        return {}
-
     def mask(self, name: str, keep: torch.Tensor) -> None:
         """Restrict Q to the surviving weights of layer `name` (`keep`: bool, (rows, cols))."""
         self.keep[name] = keep.to(torch.bool)
+
+    def device(self, name: str) -> torch.device:
+        return self.layers[name].weight.device
+
+    # ----------------------------------------------------------------- plumbing shared by the providers
+    def likelihood_of(self, model: nn.Module) -> Likelihood:
+        """The likelihood of the true Fisher, resolved once from `config.likelihood` and the (unwrapped) model."""
+        if self.likelihood is None:
+            self.likelihood = likelihood_for(self.config.likelihood, getattr(unwrap(model), "config", None))
+        return self.likelihood
+
+    def estimated_bytes(self) -> int:
+        """Bytes of curvature state, computable before allocating it (default: the state tensors)."""
+        return self.memory_bytes()
+
+    def check_memory(self, what: str, remedy: str, note: str = "") -> None:
+        """Log the estimate up front; refuse above `curvature.max_memory_gib`, saying which knob lowers it."""
+        gib = self.estimated_bytes() / 2**30
+        log_main("%s for %d layers: %.3f GiB estimated%s", what, len(self.layers), gib, note)
+        budget = self.config.max_memory_gib
+        if budget is not None and gib > budget:
+            raise CurvatureError(f"{what} needs {gib:.2f} GiB > `curvature.max_memory_gib` = {budget}; {remedy}")
 
     def memory_bytes(self) -> int:
         """Bytes of curvature state (including any optimiser state)."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
+    # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name → tensor map of the provider's state (saved with safetensors)."""
+        """Flat name → tensor map of the provider's learned or estimated state (saved with safetensors)."""
         return {}
 
+    def state_meta(self) -> dict[str, Any]:
+        """JSON-able scalars saved beside the tensors (counters, settings the state depends on)."""
+        return {}
+
+    def load_state_meta(self, meta: Mapping[str, Any]) -> None:
+        """Restore `state_meta()`; runs before the tensors are copied in."""
+
     def state_dict(self) -> dict[str, Any]:
-        return {"tensors": self.state_tensors(), "meta": {}}
+        return {"tensors": {**self.state_tensors(), "rng": self.generator.get_state()}, "meta": self.state_meta()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tensors = dict(state.get("tensors", {}))
+        rng = tensors.pop("rng", None)
+        self.load_state_meta(state.get("meta", {}))
         expected = self.state_tensors()
-        given = state.get("tensors", {})
-        missing = sorted(set(expected) - set(given))
-        extra = sorted(set(given) - set(expected))
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
         if missing or extra:
             raise CurvatureError(f"curvature state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
         for key, tensor in expected.items():
-            if tuple(given[key].shape) != tuple(tensor.shape):
+            if tuple(tensors[key].shape) != tuple(tensor.shape):
                 raise CurvatureError(
-                    f"curvature state `{key}` has shape {tuple(given[key].shape)}, expected {tuple(tensor.shape)}"
+                    f"curvature state `{key}` has shape {tuple(tensors[key].shape)}, expected {tuple(tensor.shape)}"
                 )
-            tensor.copy_(given[key])
+            tensor.copy_(tensors[key])
+        if rng is not None:
+            self.generator.set_state(rng)
 
 
 _CONFIGS: dict[str, type[CurvatureConfig]] = {}

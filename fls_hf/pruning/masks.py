@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..curvature.adapters import LayerAdapter
+from ..model.adapters import LayerAdapter
 from ..errors import PruningStateError
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit k of a byte holds element 7 − k

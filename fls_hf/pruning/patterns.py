@@ -12,15 +12,13 @@ row-major index), so every rank computes the same masks from the same saliencies
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import PruningStateError, RecipeError
-
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+from ..recipe import parse_mask_type as recipe_mask_type
 _EPS = 1e-9  # float slack when turning sparsity fractions into integer counts
 
 
@@ -65,26 +63,12 @@ class MaskPattern:
 
 
 def parse_mask_type(value: str | MaskPattern) -> MaskPattern:
-    """`"unstructured"` or `"N:M"` (1 <= N < M) → MaskPattern; a MaskPattern is returned unchanged."""
+    """`"unstructured"` or `"N:M"` (the recipe's grammar, `recipe.parse_mask_type`) → MaskPattern; a MaskPattern
+    is returned unchanged."""
     if isinstance(value, MaskPattern):
         return value
-    if not isinstance(value, str):
-        # YAML 1.1 (PyYAML) reads an unquoted N:M as a base-60 integer: 2:4 → 124, 4:8 → 248
-        hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
-        raise RecipeError(
-            f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M"'
-        )
-    if value.strip().lower() == "unstructured":
-        return MaskPattern()
-    match = _NM.match(value)
-    if match is None:
-        raise RecipeError(
-            f'recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "N:M" such as "2:4"'
-        )
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 1 <= n < m:
-        raise RecipeError(f"recipe key `pruning.mask_type` = {value!r} needs 1 <= N < M (N survivors per group of M)")
-    return MaskPattern(n, m)
+    n_of_m = recipe_mask_type(value)
+    return MaskPattern() if n_of_m is None else MaskPattern(*n_of_m)
 
 
 def select_pruned(
@@ -115,11 +99,6 @@ def select_pruned(
     """
     pattern = parse_mask_type(pattern)
     _check_fraction("pruning target sparsity", target, pattern)
-    if not 0.0 <= min_sparsity <= max_sparsity <= 1.0:
-        raise RecipeError(
-            f"`pruning.min_sparsity` = {min_sparsity!r} and `pruning.max_sparsity` = {max_sparsity!r} "
-            "need 0 <= min <= max <= 1"
-        )
     if set(saliency) != set(keep):
         raise PruningStateError(f"saliency and masks cover different modules: {sorted(set(saliency) ^ set(keep))[:5]}")
     names = sorted(saliency)
@@ -181,8 +160,8 @@ def _layer_bounds(
     if lo > hi:
         raise RecipeError(
             f"module `{name}` cannot satisfy its bounds: it needs at least {lo} pruned weights (already pruned "
-            f"{already}, `pruning.min_sparsity` = {min_sparsity!r}) but may have at most {hi} "
-            f"(`pruning.max_sparsity` = {max_sparsity!r} and its mask pattern)"
+            f"{already}, `pruning.min_layer_sparsity` = {min_sparsity!r}) but may have at most {hi} "
+            f"(`pruning.max_layer_sparsity` = {max_sparsity!r} and its mask pattern)"
         )
     return lo, hi
 
@@ -211,7 +190,7 @@ def _global_counts(
     if not lo_sum <= total <= hi_sum:
         raise RecipeError(
             f"global target sparsity {target!r} needs {total} pruned weights, but current masks, the mask pattern and "
-            f"`pruning.min_sparsity`/`pruning.max_sparsity` allow only between {lo_sum} and {hi_sum}"
+            f"`pruning.min_layer_sparsity` / `pruning.max_layer_sparsity` allow only between {lo_sum} and {hi_sum}"
         )
     device = scores[names[0]].device
     values = torch.cat([scores[n][eligible[n]].to(device) for n in names])

@@ -10,12 +10,10 @@ from dataclasses import dataclass
 
 from ..errors import RecipeError
 
-INTER_FUNCS = ("cubic", "linear")
-
 
 @dataclass(frozen=True)
 class SparsitySchedule:
-    """Target sparsity as a function of the optimizer step.
+    """Target sparsity as a function of the optimizer step (values as the recipe validated them).
 
     Before `start_step` nothing is pruned; at `start_step` the target is `init_sparsity`; it then
     rises to `final_sparsity`, reached at `end_step` and held afterwards. Cubic is Zhu & Gupta
@@ -41,27 +39,6 @@ class SparsitySchedule:
     end_step: int
     update_frequency: int = 1
     inter_func: str = "cubic"
-
-    def __post_init__(self) -> None:
-        for key in ("init_sparsity", "final_sparsity"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise RecipeError(f"recipe key `pruning.{key}` = {value!r} must be a number in [0, 1)")
-        if self.init_sparsity > self.final_sparsity:
-            raise RecipeError(
-                f"recipe key `pruning.init_sparsity` = {self.init_sparsity!r} must not exceed "
-                f"`pruning.final_sparsity` = {self.final_sparsity!r} (pruned weights never regrow)"
-            )
-        for key, low in (("start_step", 0), ("end_step", self.start_step), ("update_frequency", 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise RecipeError(f"recipe key `pruning.{key}` = {value!r} must be an integer >= {low} (optimizer steps)")
-        if self.inter_func not in INTER_FUNCS:
-            raise RecipeError(f"recipe key `pruning.inter_func` = {self.inter_func!r}; allowed: {', '.join(INTER_FUNCS)}")
-
-    @property
-    def is_one_shot(self) -> bool:
-        return self.start_step == self.end_step
 
     def target(self, step: int) -> float:
         """Sparsity the model should have after pruning at optimizer step `step` (0.0 before start)."""
@@ -94,8 +71,6 @@ def recomputation_targets(current: float, target: float, k: int) -> list[float]:
     d = 1 − sparsity, i = 1..k; the last one is exactly `target`. Each sub-step removes the same
     fraction of the weights still alive, so fewer weights per sub-step as the model gets sparser.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise RecipeError(f"recipe key `pruning.recomputations` = {k!r} must be an integer >= 1")
     for what, value in (("current sparsity", current), ("target sparsity", target)):
         if not 0.0 <= value < 1.0:
             raise RecipeError(f"{what} = {value!r} must be in [0, 1)")

@@ -22,14 +22,12 @@ from collections.abc import Mapping
 
 import torch
 
-from ..curvature.adapters import LayerAdapter
-from ..curvature.base import CurvatureProvider, from_row_blocks, row_blocks
-from ..errors import RecipeError
+from ..curvature.base import CurvatureProvider
+from ..model.adapters import LayerAdapter
+from ..model.blocks import from_row_blocks, row_blocks
 from .masks import MaskSet
 from .patterns import MaskPattern, parse_mask_type, select_pruned
 
-COMPENSATIONS = ("block", "independent", "none")
-SALIENCIES = ("obs", "obd")
 DIAG_FLOOR = 1e-12  # diag Q is positive by contract; the floor only keeps 1 / diag Q finite
 _JITTERS = (1e-8, 1e-6, 1e-4, 1e-2)  # relative to the block's mean pruned diagonal, tried in order
 
@@ -162,19 +160,14 @@ def prune_step(
     max_sparsity: float = 1.0,
     saliency: str = "obs",
 ) -> dict[str, dict[str, float | int]]:
-    """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation.
+    """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation
+    (block | independent | none), as the recipe validated them (`recipe.SALIENCIES`, `recipe.COMPENSATIONS`).
 
     Updates the module weights (in their dtype), `masks` (in place) and the provider's mask.
 
     Returns:
         module name → {"sparsity": layer sparsity after the step, "pruned_now": weights pruned now}.
     """
-    if compensation not in COMPENSATIONS:
-        raise RecipeError(f"recipe key `pruning.compensation` = {compensation!r}; allowed: {', '.join(COMPENSATIONS)}")
-    if saliency not in SALIENCIES:
-        raise RecipeError(f"recipe key `pruning.saliency` = {saliency!r}; allowed: {', '.join(SALIENCIES)}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise RecipeError(f"recipe key `pruning.block_size` = {block_size!r} must be an integer >= 1")
     pattern = parse_mask_type(pattern)
     names = sorted(layers)
     old_keep = {n: masks.keep_matrix(n) for n in names}

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from helpers import MLP, tiny_bert, token_batches
-from fls_hf.curvature import BlockFisherConfig, BlockFisherProvider, DiagonalFisherConfig, DiagonalFisherProvider, provider_class_for
-from fls_hf.curvature.adapters import adapter_for
-from fls_hf.curvature.gradients import per_example_gradients
-from fls_hf.curvature.likelihoods import Categorical
+from fls_hf.curvature import (BlockFisherConfig, BlockFisherProvider, DiagonalFisherConfig, DiagonalFisherProvider,
+                              GradientFisherProvider, provider_class_for)
+from fls_hf.model.adapters import adapter_for
+from fls_hf.fisher.gradients import per_example_gradients
+from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.errors import CurvatureError
-from fls_hf.targets import resolve_targets
+from fls_hf.model.targets import resolve_targets
 
 GAMMA, B, NUM_GRADS = 1e-2, 4, 10  # layer "0" is (5, 6), layer "2" is (3, 5): neither cols divisible by B
 
@@ -53,14 +54,14 @@ def block_provider(layers, **overrides):
 def test_registered():
     assert provider_class_for("diagonal_fisher") is DiagonalFisherProvider
     assert provider_class_for("block_fisher") is BlockFisherProvider
-    assert not BlockFisherProvider.refines and not DiagonalFisherProvider.refines
+    assert issubclass(BlockFisherProvider, GradientFisherProvider) and issubclass(DiagonalFisherProvider, GradientFisherProvider)
 
 
 def test_diagonal_is_obd():
     model, batches, layers = problem()
     provider = DiagonalFisherProvider(layers, DiagonalFisherConfig(damping=GAMMA, num_grads=NUM_GRADS))
     assert torch.equal(provider.diag("0"), torch.full((5, 6), 1 / GAMMA))
-    assert provider.prepare(model, batches) == {"examples": float(NUM_GRADS)}
+    assert provider.ready(model, batches) == {"examples": float(NUM_GRADS)}
     for name, g in explicit_grads(model, batches, layers).items():
         expected = 1.0 / (sum(g[n] ** 2 for n in range(NUM_GRADS)) / NUM_GRADS + GAMMA)
         torch.testing.assert_close(provider.diag(name), expected)
@@ -72,7 +73,7 @@ def test_diagonal_is_obd():
 def test_block_inverse_matvec_diag_blocks_match_explicit(name):
     model, batches, layers = problem()
     provider = block_provider(layers)
-    provider.prepare(model, batches)
+    provider.ready(model, batches)
     rows, cols = layers[name].shape
     q = explicit_q(explicit_grads(model, batches, layers)[name]).float()
     v = torch.randn(rows, cols)
@@ -101,7 +102,7 @@ def test_masked_coordinates_are_uncoupled():
     keep = torch.rand(5, 6, generator=torch.Generator().manual_seed(0)) > 0.4
     provider = block_provider(layers)
     provider.mask("0", keep)
-    provider.prepare(model, batches)
+    provider.ready(model, batches)
     q = explicit_q(explicit_grads(model, batches, layers, keep={"0": keep})["0"]).float()
     pruned = (~keep).reshape(-1)
     assert (explicit_grads(model, batches, layers, keep={"0": keep})["0"][:, ~keep] == 0).all()
@@ -111,7 +112,7 @@ def test_masked_coordinates_are_uncoupled():
     torch.testing.assert_close(provider.matvec("0", e.reshape(5, 6)).reshape(-1), e / GAMMA, atol=1e-4, rtol=0)
     torch.testing.assert_close(provider.matvec("0", keep.float()).reshape(-1), q @ keep.float().reshape(-1), atol=1e-3, rtol=1e-4)
     diagonal = DiagonalFisherProvider(layers, DiagonalFisherConfig(damping=GAMMA, num_grads=NUM_GRADS))
-    diagonal.prepare(model, batches)
+    diagonal.ready(model, batches)
     diagonal.mask("0", keep)
     assert (diagonal.diag("0")[~keep] == 1 / GAMMA).all() and (diagonal.diag("0")[keep] < 1 / GAMMA).all()
 
@@ -121,7 +122,7 @@ def test_state_dict_round_trip(cls, config):
     model, batches, layers = problem()
     settings = {"damping": GAMMA, "num_grads": NUM_GRADS, "fisher_labels": "sampled"}
     first = cls(layers, config(**settings))
-    first.prepare(model, batches)
+    first.ready(model, batches)
     state = first.state_dict()
     second = cls(layers, config(**settings))
     second.load_state_dict(state)
@@ -129,7 +130,7 @@ def test_state_dict_round_trip(cls, config):
     for name in layers:
         v = torch.randn(layers[name].shape)
         assert torch.equal(second.matvec(name, v), first.matvec(name, v))
-    first.prepare(model, batches), second.prepare(model, batches)  # same label draws: the generator state was restored
+    first.ready(model, batches), second.ready(model, batches)  # same label draws: the generator state was restored
     assert all(torch.equal(first.diag(n), second.diag(n)) for n in layers)
     with pytest.raises(CurvatureError, match="has shape"):
         second.load_state_dict({"tensors": {**state["tensors"], "0": torch.zeros(1)}})
@@ -152,10 +153,10 @@ def test_memory_budget_and_settings_are_checked():
 def test_empty_dataloader_is_refused_and_state_kept(cls):
     model, batches, layers = problem()
     provider = cls(layers, cls.config_class(damping=GAMMA, num_grads=NUM_GRADS, **({"block_size": B} if cls is BlockFisherProvider else {})))
-    provider.prepare(model, batches)
+    provider.ready(model, batches)
     before = provider.diag("0")
     with pytest.raises(CurvatureError, match="empty calibration dataloader"):
-        provider.prepare(model, [])
+        provider.ready(model, [])
     assert torch.equal(provider.diag("0"), before)
 
 
@@ -164,7 +165,7 @@ def test_block_fisher_on_tiny_bert_with_sampled_labels():
     layers = resolve_targets(model, ["re:.*layer\\.0\\..*(query|dense)$"])
     provider = BlockFisherProvider(layers, BlockFisherConfig(damping=1e-6, num_grads=6, fisher_labels="sampled", block_size=8))
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in token_batches(n_batches=2)]
-    assert provider.prepare(model, batches) == {"examples": 6.0}
+    assert provider.ready(model, batches) == {"examples": 6.0}
     for name in layers:
         d = provider.diag(name)
         assert torch.isfinite(d).all() and (d > 0).all() and (d < 1e6).any()

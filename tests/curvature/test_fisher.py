@@ -1,4 +1,4 @@
-"""fls_hf.curvature.fisher: GGN and sampled-label HVP products against F built from explicit Jacobians."""
+"""fls_hf.fisher.products: GGN and sampled-label HVP products against F built from explicit Jacobians."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from helpers import MLP, tiny_gpt2, token_batches
-from fls_hf.curvature.fisher import ggn_product, hvp_product
-from fls_hf.curvature.forward import valid_rows
-from fls_hf.curvature.likelihoods import Bernoulli, Categorical, Gaussian
+from fls_hf.fisher.products import ggn_product, hvp_product
+from fls_hf.model.forward import valid_rows
+from fls_hf.fisher.likelihoods import Bernoulli, Categorical, Gaussian
 
 
 class Wrapped(nn.Module):

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from helpers import tiny_bert, token_batches
-from fls_hf.curvature.adapters import adapter_for
+from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.curvature.likelihoods import Gaussian
+from fls_hf.fisher.likelihoods import Gaussian
 from fls_hf.errors import CurvatureError, RecipeError, UnsupportedModuleError
-from fls_hf.targets import resolve_targets
+from fls_hf.model.targets import resolve_targets
 
 N_IN, N_OUT, GAMMA = 6, 3, 1e-2
 
@@ -190,7 +190,7 @@ def test_gradient_direction_u_on_tiny_bert():
 def test_fisher_init_is_the_exact_true_fisher_block_inverse(structure):
     """init: fisher, init_labels: expected on a linear softmax classifier: Q₀'s row blocks equal
     (γI + (1/n) Σ_n H_n,ii x_n x_nᵀ)⁻¹ with H_n = diag p_n − p_n p_nᵀ (diagonal: 1 / the blocks' diagonal, OBD)."""
-    from fls_hf.curvature.likelihoods import Categorical
+    from fls_hf.fisher.likelihoods import Categorical
 
     torch.manual_seed(0)
     net = LinearNet()
@@ -217,7 +217,7 @@ def test_fisher_init_refuses_the_kronecker_structure():
 
 def _expected_fisher_provider(net, **overrides):
     """init: fisher with the exact (expected-label) Fisher: a deterministic warm start to compare against."""
-    from fls_hf.curvature.likelihoods import Categorical
+    from fls_hf.fisher.likelihoods import Categorical
 
     config = FishLegConfig(**{"damping": GAMMA, "init": "fisher", "init_labels": "expected", "init_examples": 8 * N_OUT,
                               "warmup_steps": 0, "structure": "diagonal", "aux_lr": 1e-1, **overrides})
@@ -249,7 +249,7 @@ def test_restart_is_a_fresh_warm_start_on_the_current_weights():
 def test_pruner_rewarms_before_later_pruning_steps_only_when_asked(rewarm):
     import copy
 
-    from fls_hf.pruner import Pruner
+    from fls_hf.pruning.pruner import Pruner
 
     torch.manual_seed(0)
     net, batch = LinearNet(), {"x": torch.randn(8, N_IN)}

@@ -1,4 +1,4 @@
-"""fls_hf.curvature.gradients: per-example gradients equal a batch-size-1 autograd loop."""
+"""fls_hf.fisher.gradients: per-example gradients equal a batch-size-1 autograd loop."""
 
 import pytest
 import torch
@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import MLP, tiny_bert, tiny_gpt2, token_batches
-from fls_hf.curvature.adapters import adapter_for
-from fls_hf.curvature.gradients import per_example_gradients
-from fls_hf.curvature.likelihoods import Categorical
+from fls_hf.model.adapters import adapter_for
+from fls_hf.fisher.gradients import per_example_gradients
+from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.errors import CurvatureError
-from fls_hf.targets import resolve_targets
+from fls_hf.model.targets import resolve_targets
 
 
 class ConvNet(nn.Module):

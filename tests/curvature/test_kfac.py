@@ -1,4 +1,4 @@
-"""fls_hf.curvature.kfac and the structures' K-FAC initialisation, against explicit computations."""
+"""fls_hf.fisher.kronecker and the structures' K-FAC initialisation, against explicit computations."""
 
 import math
 
@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from helpers import MLP, tiny_bert, token_batches
-from fls_hf.curvature.adapters import adapter_for
+from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.curvature.kfac import kronecker_statistics
-from fls_hf.curvature.likelihoods import Categorical
-from fls_hf.curvature.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
-from fls_hf.targets import resolve_targets
+from fls_hf.fisher.kronecker import kronecker_statistics
+from fls_hf.fisher.likelihoods import Categorical
+from fls_hf.curvature.fishleg.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
+from fls_hf.model.targets import resolve_targets
 
 
 class Wrapped(nn.Module):
@@ -103,7 +103,7 @@ def test_provider_kfac_init_on_tiny_bert(structure):
     layers = resolve_targets(model, ["re:.*encoder\\.layer\\.0\\..*(query|dense)$"])
     provider = FishLegProvider(layers, FishLegConfig(damping=1e-9, init="kfac", warmup_steps=0, structure=structure, block_size=4))
     before = {n: provider.diag(n).clone() for n in layers}
-    provider.prepare(model, token_batches(n_batches=2))
+    provider.ready(model, token_batches(n_batches=2))
     for name in layers:
         d = provider.diag(name)
         assert torch.isfinite(d).all() and (d > 0).all() and not torch.equal(d, before[name])

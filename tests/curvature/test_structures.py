@@ -1,13 +1,13 @@
-"""fls_hf.curvature.structures and the FishLeg provider's queries against an explicitly formed Q."""
+"""fls_hf.curvature.fishleg.structures and the FishLeg provider's queries against an explicitly formed Q."""
 
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fls_hf.curvature.adapters import adapter_for
+from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.curvature.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
+from fls_hf.curvature.fishleg.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
 
 STRUCTURE_CASES = [
     ("kronecker", lambda: KroneckerQ(4, 6, 0.1)),

@@ -139,7 +139,6 @@ def test_bounds_round_outwards_to_whole_weights():
 @pytest.mark.parametrize(
     "bounds, already, match",
     [({"max_sparsity": 0.3}, 0, "needs 20 pruned weights.*allow only between 0 and 12"),
-     ({"min_sparsity": 0.6, "max_sparsity": 0.5}, 0, "min_sparsity` = 0.6"),
      ({"max_sparsity": 0.5}, 15, r"module `high` cannot satisfy its bounds: it needs at least 15.*at most 10")],
 )
 def test_infeasible_bounds_raise(bounds, already, match):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from .likelihoods import Likelihood
 
 

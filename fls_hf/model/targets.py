@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .curvature.adapters import LayerAdapter, adapter_for, require_adapter
-from .errors import RecipeError
+from .adapters import LayerAdapter, adapter_for, require_adapter
+from ..errors import RecipeError
 
 PEFT_PREFIX = "base_model.model."
 _PEFT_SEGMENTS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.|$)")

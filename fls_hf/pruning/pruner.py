@@ -4,15 +4,18 @@
     pruner.prune_to(model, 0.5, batches)  # curvature ready → saliency → masks → compensation
     pruner.zero_pruned_grads()            # before optimizer.step()
     pruner.enforce_masks()                # after optimizer.step()
-    pruner.on_step(model, step, batches)  # gradual schedule: refine, prune when due
+    pruner.on_step(model, step, batches)  # gradual schedule: prune when due, else let the curvature follow
     pruner.save(directory) / pruner.load(directory)
 
-Curvature data comes from a `CalibrationStream` (see `calibration.py`).
+The Pruner never knows which curvature it holds: it calls the provider's `ready` before each pruning step and
+`on_optimizer_step` after the others (see `curvature.base`). Curvature data comes from a `CalibrationStream`
+(`fisher/calibration.py`).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,18 +25,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibration import CalibrationStream, as_stream
-from .curvature import provider_class_for
-from .curvature.forward import unwrap
-from .distributed import check_same_on_all_ranks
-from .errors import PruningStateError, RecipeError
-from .progress import log_main
-from .pruning.masks import MaskSet
-from .pruning.patterns import parse_mask_type
-from .pruning.schedule import SparsitySchedule, recomputation_targets
-from .pruning.surgeon import prune_step
-from .recipe import PruningRecipe, load_recipe
-from .targets import resolve_targets
+from ..curvature import provider_class_for
+from ..distributed import check_same_on_all_ranks
+from ..errors import PruningStateError, RecipeError
+from ..fisher.calibration import CalibrationStream, as_stream
+from ..model.forward import unwrap
+from ..model.targets import resolve_targets
+from ..progress import log_main
+from ..recipe import PruningRecipe, load_recipe
+from .masks import MaskSet
+from .patterns import parse_mask_type
+from .schedule import SparsitySchedule, recomputation_targets
+from .surgeon import prune_step
 
 STATE_TENSORS = "fls_pruner.safetensors"
 STATE_META = "fls_pruner.json"
@@ -49,7 +52,7 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, recipe: PruningRecipe | Mapping[str, Any] | str | Path) -> None:
-        self.recipe = load_recipe(recipe)
+        self.recipe = recipe if isinstance(recipe, PruningRecipe) else load_recipe(recipe)  # parsed once, upstream
         cfg = self.recipe.pruning
         self.layers = resolve_targets(unwrap(model), cfg.targets, cfg.ignore)
         if not self.layers:
@@ -60,12 +63,18 @@ class Pruner:
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
         self.schedule = SparsitySchedule(
-            cfg.init_sparsity, cfg.final_sparsity, cfg.start_step, cfg.end_step, cfg.update_frequency, cfg.inter_func
+            cfg.init_sparsity, cfg.final_sparsity, cfg.start_step, cfg.last_step, cfg.update_frequency or 1, cfg.inter_func
         )
+        if cfg.one_shot and cfg.init_sparsity > 0:
+            warnings.warn(
+                f"recipe key `pruning.init_sparsity` = {cfg.init_sparsity!r} has no effect: the schedule is one-shot "
+                f"(`pruning.end_step` {'unset' if cfg.end_step is None else '= `pruning.start_step`'}), so it prunes to "
+                f"`pruning.final_sparsity` = {cfg.final_sparsity!r} at once; set `pruning.end_step` for a gradual "
+                "schedule (in the Trainer, leave it unset to spread pruning over the run)", UserWarning, stacklevel=3,
+            )
         self.provider = provider_class_for(cfg.method)(self.layers, self.recipe.curvature)
         self.masks = MaskSet.dense(self.layers)
-        self.curvature_ready = False
-        self._fresh_curvature = False
+        self._adopted = False
         self.current_target = 0.0
         self.skipped_steps = 0  # optimizer updates dropped for non-finite gradients (see `non_finite_grads`)
         self.history: list[dict[str, float]] = []
@@ -74,33 +83,23 @@ class Pruner:
 
     # ------------------------------------------------------------------ curvature
     def _ready_curvature(self, model: nn.Module, stream: CalibrationStream) -> None:
-        """Estimate (first time, or every time for non-learned baselines) or refine the curvature."""
-        cfg = self.recipe.curvature
-        if self._fresh_curvature:  # adopted from a pass made elsewhere for this very model state
-            self._fresh_curvature = False
+        if self._adopted:  # adopted from a pass made elsewhere for this very model state
+            self._adopted = False
             return
-        if not self.curvature_ready or not getattr(self.provider, "refines", False):
-            self.last_diagnostics = self.provider.prepare(model, stream)
-            self.curvature_ready = True
-        else:
-            if getattr(cfg, "rewarm", False):
-                self.provider.restart(model, stream.take(cfg.num_batches))
-            steps = getattr(cfg, "refinement_steps", 0)
-            self.last_diagnostics = self.provider.refine(model, stream.take(cfg.num_batches), steps) if steps else {}
+        self.last_diagnostics = self.provider.ready(model, stream)
 
     def adopt_curvature(self, state: Mapping[str, Any]) -> None:
-        """Use a provider state estimated on this model as it is now (e.g. one pass reused for several targets)."""
-        self.provider.load_state_dict(state)
-        self.curvature_ready = self._fresh_curvature = True
+        """Use a provider state estimated on this model as it is now, instead of the next `ready`.
 
-    def refine_once(self, model: nn.Module, stream: CalibrationStream) -> None:
-        """One aux step between pruning steps (learned providers only)."""
-        if self.curvature_ready and getattr(self.provider, "refines", False):
-            self.last_diagnostics = self.provider.update(model, stream.next())
+        For studies that reuse one curvature pass for several targets (`benchmarks/`): the state is
+        `provider.state_dict()` of a provider of the same method, layers and config.
+        """
+        self.provider.load_state_dict(state)
+        self._adopted = True
 
     # ------------------------------------------------------------------ pruning
     def prune_to(self, model: nn.Module, target: float, batches: Iterable[Mapping[str, Any]] | CalibrationStream) -> None:
-        """Prune (with `recomputations` curvature updates) until the targeted layers reach `target`."""
+        """Prune (curvature made ready before each of the `recomputations` stages) until the layers reach `target`."""
         stream = as_stream(batches)
         cfg = self.recipe.pruning
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
@@ -124,9 +123,9 @@ class Pruner:
         if target is not None and target > self.current_target and (self.schedule.is_pruning_step(step) or step > self.schedule.end_step):
             self.prune_to(model, target, stream)
             return True
-        every = getattr(self.recipe.curvature, "refine_every", 0)
-        if every and step % every == 0:
-            self.refine_once(model, stream)
+        diagnostics = self.provider.on_optimizer_step(model, stream, step)
+        if diagnostics:
+            self.last_diagnostics = diagnostics
         return False
 
     # ------------------------------------------------------------------ masks
@@ -166,7 +165,7 @@ class Pruner:
         tensors.update({f"curvature/{k}": v.contiguous() for k, v in provider["tensors"].items()})
         meta = {
             "version": STATE_VERSION, "recipe": self.recipe.to_dict(), "masks": masks["meta"],
-            "curvature": provider.get("meta", {}), "curvature_ready": self.curvature_ready,
+            "curvature": provider.get("meta", {}),
             "current_target": self.current_target, "history": self.history, "skipped_steps": self.skipped_steps,
         }
         return tensors, meta
@@ -200,7 +199,6 @@ class Pruner:
         for name in self.layers:  # the curvature must keep learning on the surviving weights only
             self.provider.mask(name, self.masks.keep_matrix(name))
         self.provider.load_state_dict({"tensors": split["curvature"], "meta": meta.get("curvature", {})})
-        self.curvature_ready = bool(meta.get("curvature_ready"))
         self.current_target = float(meta.get("current_target", 0.0))
         self.history = list(meta.get("history", []))
         self.skipped_steps = int(meta.get("skipped_steps", 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 from transformers import TrainingArguments
 
-from .recipe import PruningRecipe
+from ..recipe import PruningRecipe
 from .report import SparsityReport, sparsity_report
 
 RECIPE_FILE = "recipe.yaml"

@@ -11,6 +11,12 @@ batch, r = stopgrad((F + γ)v − u), optionally r ← Q r (preconditioned aux g
 ⟨v, r⟩ into λ (= J_λ(v)ᵀ r, the aux-loss gradient), all-reduce across ranks, Adam step on λ.
 After pruning, u, v and F·v are masked so Q learns the inverse Fisher of the surviving weights.
 The Q₀ each run starts from (`curvature.init`) is set in `warm_start.py`.
+
+Lifecycle (what `ready` does before each pruning step, from the config alone):
+- first call: warm start (`init`), then `warmup_steps` aux steps;
+- later calls: with `rewarm`, a fresh warm start on the current weights (Adam moments cleared), then
+  `refinement_steps` aux steps (without `rewarm`, only the aux steps, refining the previous Q);
+- `on_optimizer_step`: one aux step every `refine_every` optimizer steps, once Q exists.
 """
 
 from __future__ import annotations
@@ -19,76 +25,25 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_mean_
-from ..errors import CurvatureError
-from ..progress import log_main, progress
-from .adapters import LayerAdapter
-from .base import CurvatureConfig, CurvatureProvider, row_blocks
-from .fisher import FISHER_PRODUCTS, sampled_gradient
-from .likelihoods import Likelihood, likelihood_for
-from .structures import STRUCTURES, build_structure, structure_numel
-from .warm_start import warm_start
+from ...distributed import all_reduce_mean_
+from ...errors import CurvatureError
+from ...fisher.likelihoods import Likelihood, likelihood_for
+from ...fisher.products import FISHER_PRODUCTS, sampled_gradient
+from ...model.adapters import LayerAdapter
+from ...model.blocks import row_blocks
+from ...progress import log_main, progress
+from ..base import Batches, CurvatureProvider
+from .config import FishLegConfig
+from .structures import build_structure, structure_numel
+from .warm_start import WarmStartInputs, warm_start
 
 _BYTES_PER_LEARNED_VALUE = 4 * 4  # fp32 value, its gradient and two Adam moments
 _BYTES_PER_FIXED_VALUE = 4  # no aux step ever runs: the gradient and Adam moments are never allocated
-
-
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise CurvatureError(f"recipe key `curvature.{key}` = {value!r}; allowed: {', '.join(allowed)}")
-
-
-@dataclass
-class FishLegConfig(CurvatureConfig):
-    """The `curvature:` section for `method: fishleg`."""
-
-    # Defaults chosen by benchmarks/README.md (one-shot MiniLM): the K-FAC start wins by 5-28 points over the
-    # identity / OBD starts at 70-80 %; diagonal and block_diagonal Q tie within noise, diagonal at 1/30 the memory.
-    structure: str = field(default="diagonal", metadata={"help": "Q structure per layer: " + " | ".join(STRUCTURES)})
-    block_size: int = field(default=32, metadata={"help": "block_diagonal: consecutive weights of a row per block."})
-    factor_block_size: int | None = field(default=None, metadata={"help": "kronecker: make R and L block-diagonal with blocks this size (bounds memory for wide layers)."})
-    init: str = field(default="kfac", metadata={"help": "identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD) | kfac (Q from the K-FAC Fisher G ⊗ Ā) | fisher (block_diagonal / diagonal: the structure's blocks of (E[g gᵀ] + γI)⁻¹ from per-example gradients, ≡ oBERT's inverse from the true Fisher)."})
-    init_examples: int = field(default=256, metadata={"help": "Examples (sampled labels) for the diagonal or K-FAC warm start; gradient vectors (examples × classes with init_labels: expected) for init: fisher."})
-    init_labels: str = field(default="sampled", metadata={"help": "init: diagonal / fisher: sampled (labels drawn from the model) | expected (exact true Fisher, one pass per class; classification only)."})
-    aux_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the auxiliary loss."})
-    aux_lr_schedule: str = field(default="constant", metadata={"help": "constant | linear (decays to 0.1 × aux_lr over warmup_steps)."})
-    warmup_steps: int = field(default=100, metadata={"help": "Aux steps before the first pruning step."})
-    refinement_steps: int = field(default=10, metadata={"help": "Aux steps run before each later pruning step (refinement, not re-estimation)."})
-    # rewarm on by default (benchmarks/README.md, B1 / B3 b): without it Q barely leaves its dense-model start
-    # (a small ResNet fell to 68 % at 95 %, 87.6 % with it; MiniLM 90 %: +0.6 validation, +1.3 test).
-    rewarm: bool = field(default=True, metadata={"help": "Before every later pruning step, restart Q from a fresh warm start (`init`) on the current weights, then take the refinement_steps aux steps (tracks a Fisher that pruning changes a lot, e.g. under BatchNorm); false: only refine the previous Q."})
-    refine_every: int = field(default=0, metadata={"help": "During training, also run one aux step every N optimizer steps (0 = off)."})
-    fisher_product: str = field(default="ggn", metadata={"help": "ggn (exact Gauss-Newton, default) | hvp (sampled-label Hessian-vector product)."})
-    u_sampling: str = field(default="gaussian", metadata={"help": "gaussian (all coordinate directions, for pruning) | gradient (sampled-label gradient direction)."})
-    precondition_aux: bool = field(default=False, metadata={"help": "Replace r by Q·r in the aux gradient (Newton-like; can diverge at large aux_lr)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the u / label sampling generator (identical on every rank)."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_choice("structure", self.structure, STRUCTURES)
-        _check_choice("init", self.init, ("identity", "diagonal", "kfac", "fisher"))
-        _check_choice("init_labels", self.init_labels, ("sampled", "expected"))
-        if self.init == "fisher" and self.structure == "kronecker":
-            raise CurvatureError("recipe key `curvature.init` = 'fisher' needs `curvature.structure` block_diagonal or diagonal; kronecker takes 'kfac'")
-        _check_choice("aux_lr_schedule", self.aux_lr_schedule, ("constant", "linear"))
-        _check_choice("fisher_product", self.fisher_product, tuple(FISHER_PRODUCTS))
-        _check_choice("u_sampling", self.u_sampling, ("gaussian", "gradient"))
-        for key in ("block_size", "init_examples"):
-            if getattr(self, key) < 1:
-                raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 1")
-        for key in ("warmup_steps", "refinement_steps", "refine_every"):
-            if getattr(self, key) < 0:
-                raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 0")
-        if self.factor_block_size is not None and self.factor_block_size < 1:
-            raise CurvatureError(f"recipe key `curvature.factor_block_size` = {self.factor_block_size!r} must be >= 1 or null")
-        if not self.aux_lr > 0:
-            raise CurvatureError(f"recipe key `curvature.aux_lr` = {self.aux_lr!r} must be > 0")
 
 
 class FishLegProvider(CurvatureProvider):
@@ -96,17 +51,20 @@ class FishLegProvider(CurvatureProvider):
 
     Example:
         >>> provider = FishLegProvider(resolve_targets(model, targets), FishLegConfig(damping=1e-3))
-        >>> provider.prepare(model, calibration_batches)      # warm start + `warmup_steps` aux steps
+        >>> provider.ready(model, calibration_batches)        # warm start + `warmup_steps` aux steps
         >>> provider.diag("bert.encoder.layer.0.attention.self.query")
     """
 
     config_class = FishLegConfig
-    refines = True
 
     def __init__(self, layers: Mapping[str, LayerAdapter], config: FishLegConfig, likelihood: Likelihood | None = None) -> None:
-        super().__init__(layers, config)
+        super().__init__(layers, config, likelihood)
         self.config: FishLegConfig = config
-        self._check_memory()
+        knob = {"block_diagonal": "`curvature.block_size`", "kronecker": "`curvature.factor_block_size`"}.get(config.structure, "the structure")
+        self.check_memory(
+            f"FishLeg curvature ({config.structure})",
+            f"lower {knob}, choose a smaller `curvature.structure`, or target fewer layers with `pruning.targets`",
+        )
         self.structures: dict[str, nn.Module] = {}
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
@@ -115,8 +73,7 @@ class FishLegProvider(CurvatureProvider):
                 block_size=config.block_size, factor_block_size=config.factor_block_size,
             ).to(adapter.weight.device)
         self.optimizer = torch.optim.Adam(self._parameters(), lr=config.aux_lr)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.likelihood = likelihood
+        self.prepared = False  # a warm start has set Q (the first `ready` does it)
         self.steps_done = 0
         self.skipped_steps = 0
         self._warned: set[str] = set()
@@ -147,17 +104,6 @@ class FishLegProvider(CurvatureProvider):
     def memory_bytes(self) -> int:
         return self.estimated_bytes()
 
-    def _check_memory(self) -> None:
-        gib = self.estimated_bytes() / 2**30
-        log_main("FishLeg curvature (%s) for %d layers: %.3f GiB estimated", self.config.structure, len(self.layers), gib)
-        budget = self.config.max_memory_gib
-        if budget is not None and gib > budget:
-            knob = {"block_diagonal": "`curvature.block_size`", "kronecker": "`curvature.factor_block_size`"}.get(self.config.structure, "the structure")
-            raise CurvatureError(
-                f"FishLeg curvature needs {gib:.2f} GiB > `curvature.max_memory_gib` = {budget}; "
-                f"lower {knob}, choose a smaller `curvature.structure`, or target fewer layers with `pruning.targets`"
-            )
-
     def _keep(self, name: str) -> torch.Tensor:
         """Keep mask over the structure's (rows, width) coordinates; the bias column is always kept."""
         rows, cols = self.layers[name].shape
@@ -186,41 +132,61 @@ class FishLegProvider(CurvatureProvider):
             return self.structures[name].row_block_entries(block_size, cols) * valid[:, :, None] * valid[:, None, :]
 
     # ----------------------------------------------------------------- learning
-    def prepare(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-        """Warm start (once) and `warmup_steps` aux steps over the calibration batches."""
+    def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
+        """Before a pruning step: warm start and warm-up the first time, then re-warm and / or refine (module doc)."""
+        if not self.prepared:
+            return self.prepare(model, batches)
+        if self.config.rewarm:
+            self.restart(model, itertools.islice(batches, self.config.num_batches))
+        steps = self.config.refinement_steps
+        return self.refine(model, self._calibration(model, batches), steps) if steps else {}
+
+    def on_optimizer_step(self, model: nn.Module, batches: Batches, step: int) -> dict[str, float]:
+        """One aux step every `refine_every` optimizer steps, once a warm start has set Q."""
+        every = self.config.refine_every
+        if not (self.prepared and every and step % every == 0):
+            return {}
+        return self.update(model, next(iter(batches)))
+
+    def prepare(self, model: nn.Module, batches: Batches) -> dict[str, float]:
+        """Warm start (unless Q was already learned) and `warmup_steps` aux steps over the calibration batches."""
         calibration = self._calibration(model, batches)
         if self.steps_done == 0:
-            warm_start(self, model, calibration)
+            warm_start(self._warm_start_inputs(model), model, calibration)
+        self.prepared = True
         return self.refine(model, calibration, self.config.warmup_steps, desc="FishLeg warm-up")
 
-    def restart(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
+    def restart(self, model: nn.Module, batches: Batches) -> None:
         """A fresh warm start on the model as it is now (`curvature.rewarm`), Adam moments cleared.
 
         A few aux steps at a small learning rate move a log-parameterised Q by a few percent, while
         pruning can change the Fisher by an order of magnitude (BatchNorm rescales what follows a pruned
         conv): re-running the cheap warm-start statistics lets the aux steps refine from where F is now."""
         calibration = self._calibration(model, batches)
-        warm_start(self, model, calibration)
+        warm_start(self._warm_start_inputs(model), model, calibration)
+        self.prepared = True
         self.optimizer.state.clear()
 
-    def _calibration(self, model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    def _warm_start_inputs(self, model: nn.Module) -> WarmStartInputs:
+        return WarmStartInputs(
+            self.layers, self.structures, self.config, self.likelihood_of(model), self.generator, dict(self.keep),
+            frozenset(n for n in self.layers if self.models_bias(n)),
+        )
+
+    def _calibration(self, model: nn.Module, batches: Batches) -> list[Mapping[str, Any]]:
         """The first `num_batches` batches (at least one), with the likelihood resolved for this model."""
         calibration = list(itertools.islice(batches, self.config.num_batches))
         if not calibration:
             raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
-        self._resolve_likelihood(model)
+        self.likelihood_of(model)
         return calibration
 
     def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
+        """`steps` aux steps, cycling over `batches`; returns the last step's diagnostics."""
         diagnostics: dict[str, float] = {}
         for batch in progress(itertools.islice(itertools.cycle(batches), steps), total=steps, desc=desc):
             diagnostics = self.update(model, batch)
         return diagnostics
-
-    def _resolve_likelihood(self, model: nn.Module) -> Likelihood:
-        if self.likelihood is None:
-            self.likelihood = likelihood_for(self.config.likelihood, getattr(model, "config", None))
-        return self.likelihood
 
     def _tangents(self, v: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
         tangents: dict[nn.Parameter, torch.Tensor] = {}
@@ -247,7 +213,7 @@ class FishLegProvider(CurvatureProvider):
         if self.config.u_sampling == "gaussian":
             return {n: torch.randn(k.shape, generator=self.generator).to(k.device) * k for n, k in keeps.items()}
         params = list(self._tangents({n: torch.zeros_like(k) for n, k in keeps.items()}))  # each layer's weight (and bias)
-        gradient = sampled_gradient(model, batch, params, self._resolve_likelihood(model), self.generator)
+        gradient = sampled_gradient(model, batch, params, self.likelihood_of(model), self.generator)
         grads = self._as_matrices(dict.fromkeys(params), gradient)
         # masked, then scaled so E‖u‖² matches a Gaussian u on the kept coordinates
         return {n: g * keeps[n] * keeps[n].sum().sqrt() / (g * keeps[n]).norm().clamp_min(1e-30) for n, g in grads.items()}
@@ -258,7 +224,7 @@ class FishLegProvider(CurvatureProvider):
         A layer whose Fisher product or λ-gradient is not finite keeps its Q for this step (warned once);
         the other layers still learn, and the diagnostics cover them only.
         """
-        likelihood = self._resolve_likelihood(model)
+        likelihood = self.likelihood_of(model)
         u = self._draw_u(model, batch)
         v = {n: self.structures[n].matvec(u[n]) * self._keep(n) for n in self.layers}
         tangents = self._tangents({n: x.detach() for n, x in v.items()})
@@ -338,18 +304,13 @@ class FishLegProvider(CurvatureProvider):
                         tensors[f"{name}/{pname}/{moment}"] = state[moment]
         return tensors
 
-    def state_dict(self) -> dict[str, Any]:
-        tensors = dict(self.state_tensors())
-        tensors["rng"] = self.generator.get_state()
-        meta = {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps, "structure": self.config.structure}
-        return {"tensors": tensors, "meta": meta}
+    def state_meta(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps, "structure": self.config.structure,
+                "prepared": self.prepared}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        tensors = dict(state.get("tensors", {}))
-        meta = state.get("meta", {})
+    def load_state_meta(self, meta: Mapping[str, Any]) -> None:
         if meta.get("structure", self.config.structure) != self.config.structure:
             raise CurvatureError(f"saved FishLeg state has structure {meta.get('structure')!r}, the recipe asks for {self.config.structure!r}")
-        rng = tensors.pop("rng", None)
         steps = int(meta.get("steps_done", 0))
         if steps > 0:  # materialise Adam moments so their saved values have somewhere to go
             for param in self._parameters():
@@ -357,8 +318,7 @@ class FishLegProvider(CurvatureProvider):
                 st.setdefault("step", torch.tensor(float(steps)))
                 st.setdefault("exp_avg", torch.zeros_like(param))
                 st.setdefault("exp_avg_sq", torch.zeros_like(param))
-        super().load_state_dict({"tensors": tensors})
-        if rng is not None:
-            self.generator.set_state(rng)
         self.steps_done = steps
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        # states saved before `prepared` existed: a learned Q (aux steps taken) counts as prepared
+        self.prepared = bool(meta.get("prepared", steps > 0))

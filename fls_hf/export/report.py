@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .curvature.forward import unwrap
-from .pruning.patterns import parse_mask_type
-from .targets import resolve_targets
+from ..model.forward import unwrap
+from ..model.targets import resolve_targets
+from ..pruning.patterns import parse_mask_type
 
 if TYPE_CHECKING:
-    from .recipe import PruningRecipe
+    from ..recipe import PruningRecipe
 
 
 @dataclass

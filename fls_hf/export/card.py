@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .recipe import PruningRecipe
+from ..recipe import PruningRecipe
 from .report import SparsityReport
 
 CARD_FILE = "README.md"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,11 +31,10 @@ from torch import nn
 
 from ..errors import CurvatureError
 from ..progress import example_progress, log_main
-from .adapters import Conv1D, LayerAdapter
-from .base import CurvatureConfig, CurvatureProvider
-from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
-from .likelihoods import Likelihood, likelihood_for
-from .patches import conv_output_rows, conv_patches, plain_conv
+from ..model.adapters import Conv1D, LayerAdapter
+from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.patches import conv_output_rows, conv_patches, plain_conv
+from .likelihoods import Likelihood
 
 FISHER_LABELS = ("empirical", "sampled", "expected")
 MAX_EXPECTED_CLASSES = 64  # `expected` costs one backward pass per class
@@ -266,63 +264,35 @@ def _expected_gradients(
         yield {name: g * weight.to(g.device)[:, None, None] for name, g in grads.items()}
 
 
-@dataclass
-class GradientFisherConfig(CurvatureConfig):
-    """Settings shared by the Fisher estimates built from per-example gradients (diagonal, block)."""
+def counted_gradients(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    layers: Mapping[str, LayerAdapter],
+    *,
+    labels: str,
+    likelihood: Likelihood,
+    generator: torch.Generator | None,
+    max_examples: int,
+    keep: Mapping[str, torch.Tensor] | None = None,
+    desc: str = "Per-example gradients",
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """`per_example_gradients` as (b, {name: (b, rows, cols)}) pairs, with a progress bar in examples.
 
-    num_grads: int = field(default=256, metadata={"help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."})
-    fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected (exact true Fisher, one pass per class; classification only; num_grads counts examples × classes)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the label sampling generator (fisher_labels: sampled)."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_grads < 1:
-            raise CurvatureError(f"recipe key `curvature.num_grads` = {self.num_grads!r} must be >= 1")
-        if self.fisher_labels not in FISHER_LABELS:
-            raise CurvatureError(f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed: {', '.join(FISHER_LABELS)}")
-
-
-class GradientFisherProvider(CurvatureProvider):
-    """Base of the non-refining providers re-estimated from `num_grads` per-example gradients at every `prepare`."""
-
-    config_class = GradientFisherConfig
-    refines = False
-
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: GradientFisherConfig, likelihood: Likelihood | None = None) -> None:
-        super().__init__(layers, config)
-        self.config: GradientFisherConfig = config
-        self.likelihood = likelihood
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.examples = 0
-
-    def gradients(self, model: nn.Module, batches: Iterable[Mapping[str, Any]], desc: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(b, {name: (b, rows, cols)}) until `num_grads` examples, masked by `self.keep`, with a progress bar."""
-        if self.likelihood is None:
-            self.likelihood = likelihood_for(self.config.likelihood, getattr(unwrap(model), "config", None))
-        bar, seen = example_progress(self.config.num_grads, desc), 0
-        try:
-            for grads in per_example_gradients(
-                model, batches, self.layers, labels=self.config.fisher_labels, likelihood=self.likelihood,
-                generator=self.generator, max_examples=self.config.num_grads, keep=self.keep,
-            ):
-                size = next(iter(grads.values())).shape[0] if grads else 0
-                seen += size
-                bar.update(size)
-                yield size, grads
-        finally:
-            bar.close()
-        if seen == 0:
-            raise CurvatureError("empty calibration dataloader: the Fisher estimate needs at least one example")
-        if seen < self.config.num_grads:
-            log_main("%s from %d examples: the calibration batches ran out before `curvature.num_grads` = %d", desc, seen, self.config.num_grads)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tensors": {**self.state_tensors(), "rng": self.generator.get_state()}, "meta": {"examples": self.examples}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        tensors = dict(state.get("tensors", {}))
-        rng = tensors.pop("rng", None)
-        super().load_state_dict({"tensors": tensors})
-        if rng is not None:
-            self.generator.set_state(rng)
-        self.examples = int(state.get("meta", {}).get("examples", 0))
+    Raises `CurvatureError` when the batches hold no example; logs when they run out before `max_examples`.
+    """
+    bar, seen = example_progress(max_examples, desc), 0
+    try:
+        for grads in per_example_gradients(
+            model, batches, layers, labels=labels, likelihood=likelihood, generator=generator,
+            max_examples=max_examples, keep=keep,
+        ):
+            size = next(iter(grads.values())).shape[0] if grads else 0
+            seen += size
+            bar.update(size)
+            yield size, grads
+    finally:
+        bar.close()
+    if seen == 0:
+        raise CurvatureError("empty calibration dataloader: the Fisher estimate needs at least one example")
+    if seen < max_examples:
+        log_main("%s from %d examples: the calibration batches ran out before %d", desc, seen, max_examples)

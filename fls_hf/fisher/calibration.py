@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 Batch = Mapping[str, Any]
 

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .base import from_row_blocks, regroup_row_blocks, row_blocks
+from ...model.blocks import from_row_blocks, regroup_row_blocks, row_blocks
 
 
 def _pad_to(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:

@@ -25,10 +25,10 @@ from torch import nn
 from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
 from ..progress import example_progress
-from .adapters import Conv1DAdapter, LayerAdapter
-from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.adapters import Conv1DAdapter, LayerAdapter
+from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.patches import conv_obstacle, conv_output_rows, conv_patches
 from .likelihoods import Likelihood
-from .patches import conv_obstacle, conv_output_rows, conv_patches
 
 
 @contextlib.contextmanager

@@ -1,0 +1,66 @@
+"""Recipe `curvature:` sections: the settings every method shares and those of the Fisher baselines.
+
+Each method's config is a dataclass validated in `__post_init__` (PEFT's pattern); `recipe.py` checks key
+names and types against these fields, and `register_curvature` ties a config class to its `pruning.method`.
+FishLeg's config lives beside its provider (`fishleg/config.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import CurvatureError
+from ..fisher.gradients import FISHER_LABELS
+from ..fisher.likelihoods import LIKELIHOODS
+
+
+@dataclass
+class CurvatureConfig:
+    """Settings shared by every curvature method (the recipe's `curvature:` section)."""
+
+    damping: float = field(default=1e-3, metadata={"help": "γ in Q ≈ (F + γI)⁻¹; moves OBS (small) towards magnitude (large)."})
+    num_batches: int = field(default=16, metadata={"help": "Calibration batches used to estimate curvature before pruning."})
+    likelihood: str = field(default="auto", metadata={"help": "auto | categorical | gaussian | bernoulli (output distribution for the true Fisher)."})
+    max_memory_gib: float | None = field(default=None, metadata={"help": "Refuse to allocate curvature state above this many GiB."})
+    seed: int = field(default=0, metadata={"help": "Seed of the curvature's random draws (sampled labels, FishLeg's u), identical on every rank."})
+
+    def __post_init__(self) -> None:
+        if not self.damping > 0:
+            raise CurvatureError(f"recipe key `curvature.damping` = {self.damping!r} must be > 0")
+        if self.num_batches < 1:
+            raise CurvatureError(f"recipe key `curvature.num_batches` = {self.num_batches!r} must be >= 1")
+        allowed = ("auto", *LIKELIHOODS)
+        if self.likelihood not in allowed:
+            raise CurvatureError(f"recipe key `curvature.likelihood` = {self.likelihood!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class GradientFisherConfig(CurvatureConfig):
+    """Settings shared by the Fisher estimates built from per-example gradients (diagonal, block)."""
+
+    num_grads: int = field(default=256, metadata={"help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."})
+    fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected (exact true Fisher, one pass per class; classification only; num_grads counts examples × classes)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_grads < 1:
+            raise CurvatureError(f"recipe key `curvature.num_grads` = {self.num_grads!r} must be >= 1")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise CurvatureError(f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed: {', '.join(FISHER_LABELS)}")
+
+
+@dataclass
+class DiagonalFisherConfig(GradientFisherConfig):
+    """The `curvature:` section for `method: diagonal_fisher` (`num_grads`, `fisher_labels`, `seed`)."""
+
+
+@dataclass
+class BlockFisherConfig(GradientFisherConfig):
+    """The `curvature:` section for `method: block_fisher`."""
+
+    block_size: int = field(default=50, metadata={"help": "B: consecutive weights of a row per Fisher block (oBERT: 50). Memory: 4·B bytes per weight."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise CurvatureError(f"recipe key `curvature.block_size` = {self.block_size!r} must be >= 1")

@@ -1,0 +1,34 @@
+"""What fls_hf sees of a user's model, no maths: one matrix view per prunable layer (`LayerAdapter`),
+im2col patches of convolutions, row blocks, the forward pass used by curvature work (eval mode, logits
+from whatever the model returns) and the resolution of a recipe's `targets` / `ignore` patterns."""
+
+from .adapters import SUPPORTED_TYPES, Conv1DAdapter, LayerAdapter, adapter_for, require_adapter
+from .blocks import from_row_blocks, regroup_row_blocks, row_blocks
+from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from .patches import conv_obstacle, conv_output_rows, conv_patches, plain_conv
+from .targets import name_matches, peft_inner_name, plain_name, resolve_targets
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "Conv1DAdapter",
+    "LayerAdapter",
+    "adapter_for",
+    "conv_obstacle",
+    "conv_output_rows",
+    "conv_patches",
+    "curvature_mode",
+    "from_row_blocks",
+    "logits_of",
+    "model_device",
+    "model_inputs",
+    "name_matches",
+    "peft_inner_name",
+    "plain_conv",
+    "plain_name",
+    "regroup_row_blocks",
+    "require_adapter",
+    "resolve_targets",
+    "row_blocks",
+    "unwrap",
+    "valid_rows",
+]
