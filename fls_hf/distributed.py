@@ -33,12 +33,6 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
-    if is_distributed():
-        for t in tensors:
-            dist.broadcast(t, src)
-
-
 def check_same_on_all_ranks(digest: str, what: str) -> None:
     """Fail loudly when `digest` (e.g. a mask hash) differs between ranks."""
     if not is_distributed():

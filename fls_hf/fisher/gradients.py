@@ -34,6 +34,7 @@ from ..progress import example_progress, log_main
 from ..model.adapters import Conv1D, LayerAdapter
 from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from ..model.patches import conv_output_rows, conv_patches, plain_conv
+from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
 FISHER_LABELS = ("empirical", "sampled", "expected")
@@ -105,34 +106,24 @@ def _capture(layers: Mapping[str, LayerAdapter], size: int) -> Iterator[tuple[di
     """Hooks filling `sums[name]` (size, rows, cols) with Σ_t δ_n,tᵀ a_n,t; `misfits` lists layers to loop."""
     sums: dict[str, torch.Tensor] = {}
     misfits: set[str] = set()
-    handles = []
 
-    def forward_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-            a = inputs[0]
-            conv = isinstance(module, nn.Conv2d)
-            if a.shape[0] != size or not output.requires_grad or (conv and a.dim() != 4):  # conv: 3-d is unbatched
-                misfits.add(name)
-                return
-            # a conv's patches (kh·kw times its input) are unfolded only when its δ arrives, one layer at a time
-            a = a.detach() if conv else a.detach().reshape(size, -1, a.shape[-1]).float()
+    def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
+        conv = isinstance(module, nn.Conv2d)
+        if a.shape[0] != size or not output.requires_grad or (conv and a.dim() != 4):  # conv: 3-d is unbatched
+            misfits.add(name)
+            return
+        # a conv's patches (kh·kw times its input) are unfolded only when its δ arrives, one layer at a time
+        a = a.detach() if conv else a.detach().reshape(size, -1, a.shape[-1]).float()
 
-            def on_grad(delta: torch.Tensor) -> None:
-                rows = conv_output_rows(delta) if conv else delta.reshape(size, -1, delta.shape[-1]).float()
-                g = torch.einsum("bto,bti->boi", rows, conv_patches(module, a) if conv else a)
-                sums[name] = sums[name] + g if name in sums else g
+        def on_grad(delta: torch.Tensor) -> None:
+            rows = conv_output_rows(delta) if conv else delta.reshape(size, -1, delta.shape[-1]).float()
+            g = torch.einsum("bto,bti->boi", rows, conv_patches(module, a) if conv else a)
+            sums[name] = sums[name] + g if name in sums else g
 
-            output.register_hook(on_grad)
+        output.register_hook(on_grad)
 
-        return hook
-
-    try:
-        for name, adapter in layers.items():
-            handles.append(adapter.module.register_forward_hook(forward_hook(name)))
+    with layer_hooks(layers, on_forward):
         yield sums, misfits
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _shared_weight_ids(model: nn.Module) -> set[int]:

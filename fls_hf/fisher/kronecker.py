@@ -15,8 +15,7 @@ padding) is the same map at every output position, with a_t the input patch unde
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,35 +27,30 @@ from ..progress import example_progress
 from ..model.adapters import Conv1DAdapter, LayerAdapter
 from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from ..model.patches import conv_obstacle, conv_output_rows, conv_patches
+from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
 
-@contextlib.contextmanager
-def _capture(layers: Mapping[str, LayerAdapter], store: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
-    """Record each layer's input and output-gradient for one forward/backward; hooks always removed."""
-    handles = []
+def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
+    """K-FAC's map a → W a + b holds for Linear, Conv1D and plain Conv2d layers only."""
+    for name, adapter in layers.items():
+        module = adapter.module
+        if isinstance(module, nn.Conv2d) and conv_obstacle(module) is not None:
+            raise CurvatureError(
+                f"`curvature.init: kfac` supports plain Conv2d layers only (groups=1, padding_mode='zeros'); `{name}` has "
+                f"{conv_obstacle(module)}: use another `curvature.init` or add it to `pruning.ignore`"
+            )
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(adapter, Conv1DAdapter):
+            raise CurvatureError(f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}")
 
-    def forward_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            store[name]["a"] = inputs[0].detach()
-            output.register_hook(lambda grad: store[name].__setitem__("d", grad.detach()))
-        return hook
 
-    try:
-        for name, adapter in layers.items():
-            module = adapter.module
-            if isinstance(module, nn.Conv2d) and conv_obstacle(module) is not None:
-                raise CurvatureError(
-                    f"`curvature.init: kfac` supports plain Conv2d layers only (groups=1, padding_mode='zeros'); `{name}` has "
-                    f"{conv_obstacle(module)}: use another `curvature.init` or add it to `pruning.ignore`"
-                )
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(adapter, Conv1DAdapter):
-                raise CurvatureError(f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}")
-            handles.append(adapter.module.register_forward_hook(forward_hook(name)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def _record(store: dict[str, dict[str, torch.Tensor]]):
+    """A `layer_hooks` callback keeping each layer's input and output gradient of the last forward/backward."""
+    def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
+        store[name]["a"] = a.detach()
+        output.register_hook(lambda grad: store[name].__setitem__("d", grad.detach()))
+
+    return on_forward
 
 
 def kronecker_statistics(
@@ -76,7 +70,8 @@ def kronecker_statistics(
     store: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
     params = [a.weight for a in layers.values()]
     bar = example_progress(max_examples, "K-FAC statistics")
-    with curvature_mode(model), _capture(layers, store), bar:
+    _check_supported(layers)
+    with curvature_mode(model), layer_hooks(layers, _record(store)), bar:
         for batch in batches:
             if examples >= max_examples:
                 break
