@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import CurvatureError
+
 LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions")
 
 
@@ -42,13 +44,28 @@ def valid_rows(batch: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor:
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
-    """`outputs.logits` for HF model outputs, the first element for tuples, the tensor itself otherwise."""
+    """The logits `(..., classes)` in whatever a model's forward returned.
+
+    Read from a tensor itself, a mapping's `"logits"` key (a transformers `ModelOutput`, or a custom
+    model's `{"loss": ..., "logits": ...}`), an object's `logits` attribute, or a tuple / list's first
+    element; anything else raises `CurvatureError` naming what came back.
+    """
     if isinstance(outputs, torch.Tensor):
         return outputs
-    logits = getattr(outputs, "logits", None)
-    if logits is None:
-        logits = outputs[0]
-    return logits
+    if isinstance(outputs, Mapping):
+        logits, found = outputs.get("logits"), f"{type(outputs).__name__} with keys {list(outputs)}"
+    elif hasattr(outputs, "logits"):
+        logits, found = outputs.logits, f"{type(outputs).__name__} whose `logits` is {type(outputs.logits).__name__}"
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        logits, found = outputs[0], f"{type(outputs).__name__} whose first element is {type(outputs[0]).__name__}"
+    else:
+        logits, found = None, type(outputs).__name__
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise CurvatureError(
+        f"the model's forward returned {found}; curvature passes need the logits: a tensor, a ModelOutput or "
+        "dict with a `logits` tensor, or a tuple / list whose first element is the logits tensor"
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:
