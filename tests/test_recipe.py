@@ -244,3 +244,29 @@ def test_pruning_config_reads_from_the_command_line():
         ["--method", "magnitude", "--final_sparsity", "0.8", "--targets", "query", "key", "--global_sparsity", "false"]
     )
     assert config == PruningConfig(method="magnitude", final_sparsity=0.8, targets=["query", "key"], global_sparsity=False)
+
+
+def test_minimal_recipe_is_one_shot_outside_training_and_says_so():
+    """`oneshot` cannot honour an `init_sparsity`: it prunes straight to `final_sparsity`, with one warning."""
+    from helpers import tiny_bert, token_batches
+
+    from fls_hf import oneshot
+
+    minimal = {"pruning": {"method": "magnitude", "init_sparsity": 0.3, "final_sparsity": 0.8}}
+    recipe = load_recipe(minimal)
+    assert recipe.pruning.end_step is None and recipe.pruning.one_shot and recipe.pruning.last_step == 0
+    with pytest.warns(UserWarning, match=r"`pruning.init_sparsity` = 0.3 has no effect: the schedule is one-shot") as record:
+        report = oneshot(tiny_bert(), token_batches(n_batches=1), minimal)
+    assert len(record) == 1 and report.zeros == round(0.8 * report.numel)
+    assert load_recipe({"pruning": {"end_step": 10}}).pruning.update_frequency == 1  # given end_step: every step
+
+
+def test_schedule_over_run_fills_only_what_the_recipe_leaves_unset():
+    from fls_hf.recipe import schedule_over_run
+
+    explicit = load_recipe({"pruning": {"start_step": 2, "end_step": 5}})
+    assert schedule_over_run(explicit, 1000) is explicit
+    derived = schedule_over_run(load_recipe({"pruning": {"start_step": 100}}), 1100).pruning
+    assert (derived.start_step, derived.end_step, derived.update_frequency) == (100, 850, 75)
+    assert schedule_over_run(load_recipe({"pruning": {"update_frequency": 7}}), 100).pruning.update_frequency == 7
+    assert schedule_over_run(load_recipe({}), 0).pruning.end_step == 0  # no steps to spread over: one-shot at 0

@@ -173,3 +173,20 @@ def test_oneshot_on_a_bf16_model_keeps_dtype():
     report = oneshot(model, [batch], RECIPE)
     assert report.zeros == round(0.8 * report.numel)
     assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+
+
+def test_minimal_recipe_gets_a_gradual_schedule_over_the_run(tmp_path, caplog):
+    """`init_sparsity` + `final_sparsity` and nothing else: prune over the first 3/4 of max_steps, then recover."""
+    minimal = {"pruning": {"method": "magnitude", "init_sparsity": 0.3, "final_sparsity": 0.8}}
+    trace = SparsityTrace(minimal)
+    trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=minimal, train_dataset=dataset(), callbacks=[trace],
+                                    args=training_args(tmp_path, max_steps=20))
+    with caplog.at_level("INFO", logger="fls_hf"):
+        trainer.train()
+    pruning = trainer.recipe.pruning
+    assert (pruning.start_step, pruning.end_step, pruning.update_frequency) == (0, 15, 1)
+    assert sum("sets no `pruning.end_step`" in r.getMessage() for r in caplog.records) == 1
+    sparsity = dict(trace.trace)
+    assert sparsity[1] == pytest.approx(0.3 + (0.8 - 0.3) * (1 - (1 - 1 / 15) ** 3), abs=2e-3)  # cubic, from init
+    assert sparsity[10] < 0.8 - 5e-3 and sparsity[15] == pytest.approx(0.8, abs=1e-3) and sparsity[20] == sparsity[15]
+    assert load_recipe(tmp_path / "recipe.yaml").pruning.end_step == 15  # the saved recipe says what ran

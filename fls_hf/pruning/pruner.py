@@ -160,12 +160,12 @@ class Pruner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        masks, provider = self.masks.state_dict(), self.provider.state_dict()
+        masks, curvature = self.masks.state_dict(), self.provider.state_dict()
         tensors = {f"masks/{k}": v for k, v in masks["tensors"].items()}
-        tensors.update({f"curvature/{k}": v.contiguous() for k, v in provider["tensors"].items()})
+        tensors.update({f"curvature/{k}": v.contiguous() for k, v in curvature["tensors"].items()})
         meta = {
             "version": STATE_VERSION, "recipe": self.recipe.to_dict(), "masks": masks["meta"],
-            "curvature": provider.get("meta", {}),
+            "curvature": curvature.get("meta", {}),
             "current_target": self.current_target, "history": self.history, "skipped_steps": self.skipped_steps,
         }
         return tensors, meta

@@ -1,0 +1,101 @@
+"""The provider contract, checked for every registered curvature method (and every FishLeg structure).
+
+On a tiny MLP (two Linear layers with biases), after `ready`:
+- `matvec` is a linear map whose explicit matrix (built column by column) is symmetric positive definite;
+- `diag` is that matrix's diagonal, `blocks(name, B)` its within-row blocks, `matvec` of a random V its product;
+- `state_dict` survives a safetensors file and a fresh provider answers the same;
+- `estimated_bytes` (known before allocating) covers what the state tensors hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import MLP
+from fls_hf.curvature import config_class_for, provider_class_for, registered_methods
+from fls_hf.curvature.fishleg import STRUCTURES
+from fls_hf.model import adapter_for, from_row_blocks, row_blocks
+
+# Small settings for whichever keys a method's config has (so a newly registered method is covered too).
+SMALL = {"damping": 1e-2, "num_batches": 2, "num_grads": 8, "block_size": 4, "warmup_steps": 2, "init_examples": 8,
+         "fisher_labels": "sampled", "likelihood": "categorical"}
+CASES = [(m, {}) for m in registered_methods() if m != "fishleg"] + [("fishleg", {"structure": s}) for s in STRUCTURES]
+
+
+def problem():
+    model = MLP((6, 5, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
+    return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+
+
+def provider_for(method: str, extra: dict, layers):
+    config_class = config_class_for(method)
+    known = {f.name for f in fields(config_class)}
+    config = config_class(**{k: v for k, v in {**SMALL, **extra}.items() if k in known})
+    return provider_class_for(method)(layers, config)
+
+
+def explicit(provider, name: str) -> torch.Tensor:
+    """Q restricted to layer `name`'s weights, (rows·cols)², from one matvec per coordinate."""
+    rows, cols = provider.layers[name].shape
+    columns = []
+    for k in range(rows * cols):
+        e = torch.zeros(rows * cols)
+        e[k] = 1.0
+        columns.append(provider.matvec(name, e.view(rows, cols)).reshape(-1).double())
+    return torch.stack(columns, dim=1)
+
+
+@pytest.fixture(params=CASES, ids=[f"{m}-{e.get('structure', '')}".rstrip("-") for m, e in CASES])
+def ready_provider(request):
+    method, extra = request.param
+    model, batches, layers = problem()
+    provider = provider_for(method, extra, layers)
+    provider.ready(model, batches)
+    return method, extra, provider
+
+
+def test_matvec_is_a_symmetric_positive_definite_map_read_consistently(ready_provider):
+    _, _, provider = ready_provider
+    g = torch.Generator().manual_seed(3)
+    for name, adapter in provider.layers.items():
+        rows, cols = adapter.shape
+        q = explicit(provider, name)
+        torch.testing.assert_close(q, q.T, rtol=1e-4, atol=1e-6 * q.abs().max().item())
+        assert torch.linalg.eigvalsh((q + q.T) / 2).min() > 0
+        torch.testing.assert_close(provider.diag(name).double().reshape(-1), q.diagonal(), rtol=1e-4, atol=0)
+        v = torch.randn(rows, cols, generator=g)
+        torch.testing.assert_close(provider.matvec(name, v).double().reshape(-1), q @ v.double().reshape(-1), rtol=1e-4, atol=1e-6 * q.abs().max().item())
+        for block in (2, 3):  # entry (j, k) of block b is Q's entry between the two weights of that row block
+            index = row_blocks(torch.arange(rows * cols, dtype=torch.float64).view(rows, cols) + 1, block).long() - 1
+            valid = index >= 0
+            safe = index.clamp_min(0)
+            expected = q[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+            torch.testing.assert_close(provider.blocks(name, block).double(), expected, rtol=1e-4, atol=1e-6 * q.abs().max().item())
+        assert from_row_blocks(row_blocks(v, 3), (rows, cols)).equal(v)
+
+
+def test_state_dict_survives_a_safetensors_file(ready_provider, tmp_path):
+    method, extra, provider = ready_provider
+    state = provider.state_dict()
+    save_file({k: v.contiguous() for k, v in state["tensors"].items()}, str(tmp_path / "state.safetensors"))
+    _, _, layers = problem()
+    fresh = provider_for(method, extra, layers)
+    fresh.load_state_dict({"tensors": load_file(str(tmp_path / "state.safetensors")), "meta": state["meta"]})
+    for name in provider.layers:
+        torch.testing.assert_close(fresh.diag(name), provider.diag(name), rtol=0, atol=0)
+        v = torch.ones(provider.layers[name].shape)
+        torch.testing.assert_close(fresh.matvec(name, v), provider.matvec(name, v), rtol=0, atol=0)
+    assert torch.equal(fresh.generator.get_state(), provider.generator.get_state())
+
+
+def test_memory_estimate_covers_the_state(ready_provider):
+    _, _, provider = ready_provider
+    held = sum(t.numel() * t.element_size() for t in provider.state_tensors().values())
+    assert provider.estimated_bytes() >= held
+    assert provider.memory_bytes() >= held
