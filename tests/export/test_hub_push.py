@@ -27,7 +27,7 @@ from helpers import tiny_bert
 from fls_hf import load_recipe, sparsity_report
 from fls_hf.export.card import CARD_TAGS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = (
     "the a an and of to is it this that film movie story good bad great funny dull boring best worst not no "
     "very too more most so but with for as on in its one all like just all-time love hate fun mess charm well "
