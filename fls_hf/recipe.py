@@ -35,6 +35,18 @@ from .curvature.config import CurvatureConfig
 from .errors import CurvatureError, RecipeError
 from .progress import log_main
 
+__all__ = [
+    "COMPENSATIONS",
+    "INTER_FUNCS",
+    "SALIENCIES",
+    "PruningConfig",
+    "PruningRecipe",
+    "load_recipe",
+    "parse_mask_type",
+    "parse_overrides",
+    "schedule_over_run",
+]
+
 SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("block", "independent", "none")

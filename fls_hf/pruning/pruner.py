@@ -8,7 +8,7 @@
     pruner.save(directory) / pruner.load(directory)
 
 The Pruner never knows which curvature it holds: it calls the provider's `ready` before each pruning step and
-`on_optimizer_step` after the others (see `curvature.base`). Curvature data comes from a `CalibrationStream`
+`on_optimizer_step` after the others (see `fls_hf/curvature/base.py`). Curvature data comes from a `CalibrationStream`
 (`fisher/calibration.py`).
 """
 
