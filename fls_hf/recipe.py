@@ -58,7 +58,47 @@ _N_OF_M = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*")
 
 @dataclass
 class PruningConfig:
-    """The recipe's `pruning:` section: which layers, which pattern, how sparse, and when."""
+    """The recipe's `pruning:` section: which layers, which pattern, how sparse, and when.
+
+    Args:
+        method (`str`, defaults to `'fishleg'`):
+            Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name).
+        targets (`list[str]`, defaults to `[]`):
+            Module names or `re:` regexes to prune; empty = every supported layer not ignored.
+        ignore (`list[str]`, defaults to `['classifier', 're:.*pooler.*', 'lm_head', 'score']`):
+            Module names or `re:` regexes never pruned (task heads by default).
+        mask_type (`str`, defaults to `'unstructured'`):
+            unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4").
+        global_sparsity (`bool`, defaults to `True`):
+            Rank saliencies across all targeted layers (true) or within each layer (false).
+        init_sparsity (`float`, defaults to `0.0`):
+            Sparsity reached at `start_step`, in [0, 1).
+        final_sparsity (`float`, defaults to `0.5`):
+            Sparsity reached at `end_step`, in [0, 1).
+        start_step (`int`, defaults to `0`):
+            Optimizer step of the first pruning step.
+        end_step (`int | None`, defaults to `None`):
+            Optimizer step of the last pruning step; equal to `start_step` means one-shot. Unset: one-shot in
+            `oneshot`; in the Trainer, the first 3/4 of the run.
+        update_frequency (`int | None`, defaults to `None`):
+            Optimizer steps between pruning steps; unset: 1, or about 10 pruning steps when the Trainer sets
+            `end_step`.
+        inter_func (`str`, defaults to `'cubic'`):
+            Sparsity schedule between start and end: cubic | linear.
+        recomputations (`int`, defaults to `1`):
+            Curvature re-estimates within one pruning step (prune in that many stages).
+        min_layer_sparsity (`float`, defaults to `0.0`):
+            Lower bound on each layer's sparsity under global ranking.
+        max_layer_sparsity (`float`, defaults to `0.99`):
+            Upper bound on each layer's sparsity under global ranking.
+        compensation (`str`, defaults to `'block'`):
+            Weight update after pruning: block (joint OBS within blocks) | independent | none.
+        obs_block_size (`int`, defaults to `50`):
+            Consecutive weights of a row treated jointly by block compensation.
+        saliency (`str`, defaults to `'obs'`):
+            obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal read
+            off Q's blocks of obs_block_size (others held fixed).
+    """
 
     method: str = field(default="fishleg", metadata={"help": "Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name)."})
     targets: list[str] = field(default_factory=list, metadata={"help": "Module names or `re:` regexes to prune; empty = every supported layer not ignored."})

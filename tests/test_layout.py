@@ -113,3 +113,14 @@ def test_every_named_recipe_key_exists(path):
     """Error messages and docs name keys as `pruning.x` / `curvature.x`: each must be a real key."""
     named = set(re.findall(r"`((?:pruning|curvature)\.[a-z_]+)", path.read_text()))
     assert named <= recipe_keys(), sorted(named - recipe_keys())
+
+
+def test_every_config_documents_its_keys():
+    """PEFT-style configs: each key a config class adds is described in its docstring's `Args:` section."""
+    classes = {PruningConfig} | {config_class_for(m) for m in registered_methods()}
+    classes |= {base for cls in list(classes) for base in cls.__mro__ if hasattr(base, "__dataclass_fields__")}
+    for cls in classes:
+        parent_fields = {f.name for base in cls.__mro__[1:] if hasattr(base, "__dataclass_fields__") for f in fields(base)}
+        for f in fields(cls):
+            if f.name not in parent_fields:
+                assert f"        {f.name} (`" in (cls.__doc__ or ""), f"{cls.__name__}.{f.name}"

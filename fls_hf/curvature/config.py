@@ -16,7 +16,20 @@ from ..fisher.likelihoods import LIKELIHOODS
 
 @dataclass
 class CurvatureConfig:
-    """Settings shared by every curvature method (the recipe's `curvature:` section)."""
+    """Settings shared by every curvature method (the recipe's `curvature:` section).
+
+    Args:
+        damping (`float`, defaults to `0.001`):
+            γ in Q ≈ (F + γI)⁻¹; moves OBS (small) towards magnitude (large).
+        num_batches (`int`, defaults to `16`):
+            Calibration batches used to estimate curvature before pruning.
+        likelihood (`str`, defaults to `'auto'`):
+            auto | categorical | gaussian | bernoulli (output distribution for the true Fisher).
+        max_memory_gib (`float | None`, defaults to `None`):
+            Refuse to allocate curvature state above this many GiB.
+        seed (`int`, defaults to `0`):
+            Seed of the curvature's random draws (sampled labels, FishLeg's u), identical on every rank.
+    """
 
     damping: float = field(default=1e-3, metadata={"help": "γ in Q ≈ (F + γI)⁻¹; moves OBS (small) towards magnitude (large)."})
     num_batches: int = field(default=16, metadata={"help": "Calibration batches used to estimate curvature before pruning."})
@@ -36,7 +49,15 @@ class CurvatureConfig:
 
 @dataclass
 class GradientFisherConfig(CurvatureConfig):
-    """Settings shared by the Fisher estimates built from per-example gradients (diagonal, block)."""
+    """Settings shared by the Fisher estimates built from per-example gradients (diagonal, block).
+
+    Args:
+        num_grads (`int`, defaults to `256`):
+            Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches.
+        fisher_labels (`str`, defaults to `'empirical'`):
+            empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected (exact
+            true Fisher, one pass per class; classification only; num_grads counts examples × classes).
+    """
 
     num_grads: int = field(default=256, metadata={"help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."})
     fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected (exact true Fisher, one pass per class; classification only; num_grads counts examples × classes)."})
@@ -56,7 +77,12 @@ class DiagonalFisherConfig(GradientFisherConfig):
 
 @dataclass
 class BlockFisherConfig(GradientFisherConfig):
-    """The `curvature:` section for `method: block_fisher`."""
+    """The `curvature:` section for `method: block_fisher`.
+
+    Args:
+        block_size (`int`, defaults to `50`):
+            B: consecutive weights of a row per Fisher block (oBERT: 50). Memory: 4·B bytes per weight.
+    """
 
     block_size: int = field(default=50, metadata={"help": "B: consecutive weights of a row per Fisher block (oBERT: 50). Memory: 4·B bytes per weight."})
 

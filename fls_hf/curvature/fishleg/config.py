@@ -17,7 +17,46 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class FishLegConfig(CurvatureConfig):
-    """The `curvature:` section for `method: fishleg`."""
+    """The `curvature:` section for `method: fishleg`.
+
+    Args:
+        structure (`str`, defaults to `'diagonal'`):
+            Q structure per layer: block_diagonal | kronecker | diagonal
+        block_size (`int`, defaults to `32`):
+            block_diagonal: consecutive weights of a row per block.
+        factor_block_size (`int | None`, defaults to `None`):
+            kronecker: make R and L block-diagonal with blocks this size (bounds memory for wide layers).
+        init (`str`, defaults to `'kfac'`):
+            identity (Q = I/γ, ≡ magnitude) | diagonal (Q = diag 1/(E[g²]+γ), ≡ OBD) | kfac (Q from the K-FAC Fisher
+            G ⊗ Ā) | fisher (block_diagonal / diagonal: the structure's blocks of (E[g gᵀ] + γI)⁻¹ from per-example
+            gradients, ≡ oBERT's inverse from the true Fisher).
+        init_examples (`int`, defaults to `256`):
+            Examples (sampled labels) for the diagonal or K-FAC warm start; gradient vectors (examples × classes
+            with init_labels: expected) for init: fisher.
+        init_labels (`str`, defaults to `'sampled'`):
+            init: diagonal / fisher: sampled (labels drawn from the model) | expected (exact true Fisher, one pass
+            per class; classification only).
+        aux_lr (`float`, defaults to `0.01`):
+            Adam learning rate of the auxiliary loss.
+        aux_lr_schedule (`str`, defaults to `'constant'`):
+            constant | linear (decays to 0.1 × aux_lr over warmup_steps).
+        warmup_steps (`int`, defaults to `100`):
+            Aux steps before the first pruning step.
+        refinement_steps (`int`, defaults to `10`):
+            Aux steps run before each later pruning step (refinement, not re-estimation).
+        rewarm (`bool`, defaults to `True`):
+            Before every later pruning step, restart Q from a fresh warm start (`init`) on the current weights, then
+            take the refinement_steps aux steps (tracks a Fisher that pruning changes a lot, e.g. under BatchNorm);
+            false: only refine the previous Q.
+        refine_every (`int`, defaults to `0`):
+            During training, also run one aux step every N optimizer steps (0 = off).
+        fisher_product (`str`, defaults to `'ggn'`):
+            ggn (exact Gauss-Newton, default) | hvp (sampled-label Hessian-vector product).
+        u_sampling (`str`, defaults to `'gaussian'`):
+            gaussian (all coordinate directions, for pruning) | gradient (sampled-label gradient direction).
+        precondition_aux (`bool`, defaults to `False`):
+            Replace r by Q·r in the aux gradient (Newton-like; can diverge at large aux_lr).
+    """
 
     # Defaults chosen by benchmarks/README.md (one-shot MiniLM): the K-FAC start wins by 5-28 points over the
     # identity / OBD starts at 70-80 %; diagonal and block_diagonal Q tie within noise, diagonal at 1/30 the memory.
