@@ -6,9 +6,9 @@ sparsity report.
 
 from .callback import FishLegPruningCallback
 from .errors import CurvatureError, DistributedError, FlsError, PruningStateError, RecipeError, UnsupportedModuleError
+from .export.report import SparsityReport, sparsity_report
 from .oneshot import oneshot
 from .recipe import PruningRecipe, load_recipe
-from .export.report import SparsityReport, sparsity_report
 from .trainer import FishLegPruningArguments, FishLegPruningTrainer
 
 __version__ = "0.1.0.dev0"

@@ -3,7 +3,8 @@
 Hooks (transformers 5 loop: forward/backward × grad-accum → clip → on_pre_optimizer_step →
 optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step += 1 → on_step_end):
 
-- `on_train_begin`: fix the schedule (a recipe without `end_step` prunes over the first 3/4 of the run); build the pruner; restore its state when resuming; prune if the schedule starts at step 0.
+- `on_train_begin`: fix the schedule (a recipe without `end_step` prunes over the first 3/4 of the run); build
+  the pruner; restore its state when resuming; prune if the schedule starts at step 0.
 - `on_pre_optimizer_step`: zero the gradients of pruned weights; a NaN / inf gradient in a targeted layer
   drops the whole update (warned, counted), so no non-finite value reaches the weights or the masks.
 - `on_optimizer_step`: re-zero pruned weights (momentum and weight decay would regrow them).
@@ -42,7 +43,9 @@ PRUNER_DIR = "fls_pruner"
 def refuse_sharded_training(args: TrainingArguments) -> None:
     """FSDP and DeepSpeed ZeRO-3 shard parameters across ranks; masks and Q need whole weights."""
     if args.fsdp:
-        raise DistributedError("FSDP is not supported by fls_hf yet: run with DDP (`accelerate launch --multi_gpu`) instead")
+        raise DistributedError(
+            "FSDP is not supported by fls_hf yet: run with DDP (`accelerate launch --multi_gpu`) instead"
+        )
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:  # pragma: no cover
@@ -64,7 +67,9 @@ class FishLegPruningCallback(TrainerCallback):
         >>> trainer.train()
     """
 
-    def __init__(self, recipe: PruningRecipe | Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, recipe: PruningRecipe | Mapping[str, Any] | str | Path, overrides: Mapping[str, Any] | None = None
+    ) -> None:
         parsed = isinstance(recipe, PruningRecipe) and not overrides
         self.recipe = recipe if parsed else load_recipe(recipe, overrides=overrides)  # the Trainer passes it parsed
         self.pruner: Pruner | None = None
@@ -75,13 +80,23 @@ class FishLegPruningCallback(TrainerCallback):
     def _curvature_data(self, args: TrainingArguments, train_dataloader: Any) -> SeededBatches | CalibrationStream:
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-            return SeededBatches(dataset, train_dataloader.collate_fn, args.per_device_train_batch_size, args.seed + 7919 * rank())
+            return SeededBatches(
+                dataset, train_dataloader.collate_fn, args.per_device_train_batch_size, args.seed + 7919 * rank()
+            )
         return CalibrationStream(train_dataloader)  # iterable datasets: resume is not bit-exact
 
     def stream(self, step: int) -> CalibrationStream:
         return self.batches.stream(step) if isinstance(self.batches, SeededBatches) else self.batches
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
         refuse_sharded_training(args)
         self.recipe = schedule_over_run(self.recipe, state.max_steps)
         self.pruner = Pruner(model, self.recipe)
@@ -90,10 +105,15 @@ class FishLegPruningCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_DIR
             if not checkpoint.is_dir():
                 raise PruningStateError(
-                    f"resuming at step {state.global_step} but {checkpoint} holds no pruner state; refusing to continue as if nothing were pruned"
+                    f"resuming at step {state.global_step} but {checkpoint} holds no pruner state; refusing to "
+                    "continue as if nothing were pruned"
                 )
             self.pruner.load(checkpoint)
-            log_main("fls_hf: resumed pruner state from %s (sparsity %.2f %%)", checkpoint, 100 * self.pruner.masks.global_sparsity())
+            log_main(
+                "fls_hf: resumed pruner state from %s (sparsity %.2f %%)",
+                checkpoint,
+                100 * self.pruner.masks.global_sparsity(),
+            )
         else:
             self.pruner.on_step(model, 0, self.stream(0))
 
@@ -119,8 +139,12 @@ class FishLegPruningCallback(TrainerCallback):
         count = self.pruner.skipped_steps
         if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th... skip: a diverged run does not warn every step
             shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-            warn_main("fls_hf: non-finite gradient in targeted module(s) %s at optimizer step %d; "
-                      "update skipped (%d so far)", shown, step, count)
+            warn_main(
+                "fls_hf: non-finite gradient in targeted module(s) %s at optimizer step %d; update skipped (%d so far)",
+                shown,
+                step,
+                count,
+            )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.enforce_masks()
@@ -138,7 +162,9 @@ class FishLegPruningCallback(TrainerCallback):
         optimizer's step method still runs. The scaler halves its scale exactly when it found an inf.
         """
         before, after = self._scale_before_step, _loss_scale(optimizer)
-        return bool(getattr(optimizer, "step_was_skipped", False)) or (before is not None and after is not None and after < before)
+        return bool(getattr(optimizer, "step_was_skipped", False)) or (
+            before is not None and after is not None and after < before
+        )
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
         if self.pruner is None or logs is None or not {"loss", "learning_rate"} & logs.keys():
@@ -157,8 +183,10 @@ class FishLegPruningCallback(TrainerCallback):
             return
         self.pruner.enforce_masks()
         if self.pruner.skipped_steps:
-            warn_main("fls_hf: %d optimizer update(s) skipped for non-finite gradients in targeted layers",
-                      self.pruner.skipped_steps)
+            warn_main(
+                "fls_hf: %d optimizer update(s) skipped for non-finite gradients in targeted layers",
+                self.pruner.skipped_steps,
+            )
         if is_main_process() and not self.merge_warned:
             self.merge_warned = warn_if_merge_densifies(model, self.pruner)
         if args.should_save:

@@ -40,4 +40,6 @@ def check_same_on_all_ranks(digest: str, what: str) -> None:
     digests: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     if len(set(digests)) > 1:
-        raise DistributedError(f"{what} differ across ranks: " + ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests)))
+        raise DistributedError(
+            f"{what} differ across ranks: " + ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests))
+        )

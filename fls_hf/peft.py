@@ -116,7 +116,9 @@ def masked_merge_and_unload(
         keep = mask_set.keep(key)
         weight = merged.get_submodule(name).weight
         if weight.shape != keep.shape:
-            raise FlsError(f"mask key `{key}` has shape {tuple(keep.shape)}, merged module `{name}` {tuple(weight.shape)}")
+            raise FlsError(
+                f"mask key `{key}` has shape {tuple(keep.shape)}, merged module `{name}` {tuple(weight.shape)}"
+            )
         weight.masked_fill_(keep.logical_not().to(weight.device), 0)
     return merged
 
@@ -134,7 +136,9 @@ def warn_if_merge_densifies(model: nn.Module, masks: Pruner | MaskSet) -> bool:
     mask_set = _mask_set(masks)
     adapted = [key for key in mask_set if key.endswith(".base_layer") and mask_set.num_pruned(key) > 0]
     if adapted:
-        warnings.warn(MERGE_WARNING.format(count=len(adapted), example=plain_name(adapted[0])), UserWarning, stacklevel=2)
+        warnings.warn(
+            MERGE_WARNING.format(count=len(adapted), example=plain_name(adapted[0])), UserWarning, stacklevel=2
+        )
     return bool(adapted)
 
 

@@ -100,42 +100,111 @@ class PruningConfig:
             off Q's blocks of obs_block_size (others held fixed).
     """
 
-    method: str = field(default="fishleg", metadata={"help": "Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name)."})
-    targets: list[str] = field(default_factory=list, metadata={"help": "Module names or `re:` regexes to prune; empty = every supported layer not ignored."})
-    ignore: list[str] = field(default_factory=lambda: ["classifier", "re:.*pooler.*", "lm_head", "score"], metadata={"help": "Module names or `re:` regexes never pruned (task heads by default)."})
-    mask_type: str = field(default="unstructured", metadata={"help": "unstructured, or \"N:M\" (keep N of every M consecutive weights, e.g. \"2:4\")."})
-    global_sparsity: bool = field(default=True, metadata={"help": "Rank saliencies across all targeted layers (true) or within each layer (false)."})
+    method: str = field(
+        default="fishleg",
+        metadata={
+            "help": "Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name)."
+        },
+    )
+    targets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Module names or `re:` regexes to prune; empty = every supported layer not ignored."},
+    )
+    ignore: list[str] = field(
+        default_factory=lambda: ["classifier", "re:.*pooler.*", "lm_head", "score"],
+        metadata={"help": "Module names or `re:` regexes never pruned (task heads by default)."},
+    )
+    mask_type: str = field(
+        default="unstructured",
+        metadata={"help": 'unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4").'},
+    )
+    global_sparsity: bool = field(
+        default=True,
+        metadata={"help": "Rank saliencies across all targeted layers (true) or within each layer (false)."},
+    )
     init_sparsity: float = field(default=0.0, metadata={"help": "Sparsity reached at `start_step`, in [0, 1)."})
     final_sparsity: float = field(default=0.5, metadata={"help": "Sparsity reached at `end_step`, in [0, 1)."})
     start_step: int = field(default=0, metadata={"help": "Optimizer step of the first pruning step."})
-    end_step: int | None = field(default=None, metadata={"help": "Optimizer step of the last pruning step; equal to `start_step` means one-shot. Unset: one-shot in `oneshot`; in the Trainer, the first 3/4 of the run."})
-    update_frequency: int | None = field(default=None, metadata={"help": "Optimizer steps between pruning steps; unset: 1, or about 10 pruning steps when the Trainer sets `end_step`."})
-    inter_func: str = field(default="cubic", metadata={"help": "Sparsity schedule between start and end: cubic | linear."})
-    recomputations: int = field(default=1, metadata={"help": "Curvature re-estimates within one pruning step (prune in that many stages)."})
-    min_layer_sparsity: float = field(default=0.0, metadata={"help": "Lower bound on each layer's sparsity under global ranking."})
-    max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper bound on each layer's sparsity under global ranking."})
-    compensation: str = field(default="block", metadata={"help": "Weight update after pruning: block (joint OBS within blocks) | independent | none."})
-    obs_block_size: int = field(default=50, metadata={"help": "Consecutive weights of a row treated jointly by block compensation."})
-    saliency: str = field(default="obs", metadata={"help": "obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal read off Q's blocks of obs_block_size (others held fixed)."})
+    end_step: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optimizer step of the last pruning step; equal to `start_step` means one-shot. Unset: one-shot in "
+                "`oneshot`; in the Trainer, the first 3/4 of the run."
+            )
+        },
+    )
+    update_frequency: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optimizer steps between pruning steps; unset: 1, or about 10 pruning steps when the Trainer sets "
+                "`end_step`."
+            )
+        },
+    )
+    inter_func: str = field(
+        default="cubic", metadata={"help": "Sparsity schedule between start and end: cubic | linear."}
+    )
+    recomputations: int = field(
+        default=1, metadata={"help": "Curvature re-estimates within one pruning step (prune in that many stages)."}
+    )
+    min_layer_sparsity: float = field(
+        default=0.0, metadata={"help": "Lower bound on each layer's sparsity under global ranking."}
+    )
+    max_layer_sparsity: float = field(
+        default=0.99, metadata={"help": "Upper bound on each layer's sparsity under global ranking."}
+    )
+    compensation: str = field(
+        default="block",
+        metadata={"help": "Weight update after pruning: block (joint OBS within blocks) | independent | none."},
+    )
+    obs_block_size: int = field(
+        default=50, metadata={"help": "Consecutive weights of a row treated jointly by block compensation."}
+    )
+    saliency: str = field(
+        default="obs",
+        metadata={
+            "help": (
+                "obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal "
+                "read off Q's blocks of obs_block_size (others held fixed)."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "pruning")
         for name in ("init_sparsity", "final_sparsity", "min_layer_sparsity", "max_layer_sparsity"):
             self._require(name, 0 <= getattr(self, name) < 1, "is out of range: expected 0 <= value < 1")
-        self._require("init_sparsity", self.init_sparsity <= self.final_sparsity,
-                      f"is inconsistent: expected init_sparsity <= `pruning.final_sparsity` (= {self.final_sparsity!r})")
+        self._require(
+            "init_sparsity",
+            self.init_sparsity <= self.final_sparsity,
+            f"is inconsistent: expected init_sparsity <= `pruning.final_sparsity` (= {self.final_sparsity!r})",
+        )
         self._require("start_step", self.start_step >= 0, "is out of range: expected value >= 0")
-        self._require("end_step", self.end_step is None or self.end_step >= self.start_step,
-                      f"is inconsistent: expected end_step >= `pruning.start_step` (= {self.start_step!r})")
+        self._require(
+            "end_step",
+            self.end_step is None or self.end_step >= self.start_step,
+            f"is inconsistent: expected end_step >= `pruning.start_step` (= {self.start_step!r})",
+        )
         if self.end_step is not None and self.update_frequency is None:
             self.update_frequency = 1
         for name in ("update_frequency", "recomputations", "obs_block_size"):
-            self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "is out of range: expected value >= 1")
-        self._require("min_layer_sparsity", self.min_layer_sparsity <= self.max_layer_sparsity,
-                      f"is inconsistent: expected min_layer_sparsity <= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})")
-        self._require("final_sparsity", self.min_layer_sparsity <= self.final_sparsity <= self.max_layer_sparsity,
-                      f"is inconsistent: expected `pruning.min_layer_sparsity` (= {self.min_layer_sparsity!r}) <= value "
-                      f"<= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})")
+            self._require(
+                name, getattr(self, name) is None or getattr(self, name) >= 1, "is out of range: expected value >= 1"
+            )
+        self._require(
+            "min_layer_sparsity",
+            self.min_layer_sparsity <= self.max_layer_sparsity,
+            f"is inconsistent: expected min_layer_sparsity <= `pruning.max_layer_sparsity` (= "
+            f"{self.max_layer_sparsity!r})",
+        )
+        self._require(
+            "final_sparsity",
+            self.min_layer_sparsity <= self.final_sparsity <= self.max_layer_sparsity,
+            f"is inconsistent: expected `pruning.min_layer_sparsity` (= {self.min_layer_sparsity!r}) <= value "
+            f"<= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})",
+        )
         for name, allowed in (("inter_func", INTER_FUNCS), ("compensation", COMPENSATIONS), ("saliency", SALIENCIES)):
             self._require(name, getattr(self, name) in allowed, f"is not allowed: expected one of {', '.join(allowed)}")
         self._require("method", bool(self.method), "is empty: expected a registered curvature method")
@@ -143,8 +212,11 @@ class PruningConfig:
         self.mask_type = "unstructured" if n_of_m is None else f"{n_of_m[0]}:{n_of_m[1]}"
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name):
-                self._require(name, _valid_pattern(pattern),
-                              f"has {pattern!r}, which is neither a module name nor a valid `re:` regular expression")
+                self._require(
+                    name,
+                    _valid_pattern(pattern),
+                    f"has {pattern!r}, which is neither a module name nor a valid `re:` regular expression",
+                )
 
     @property
     def n_of_m(self) -> tuple[int, int] | None:
@@ -179,8 +251,12 @@ class PruningRecipe:
         0.001
     """
 
-    pruning: PruningConfig = field(default_factory=PruningConfig, metadata={"help": "What to prune, how much and when."})
-    curvature: CurvatureConfig = field(default=None, metadata={"help": "Settings of the method's curvature estimate; None = its defaults."})  # type: ignore[assignment]
+    pruning: PruningConfig = field(
+        default_factory=PruningConfig, metadata={"help": "What to prune, how much and when."}
+    )
+    curvature: CurvatureConfig = field(
+        default=None, metadata={"help": "Settings of the method's curvature estimate; None = its defaults."}
+    )  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if not isinstance(self.pruning, PruningConfig):
@@ -199,7 +275,8 @@ class PruningRecipe:
         """Build from `{"pruning": {...}, "curvature": {...}}`, applying dotted `overrides` first.
 
         Example:
-            >>> PruningRecipe.from_dict({"pruning": {"method": "magnitude"}}, {"curvature.damping": "1e-2"}).curvature.damping
+            >>> recipe = PruningRecipe.from_dict({"pruning": {"method": "magnitude"}}, {"curvature.damping": "1e-2"})
+            >>> recipe.curvature.damping
             0.01
         """
         data = _apply_overrides(_as_mapping(data, "a recipe"), overrides or {})
@@ -236,7 +313,8 @@ def load_recipe(
             or inconsistent (the message names the dotted key and what is allowed).
 
     Example:
-        >>> load_recipe("pruning: {method: magnitude, final_sparsity: 0.9}", {"pruning.final_sparsity": 0.8}).pruning.final_sparsity
+        >>> recipe = load_recipe("pruning: {method: magnitude, final_sparsity: 0.9}", {"pruning.final_sparsity": 0.8})
+        >>> recipe.pruning.final_sparsity
         0.8
     """
     if isinstance(source, PruningRecipe):
@@ -251,7 +329,9 @@ def load_recipe(
     elif isinstance(source, str):
         data = _parse_yaml(source, "string")
     else:
-        raise RecipeError(f"recipe source must be a PruningRecipe, dict, path or YAML string, got {type(source).__name__}")
+        raise RecipeError(
+            f"recipe source must be a PruningRecipe, dict, path or YAML string, got {type(source).__name__}"
+        )
     return PruningRecipe.from_dict(data, overrides)
 
 
@@ -264,12 +344,16 @@ def parse_mask_type(value: Any) -> tuple[int, int] | None:
     if not isinstance(value, str):
         # YAML 1.1 (PyYAML) reads an unquoted N:M as a base-60 integer: 2:4 → 124, 4:8 → 248
         hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
-        raise RecipeError(f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M"')
+        raise RecipeError(
+            f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M"'
+        )
     if value.strip().lower() == "unstructured":
         return None
     match = _N_OF_M.fullmatch(value)
     if match is None:
-        raise RecipeError(f'recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "N:M" such as "2:4"')
+        raise RecipeError(
+            f'recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "N:M" such as "2:4"'
+        )
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n < m:
         raise RecipeError(f"recipe key `pruning.mask_type` = {value!r} needs 1 <= N < M (N survivors per group of M)")
@@ -291,8 +375,13 @@ def schedule_over_run(recipe: PruningRecipe, max_steps: int) -> PruningRecipe:
     pruning = replace(cfg, end_step=cfg.start_step + span, update_frequency=frequency)
     log_main(
         "fls_hf: the recipe sets no `pruning.end_step`: pruning %.0f %% → %.0f %% from step %d to %d, every %d steps "
-        "(of %d; the rest is for recovery)", 100 * cfg.init_sparsity, 100 * cfg.final_sparsity, pruning.start_step,
-        pruning.end_step, frequency, max_steps,
+        "(of %d; the rest is for recovery)",
+        100 * cfg.init_sparsity,
+        100 * cfg.final_sparsity,
+        pruning.start_step,
+        pruning.end_step,
+        frequency,
+        max_steps,
     )
     return PruningRecipe(pruning, recipe.curvature)
 
@@ -308,7 +397,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise RecipeError(f"override {item!r} must look like `section.key=value`, e.g. `pruning.final_sparsity=0.8`")
+            raise RecipeError(
+                f"override {item!r} must look like `section.key=value`, e.g. `pruning.final_sparsity=0.8`"
+            )
         value = _parse_yaml(text, f"override {item!r}")
         # YAML 1.1 reads unquoted 2:4 as the base-60 integer 124; an N:M pattern is meant.
         overrides[key.strip()] = text.strip() if ":" in text and isinstance(value, (int, float)) else value
@@ -373,8 +464,13 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         raise RecipeError(str(error)) from error
 
 
-def _check_keys(values: Mapping[str, Any], valid: Sequence[str], prefix: str,
-                elsewhere: Mapping[str, Sequence[str]], cls: type | None = None) -> None:
+def _check_keys(
+    values: Mapping[str, Any],
+    valid: Sequence[str],
+    prefix: str,
+    elsewhere: Mapping[str, Sequence[str]],
+    cls: type | None = None,
+) -> None:
     for key in values:
         if key in valid:
             continue

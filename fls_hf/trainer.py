@@ -29,9 +29,14 @@ _BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_sample
 class FishLegPruningArguments(TrainingArguments):
     """`TrainingArguments` plus the pruning recipe; parseable by `HfArgumentParser` (CLI, JSON, YAML)."""
 
-    recipe: str | None = field(default=None, metadata={"help": "Path to a pruning recipe (YAML), e.g. recipes/gradual-unstructured-90.yaml."})
+    recipe: str | None = field(
+        default=None, metadata={"help": "Path to a pruning recipe (YAML), e.g. recipes/gradual-unstructured-90.yaml."}
+    )
     recipe_args: list[str] | None = field(
-        default=None, metadata={"help": "Recipe overrides as dotted key=value, e.g. pruning.final_sparsity=0.8 curvature.damping=1e-4."}
+        default=None,
+        metadata={
+            "help": "Recipe overrides as dotted key=value, e.g. pruning.final_sparsity=0.8 curvature.damping=1e-4."
+        },
     )
 
     def recipe_overrides(self) -> dict[str, Any]:
@@ -59,7 +64,9 @@ class FishLegPruningTrainer(Trainer):
         overrides = self.args.recipe_overrides() if isinstance(self.args, FishLegPruningArguments) else {}
         recipe = recipe if recipe is not None else getattr(self.args, "recipe", None)
         if recipe is None:
-            raise RecipeError("FishLegPruningTrainer needs a recipe: pass `recipe=` or set `--recipe` in FishLegPruningArguments")
+            raise RecipeError(
+                "FishLegPruningTrainer needs a recipe: pass `recipe=` or set `--recipe` in FishLegPruningArguments"
+            )
         self.pruning_callback = FishLegPruningCallback(load_recipe(recipe, overrides=overrides))
         # First in line, so the reporting callbacks after it see the sparsity it adds to the logs.
         self.callback_handler.callbacks.insert(0, self.pruning_callback)
@@ -114,20 +121,33 @@ class FishLegPruningTrainer(Trainer):
             >>> trainer.push_to_hub(finetuned_from="bert-base-uncased", dataset="sst2", tasks="text-classification")
         """
         super().create_model_card(
-            language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
-            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
         )
         if not self.is_world_process_zero():
             return
         datasets = [dataset] if isinstance(dataset, str) else list(dataset or dataset_tags or [])
         base = self.accelerator.unwrap_model(self.model)
         write_model_card(
-            self.args.output_dir, sparsity_report(base, self.recipe), self.recipe,
+            self.args.output_dir,
+            sparsity_report(base, self.recipe),
+            self.recipe,
             base_model=finetuned_from or getattr(getattr(base, "config", None), "name_or_path", None) or None,
             metrics=latest_eval_metrics(self.state.log_history) if metrics is None else metrics,
-            dataset_name=datasets[0] if datasets else None, model_name=self._card_title(model_name),
-            model_id=self.args.hub_model_id or self.args.output_dir, auto_class=type(_base_model(base)).__name__,
-            pipeline_tag=tasks if isinstance(tasks, str) else None, language=language, license=license,
+            dataset_name=datasets[0] if datasets else None,
+            model_name=self._card_title(model_name),
+            model_id=self.args.hub_model_id or self.args.output_dir,
+            auto_class=type(_base_model(base)).__name__,
+            pipeline_tag=tasks if isinstance(tasks, str) else None,
+            language=language,
+            license=license,
             extra_tags=[tags] if isinstance(tags, str) else list(tags or []),
         )
 
@@ -147,7 +167,9 @@ def latest_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for entry in log_history:
         for prefix in [k[: -len("_runtime")] for k in entry if k.endswith("_runtime") and k != "train_runtime"]:
-            metrics.update({k: v for k, v in entry.items() if k.startswith(prefix + "_") and not k.endswith(_BOOKKEEPING)})
+            metrics.update(
+                {k: v for k, v in entry.items() if k.startswith(prefix + "_") and not k.endswith(_BOOKKEEPING)}
+            )
     return metrics
 
 

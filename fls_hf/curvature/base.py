@@ -46,7 +46,9 @@ class CurvatureProvider(ABC):
 
     config_class: type[CurvatureConfig] = CurvatureConfig
 
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: CurvatureConfig, likelihood: Likelihood | None = None) -> None:
+    def __init__(
+        self, layers: Mapping[str, LayerAdapter], config: CurvatureConfig, likelihood: Likelihood | None = None
+    ) -> None:
         self.layers = dict(layers)
         self.config = config
         self.keep: dict[str, torch.Tensor] = {}
@@ -147,7 +149,9 @@ class CurvatureProvider(ABC):
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise CurvatureError(f"curvature state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise CurvatureError(
+                f"curvature state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         for key, tensor in expected.items():
             if tuple(tensors[key].shape) != tuple(tensor.shape):
                 raise CurvatureError(
@@ -176,7 +180,9 @@ def registered_methods() -> list[str]:
 
 def config_class_for(method: str) -> type[CurvatureConfig]:
     if method not in _CONFIGS:
-        raise RecipeError(f"recipe key `pruning.method` = {method!r} is unknown; registered: {', '.join(registered_methods())}")
+        raise RecipeError(
+            f"recipe key `pruning.method` = {method!r} is unknown; registered: {', '.join(registered_methods())}"
+        )
     return _CONFIGS[method]
 
 

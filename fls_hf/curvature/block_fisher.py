@@ -44,12 +44,15 @@ class BlockFisherProvider(GradientFisherProvider):
 
     config_class = BlockFisherConfig
 
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: BlockFisherConfig, likelihood: Likelihood | None = None) -> None:
+    def __init__(
+        self, layers: Mapping[str, LayerAdapter], config: BlockFisherConfig, likelihood: Likelihood | None = None
+    ) -> None:
         super().__init__(layers, config, likelihood)
         self.config: BlockFisherConfig = config
         self.check_memory(
             f"Block Fisher inverse (B = {config.block_size})",
-            "lower `curvature.block_size` (memory is 4·B bytes per weight) or target fewer layers with `pruning.targets` "
+            "lower `curvature.block_size` (memory is 4·B bytes per weight) or target fewer layers with "
+            "`pruning.targets` "
             "(`curvature.num_grads` changes time, not memory)",
             note=", plus one batch of per-example gradients (batch size × 4 bytes per weight) while estimating",
         )
@@ -73,7 +76,9 @@ class BlockFisherProvider(GradientFisherProvider):
         The stored inverse is reused as the Gram accumulator (no second copy); if the pass fails
         midway it is reset to I/γ before the error propagates.
         """
-        return block_fisher_inverse_(self.inverse, self.gradients(model, batches, "Block Fisher"), self.config.block_size, self.damping)
+        return block_fisher_inverse_(
+            self.inverse, self.gradients(model, batches, "Block Fisher"), self.config.block_size, self.damping
+        )
 
     def diag(self, name: str) -> torch.Tensor:
         """diag Q: (rows, cols), padding dropped."""

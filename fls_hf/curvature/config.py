@@ -31,11 +31,25 @@ class CurvatureConfig:
             Seed of the curvature's random draws (sampled labels, FishLeg's u), identical on every rank.
     """
 
-    damping: float = field(default=1e-3, metadata={"help": "γ in Q ≈ (F + γI)⁻¹; moves OBS (small) towards magnitude (large)."})
-    num_batches: int = field(default=16, metadata={"help": "Calibration batches used to estimate curvature before pruning."})
-    likelihood: str = field(default="auto", metadata={"help": "auto | categorical | gaussian | bernoulli (output distribution for the true Fisher)."})
-    max_memory_gib: float | None = field(default=None, metadata={"help": "Refuse to allocate curvature state above this many GiB."})
-    seed: int = field(default=0, metadata={"help": "Seed of the curvature's random draws (sampled labels, FishLeg's u), identical on every rank."})
+    damping: float = field(
+        default=1e-3, metadata={"help": "γ in Q ≈ (F + γI)⁻¹; moves OBS (small) towards magnitude (large)."}
+    )
+    num_batches: int = field(
+        default=16, metadata={"help": "Calibration batches used to estimate curvature before pruning."}
+    )
+    likelihood: str = field(
+        default="auto",
+        metadata={"help": "auto | categorical | gaussian | bernoulli (output distribution for the true Fisher)."},
+    )
+    max_memory_gib: float | None = field(
+        default=None, metadata={"help": "Refuse to allocate curvature state above this many GiB."}
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the curvature's random draws (sampled labels, FishLeg's u), identical on every rank."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.damping > 0:
@@ -44,7 +58,9 @@ class CurvatureConfig:
             raise CurvatureError(f"recipe key `curvature.num_batches` = {self.num_batches!r} must be >= 1")
         allowed = ("auto", *LIKELIHOODS)
         if self.likelihood not in allowed:
-            raise CurvatureError(f"recipe key `curvature.likelihood` = {self.likelihood!r}; allowed: {', '.join(allowed)}")
+            raise CurvatureError(
+                f"recipe key `curvature.likelihood` = {self.likelihood!r}; allowed: {', '.join(allowed)}"
+            )
 
 
 @dataclass
@@ -59,15 +75,30 @@ class GradientFisherConfig(CurvatureConfig):
             true Fisher, one pass per class; classification only; num_grads counts examples × classes).
     """
 
-    num_grads: int = field(default=256, metadata={"help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."})
-    fisher_labels: str = field(default="empirical", metadata={"help": "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected (exact true Fisher, one pass per class; classification only; num_grads counts examples × classes)."})
+    num_grads: int = field(
+        default=256,
+        metadata={
+            "help": "Examples (per-example gradients) per estimate; bounds time, not memory. Replaces num_batches."
+        },
+    )
+    fisher_labels: str = field(
+        default="empirical",
+        metadata={
+            "help": (
+                "empirical (data labels, as oBERT) | sampled (labels drawn from the model: true Fisher) | expected "
+                "(exact true Fisher, one pass per class; classification only; num_grads counts examples × classes)."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_grads < 1:
             raise CurvatureError(f"recipe key `curvature.num_grads` = {self.num_grads!r} must be >= 1")
         if self.fisher_labels not in FISHER_LABELS:
-            raise CurvatureError(f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed: {', '.join(FISHER_LABELS)}")
+            raise CurvatureError(
+                f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed: {', '.join(FISHER_LABELS)}"
+            )
 
 
 @dataclass
@@ -84,7 +115,12 @@ class BlockFisherConfig(GradientFisherConfig):
             B: consecutive weights of a row per Fisher block (oBERT: 50). Memory: 4·B bytes per weight.
     """
 
-    block_size: int = field(default=50, metadata={"help": "B: consecutive weights of a row per Fisher block (oBERT: 50). Memory: 4·B bytes per weight."})
+    block_size: int = field(
+        default=50,
+        metadata={
+            "help": "B: consecutive weights of a row per Fisher block (oBERT: 50). Memory: 4·B bytes per weight."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,7 +34,9 @@ class DiagonalFisherProvider(GradientFisherProvider):
 
     config_class = DiagonalFisherConfig
 
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: DiagonalFisherConfig, likelihood: Likelihood | None = None) -> None:
+    def __init__(
+        self, layers: Mapping[str, LayerAdapter], config: DiagonalFisherConfig, likelihood: Likelihood | None = None
+    ) -> None:
         super().__init__(layers, config, likelihood)
         self.fisher = {name: torch.zeros(a.shape, device=a.weight.device) for name, a in self.layers.items()}
 

@@ -21,7 +21,9 @@ class GradientFisherProvider(CurvatureProvider):
 
     config_class = GradientFisherConfig
 
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: GradientFisherConfig, likelihood: Likelihood | None = None) -> None:
+    def __init__(
+        self, layers: Mapping[str, LayerAdapter], config: GradientFisherConfig, likelihood: Likelihood | None = None
+    ) -> None:
         super().__init__(layers, config, likelihood)
         self.config: GradientFisherConfig = config
         self.examples = 0
@@ -38,8 +40,15 @@ class GradientFisherProvider(CurvatureProvider):
     def gradients(self, model: nn.Module, batches: Batches, desc: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(b, {name: (b, rows, cols)}) until `num_grads` examples, masked by `self.keep`, with a progress bar."""
         return counted_gradients(
-            model, batches, self.layers, labels=self.config.fisher_labels, likelihood=self.likelihood_of(model),
-            generator=self.generator, max_examples=self.config.num_grads, keep=self.keep, desc=desc,
+            model,
+            batches,
+            self.layers,
+            labels=self.config.fisher_labels,
+            likelihood=self.likelihood_of(model),
+            generator=self.generator,
+            max_examples=self.config.num_grads,
+            keep=self.keep,
+            desc=desc,
         )
 
     def state_meta(self) -> dict[str, Any]:

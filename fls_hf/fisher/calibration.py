@@ -59,7 +59,9 @@ class SeededBatches:
         seed: base seed; add the process rank so data-parallel ranks see different data.
     """
 
-    def __init__(self, dataset: Sequence[Any], collate_fn: Callable[[list[Any]], Batch], batch_size: int, seed: int) -> None:
+    def __init__(
+        self, dataset: Sequence[Any], collate_fn: Callable[[list[Any]], Batch], batch_size: int, seed: int
+    ) -> None:
         if len(dataset) == 0:
             raise RecipeError("empty calibration dataset: curvature needs at least one example")
         self.dataset, self.collate_fn, self.batch_size, self.seed = dataset, collate_fn, batch_size, seed

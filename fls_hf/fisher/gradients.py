@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from ..errors import CurvatureError
-from ..progress import example_progress, log_main
 from ..model.adapters import Conv1D, LayerAdapter
 from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from ..model.patches import conv_output_rows, conv_patches, plain_conv
+from ..progress import example_progress, log_main
 from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
@@ -45,7 +45,9 @@ _HOOKABLE: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None el
 def is_causal_lm(model: nn.Module) -> bool:
     """True for next-token models, whose logits at t are scored against the label at t + 1 (as HF does)."""
     name = type(model).__name__
-    return bool(getattr(getattr(model, "config", None), "is_decoder", False)) or name.endswith(("ForCausalLM", "LMHeadModel"))
+    return bool(getattr(getattr(model, "config", None), "is_decoder", False)) or name.endswith(
+        ("ForCausalLM", "LMHeadModel")
+    )
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -57,15 +59,23 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
 
 def _slice(batch: Mapping[str, Any], start: int, stop: int, size: int) -> dict[str, Any]:
     """Examples [start, stop) of every tensor whose leading dimension is the batch size."""
-    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v for k, v in batch.items()}
+    return {
+        k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
+        for k, v in batch.items()
+    }
 
 
-def _targets(batch: Mapping[str, Any], logits: torch.Tensor, mode: str, likelihood: Likelihood, generator: torch.Generator | None) -> torch.Tensor:
+def _targets(
+    batch: Mapping[str, Any], logits: torch.Tensor, mode: str, likelihood: Likelihood, generator: torch.Generator | None
+) -> torch.Tensor:
     """Data labels (`empirical`) or labels drawn from the model (`sampled`, on the generator's device)."""
     if mode == "empirical":
         labels = batch.get("labels")
         if not isinstance(labels, torch.Tensor):
-            raise CurvatureError("recipe key `curvature.fisher_labels` = 'empirical' needs `labels` in every calibration batch; use 'sampled'")
+            raise CurvatureError(
+                "recipe key `curvature.fisher_labels` = 'empirical' needs `labels` in every calibration batch; use "
+                "'sampled'"
+            )
         return labels.to(logits.device)
     source = logits.detach()
     if generator is not None and generator.device != source.device:
@@ -73,7 +83,9 @@ def _targets(batch: Mapping[str, Any], logits: torch.Tensor, mode: str, likeliho
     return likelihood.sample(source, generator=generator)
 
 
-def _example_losses(batch: Mapping[str, Any], logits: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood, shift: bool) -> torch.Tensor:
+def _example_losses(
+    batch: Mapping[str, Any], logits: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood, shift: bool
+) -> torch.Tensor:
     """ℓ_n, shape (b,): the likelihood's mean NLL over example n's valid rows.
 
     Valid rows follow `valid_rows` on the batch (attention mask, data labels ≠ -100, also for sampled
@@ -85,7 +97,9 @@ def _example_losses(batch: Mapping[str, Any], logits: torch.Tensor, targets: tor
         view = {"labels": targets[:, 1:], **({"attention_mask": mask[:, 1:]} if isinstance(mask, torch.Tensor) else {})}
         logits, targets = logits[:, :-1], targets[:, 1:]
     valid = valid_rows(view, logits)
-    return torch.stack([likelihood.nll(logits[n : n + 1], targets[n : n + 1], valid[n : n + 1]) for n in range(logits.shape[0])])
+    return torch.stack(
+        [likelihood.nll(logits[n : n + 1], targets[n : n + 1], valid[n : n + 1]) for n in range(logits.shape[0])]
+    )
 
 
 @contextlib.contextmanager
@@ -137,14 +151,20 @@ def hooked_layers(model: nn.Module, layers: Mapping[str, LayerAdapter]) -> set[s
     """Layers whose per-example gradients come from the one hooked pass (the rest loop; see the module doc)."""
     shared = _shared_weight_ids(unwrap(model))
     return {
-        n for n, a in layers.items()
+        n
+        for n, a in layers.items()
         if (isinstance(a.module, _HOOKABLE) or plain_conv(a.module)) and id(a.weight) not in shared
     }
 
 
 def _batch_gradients(
-    model: nn.Module, batch: Mapping[str, Any], layers: Mapping[str, LayerAdapter], hookable: set[str],
-    mode: str, likelihood: Likelihood, generator: torch.Generator | None,
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    layers: Mapping[str, LayerAdapter],
+    hookable: set[str],
+    mode: str,
+    likelihood: Likelihood,
+    generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
     size, device, shift = _batch_size(batch), model_device(model), mode == "empirical" and is_causal_lm(model)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -159,9 +179,13 @@ def _batch_gradients(
         per_example: dict[str, list[torch.Tensor]] = {n: [] for n in looped}
         for i in range(size if looped else 0):
             one = _slice(batch, i, i + 1, size)
-            loss = _example_losses(one, logits_of(model(**model_inputs(one))).float(), targets[i : i + 1], likelihood, shift)[0]
+            loss = _example_losses(
+                one, logits_of(model(**model_inputs(one))).float(), targets[i : i + 1], likelihood, shift
+            )[0]
             weights = [layers[n].weight for n in looped]
-            grads = torch.autograd.grad(loss, weights, allow_unused=True) if loss.requires_grad else [None] * len(weights)
+            grads = (
+                torch.autograd.grad(loss, weights, allow_unused=True) if loss.requires_grad else [None] * len(weights)
+            )
             for n, w, g in zip(looped, weights, grads):
                 per_example[n].append(layers[n].to_matrix(torch.zeros_like(w) if g is None else g).float())
     out = {}
@@ -234,7 +258,8 @@ def _class_logits(model: nn.Module, batch: Mapping[str, Any], likelihood: Likeli
         logits = logits_of(model(**model_inputs(batch, model_device(model)))).float()
     if likelihood.name != "categorical" or logits.dim() != 2 or logits.shape[-1] > MAX_EXPECTED_CLASSES:
         raise CurvatureError(
-            "recipe key `curvature.fisher_labels` = 'expected' needs one categorical output row per example with at most "
+            "recipe key `curvature.fisher_labels` = 'expected' needs one categorical output row per example with at "
+            "most "
             f"{MAX_EXPECTED_CLASSES} classes (sequence classification); got {likelihood.name} logits of shape "
             f"{tuple(logits.shape)}: use 'sampled'"
         )
@@ -242,7 +267,11 @@ def _class_logits(model: nn.Module, batch: Mapping[str, Any], likelihood: Likeli
 
 
 def _expected_gradients(
-    model: nn.Module, batch: Mapping[str, Any], probs: torch.Tensor, layers: Mapping[str, LayerAdapter], hookable: set[str],
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    probs: torch.Tensor,
+    layers: Mapping[str, LayerAdapter],
+    hookable: set[str],
     likelihood: Likelihood,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One gradient set per class c: g_{n,c} · √(C p_{n,c}), so the mean of g gᵀ over all C·b vectors is the
@@ -274,8 +303,14 @@ def counted_gradients(
     bar, seen = example_progress(max_examples, desc), 0
     try:
         for grads in per_example_gradients(
-            model, batches, layers, labels=labels, likelihood=likelihood, generator=generator,
-            max_examples=max_examples, keep=keep,
+            model,
+            batches,
+            layers,
+            labels=labels,
+            likelihood=likelihood,
+            generator=generator,
+            max_examples=max_examples,
+            keep=keep,
         ):
             size = next(iter(grads.values())).shape[0] if grads else 0
             seen += size

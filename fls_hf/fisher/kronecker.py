@@ -23,10 +23,10 @@ from torch import nn
 
 from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
-from ..progress import example_progress
 from ..model.adapters import Conv1DAdapter, LayerAdapter
 from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from ..model.patches import conv_obstacle, conv_output_rows, conv_patches
+from ..progress import example_progress
 from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
@@ -37,15 +37,19 @@ def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
         module = adapter.module
         if isinstance(module, nn.Conv2d) and conv_obstacle(module) is not None:
             raise CurvatureError(
-                f"`curvature.init: kfac` supports plain Conv2d layers only (groups=1, padding_mode='zeros'); `{name}` has "
+                f"`curvature.init: kfac` supports plain Conv2d layers only (groups=1, padding_mode='zeros'); `{name}` "
+                "has "
                 f"{conv_obstacle(module)}: use another `curvature.init` or add it to `pruning.ignore`"
             )
         if not isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(adapter, Conv1DAdapter):
-            raise CurvatureError(f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}")
+            raise CurvatureError(
+                f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}"
+            )
 
 
 def _record(store: dict[str, dict[str, torch.Tensor]]):
     """A `layer_hooks` callback keeping each layer's input and output gradient of the last forward/backward."""
+
     def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
         store[name]["a"] = a.detach()
         output.register_hook(lambda grad: store[name].__setitem__("d", grad.detach()))
@@ -65,7 +69,10 @@ def kronecker_statistics(
     """name → (Ā: (cols+1, cols+1), diag G: (rows,)), averaged over up to `max_examples` examples."""
     model = unwrap(model)
     device = model_device(model)
-    sums = {n: [torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device), torch.zeros(a.shape[0], device=device)] for n, a in layers.items()}
+    sums = {
+        n: [torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device), torch.zeros(a.shape[0], device=device)]
+        for n, a in layers.items()
+    }
     examples, tokens = 0, dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
     store: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
     params = [a.weight for a in layers.values()]
@@ -109,12 +116,16 @@ def _rows(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Te
     """fp32 (input, output gradient) rows (..., cols) and (..., out): a conv's patches and positions (N, L, ·)."""
     if isinstance(module, nn.Conv2d):
         if a.dim() != 4:
-            raise CurvatureError(f"`curvature.init: kfac` needs batched (N, C, H, W) Conv2d inputs; got shape {tuple(a.shape)}")
+            raise CurvatureError(
+                f"`curvature.init: kfac` needs batched (N, C, H, W) Conv2d inputs; got shape {tuple(a.shape)}"
+            )
         return conv_patches(module, a), conv_output_rows(d)
     return a.float(), d.float()
 
 
-def _token_mask(batch: Mapping[str, Any], activations: torch.Tensor, device: torch.device, conv: bool = False) -> torch.Tensor:
+def _token_mask(
+    batch: Mapping[str, Any], activations: torch.Tensor, device: torch.device, conv: bool = False
+) -> torch.Tensor:
     """Bool over the activations' leading dims: real tokens only (padding carries no signal).
 
     A conv's (N, L) output positions are all real: an attention mask (text of a multimodal batch) never

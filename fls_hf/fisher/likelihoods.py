@@ -65,7 +65,9 @@ class Categorical(Likelihood):
         return flat.reshape(p.shape[:-1]).to(logits.device)
 
     def nll(self, logits, labels, valid):
-        losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none")
+        losses = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
+        )
         mask = valid.reshape(-1).float()
         return (losses * mask).sum() / mask.sum().clamp_min(1)
 

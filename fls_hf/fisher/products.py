@@ -46,7 +46,9 @@ def ggn_product(
         dual = torch.zeros_like(logits, requires_grad=True)
         jt_dual = torch.autograd.grad(logits, params, grad_outputs=dual, create_graph=True)
         # Jᵀ·dual is linear in dual, so differentiating ⟨Jᵀ dual, v⟩ w.r.t. dual gives J v.
-        jv = torch.autograd.grad(jt_dual, dual, grad_outputs=[tangents[p].to(p.dtype) for p in params], retain_graph=True)[0]
+        jv = torch.autograd.grad(
+            jt_dual, dual, grad_outputs=[tangents[p].to(p.dtype) for p in params], retain_graph=True
+        )[0]
         h_jv = likelihood.fisher_product(logits.detach(), jv.float(), valid)
         fv = torch.autograd.grad(logits, params, grad_outputs=h_jv)
     return [f.float() for f in fv]

@@ -25,7 +25,9 @@ _GRAM_CHUNK = 64  # examples per baddbmm
 _INVERT_ELEMENTS = 2**22  # block entries per float64 Cholesky chunk (~32 MiB)
 
 
-def fisher_diagonal(gradients: Gradients, shapes: Mapping[str, tuple[int, int]], device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+def fisher_diagonal(
+    gradients: Gradients, shapes: Mapping[str, tuple[int, int]], device: torch.device
+) -> tuple[dict[str, torch.Tensor], int]:
     """name → F_qq (rows, cols) from (b, {name: g (b, rows, cols)}) pairs, and the number of local examples m."""
     sums = {name: torch.zeros(shape, device=device) for name, shape in shapes.items()}
     count = 0
@@ -38,7 +40,9 @@ def fisher_diagonal(gradients: Gradients, shapes: Mapping[str, tuple[int, int]],
     return {name: s / total for name, s in sums.items()}, count
 
 
-def block_fisher_inverse_(inverse: Mapping[str, torch.Tensor], gradients: Gradients, block_size: int, damping: float) -> int:
+def block_fisher_inverse_(
+    inverse: Mapping[str, torch.Tensor], gradients: Gradients, block_size: int, damping: float
+) -> int:
     """In place: inverse[name] (nblocks, B, B) ← (γI + G_b / m)⁻¹ from (b, {name: g}) pairs; returns local m.
 
     The output tensors double as the Gram accumulators (no second copy); they are only written once the
@@ -77,5 +81,7 @@ def _invert_(gram: torch.Tensor, count: float, damping: float) -> None:
     for chunk in gram.split(max(1, _INVERT_ELEMENTS // (size * size))):
         factor, info = torch.linalg.cholesky_ex(chunk.double() / count + damping * eye)
         if bool((info > 0).any()):
-            raise CurvatureError(f"block Fisher is not positive definite at `curvature.damping` = {damping}; raise the damping")
+            raise CurvatureError(
+                f"block Fisher is not positive definite at `curvature.damping` = {damping}; raise the damping"
+            )
         chunk.copy_(torch.cholesky_inverse(factor))

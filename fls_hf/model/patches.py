@@ -39,7 +39,7 @@ def plain_conv(module: nn.Module) -> bool:
 
 
 def _padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding, as `F.pad` takes it; 'same' pads the extra one at the end, as torch does."""
+    """(left, right, top, bottom) zero padding, as `F.pad` takes it; 'same' pads the extra one at the end (as torch)."""
     if module.padding == "valid":
         return (0, 0, 0, 0)
     if module.padding == "same":

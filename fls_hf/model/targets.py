@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .adapters import LayerAdapter, adapter_for, require_adapter
 from ..errors import RecipeError
+from .adapters import LayerAdapter, adapter_for, require_adapter
 
 PEFT_PREFIX = "base_model.model."
 _PEFT_SEGMENTS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.|$)")
@@ -43,7 +43,7 @@ def plain_name(name: str) -> str:
         'bert.encoder.layer.0.attention.self.query'
     """
     if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
+        name = name[len(PEFT_PREFIX) :]
     return _PEFT_SEGMENTS.sub("", name)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..model.adapters import LayerAdapter
 from ..errors import PruningStateError
+from ..model.adapters import LayerAdapter
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit k of a byte holds element 7 − k
 
@@ -99,7 +99,8 @@ class MaskSet:
         adapter = self._layers[name]
         if tuple(keep_matrix.shape) != tuple(adapter.shape):
             raise PruningStateError(
-                f"mask for module `{name}` has shape {tuple(keep_matrix.shape)}, expected (rows, cols) = {adapter.shape}"
+                f"mask for module `{name}` has shape {tuple(keep_matrix.shape)}, expected (rows, cols) = "
+                f"{adapter.shape}"
             )
         stored.copy_(adapter.from_matrix(keep_matrix.to(device=stored.device, dtype=torch.bool)))
 
@@ -155,9 +156,12 @@ class MaskSet:
             missing, extra = sorted(set(self._masks) - set(given)), sorted(set(given) - set(self._masks))
             if missing or extra:
                 raise PruningStateError(
-                    f"mask state `{key}` does not match the model: missing module(s) {missing[:5]}, unexpected {extra[:5]}"
+                    f"mask state `{key}` does not match the model: missing module(s) {missing[:5]}, unexpected "
+                    f"{extra[:5]}"
                 )
-        unpacked = {name: _checked_unpack(name, tensors[name], meta[name], mask.shape) for name, mask in self._masks.items()}
+        unpacked = {
+            name: _checked_unpack(name, tensors[name], meta[name], mask.shape) for name, mask in self._masks.items()
+        }
         for name, mask in self._masks.items():
             mask.copy_(unpacked[name].to(mask.device))
 
@@ -173,7 +177,9 @@ class MaskSet:
 def _checked_unpack(name: str, packed: Any, shape: Any, expected: torch.Size) -> torch.Tensor:
     """Validate one saved entry against the live mask shape and unpack it."""
     if list(shape) != list(expected):
-        raise PruningStateError(f"saved mask for module `{name}` has shape {list(shape)}, the model has {list(expected)}")
+        raise PruningStateError(
+            f"saved mask for module `{name}` has shape {list(shape)}, the model has {list(expected)}"
+        )
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
         raise PruningStateError(f"saved mask for module `{name}` must be a 1-D uint8 bit-packed tensor")
     needed = -(-_numel(tuple(expected)) // 8)

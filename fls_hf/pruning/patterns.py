@@ -19,6 +19,7 @@ import torch
 
 from ..errors import PruningStateError, RecipeError
 from ..recipe import parse_mask_type as recipe_mask_type
+
 _EPS = 1e-9  # float slack when turning sparsity fractions into integer counts
 
 
@@ -200,7 +201,9 @@ def _global_counts(
     lid = layer[order]
     # 1-based rank of each walked weight inside its own layer (its layer's raw count after the step)
     rank = torch.empty_like(lid)
-    rank[torch.argsort(lid, stable=True)] = torch.arange(lid.numel(), device=device) - (sizes.cumsum(0) - sizes)[layer] + 1
+    rank[torch.argsort(lid, stable=True)] = (
+        torch.arange(lid.numel(), device=device) - (sizes.cumsum(0) - sizes)[layer] + 1
+    )
     lo = torch.tensor([b[0] for b in bounds], device=device)
     hi = torch.tensor([b[1] for b in bounds], device=device)
     grows = ((rank > lo[lid]) & (rank <= hi[lid])).cumsum(0)

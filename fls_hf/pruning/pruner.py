@@ -57,20 +57,29 @@ class Pruner:
         self.layers = resolve_targets(unwrap(model), cfg.targets, cfg.ignore)
         if not self.layers:
             raise RecipeError(
-                f"recipe keys `pruning.targets` / `pruning.ignore` leave no supported layer in {type(unwrap(model)).__name__}"
+                f"recipe keys `pruning.targets` / `pruning.ignore` leave no supported layer in "
+                f"{type(unwrap(model)).__name__}"
             )
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
         self.schedule = SparsitySchedule(
-            cfg.init_sparsity, cfg.final_sparsity, cfg.start_step, cfg.last_step, cfg.update_frequency or 1, cfg.inter_func
+            cfg.init_sparsity,
+            cfg.final_sparsity,
+            cfg.start_step,
+            cfg.last_step,
+            cfg.update_frequency or 1,
+            cfg.inter_func,
         )
         if cfg.one_shot and cfg.init_sparsity > 0:
             warnings.warn(
                 f"recipe key `pruning.init_sparsity` = {cfg.init_sparsity!r} has no effect: the schedule is one-shot "
-                f"(`pruning.end_step` {'unset' if cfg.end_step is None else '= `pruning.start_step`'}), so it prunes to "
+                f"(`pruning.end_step` {'unset' if cfg.end_step is None else '= `pruning.start_step`'}), so it prunes "
+                "to "
                 f"`pruning.final_sparsity` = {cfg.final_sparsity!r} at once; set `pruning.end_step` for a gradual "
-                "schedule (in the Trainer, leave it unset to spread pruning over the run)", UserWarning, stacklevel=3,
+                "schedule (in the Trainer, leave it unset to spread pruning over the run)",
+                UserWarning,
+                stacklevel=3,
             )
         self.provider = provider_class_for(cfg.method)(self.layers, self.recipe.curvature)
         self.masks = MaskSet.dense(self.layers)
@@ -98,16 +107,26 @@ class Pruner:
         self._adopted = True
 
     # ------------------------------------------------------------------ pruning
-    def prune_to(self, model: nn.Module, target: float, batches: Iterable[Mapping[str, Any]] | CalibrationStream) -> None:
+    def prune_to(
+        self, model: nn.Module, target: float, batches: Iterable[Mapping[str, Any]] | CalibrationStream
+    ) -> None:
         """Prune (curvature made ready before each of the `recomputations` stages) until the layers reach `target`."""
         stream = as_stream(batches)
         cfg = self.recipe.pruning
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
             self._ready_curvature(model, stream)
             prune_step(
-                self.provider, self.layers, self.masks, sub_target, self.pattern,
-                global_scope=cfg.global_sparsity, compensation=cfg.compensation, block_size=cfg.obs_block_size,
-                min_sparsity=cfg.min_layer_sparsity, max_sparsity=cfg.max_layer_sparsity, saliency=cfg.saliency,
+                self.provider,
+                self.layers,
+                self.masks,
+                sub_target,
+                self.pattern,
+                global_scope=cfg.global_sparsity,
+                compensation=cfg.compensation,
+                block_size=cfg.obs_block_size,
+                min_sparsity=cfg.min_layer_sparsity,
+                max_sparsity=cfg.max_layer_sparsity,
+                saliency=cfg.saliency,
             )
             self.current_target = sub_target
         check_same_on_all_ranks(self.masks.digest(), "pruning masks")
@@ -120,7 +139,11 @@ class Pruner:
         Returns True when a pruning step ran.
         """
         target = self.schedule.target(step) if step >= self.schedule.start_step else None
-        if target is not None and target > self.current_target and (self.schedule.is_pruning_step(step) or step > self.schedule.end_step):
+        if (
+            target is not None
+            and target > self.current_target
+            and (self.schedule.is_pruning_step(step) or step > self.schedule.end_step)
+        ):
             self.prune_to(model, target, stream)
             return True
         diagnostics = self.provider.on_optimizer_step(model, stream, step)
@@ -164,9 +187,13 @@ class Pruner:
         tensors = {f"masks/{k}": v for k, v in masks["tensors"].items()}
         tensors.update({f"curvature/{k}": v.contiguous() for k, v in curvature["tensors"].items()})
         meta = {
-            "version": STATE_VERSION, "recipe": self.recipe.to_dict(), "masks": masks["meta"],
+            "version": STATE_VERSION,
+            "recipe": self.recipe.to_dict(),
+            "masks": masks["meta"],
             "curvature": curvature.get("meta", {}),
-            "current_target": self.current_target, "history": self.history, "skipped_steps": self.skipped_steps,
+            "current_target": self.current_target,
+            "history": self.history,
+            "skipped_steps": self.skipped_steps,
         }
         return tensors, meta
 
@@ -189,7 +216,9 @@ class Pruner:
         except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as exc:
             raise PruningStateError(f"pruner state in {directory} is unreadable or truncated: {exc}") from exc
         if meta.get("version") != STATE_VERSION:
-            raise PruningStateError(f"pruner state version {meta.get('version')!r} in {directory}; expected {STATE_VERSION}")
+            raise PruningStateError(
+                f"pruner state version {meta.get('version')!r} in {directory}; expected {STATE_VERSION}"
+            )
         split = {"masks": {}, "curvature": {}}
         for key, value in tensors.items():
             section, _, rest = key.partition("/")
@@ -209,4 +238,6 @@ def _refuse_non_finite(curvature: Mapping[str, torch.Tensor], directory: Path) -
     """A NaN / inf in saved curvature would silently turn every later saliency into "never prune"."""
     bad = sorted(k for k, v in curvature.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
-        raise PruningStateError(f"pruner state in {directory} holds non-finite curvature values in {bad[:5]}; refusing to load it")
+        raise PruningStateError(
+            f"pruner state in {directory} holds non-finite curvature values in {bad[:5]}; refusing to load it"
+        )

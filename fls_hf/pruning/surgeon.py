@@ -175,12 +175,19 @@ def prune_step(
     diags = {n: provider.diag(n) for n in names}
     broken = _non_finite_curvature(diags)
     scores = {
-        n: obd_saliency(weights[n], provider.blocks(n, block_size)) if saliency == "obd" and n not in broken
-        else obs_saliency(weights[n], diags[n]) for n in names
+        n: obd_saliency(weights[n], provider.blocks(n, block_size))
+        if saliency == "obd" and n not in broken
+        else obs_saliency(weights[n], diags[n])
+        for n in names
     }
     new_keep = select_pruned(
-        scores, old_keep, target, pattern,
-        global_scope=global_scope, min_sparsity=min_sparsity, max_sparsity=max_sparsity,
+        scores,
+        old_keep,
+        target,
+        pattern,
+        global_scope=global_scope,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
     )
     report: dict[str, dict[str, float | int]] = {}
     for n in names:
@@ -204,7 +211,9 @@ def _non_finite_curvature(diags: Mapping[str, torch.Tensor]) -> set[str]:
             warnings.warn(
                 f"module `{name}`: diag Q is not finite at {bad} of {diag.numel()} weights; those count as most "
                 "salient (pruned last) and this layer is pruned without compensation (check its curvature estimate "
-                "and `curvature.damping`)", RuntimeWarning, stacklevel=3,
+                "and `curvature.damping`)",
+                RuntimeWarning,
+                stacklevel=3,
             )
     return broken
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,11 +32,11 @@ from torch import nn
 
 from ...distributed import all_reduce_mean_
 from ...errors import CurvatureError
-from ...fisher.likelihoods import Likelihood, likelihood_for
+from ...fisher.likelihoods import Likelihood
 from ...fisher.products import FISHER_PRODUCTS, sampled_gradient
 from ...model.adapters import LayerAdapter
 from ...model.blocks import row_blocks
-from ...progress import log_main, progress
+from ...progress import progress
 from ..base import Batches, CurvatureProvider
 from .config import FishLegConfig
 from .structures import build_structure, structure_numel
@@ -57,10 +57,14 @@ class FishLegProvider(CurvatureProvider):
 
     config_class = FishLegConfig
 
-    def __init__(self, layers: Mapping[str, LayerAdapter], config: FishLegConfig, likelihood: Likelihood | None = None) -> None:
+    def __init__(
+        self, layers: Mapping[str, LayerAdapter], config: FishLegConfig, likelihood: Likelihood | None = None
+    ) -> None:
         super().__init__(layers, config, likelihood)
         self.config: FishLegConfig = config
-        knob = {"block_diagonal": "`curvature.block_size`", "kronecker": "`curvature.factor_block_size`"}.get(config.structure, "the structure")
+        knob = {"block_diagonal": "`curvature.block_size`", "kronecker": "`curvature.factor_block_size`"}.get(
+            config.structure, "the structure"
+        )
         self.check_memory(
             f"FishLeg curvature ({config.structure})",
             f"lower {knob}, choose a smaller `curvature.structure`, or target fewer layers with `pruning.targets`",
@@ -69,8 +73,12 @@ class FishLegProvider(CurvatureProvider):
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
             self.structures[name] = build_structure(
-                config.structure, rows, self._width(name), config.damping,
-                block_size=config.block_size, factor_block_size=config.factor_block_size,
+                config.structure,
+                rows,
+                self._width(name),
+                config.damping,
+                block_size=config.block_size,
+                factor_block_size=config.factor_block_size,
             ).to(adapter.weight.device)
         self.optimizer = torch.optim.Adam(self._parameters(), lr=config.aux_lr)
         self.prepared = False  # a warm start has set Q (the first `ready` does it)
@@ -94,8 +102,11 @@ class FishLegProvider(CurvatureProvider):
         total = 0
         for name, adapter in self.layers.items():
             total += structure_numel(
-                self.config.structure, adapter.shape[0], self._width(name),
-                block_size=self.config.block_size, factor_block_size=self.config.factor_block_size,
+                self.config.structure,
+                adapter.shape[0],
+                self._width(name),
+                block_size=self.config.block_size,
+                factor_block_size=self.config.factor_block_size,
             )
         cfg = self.config
         learns = cfg.warmup_steps or cfg.refinement_steps or cfg.refine_every
@@ -169,7 +180,12 @@ class FishLegProvider(CurvatureProvider):
 
     def _warm_start_inputs(self, model: nn.Module) -> WarmStartInputs:
         return WarmStartInputs(
-            self.layers, self.structures, self.config, self.likelihood_of(model), self.generator, dict(self.keep),
+            self.layers,
+            self.structures,
+            self.config,
+            self.likelihood_of(model),
+            self.generator,
+            dict(self.keep),
             frozenset(n for n in self.layers if self.models_bias(n)),
         )
 
@@ -177,11 +193,15 @@ class FishLegProvider(CurvatureProvider):
         """The first `num_batches` batches (at least one), with the likelihood resolved for this model."""
         calibration = list(itertools.islice(batches, self.config.num_batches))
         if not calibration:
-            raise CurvatureError("empty calibration dataloader: FishLeg needs at least one batch to learn the curvature")
+            raise CurvatureError(
+                "empty calibration dataloader: FishLeg needs at least one batch to learn the curvature"
+            )
         self.likelihood_of(model)
         return calibration
 
-    def refine(self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement") -> dict[str, float]:
+    def refine(
+        self, model: nn.Module, batches: list[Mapping[str, Any]], steps: int, desc: str = "FishLeg refinement"
+    ) -> dict[str, float]:
         """`steps` aux steps, cycling over `batches`; returns the last step's diagnostics."""
         diagnostics: dict[str, float] = {}
         for batch in progress(itertools.islice(itertools.cycle(batches), steps), total=steps, desc=desc):
@@ -198,7 +218,9 @@ class FishLegProvider(CurvatureProvider):
                 tangents[adapter.bias] = vec[:, cols]
         return tangents
 
-    def _as_matrices(self, tangents: dict[nn.Parameter, torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _as_matrices(
+        self, tangents: dict[nn.Parameter, torch.Tensor], values: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         by_param = dict(zip(tangents, values))
         out = {}
         for name, adapter in self.layers.items():
@@ -212,11 +234,15 @@ class FishLegProvider(CurvatureProvider):
         keeps = {name: self._keep(name) for name in self.layers}
         if self.config.u_sampling == "gaussian":
             return {n: torch.randn(k.shape, generator=self.generator).to(k.device) * k for n, k in keeps.items()}
-        params = list(self._tangents({n: torch.zeros_like(k) for n, k in keeps.items()}))  # each layer's weight (and bias)
+        params = list(
+            self._tangents({n: torch.zeros_like(k) for n, k in keeps.items()})
+        )  # each layer's weight (and bias)
         gradient = sampled_gradient(model, batch, params, self.likelihood_of(model), self.generator)
         grads = self._as_matrices(dict.fromkeys(params), gradient)
         # masked, then scaled so E‖u‖² matches a Gaussian u on the kept coordinates
-        return {n: g * keeps[n] * keeps[n].sum().sqrt() / (g * keeps[n]).norm().clamp_min(1e-30) for n, g in grads.items()}
+        return {
+            n: g * keeps[n] * keeps[n].sum().sqrt() / (g * keeps[n]).norm().clamp_min(1e-30) for n, g in grads.items()
+        }
 
     def update(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
         """One aux step on `batch`; returns aux loss, residual ‖(F+γ)Qu − u‖/‖u‖ and steps done.
@@ -269,12 +295,13 @@ class FishLegProvider(CurvatureProvider):
     def _non_finite_layers(self, residuals: dict[str, torch.Tensor]) -> list[str]:
         """Layers whose aux residual or λ-gradient is not finite (the step must not touch their Q)."""
         return [
-            n for n, s in self.structures.items()
+            n
+            for n, s in self.structures.items()
             if not torch.isfinite(residuals[n]).all() or any(not torch.isfinite(p.grad).all() for p in s.parameters())
         ]
 
     def _skip(self, bad: list[str]) -> None:
-        """Count the step as skipped and drop the bad layers' λ-gradients: Adam leaves gradient-less parameters alone."""
+        """Count the step as skipped and drop the bad layers' λ-gradients (Adam leaves gradient-less parameters be)."""
         self.skipped_steps += 1
         for name in bad:
             for param in self.structures[name].parameters():
@@ -282,7 +309,11 @@ class FishLegProvider(CurvatureProvider):
         key = ",".join(bad)
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"FishLeg aux step skipped for {', '.join(bad)}: non-finite values; keeping their last good Q", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"FishLeg aux step skipped for {', '.join(bad)}: non-finite values; keeping their last good Q",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _set_lr(self) -> None:
         lr = self.config.aux_lr
@@ -305,12 +336,19 @@ class FishLegProvider(CurvatureProvider):
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps, "structure": self.config.structure,
-                "prepared": self.prepared}
+        return {
+            "steps_done": self.steps_done,
+            "skipped_steps": self.skipped_steps,
+            "structure": self.config.structure,
+            "prepared": self.prepared,
+        }
 
     def load_state_meta(self, meta: Mapping[str, Any]) -> None:
         if meta.get("structure", self.config.structure) != self.config.structure:
-            raise CurvatureError(f"saved FishLeg state has structure {meta.get('structure')!r}, the recipe asks for {self.config.structure!r}")
+            raise CurvatureError(
+                f"saved FishLeg state has structure {meta.get('structure')!r}, the recipe asks for "
+                f"{self.config.structure!r}"
+            )
         steps = int(meta.get("steps_done", 0))
         if steps > 0:  # materialise Adam moments so their saved values have somewhere to go
             for param in self._parameters():

@@ -191,7 +191,9 @@ class BlockDiagonalQ(nn.Module):
         self.log_s.copy_(torch.where(blocks > 0, 0.5 * blocks.clamp_min(1e-30).log(), self.log_s))
 
 
-def _kfac_blocks_inverse_sqrt(a_bar: torch.Tensor, g: torch.Tensor, damping: float, cols: int, block_size: int) -> torch.Tensor:
+def _kfac_blocks_inverse_sqrt(
+    a_bar: torch.Tensor, g: torch.Tensor, damping: float, cols: int, block_size: int
+) -> torch.Tensor:
     """C with C Cᵀ = (g_i Ā_JJ + γI)⁻¹ for every row i and block J of `block_size` columns: (rows·nbc, B, B)."""
     nbc = -(-cols // block_size)
     blocks = _diagonal_blocks(a_bar[:cols, :cols], block_size, nbc).double()
@@ -240,9 +242,11 @@ STRUCTURES = ("block_diagonal", "kronecker", "diagonal")
 def structure_numel(structure: str, rows: int, width: int, *, block_size: int, factor_block_size: int | None) -> int:
     """Number of learned values a structure holds (for the memory estimate made before allocating)."""
     if structure == "kronecker":
+
         def factor(n: int) -> int:
             k = min(factor_block_size or n, n)
             return -(-n // k) * k * k
+
         return factor(rows) + factor(width) + rows * width
     if structure == "block_diagonal":
         nblocks = rows * -(-width // block_size)
@@ -250,7 +254,9 @@ def structure_numel(structure: str, rows: int, width: int, *, block_size: int, f
     return rows * width
 
 
-def build_structure(structure: str, rows: int, width: int, damping: float, *, block_size: int, factor_block_size: int | None) -> nn.Module:
+def build_structure(
+    structure: str, rows: int, width: int, damping: float, *, block_size: int, factor_block_size: int | None
+) -> nn.Module:
     if structure == "kronecker":
         return KroneckerQ(rows, width, damping, factor_block_size)
     if structure == "block_diagonal":

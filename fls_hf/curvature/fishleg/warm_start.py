@@ -70,7 +70,7 @@ def set_identity(inputs: WarmStartInputs, names: list[str]) -> None:
 
 
 def diagonal_q0(fisher_diagonal: torch.Tensor, damping: float, bias_column: bool) -> torch.Tensor:
-    """Q₀ = 1/(F_qq + γ), (rows, cols); with a bias column, its entry is the row's median (no gradient of it is kept)."""
+    """Q₀ = 1/(F_qq + γ), (rows, cols); a bias column gets the row's median (no gradient of the bias is kept)."""
     d = 1.0 / (fisher_diagonal + damping)
     return torch.cat([d, d.median(dim=1, keepdim=True).values], dim=1) if bias_column else d
 
@@ -78,8 +78,14 @@ def diagonal_q0(fisher_diagonal: torch.Tensor, damping: float, bias_column: bool
 def _diagonal_start(inputs: WarmStartInputs, model: nn.Module, batches) -> list[str]:
     """Q₀ = diag 1/(E[g²] + γ) from sampled-label per-example gradients (the OBD point)."""
     gradients = counted_gradients(
-        model, batches, inputs.layers, labels="sampled", likelihood=inputs.likelihood, generator=inputs.generator,
-        max_examples=inputs.config.init_examples, desc="FishLeg diagonal start",
+        model,
+        batches,
+        inputs.layers,
+        labels="sampled",
+        likelihood=inputs.likelihood,
+        generator=inputs.generator,
+        max_examples=inputs.config.init_examples,
+        desc="FishLeg diagonal start",
     )
     shapes = {name: adapter.shape for name, adapter in inputs.layers.items()}
     means, _ = fisher_diagonal(gradients, shapes, model_device(model))  # identical Q₀ on every data-parallel rank
@@ -103,9 +109,15 @@ def _fisher_start(inputs: WarmStartInputs, model: nn.Module, batches) -> list[st
         eye = torch.eye(block, device=adapter.weight.device) / config.damping
         inverse[name] = eye.expand(rows * -(-cols // block), -1, -1).contiguous()
     gradients = counted_gradients(
-        model, batches, inputs.layers, labels=config.init_labels, likelihood=inputs.likelihood,
+        model,
+        batches,
+        inputs.layers,
+        labels=config.init_labels,
+        likelihood=inputs.likelihood,
         # a generator of its own, seeded afresh: every fisher start draws the same labels (as it always has)
-        generator=torch.Generator().manual_seed(config.seed), max_examples=config.init_examples, keep=inputs.keep,
+        generator=torch.Generator().manual_seed(config.seed),
+        max_examples=config.init_examples,
+        keep=inputs.keep,
         desc="Block Fisher",
     )
     block_fisher_inverse_(inverse, gradients, block, config.damping)
@@ -116,8 +128,14 @@ def _fisher_start(inputs: WarmStartInputs, model: nn.Module, batches) -> list[st
 
 def _kfac_start(inputs: WarmStartInputs, model: nn.Module, batches) -> list[str]:
     """Q₀ from the K-FAC Fisher G ⊗ Ā of sampled-label passes (`fisher.kronecker`)."""
-    stats = kronecker_statistics(model, batches, inputs.layers, inputs.likelihood,
-                                 generator=inputs.generator, max_examples=inputs.config.init_examples)
+    stats = kronecker_statistics(
+        model,
+        batches,
+        inputs.layers,
+        inputs.likelihood,
+        generator=inputs.generator,
+        max_examples=inputs.config.init_examples,
+    )
     unusable = []
     for name, structure in inputs.structures.items():
         a_bar, g = stats[name]
@@ -138,5 +156,7 @@ def _identity_where_non_finite(inputs: WarmStartInputs, unusable: list[str]) -> 
     if names:
         warnings.warn(
             f"FishLeg warm start (`curvature.init: {inputs.config.init}`) gave non-finite statistics for "
-            f"{', '.join(names)}; these layers start from Q = I/γ (as `init: identity`)", RuntimeWarning, stacklevel=4,
+            f"{', '.join(names)}; these layers start from Q = I/γ (as `init: identity`)",
+            RuntimeWarning,
+            stacklevel=4,
         )
