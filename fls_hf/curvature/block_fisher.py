@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..fisher.likelihoods import Likelihood
-from ..fisher.statistics import block_fisher_inverse_
+from ..fisher.statistics import block_fisher_inverse_, identity_blocks
 from ..model.adapters import LayerAdapter
 from ..model.blocks import from_row_blocks, regroup_row_blocks, row_blocks
 from .base import Batches
@@ -56,15 +56,14 @@ class BlockFisherProvider(GradientFisherProvider):
             "(`curvature.num_grads` changes time, not memory)",
             note=", plus one batch of per-example gradients (batch size × 4 bytes per weight) while estimating",
         )
-        self.inverse = {name: self._identity(name) for name in self.layers}
+        self.inverse = {
+            name: identity_blocks(*a.shape, config.block_size, self.damping, a.weight.device)
+            for name, a in self.layers.items()
+        }
 
     def _nblocks(self, name: str) -> int:
         rows, cols = self.layers[name].shape
         return rows * -(-cols // self.config.block_size)
-
-    def _identity(self, name: str) -> torch.Tensor:
-        eye = torch.eye(self.config.block_size, device=self.device(name)) / self.damping
-        return eye.expand(self._nblocks(name), -1, -1).contiguous()
 
     def estimated_bytes(self) -> int:
         """Bytes of the stored inverse blocks, 4·B² per block: computable before allocating."""

@@ -40,6 +40,12 @@ def fisher_diagonal(
     return {name: s / total for name, s in sums.items()}, count
 
 
+def identity_blocks(rows: int, cols: int, block_size: int, damping: float, device: torch.device) -> torch.Tensor:
+    """I/γ over the row blocks of a (rows, cols) layer: (rows · ceil(cols / B), B, B), the Q of an empty Fisher."""
+    eye = torch.eye(block_size, device=device) / damping
+    return eye.expand(rows * -(-cols // block_size), -1, -1).contiguous()
+
+
 def block_fisher_inverse_(
     inverse: Mapping[str, torch.Tensor], gradients: Gradients, block_size: int, damping: float
 ) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from ...fisher.gradients import counted_gradients
 from ...fisher.kronecker import kronecker_statistics
 from ...fisher.likelihoods import Likelihood
-from ...fisher.statistics import block_fisher_inverse_, fisher_diagonal
+from ...fisher.statistics import block_fisher_inverse_, fisher_diagonal, identity_blocks
 from ...model.adapters import LayerAdapter
 from ...model.forward import model_device
 from .config import FishLegConfig
@@ -103,11 +103,7 @@ def _fisher_start(inputs: WarmStartInputs, model: nn.Module, batches) -> list[st
     (oBERT's estimate, from the model's own label distribution): FishLeg then refines it."""
     config = inputs.config
     block = config.block_size if config.structure == "block_diagonal" else 1
-    inverse = {}
-    for name, adapter in inputs.layers.items():
-        rows, cols = adapter.shape
-        eye = torch.eye(block, device=adapter.weight.device) / config.damping
-        inverse[name] = eye.expand(rows * -(-cols // block), -1, -1).contiguous()
+    inverse = {n: identity_blocks(*a.shape, block, config.damping, a.weight.device) for n, a in inputs.layers.items()}
     gradients = counted_gradients(
         model,
         batches,
