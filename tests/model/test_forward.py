@@ -5,11 +5,11 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import token_batches
+from test_trainer import dataset, training_args
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from helpers import token_batches
-from test_trainer import dataset, training_args
 from fls_hf import FishLegPruningTrainer, oneshot, sparsity_report
 from fls_hf.errors import CurvatureError
 from fls_hf.model import logits_of
@@ -30,7 +30,16 @@ LOSS = torch.tensor(0.5)
         [LOGITS],
         namedtuple("Out", ["hidden", "logits"])(torch.zeros(2, 4), LOGITS),
     ],
-    ids=["tensor", "model_output", "model_output_no_loss", "dict", "dict_logits_only", "tuple", "list", "namedtuple_attribute"],
+    ids=[
+        "tensor",
+        "model_output",
+        "model_output_no_loss",
+        "dict",
+        "dict_logits_only",
+        "tuple",
+        "list",
+        "namedtuple_attribute",
+    ],
 )
 def test_logits_of_reads_every_supported_form(outputs):
     assert logits_of(outputs) is LOGITS
@@ -46,12 +55,21 @@ def test_logits_of_reads_every_supported_form(outputs):
         (3.0, "returned float;"),
         (namedtuple("Out", ["logits"])([1.0]), "Out whose `logits` is list"),
     ],
-    ids=["dict_without_logits", "dict_logits_none", "tuple_first_none", "empty_tuple", "float", "logits_attribute_not_tensor"],
+    ids=[
+        "dict_without_logits",
+        "dict_logits_none",
+        "tuple_first_none",
+        "empty_tuple",
+        "float",
+        "logits_attribute_not_tensor",
+    ],
 )
 def test_logits_of_names_what_came_back_and_what_is_expected(outputs, found):
     with pytest.raises(CurvatureError, match=found) as error:
         logits_of(outputs)
-    assert "a tensor, a ModelOutput or dict with a `logits` tensor, or a tuple / list whose first element" in str(error.value)
+    assert "a tensor, a ModelOutput or dict with a `logits` tensor, or a tuple / list whose first element" in str(
+        error.value
+    )
 
 
 class CustomClassifier(nn.Module):
@@ -78,7 +96,10 @@ class CustomClassifier(nn.Module):
 
 ONESHOT_RECIPES = {
     "fishleg": {"pruning": {"method": "fishleg", "final_sparsity": 0.6}, "curvature": {"num_batches": 2}},
-    "block_fisher": {"pruning": {"method": "block_fisher", "final_sparsity": 0.6}, "curvature": {"num_grads": 8, "block_size": 8}},
+    "block_fisher": {
+        "pruning": {"method": "block_fisher", "final_sparsity": 0.6},
+        "curvature": {"num_grads": 8, "block_size": 8},
+    },
     "diagonal_fisher": {"pruning": {"method": "diagonal_fisher", "final_sparsity": 0.6}, "curvature": {"num_grads": 8}},
 }
 
@@ -115,11 +136,20 @@ def test_oneshot_error_on_an_unreadable_output_names_it():
 
 def test_trainer_on_a_model_returning_a_dict(tmp_path):
     recipe = {
-        "pruning": {"method": "fishleg", "init_sparsity": 0.3, "final_sparsity": 0.7, "start_step": 0, "end_step": 2, "update_frequency": 2},
+        "pruning": {
+            "method": "fishleg",
+            "init_sparsity": 0.3,
+            "final_sparsity": 0.7,
+            "start_step": 0,
+            "end_step": 2,
+            "update_frequency": 2,
+        },
         "curvature": {"num_batches": 2, "warmup_steps": 5, "refinement_steps": 2},
     }
     model = CustomClassifier("dict")
-    trainer = FishLegPruningTrainer(model=model, args=training_args(tmp_path, max_steps=4), recipe=recipe, train_dataset=dataset(32))
+    trainer = FishLegPruningTrainer(
+        model=model, args=training_args(tmp_path, max_steps=4), recipe=recipe, train_dataset=dataset(32)
+    )
     trainer.train()
     report = sparsity_report(model, trainer.recipe)
     assert_exact_target(model, report, 0.7)
