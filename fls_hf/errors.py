@@ -16,7 +16,8 @@ class UnsupportedModuleError(FlsError, TypeError):
 
 
 class CurvatureError(FlsError, ValueError):
-    """Curvature settings or state are invalid (damping <= 0, shape mismatch, memory budget...)."""
+    """Curvature settings, state or inputs are unusable (damping <= 0, shape mismatch, memory budget, a model output
+    without logits...)."""
 
 
 class PruningStateError(FlsError, ValueError):
