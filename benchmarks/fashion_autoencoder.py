@@ -11,10 +11,10 @@ sparsities of log validation loss: each method's damping γ (one for all sparsit
 γ with its K-FAC start and 0 aux steps, then the aux lr of its aux steps at that γ (both stages reported).
 The test split is evaluated once per reported row. Results: benchmarks/results/fashion_autoencoder.json (+ .png).
 
-    python benchmarks/fashion_autoencoder.py                          # every method, 7 sparsities (~13 min, 1 thread)
-    python benchmarks/fashion_autoencoder.py --methods magnitude,obert@1e-3 --sparsities 0.5,0.9
-    python benchmarks/fashion_autoencoder.py --quick --output /tmp/q.json   # smoke run (~20 s)
-    python benchmarks/fashion_autoencoder.py --report benchmarks/results/fashion_autoencoder.json   # tables + plot
+    python -m benchmarks.fashion_autoencoder                          # every method, 7 sparsities (~13 min, 1 thread)
+    python -m benchmarks.fashion_autoencoder --methods magnitude,obert@1e-3 --sparsities 0.5,0.9
+    python -m benchmarks.fashion_autoencoder --quick --output /tmp/q.json   # smoke run (~20 s)
+    python -m benchmarks.fashion_autoencoder --report benchmarks/results/fashion_autoencoder.json   # tables + plot
 """
 
 from __future__ import annotations
@@ -31,19 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fashion_data  # noqa: E402
-import model_cache  # noqa: E402
+from fls_hf.curvature.fishleg import FishLegConfig
+from fls_hf.fisher import CalibrationStream
+from fls_hf.pruning import Pruner
 
-from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
-from fls_hf.curvature.fishleg import FishLegConfig  # noqa: E402
-from fls_hf.progress import progress  # noqa: E402
-from fls_hf.pruning.pruner import Pruner  # noqa: E402
+from .common import fashion_data, model_cache
+from .common.paths import CACHE, RESULTS
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
-CACHE = HERE / "cache"
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 SPARSITIES = "0.1,0.3,0.5,0.7,0.8,0.9,0.95"
 BLOCK = 10  # Fisher / OBS block: divides every layer width but 784 (= 78 · 10 + 4)
@@ -98,7 +94,7 @@ def train(model: nn.Module, images: torch.Tensor, epochs: int, lr: float, batch_
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     for epoch in range(epochs):
-        for batch in progress(batches(images, batch_size, seed=seed + epoch), desc=f"train epoch {epoch + 1}/{epochs}"):
+        for batch in tqdm(batches(images, batch_size, seed=seed + epoch), desc=f"train epoch {epoch + 1}/{epochs}", leave=False):
             loss = nll(model(batch["pixels"]), batch["pixels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,7 +214,7 @@ def calibration_for(cfg: dict, calibration: dict[str, list[dict]]) -> list[dict]
 def scan(label: str, cfgs: list[dict], dense, data, calibration, sparsities) -> tuple[list[dict], tuple]:
     """Estimate + validation loss for every config; returns the scan entries and the best (entry, cfg, curvature)."""
     entries, best, shared = [], None, None
-    for cfg in progress(cfgs, desc=f"{label} scan"):
+    for cfg in tqdm(cfgs, desc=f"{label} scan", leave=False):
         batches_ = calibration_for(cfg, calibration)
         if cfg["pruning"]["method"] in DAMPING_FREE_STATE:
             shared = shared or estimate(dense, cfg, batches_)
@@ -387,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = calibration_sets(data["train"], args)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     report = {"dense": {"validation": reconstruction_loss(dense, data["validation"]), "test": reconstruction_loss(dense, data["test"])},
-              "training": train_meta, "command": " ".join(sys.argv),
+              "training": train_meta, "command": " ".join(["python -m benchmarks.fashion_autoencoder", *sys.argv[1:]]),
               "settings": {"calibration_images": args.calibration, "fishleg_batch_size": args.batch_size,
                            "gradient_batch_size": args.grad_batch_size, "aux_steps": args.aux_steps, "quick": args.quick,
                            "threads": torch.get_num_threads(), "images": {k: len(v) for k, v in data.items()}},

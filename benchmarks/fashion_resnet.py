@@ -8,10 +8,10 @@ sparsity rises along a cubic curve over the first 60 % of the steps, then the ne
 (144 weights) and the head stay dense, as is usual for ResNets. Metric: accuracy on the 10,000 test images;
 every setting was chosen on a 5,000-image validation split held out of the train file.
 
-    python benchmarks/fashion_resnet.py                                  # every method, 95 %
-    python benchmarks/fashion_resnet.py --methods gmp,fls --sparsity 0.9 --seeds 0,1
-    python benchmarks/fashion_resnet.py --quick --output /tmp/q.json     # smoke run (~1 min)
-    python benchmarks/fashion_resnet.py --report benchmarks/results/fashion_resnet_95.json
+    python -m benchmarks.fashion_resnet                                  # every method, 95 %
+    python -m benchmarks.fashion_resnet --methods gmp,fls --sparsity 0.9 --seeds 0,1
+    python -m benchmarks.fashion_resnet --quick --output /tmp/q.json     # smoke run (~1 min)
+    python -m benchmarks.fashion_resnet --report benchmarks/results/fashion_resnet_95.json
 
 Results: benchmarks/results/fashion_resnet_<sparsity>.json (+ .png with --report).
 """
@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
@@ -36,17 +32,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fashion_data  # noqa: E402
-import model_cache  # noqa: E402
-from overrides import parse_overrides, row_name  # noqa: E402
-from rows import record  # noqa: E402
+from fls_hf import FishLegPruningTrainer
 
-from fls_hf import FishLegPruningTrainer  # noqa: E402
+from .common import fashion_data, model_cache
+from .common.overrides import parse_overrides, row_name
+from .common.paths import CACHE, RESULTS
+from .common.rows import record
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
-CACHE = HERE / "cache"
 BLOCK = 16  # oBERT-style block: divides every pruned layer's row (16·9, 32·9, 64·9, and the 16 / 32 shortcut inputs)
 
 
@@ -197,7 +189,8 @@ def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: arg
 
 # ----------------------------------------------------------------------------- report
 def report(path: Path) -> None:
-    from plots import image_link, method_bars  # matplotlib: only the report needs it (the `bench` extra)
+    # matplotlib: only the report needs it (the `bench` extra)
+    from .common.plots import image_link, method_bars
 
     data = json.loads(path.read_text())
     groups: dict[str, list[dict]] = {}

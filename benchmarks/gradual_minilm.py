@@ -6,13 +6,14 @@ steps, learning rate, batch size and seed with `FishLegPruningTrainer`; only `pr
 for the remaining steps. `finetune` runs the same training with no pruning: the wall-time reference.
 Every method runs in its own process, so peak memory (max RSS) is per method.
 
-    python benchmarks/gradual_minilm.py                                   # all methods, 90 %
-    python benchmarks/gradual_minilm.py --methods gmp,fls --sparsity 0.8 --seeds 0,1
-    python benchmarks/gradual_minilm.py --methods fls --set damping=1e-4 --set aux_lr=1e-2   # a scan point
-    python benchmarks/gradual_minilm.py --quick                           # smoke run: a few steps, tiny slices
+    python -m benchmarks.gradual_minilm                                   # all methods, 90 %
+    python -m benchmarks.gradual_minilm --methods gmp,fls --sparsity 0.8 --seeds 0,1
+    python -m benchmarks.gradual_minilm --methods fls --set damping=1e-4 --set aux_lr=1e-2   # a scan point
+    python -m benchmarks.gradual_minilm --quick                           # smoke run: a few steps, tiny slices
 
 `--set key=value` overrides a `curvature:` setting of every selected method, `--set fls.key=value` of one
-(values parsed as JSON, else kept as text); such rows are named e.g. `fls[damping=0.0001]`, so scan points sit beside the defaults.
+(values parsed as YAML, see benchmarks/common/overrides.py); such rows are named e.g. `fls[damping=0.0001]`,
+so scan points sit beside the defaults.
 
 Results: benchmarks/results/gradual_minilm[_<sparsity>].json (one row per method and seed).
 """
@@ -29,16 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import minilm  # noqa: E402
-from overrides import parse_overrides, row_name  # noqa: E402
-from rows import record  # noqa: E402
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
+from fls_hf import FishLegPruningTrainer
 
-from fls_hf import FishLegPruningTrainer  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from .common import minilm
+from .common.overrides import parse_overrides, row_name
+from .common.paths import REPO, RESULTS
+from .common.rows import record
 
 # Same schedule for all; per-method curvature settings from the one-shot benchmark's validation scans.
 METHODS = {
@@ -139,11 +138,11 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.methods.split(","):
             with tempfile.NamedTemporaryFile(suffix=".json") as row:
-                command = [sys.executable, __file__, "--method", name, "--seed", str(seed), "--row", row.name,
+                command = [sys.executable, "-m", "benchmarks.gradual_minilm", "--method", name, "--seed", str(seed), "--row", row.name,
                            "--sparsity", str(args.sparsity), "--mask_type", args.mask_type, "--epochs", str(args.epochs),
                            "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate)]
                 command += [f"--set={pair}" for pair in args.set]
-                subprocess.run(command + (["--quick"] if args.quick else []), check=True)
+                subprocess.run(command + (["--quick"] if args.quick else []), check=True, cwd=REPO)
                 result = json.loads(Path(row.name).read_text())
             record(report, result, out, extra=f"  peak {result['peak_rss_gib']:.2f} GiB")
     print(f"wrote {out}")

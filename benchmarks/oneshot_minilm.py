@@ -5,14 +5,14 @@ train split), then the dense model is pruned to each sparsity with that estimate
 `recomputations`), and accuracy is measured without fine-tuning on the validation split (for tuning)
 and the test split (for reporting). Results: benchmarks/results/oneshot_minilm.json (+ a PNG plot).
 
-    python benchmarks/oneshot_minilm.py                       # all methods, 50/60/70/80 %
-    python benchmarks/oneshot_minilm.py --methods magnitude,fls-kfac-block@1e-6 --sparsities 0.5,0.7
-    python benchmarks/oneshot_minilm.py --quick               # smoke run: tiny slices, two methods
-    python benchmarks/oneshot_minilm.py --peers               # + llm-compressor's SparseGPT / Wanda, same run and file
+    python -m benchmarks.oneshot_minilm                       # all methods, 50/60/70/80 %
+    python -m benchmarks.oneshot_minilm --methods magnitude,fls-kfac-block@1e-6 --sparsities 0.5,0.7
+    python -m benchmarks.oneshot_minilm --quick               # smoke run: tiny slices, two methods
+    python -m benchmarks.oneshot_minilm --peers               # + llm-compressor's SparseGPT / Wanda, same run and file
 
-`--peers` runs benchmarks/peers/llmcompressor_oneshot.py after the fls_hf methods (never beside them: they
-would share the CPU) with the peers' own interpreter (default benchmarks/.venv-peers/bin/python, see that
-script for how to make it) on the same dense checkpoint, split and sparsities, and appends its rows.
+`--peers` runs `python -m benchmarks.peers.llmcompressor_oneshot` after the fls_hf methods (never beside them:
+they would share the CPU) with the peers' own interpreter (default benchmarks/.venv-peers/bin/python; that
+module's docstring says how to make it) on the same dense checkpoint, split and sparsities, and appends its rows.
 """
 
 from __future__ import annotations
@@ -21,27 +21,25 @@ import argparse
 import copy
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import minilm  # noqa: E402
+from fls_hf import load_recipe
+from fls_hf.fisher import CalibrationStream
+from fls_hf.pruning import Pruner
 
-from fls_hf.pruning.pruner import Pruner  # noqa: E402
-from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
-from fls_hf.recipe import load_recipe  # noqa: E402
+from .common import minilm
+from .common.paths import BENCHMARKS, REPO, RESULTS
 
-RESULTS = Path(__file__).parent / "results"
-PEERS_SCRIPT = Path(__file__).parent / "peers" / "llmcompressor_oneshot.py"
-PEERS_PYTHON = Path(__file__).parent / ".venv-peers" / "bin" / "python"
+PEERS_MODULE = "benchmarks.peers.llmcompressor_oneshot"
+PEERS_PYTHON = BENCHMARKS / ".venv-peers" / "bin" / "python"
 method = minilm.recipe  # every method prunes the encoder linears with one global threshold
 
 GRADS = 1024
-DEFAULT_RECIPE = Path(__file__).parent.parent / "recipes" / "oneshot-unstructured-50.yaml"
+DEFAULT_RECIPE = REPO / "recipes" / "oneshot-unstructured-50.yaml"
 
 
 def default_recipe() -> dict:
@@ -160,9 +158,9 @@ def peer_rows(python: Path, dense_dir: Path, sparsities: str, quick: bool) -> li
     """llm-compressor's rows, run from its own environment on the checkpoint this script cached."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
-        command = [str(python), str(PEERS_SCRIPT), "--sparsities", sparsities, "--dense_dir", str(dense_dir),
+        command = [str(python.absolute()), "-m", PEERS_MODULE, "--sparsities", sparsities, "--dense_dir", str(dense_dir),
                    "--output", str(out)] + (["--quick"] if quick else [])
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, cwd=REPO)
         rows = json.loads(out.read_text())["methods"]
     for row in rows:
         row["source"] = "llm-compressor, own environment (benchmarks/peers)"

@@ -1,6 +1,6 @@
-"""Table (Markdown) and plot (PNG) from gradual_minilm.py result files (B1).
+"""Table (Markdown) and plot (PNG) from benchmarks.gradual_minilm result files (B1).
 
-    python benchmarks/report_gradual.py benchmarks/results/gradual_minilm_90.json
+    python -m benchmarks.report_gradual benchmarks/results/gradual_minilm_90.json
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from plots import image_link, method_bars  # noqa: E402
+from .common.plots import image_link, method_bars
 
 ORDER = ("finetune", "gmp", "obd", "obert", "fls")
 

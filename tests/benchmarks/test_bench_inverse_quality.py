@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/inverse_quality.py --quick (B4): the JSON it writes is complete and sane."""
+"""Smoke test of `python -m benchmarks.inverse_quality --quick` (B4): the JSON it writes is complete and sane."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "inverse_quality.py"
+REPO = Path(__file__).resolve().parents[2]
 STRUCTURES = ("full", "layer", "block_diagonal", "diagonal")
 FISHLEG = {f"{s}/{i}" for s in ("diagonal", "block_diagonal", "kronecker") for i in ("kfac", "identity")}
 
@@ -34,7 +33,7 @@ def numbers(node, path="$"):
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("b4") / "x.json"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--output", str(out)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.inverse_quality", "--quick", "--output", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads(out.read_text())

@@ -1,0 +1,1 @@
+"""Helpers shared by the benchmark studies: data, cached dense models, result rows, plots, `--set` overrides."""

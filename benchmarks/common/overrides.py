@@ -1,0 +1,43 @@
+"""`--set key=value` overrides of a recipe's `curvature:` section, shared by the gradual benchmarks.
+
+`key=value` applies to every selected method, `method.key=value` (e.g. `fls.init=diagonal`) to one.
+Values are parsed as YAML by the recipe's own `parse_overrides` (`true`, `16`, `kronecker`, `2:4`), except
+that a JSON number in exponent form (`1e-4`, which YAML 1.1 reads as text) becomes a float.
+
+Rows measured with overrides carry them in their name (`fls[damping=0.0001]`), so scan points sit
+beside the defaults in one results file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fls_hf import RecipeError
+from fls_hf.recipe import parse_overrides as parse_recipe_overrides
+
+# JSON's number grammar: what `--set` read as a number before it used the recipe's YAML parser
+_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
+
+
+def parse_overrides(pairs: list[str], method: str) -> dict[str, Any]:
+    """Overrides for `method`: `["damping=1e-4", "fls.init=diagonal"]` → {"damping": 0.0001, "init": "diagonal"} for fls."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        scope, dot, name = key.rpartition(".")
+        if not sep or not name:
+            raise SystemExit(f"--set expects key=value or method.key=value, got {pair!r}")
+        if dot and scope != method:
+            continue
+        try:
+            value = parse_recipe_overrides([f"{name}={text}"])[name]
+        except RecipeError as error:
+            raise SystemExit(f"--set {pair!r}: {error}") from error
+        overrides[name] = json.loads(value) if isinstance(value, str) and _NUMBER.fullmatch(value) else value
+    return overrides
+
+
+def row_name(method: str, overrides: dict) -> str:
+    return method + ("[" + ",".join(f"{k}={v}" for k, v in overrides.items()) + "]" if overrides else "")
