@@ -49,7 +49,7 @@ __all__ = [
 
 SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
-COMPENSATIONS = ("block", "independent", "none")
+COMPENSATIONS = ("block", "independent", "none", "obc")
 SALIENCIES = ("obs", "obd")
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
 PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
@@ -92,7 +92,8 @@ class PruningConfig:
         max_layer_sparsity (`float`, defaults to `0.99`):
             Upper bound on each layer's sparsity under global ranking.
         compensation (`str`, defaults to `'block'`):
-            Weight update after pruning: block (joint OBS within blocks) | independent | none.
+            Weight update after pruning: block (joint OBS within blocks) | independent | none | obc (exact OBS
+            inside each row with the K-FAC row model, `pruning.method: kfac`; ranks by its own saliency).
         obs_block_size (`int`, defaults to `50`):
             Consecutive weights of a row treated jointly by block compensation.
         saliency (`str`, defaults to `'obs'`):
@@ -157,7 +158,10 @@ class PruningConfig:
     )
     compensation: str = field(
         default="block",
-        metadata={"help": "Weight update after pruning: block (joint OBS within blocks) | independent | none."},
+        metadata={
+            "help": "Weight update after pruning: block (joint OBS within blocks) | independent | none | obc "
+            "(exact OBS inside each row with the K-FAC row model, `pruning.method: kfac`; ranks by its own saliency)."
+        },
     )
     obs_block_size: int = field(
         default=50, metadata={"help": "Consecutive weights of a row treated jointly by block compensation."}

@@ -1,22 +1,32 @@
 """Inverse-Fisher providers behind one interface (`base.CurvatureProvider`) and one registry.
 
 A method is a config dataclass plus a provider class, registered under its recipe name
-(`pruning.method`): magnitude (Q = I/γ), diagonal_fisher (OBD), block_fisher (oBERT) and fishleg.
+(`pruning.method`): magnitude (Q = I/γ), diagonal_fisher (OBD), block_fisher (oBERT), kfac
+((G ⊗ Ā + γI)⁻¹ with the row model OBC uses) and fishleg.
 `register_curvature` adds a method of your own.
 """
 
-from .base import CurvatureProvider, config_class_for, provider_class_for, register_curvature, registered_methods
+from .base import (
+    CurvatureProvider,
+    RowModel,
+    config_class_for,
+    provider_class_for,
+    register_curvature,
+    registered_methods,
+)
 from .block_fisher import BlockFisherProvider
-from .config import BlockFisherConfig, CurvatureConfig, DiagonalFisherConfig, GradientFisherConfig
+from .config import BlockFisherConfig, CurvatureConfig, DiagonalFisherConfig, GradientFisherConfig, KFACConfig
 from .diagonal import DiagonalFisherProvider
 from .fishleg import FishLegConfig, FishLegProvider
 from .gradient_fisher import GradientFisherProvider
+from .kfac import KFACProvider
 from .magnitude import MagnitudeProvider
 
 register_curvature("fishleg", FishLegProvider)
 register_curvature("magnitude", MagnitudeProvider)
 register_curvature("diagonal_fisher", DiagonalFisherProvider)
 register_curvature("block_fisher", BlockFisherProvider)
+register_curvature("kfac", KFACProvider)
 
 __all__ = [
     "BlockFisherConfig",
@@ -29,7 +39,10 @@ __all__ = [
     "FishLegProvider",
     "GradientFisherConfig",
     "GradientFisherProvider",
+    "KFACConfig",
+    "KFACProvider",
     "MagnitudeProvider",
+    "RowModel",
     "config_class_for",
     "provider_class_for",
     "register_curvature",

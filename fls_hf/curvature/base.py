@@ -7,8 +7,8 @@ damped inverse Fisher restricted to that layer's weights. The Pruner drives it w
   decides how from its own config: re-estimate, warm up, re-warm, refine);
 - `on_optimizer_step(model, batches, step)`: after a training step that did not prune (default: nothing);
 
-the surgeon reads it through `diag(name)`, `matvec(name, V)` and `blocks(name, B)`, and restricts it to the
-surviving weights with `mask(name, keep)`. State: `state_dict()` / `load_state_dict()`; memory:
+the surgeon reads it through `diag(name)`, `matvec(name, V)`, `blocks(name, B)` and `row_model(name)`, and
+restricts it to the surviving weights with `mask(name, keep)`. State: `state_dict()` / `load_state_dict()`; memory:
 `estimated_bytes()` (before allocating) and `memory_bytes()`.
 
 The magnitude provider (Q = I/γ) is the simplest implementation and doubles as the test double.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,19 @@ from ..progress import log_main
 from .config import CurvatureConfig
 
 Batches = Iterable[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class RowModel:
+    """A layer's row-wise OBS model: row i has Hessian G_ii · H, with one H (cols, cols) shared by every row.
+
+    Args:
+        inverse: H⁻¹, (cols, cols) float64 (e.g. (Ā + λI)⁻¹ of K-FAC's input side).
+        row_weight: G_ii, (rows,): each row's output-side Fisher, which puts saliencies in loss units.
+    """
+
+    inverse: torch.Tensor
+    row_weight: torch.Tensor
 
 
 class CurvatureProvider(ABC):
@@ -95,6 +109,10 @@ class CurvatureProvider(ABC):
         out = torch.stack(columns, dim=-1)  # [block, i, t] = Q[(block, i), (block, t)]
         valid = row_blocks(torch.ones(rows, cols, device=out.device), block_size)
         return out * valid[:, :, None] * valid[:, None, :]
+
+    def row_model(self, name: str) -> RowModel | None:
+        """The layer's row-wise OBS model, for `pruning.compensation: obc`; None when Q has no such form."""
+        return None
 
     def mask(self, name: str, keep: torch.Tensor) -> None:
         """Restrict Q to the surviving weights of layer `name` (`keep`: bool, (rows, cols))."""

@@ -126,3 +126,41 @@ class BlockFisherConfig(GradientFisherConfig):
         super().__post_init__()
         if self.block_size < 1:
             raise CurvatureError(f"recipe key `curvature.block_size` = {self.block_size!r} must be >= 1")
+
+
+@dataclass
+class KFACConfig(CurvatureConfig):
+    """The `curvature:` section for `method: kfac`.
+
+    Args:
+        num_examples (`int`, defaults to `256`):
+            Examples (labels sampled from the model) per K-FAC estimate, taken afresh before each pruning step.
+        max_full_g_rows (`int`, defaults to `4096`):
+            Layers with at most this many rows keep the full output-side factor G (rows² floats); wider ones keep
+            diag G (warned).
+        row_damping (`float`, defaults to `0.01`):
+            λ of the row-wise OBC model G_ii (Ā + λI), relative to the mean of diag Ā (SparseGPT's dampening).
+    """
+
+    num_examples: int = field(
+        default=256,
+        metadata={
+            "help": "Examples (labels sampled from the model) per K-FAC estimate, taken before each pruning step."
+        },
+    )
+    max_full_g_rows: int = field(
+        default=4096,
+        metadata={"help": "Layers with at most this many rows keep the full G (rows² floats); wider ones keep diag G."},
+    )
+    row_damping: float = field(
+        default=0.01,
+        metadata={"help": "λ of the row-wise OBC model G_ii (Ā + λI), relative to the mean of diag Ā (as SparseGPT)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("num_examples", "max_full_g_rows"):
+            if getattr(self, key) < 1:
+                raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 1")
+        if not self.row_damping > 0:
+            raise CurvatureError(f"recipe key `curvature.row_damping` = {self.row_damping!r} must be > 0")

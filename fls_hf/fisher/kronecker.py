@@ -6,7 +6,7 @@ gradient is g = Σ_t δ_t a_tᵀ. K-FAC treats δ and a as independent and token
     F ≈ G ⊗ Ā,   G = E_n[Σ_t δ_nt δ_ntᵀ],   Ā = E_{n,t}[ā āᵀ]  (ā = [a; 1]),
 
 with labels sampled from the model (true Fisher). Ā always carries the ones column, whether or not
-the layer has a bias; structures that do not model the bias drop it. Only diag G (rows,) and Ā
+the layer has a bias; structures that do not model the bias drop it. By default only diag G (rows,) and Ā
 ((cols+1)²) are kept: the FishLeg structures need no more (diagonal: G_ii Ā_jj; within-row blocks:
 G_ii Ā_JJ). Linear and GPT-2 Conv1D layers use their token positions; a plain Conv2d (groups=1, zero
 padding) is the same map at every output position, with a_t the input patch under t (im2col,
@@ -15,7 +15,7 @@ padding) is the same map at every output position, with a_t the input patch unde
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -65,12 +65,19 @@ def kronecker_statistics(
     *,
     generator: torch.Generator | None = None,
     max_examples: int = 256,
+    full_g: Container[str] = (),
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name → (Ā: (cols+1, cols+1), diag G: (rows,)), averaged over up to `max_examples` examples."""
+    """name → (Ā: (cols+1, cols+1), G), averaged over up to `max_examples` examples.
+
+    G is diag G: (rows,), or the full G: (rows, rows) for the layers named in `full_g`.
+    """
     model = unwrap(model)
     device = model_device(model)
     sums = {
-        n: [torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device), torch.zeros(a.shape[0], device=device)]
+        n: [
+            torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device),
+            torch.zeros((a.shape[0],) * (2 if n in full_g else 1), device=device),
+        ]
         for n, a in layers.items()
     }
     examples, tokens = 0, dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
@@ -94,7 +101,8 @@ def kronecker_statistics(
                 tokens[name] += float(mask.sum())
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
                 sums[name][0] += a.T @ a
-                sums[name][1] += d.pow(2).reshape(-1, d.shape[-1]).sum(0)
+                d = d.reshape(-1, d.shape[-1])
+                sums[name][1] += d.T @ d if name in full_g else d.pow(2).sum(0)
             examples += n
             bar.update(n)
     if examples == 0:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..curvature import provider_class_for
+from ..curvature import CurvatureProvider, provider_class_for
 from ..distributed import check_same_on_all_ranks
 from ..errors import PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
@@ -81,7 +81,13 @@ class Pruner:
                 UserWarning,
                 stacklevel=3,
             )
-        self.provider = provider_class_for(cfg.method)(self.layers, self.recipe.curvature)
+        provider_class = provider_class_for(cfg.method)
+        if cfg.compensation == "obc" and provider_class.row_model is CurvatureProvider.row_model:
+            raise RecipeError(
+                "recipe key `pruning.compensation` = 'obc' needs a curvature with a row-wise model; "
+                f"`pruning.method` = {cfg.method!r} has none: use `pruning.method: kfac`"
+            )
+        self.provider = provider_class(self.layers, self.recipe.curvature)
         self.masks = MaskSet.dense(self.layers)
         self._adopted = False
         self.current_target = 0.0

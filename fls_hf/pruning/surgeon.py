@@ -22,10 +22,12 @@ from collections.abc import Mapping
 
 import torch
 
-from ..curvature.base import CurvatureProvider
+from ..curvature.base import CurvatureProvider, RowModel
+from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
 from ..model.blocks import from_row_blocks, row_blocks
 from .masks import MaskSet
+from .obc import obc_compensation, obc_saliency
 from .patterns import MaskPattern, parse_mask_type, select_pruned
 
 DIAG_FLOOR = 1e-12  # diag Q is positive by contract; the floor only keeps 1 / diag Q finite
@@ -161,7 +163,8 @@ def prune_step(
     saliency: str = "obs",
 ) -> dict[str, dict[str, float | int]]:
     """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation
-    (block | independent | none), as the recipe validated them (`recipe.SALIENCIES`, `recipe.COMPENSATIONS`).
+    (block | independent | none | obc: the row-wise OBC of `obc.py`, with its own saliency), as the recipe
+    validated them (`recipe.SALIENCIES`, `recipe.COMPENSATIONS`).
 
     Updates the module weights (in their dtype), `masks` (in place) and the provider's mask.
 
@@ -174,11 +177,9 @@ def prune_step(
     weights = {n: layers[n].weight_matrix() for n in names}
     diags = {n: provider.diag(n) for n in names}
     broken = _non_finite_curvature(diags)
+    rows = _row_models(provider, names) if compensation == "obc" else {}
     scores = {
-        n: obd_saliency(weights[n], provider.blocks(n, block_size))
-        if saliency == "obd" and n not in broken
-        else obs_saliency(weights[n], diags[n])
-        for n in names
+        n: _saliency(provider, n, weights[n], diags[n], rows.get(n), saliency, block_size, n in broken) for n in names
     }
     new_keep = select_pruned(
         scores,
@@ -193,12 +194,43 @@ def prune_step(
     for n in names:
         pruned_now = old_keep[n] & ~new_keep[n]
         method = "none" if n in broken else compensation
-        new_weight = _compensated(provider, n, weights[n], new_keep[n], pruned_now, method, block_size)
+        new_weight = _compensated(provider, n, weights[n], new_keep[n], pruned_now, method, block_size, rows.get(n))
         _write(layers[n], new_weight)
         masks.set(n, new_keep[n])
         provider.mask(n, new_keep[n])
         report[n] = {"sparsity": masks.sparsity(n), "pruned_now": int(pruned_now.sum())}
     return report
+
+
+def _row_models(provider: CurvatureProvider, names: list[str]) -> dict[str, RowModel]:
+    models = {n: provider.row_model(n) for n in names}
+    missing = [n for n, m in models.items() if m is None]
+    if missing:
+        raise CurvatureError(
+            f"`pruning.compensation: obc` needs a row-wise curvature model, which {type(provider).__name__} does not "
+            f"hold for `{missing[0]}`: use `pruning.method: kfac`, or another compensation"
+        )
+    return models
+
+
+def _saliency(
+    provider: CurvatureProvider,
+    name: str,
+    weight: torch.Tensor,
+    diag: torch.Tensor,
+    row_model: RowModel | None,
+    saliency: str,
+    block_size: int,
+    broken: bool,
+) -> torch.Tensor:
+    """OBC's row-model saliency with `obc` compensation, else OBS (w²/2Q_qq) or OBD read off Q's blocks."""
+    if broken:
+        return obs_saliency(weight, diag)
+    if row_model is not None:
+        return obc_saliency(weight, row_model.row_weight, row_model.inverse)
+    if saliency == "obd":
+        return obd_saliency(weight, provider.blocks(name, block_size))
+    return obs_saliency(weight, diag)
 
 
 def _non_finite_curvature(diags: Mapping[str, torch.Tensor]) -> set[str]:
@@ -226,12 +258,15 @@ def _compensated(
     pruned_now: torch.Tensor,
     compensation: str,
     block_size: int,
+    row_model: RowModel | None = None,
 ) -> torch.Tensor:
     """New (rows, cols) weight on a copy: W + δW, then every pruned coordinate set to exactly 0."""
     plain = weight.masked_fill(~keep, 0)
     if compensation == "none" or not pruned_now.any():
         return plain
-    if compensation == "independent":
+    if compensation == "obc":
+        delta = obc_compensation(weight, row_model.inverse, ~keep)
+    elif compensation == "independent":
         delta = independent_compensation(provider, name, weight, pruned_now)
     else:
         delta = joint_block_compensation(weight, provider.blocks(name, block_size), pruned_now, block_size)

@@ -1,0 +1,187 @@
+"""K-FAC curvature with exact damping: Q = (G ⊗ Ā + γI)⁻¹ per layer, re-estimated at every `ready`.
+
+From sampled-label passes (`fisher.kronecker`): Ā = E[a aᵀ] over real tokens (cols², the bias column dropped)
+and G = E_n[Σ_t δ δᵀ] (rows², or its diagonal for layers wider than `max_full_g_rows`). With the eigenbases
+Ā = U_A diag(λ_A) U_Aᵀ and G = U_G diag(λ_G) U_Gᵀ, the damped inverse is exact (no factored damping):
+
+    Q V = U_G [(U_Gᵀ V U_A) ⊘ (λ_G λ_Aᵀ + γ)] U_Aᵀ,     diag Q = (U_G ⊙ U_G) D (U_A ⊙ U_A)ᵀ,  D = 1 ⊘ (λ_G λ_Aᵀ + γ).
+
+For the row-wise OBC surgeon (`pruning.compensation: obc`) it also gives each layer's row model: keeping the
+within-row part of K-FAC, ΔL ≈ ½ Σ_i G_ii Δw_iᵀ Ā Δw_i, so row i is an OBS problem with Hessian
+G_ii (Ā + λI), λ = `row_damping` · mean diag Ā (SparseGPT's relative damping), one inverse shared by all rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CurvatureError
+from ..fisher.kronecker import kronecker_statistics
+from ..fisher.likelihoods import Likelihood
+from ..model.adapters import LayerAdapter
+from .base import Batches, CurvatureProvider, RowModel
+from .config import KFACConfig
+
+_ENTRY_CHUNK = 2**24  # rows · cols · cols elements per chunk of `blocks`
+
+
+class KFACProvider(CurvatureProvider):
+    """Q = (G ⊗ Ā + γI)⁻¹ from K-FAC statistics taken afresh before every pruning step; before that Q = I/γ.
+
+    Example:
+        >>> provider = KFACProvider(resolve_targets(model, targets), KFACConfig(num_examples=256))
+        >>> provider.ready(model, calibration_batches)
+        >>> provider.row_model("bert.encoder.layer.0.attention.self.query").inverse   # (cols, cols)
+    """
+
+    config_class = KFACConfig
+
+    def __init__(self, layers: Mapping[str, LayerAdapter], config: KFACConfig, likelihood: Likelihood | None = None):
+        super().__init__(layers, config, likelihood)
+        self.config: KFACConfig = config
+        self.full_g = {n for n, a in self.layers.items() if a.shape[0] <= config.max_full_g_rows}
+        narrow = sorted(set(self.layers) - self.full_g)
+        if narrow:
+            warnings.warn(
+                f"K-FAC keeps only diag G for {len(narrow)} layer(s) with more than `curvature.max_full_g_rows` = "
+                f"{config.max_full_g_rows} rows (e.g. `{narrow[0]}`): their Q ignores output-side correlations",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.check_memory(
+            "K-FAC curvature",
+            "lower `curvature.max_full_g_rows` (wide layers keep diag G) or target fewer layers with `pruning.targets`",
+        )
+        self.a_bar: dict[str, torch.Tensor] = {}
+        self.g: dict[str, torch.Tensor] = {}
+        self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[str, RowModel] = {}
+        self.estimated = False
+        for name, adapter in self.layers.items():
+            rows, cols = adapter.shape
+            device = adapter.weight.device
+            self.a_bar[name] = torch.zeros(cols, cols, device=device)
+            self.g[name] = torch.zeros((rows, rows) if name in self.full_g else (rows,), device=device)
+
+    def estimated_bytes(self) -> int:
+        """Ā and G (fp32) plus their eigenbases and the row model's inverse (fp64), per layer."""
+        total = 0
+        for name, adapter in self.layers.items():
+            rows, cols = adapter.shape
+            g = rows * rows if name in self.full_g else rows
+            total += 4 * (cols * cols + g) + 4 * (cols * cols + g + rows * cols) + 8 * cols * cols
+        return total
+
+    # ----------------------------------------------------------------- estimation
+    def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
+        """Ā, G from `num_examples` sampled-label examples of the model as it is now; eigenbases; row models."""
+        stats = kronecker_statistics(
+            model,
+            batches,
+            self.layers,
+            self.likelihood_of(model),
+            generator=self.generator,
+            max_examples=self.config.num_examples,
+            full_g=self.full_g,
+        )
+        for name, (a_bar, g) in stats.items():
+            if not (torch.isfinite(a_bar).all() and torch.isfinite(g).all()):
+                raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")
+            self.a_bar[name].copy_(a_bar[:-1, :-1])
+            self.g[name].copy_(g)
+        self._refresh()
+        self.estimated = True
+        return {}
+
+    def _refresh(self) -> None:
+        """Eigenbases of Ā and G (Q's exact damping) and the row models (Cholesky inverse of Ā + λI)."""
+        for name in self.layers:
+            a_bar, g = self.a_bar[name].double(), self.g[name].double()
+            lam_a, u_a = torch.linalg.eigh(a_bar)
+            lam_a = lam_a.clamp_min(0)
+            if g.dim() == 2:
+                lam_g, u_g = torch.linalg.eigh(g)
+                lam_g = lam_g.clamp_min(0)
+            else:
+                lam_g, u_g = g.clamp_min(0), None
+            inverse_eigen = 1.0 / (lam_g[:, None] * lam_a[None, :] + self.damping)
+            self._eigen[name] = (u_a.float(), None if u_g is None else u_g.float(), inverse_eigen.float())
+            self._rows[name] = RowModel(
+                _damped_inverse(a_bar, self.config.row_damping), g.diagonal() if g.dim() == 2 else g
+            )
+
+    # ----------------------------------------------------------------- queries
+    def _row_mix(self, name: str) -> torch.Tensor:
+        """(U_G ⊙ U_G) D: (rows, cols), how each row weighs Ā's eigendirections."""
+        u_a, u_g, inverse_eigen = self._eigen[name]
+        return inverse_eigen if u_g is None else u_g.square() @ inverse_eigen
+
+    def diag(self, name: str) -> torch.Tensor:
+        if name not in self._eigen:
+            return torch.full(self.layers[name].shape, 1.0 / self.damping, device=self.device(name))
+        u_a = self._eigen[name][0]
+        return self._row_mix(name) @ u_a.square().T
+
+    def matvec(self, name: str, vector: torch.Tensor) -> torch.Tensor:
+        if name not in self._eigen:
+            return vector / self.damping
+        u_a, u_g, inverse_eigen = self._eigen[name]
+        v = vector.to(u_a.dtype) @ u_a
+        if u_g is not None:
+            v = u_g.T @ v
+        v = v * inverse_eigen
+        if u_g is not None:
+            v = u_g @ v
+        return v @ u_a.T
+
+    def blocks(self, name: str, block_size: int) -> torch.Tensor:
+        """Exact entries Q[(i, j), (i, k)] = Σ_b U_A[j, b] U_A[k, b] C[i, b], C = (U_G ⊙ U_G) D, per row block."""
+        if name not in self._eigen:
+            return super().blocks(name, block_size)
+        rows, cols = self.layers[name].shape
+        u_a, mix = self._eigen[name][0], self._row_mix(name)
+        nblocks = -(-cols // block_size)
+        padded = torch.zeros(nblocks * block_size, cols, device=u_a.device, dtype=u_a.dtype)
+        padded[:cols] = u_a
+        basis = padded.view(nblocks, block_size, cols)  # [block, j, b]
+        step = max(1, _ENTRY_CHUNK // (nblocks * block_size * cols))
+        parts = []
+        for start in range(0, rows, step):
+            weighted = mix[start : start + step, None, None, :] * basis[None]  # [i, block, j, b]
+            parts.append(weighted @ basis.transpose(1, 2)[None])  # [i, block, j, k]
+        return torch.cat(parts).reshape(rows * nblocks, block_size, block_size)
+
+    def row_model(self, name: str) -> RowModel | None:
+        return self._rows.get(name)
+
+    # ----------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"{n}/a_bar": t for n, t in self.a_bar.items()}, **{f"{n}/g": t for n, t in self.g.items()}}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"estimated": self.estimated}
+
+    def load_state_meta(self, meta: Mapping[str, Any]) -> None:
+        self.estimated = bool(meta.get("estimated", False))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.estimated:
+            self._refresh()
+
+
+def _damped_inverse(a_bar: torch.Tensor, relative: float) -> torch.Tensor:
+    """(Ā + λI)⁻¹ in float64, λ = relative · mean diag Ā (tiny absolute floor for an all-zero Ā), by Cholesky."""
+    cols = a_bar.shape[0]
+    damping = relative * float(a_bar.diagonal().mean()) + 1e-12
+    eye = torch.eye(cols, dtype=torch.float64, device=a_bar.device)
+    for attempt in range(6):
+        factor, info = torch.linalg.cholesky_ex(a_bar + damping * (10**attempt) * eye)
+        if int(info) == 0:
+            return torch.cholesky_inverse(factor)
+    raise CurvatureError("Ā + λI is not positive definite even at 10⁵ × `curvature.row_damping`; raise it")

@@ -1,0 +1,161 @@
+"""Row-wise OBC (`pruning/obc.py`) against explicit matrices, and through the surgeon with the K-FAC provider."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import MLP, tiny_bert, token_batches
+from fls_hf import oneshot
+from fls_hf.curvature import KFACConfig, KFACProvider
+from fls_hf.errors import CurvatureError, RecipeError
+from fls_hf.model import adapter_for
+from fls_hf.pruning import MaskSet, Pruner, prune_step
+from fls_hf.pruning.obc import obc_compensation, obc_saliency
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return x @ x.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def row_problem(rows=5, cols=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    h = spd(cols, seed + 1)
+    row_weight = torch.rand(rows, generator=g, dtype=torch.float64) + 0.1
+    pruned = torch.rand(rows, cols, generator=g) < 0.5
+    pruned[0] = False  # a row with nothing pruned
+    pruned[1] = True
+    pruned[1, 3] = False  # all but one pruned
+    return w, h, row_weight, pruned
+
+
+def full_hessian(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """M = blockdiag_i(G_ii · H) over the row-major vec(W)."""
+    return torch.block_diag(*[gi * h for gi in row_weight])
+
+
+def constrained_optimum(w: torch.Tensor, m: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """argmin_w' ½ (w' − w)ᵀ M (w' − w) s.t. w'_P = 0, by the KKT system on the kept coordinates of vec(W)."""
+    flat, p = w.reshape(-1), pruned.reshape(-1)
+    k = ~p
+    new = torch.zeros_like(flat)
+    # d_K = M_KK⁻¹ M_KP w_P (d_P = −w_P)
+    new[k] = flat[k] + torch.linalg.solve(m[k][:, k], m[k][:, p] @ flat[p])
+    return new.view_as(w)
+
+
+def test_obc_compensation_is_the_exact_obs_optimum_of_the_row_hessian():
+    w, h, row_weight, pruned = row_problem()
+    new = w + obc_compensation(w, torch.linalg.inv(h), pruned)
+    assert torch.all(new[pruned].abs() < 1e-12)
+    torch.testing.assert_close(new, constrained_optimum(w, full_hessian(h, row_weight), pruned), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(new[0], w[0])  # nothing pruned in the row: nothing moves
+
+
+def test_obc_saliency_is_the_exact_single_weight_obs_loss_under_the_full_hessian():
+    w, h, row_weight, _ = row_problem(rows=3, cols=4)
+    m = full_hessian(h, row_weight)
+    saliency = obc_saliency(w, row_weight, torch.linalg.inv(h))
+    for q in range(w.numel()):
+        pruned = torch.zeros(w.numel(), dtype=torch.bool)
+        pruned[q] = True
+        d = (constrained_optimum(w, m, pruned.view_as(w)) - w).reshape(-1)
+        assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-9)
+
+
+def test_chunks_do_not_change_the_result(monkeypatch):
+    from fls_hf.pruning import obc
+
+    w, h, _, pruned = row_problem(rows=9, cols=6, seed=4)
+    whole = obc_compensation(w, torch.linalg.inv(h), pruned)
+    monkeypatch.setattr(obc, "_CHUNK_ELEMENTS", 20)  # one or two rows per solve
+    torch.testing.assert_close(obc_compensation(w, torch.linalg.inv(h), pruned), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_kfac_q_is_the_exactly_damped_kronecker_inverse():
+    model = MLP((6, 5, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input": torch.randn(8, 6, generator=g)} for _ in range(2)]
+    layers = {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+    provider = KFACProvider(layers, KFACConfig(damping=1e-2, num_examples=16, likelihood="categorical"))
+    provider.ready(model, batches)
+    for name, adapter in layers.items():
+        rows, cols = adapter.shape
+        a_bar, g_full = provider.a_bar[name].double(), provider.g[name].double()
+        assert g_full.shape == (rows, rows)
+        q = torch.linalg.inv(torch.kron(g_full, a_bar) + 1e-2 * torch.eye(rows * cols, dtype=torch.float64))
+        v = torch.randn(rows, cols, generator=g)
+        torch.testing.assert_close(
+            provider.matvec(name, v).double().reshape(-1), q @ v.double().reshape(-1), rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(provider.diag(name).double().reshape(-1), q.diagonal(), rtol=1e-4, atol=1e-5)
+        model_rows = provider.row_model(name)
+        lam = 0.01 * a_bar.diagonal().mean()
+        expected = torch.linalg.inv(a_bar + (lam + 1e-12) * torch.eye(cols, dtype=torch.float64))
+        torch.testing.assert_close(model_rows.inverse, expected, rtol=1e-5, atol=1e-8 * expected.abs().max().item())
+        torch.testing.assert_close(model_rows.row_weight, g_full.diagonal())
+
+
+@pytest.mark.parametrize("pattern, scope", [("unstructured", True), ("unstructured", False), ("2:4", True)])
+def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(pattern, scope):
+    model = tiny_bert()
+    pruner = Pruner(
+        model,
+        {
+            "pruning": {
+                "method": "kfac",
+                "compensation": "obc",
+                "final_sparsity": 0.5,
+                "mask_type": pattern,
+                "global_sparsity": scope,
+            },
+            "curvature": {"num_examples": 8},
+        },
+    )
+    before = {n: a.weight_matrix().clone() for n, a in pruner.layers.items()}
+    pruner.prune_to(model, 0.5, token_batches(n_batches=2))
+    total = sum(a.weight.numel() for a in pruner.layers.values())
+    assert sum(int((a.weight == 0).sum()) for a in pruner.layers.values()) == round(0.5 * total)
+    moved = 0
+    for name, adapter in pruner.layers.items():
+        w, keep = adapter.weight_matrix(), pruner.masks.keep_matrix(name)
+        assert torch.isfinite(w).all() and torch.all(w[~keep] == 0)
+        if pattern == "2:4":
+            assert torch.all(keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2)
+        if not scope:
+            assert (~keep).sum() == round(0.5 * keep.numel())
+        moved += int((w[keep] != before[name][keep]).sum())
+    assert moved > 0  # the kept weights were compensated
+
+
+def test_obc_without_a_row_model_is_refused_early():
+    with pytest.raises(RecipeError, match=r"`pruning.compensation` = 'obc' needs a curvature with a row-wise model"):
+        Pruner(tiny_bert(), {"pruning": {"method": "fishleg", "compensation": "obc"}})
+    layers = {"0": adapter_for("0", MLP()[0])}
+    from fls_hf.curvature import MagnitudeProvider, CurvatureConfig
+
+    with pytest.raises(CurvatureError, match="needs a row-wise curvature model"):
+        prune_step(
+            MagnitudeProvider(layers, CurvatureConfig()),
+            layers,
+            MaskSet.dense(layers),
+            0.5,
+            "unstructured",
+            compensation="obc",
+        )
+
+
+def test_oneshot_kfac_obc_on_a_causal_lm_keeps_it_finite():
+    from helpers import tiny_gpt2
+
+    model = tiny_gpt2()
+    report = oneshot(
+        model,
+        token_batches(n_batches=2),
+        {"pruning": {"method": "kfac", "compensation": "obc", "final_sparsity": 0.6}, "curvature": {"num_examples": 8}},
+    )
+    assert report.zeros == round(0.6 * report.numel)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
