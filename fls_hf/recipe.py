@@ -53,6 +53,7 @@ COMPENSATIONS = ("block", "independent", "none", "obc")
 SALIENCIES = ("obs", "obd")
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
 PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
+_SCIENTIFIC = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _N_OF_M = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*")
 
 
@@ -394,8 +395,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """Turn command-line `key=value` items into an overrides dict, values parsed as YAML.
 
     Example:
-        >>> parse_overrides(["pruning.final_sparsity=0.8", "pruning.mask_type=2:4"])
-        {'pruning.final_sparsity': 0.8, 'pruning.mask_type': '2:4'}
+        >>> parse_overrides(["pruning.final_sparsity=0.8", "pruning.mask_type=2:4", "curvature.damping=1e-4"])
+        {'pruning.final_sparsity': 0.8, 'pruning.mask_type': '2:4', 'curvature.damping': 0.0001}
     """
     overrides: dict[str, Any] = {}
     for item in items:
@@ -405,8 +406,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
                 f"override {item!r} must look like `section.key=value`, e.g. `pruning.final_sparsity=0.8`"
             )
         value = _parse_yaml(text, f"override {item!r}")
-        # YAML 1.1 reads unquoted 2:4 as the base-60 integer 124; an N:M pattern is meant.
-        overrides[key.strip()] = text.strip() if ":" in text and isinstance(value, (int, float)) else value
+        if ":" in text and isinstance(value, (int, float)):  # YAML 1.1 reads unquoted 2:4 as the base-60 integer 124
+            value = text.strip()
+        elif isinstance(value, str) and _SCIENTIFIC.fullmatch(value):  # YAML 1.1 wants a dot: 1e-4 stays a string
+            value = float(value)
+        overrides[key.strip()] = value
     return overrides
 
 

@@ -101,7 +101,7 @@ def test_recipe_source_is_copied():
 def test_parse_overrides():
     parsed = parse_overrides(["pruning.final_sparsity=0.8", "curvature.damping=1e-4", "pruning.mask_type=2:4",
                               "pruning.targets=re:.*\\.query", "pruning.global_sparsity=false"])
-    assert parsed == {"pruning.final_sparsity": 0.8, "curvature.damping": "1e-4", "pruning.mask_type": "2:4",
+    assert parsed == {"pruning.final_sparsity": 0.8, "curvature.damping": 1e-4, "pruning.mask_type": "2:4",
                       "pruning.targets": "re:.*\\.query", "pruning.global_sparsity": False}
     recipe = load_recipe({"pruning": MAG}, parsed)
     assert recipe.curvature.damping == pytest.approx(1e-4) and recipe.pruning.n_of_m == (2, 4)

@@ -1,8 +1,7 @@
 """`--set key=value` overrides of a recipe's `curvature:` section, shared by the gradual benchmarks.
 
 `key=value` applies to every selected method, `method.key=value` (e.g. `fls.init=diagonal`) to one.
-Values are parsed as YAML by the recipe's own `parse_overrides` (`true`, `16`, `kronecker`, `2:4`), except
-that a JSON number in exponent form (`1e-4`, which YAML 1.1 reads as text) becomes a float.
+Values are parsed by the recipe's own `parse_overrides` (YAML: `true`, `16`, `kronecker`, `2:4`, and `1e-4` as a float).
 
 Rows measured with overrides carry them in their name (`fls[damping=0.0001]`), so scan points sit
 beside the defaults in one results file.
@@ -10,15 +9,10 @@ beside the defaults in one results file.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from fls_hf import RecipeError
 from fls_hf.recipe import parse_overrides as parse_recipe_overrides
-
-# JSON's number grammar: what `--set` read as a number before it used the recipe's YAML parser
-_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
 
 
 def parse_overrides(pairs: list[str], method: str) -> dict[str, Any]:
@@ -35,7 +29,7 @@ def parse_overrides(pairs: list[str], method: str) -> dict[str, Any]:
             value = parse_recipe_overrides([f"{name}={text}"])[name]
         except RecipeError as error:
             raise SystemExit(f"--set {pair!r}: {error}") from error
-        overrides[name] = json.loads(value) if isinstance(value, str) and _NUMBER.fullmatch(value) else value
+        overrides[name] = value
     return overrides
 
 
