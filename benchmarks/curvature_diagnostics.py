@@ -36,8 +36,9 @@ START = {"init": "kfac", "init_examples": 512, "warmup_steps": 0, "refinement_st
 STRUCTURES = {  # compensation as in B2: what each structure's Q supports best
     "diagonal": minilm.recipe("fishleg", {"structure": "diagonal", "damping": 1e-6, **START}, compensation="none"),
     "kronecker": minilm.recipe("fishleg", {"structure": "kronecker", "damping": 1e-4, **START}, compensation="none"),
-    "block_diagonal": minilm.recipe("fishleg", {"structure": "block_diagonal", "block_size": 32, "damping": 1e-6, **START},
-                                    obs_block_size=32),
+    "block_diagonal": minilm.recipe(
+        "fishleg", {"structure": "block_diagonal", "block_size": 32, "damping": 1e-6, **START}, obs_block_size=32
+    ),
 }
 
 
@@ -73,14 +74,23 @@ def run_structure(name: str, dense, data, args) -> dict:
     for k in range(args.steps):
         diagnostics = pruner.provider.update(model, calibration[k % len(calibration)])
         steps.append({"aux_loss": diagnostics["aux_loss"], "residual": diagnostics["residual"]})
-        print(f"{name:15s} step {k + 1:3d}  aux {diagnostics['aux_loss']:.4g}  residual {diagnostics['residual']:.4g}", flush=True)
+        print(
+            f"{name:15s} step {k + 1:3d}  aux {diagnostics['aux_loss']:.4g}  residual {diagnostics['residual']:.4g}",
+            flush=True,
+        )
     aux_seconds = time.time() - start
     after = pruner.provider.state_dict()
     moved = sum(float((pruner.provider.diag(n) - d).pow(2).sum()) for n, d in start_diag.items())
     change = (moved / sum(float(d.pow(2).sum()) for d in start_diag.values())) ** 0.5  # ‖Δ diag Q‖ / ‖diag Q₀‖
-    row = {"structure": name, "recipe": cfg, "curvature_gib": pruner.provider.memory_bytes() / 2**30,
-           "init_seconds": init_seconds, "aux_seconds_per_step": aux_seconds / max(args.steps, 1), "steps": steps,
-           "diag_change": change}
+    row = {
+        "structure": name,
+        "recipe": cfg,
+        "curvature_gib": pruner.provider.memory_bytes() / 2**30,
+        "init_seconds": init_seconds,
+        "aux_seconds_per_step": aux_seconds / max(args.steps, 1),
+        "steps": steps,
+        "diag_change": change,
+    }
     del pruner, model
     sparsities = [float(s) for s in args.sparsities.split(",")]
     row["validation_start"] = accuracies(dense, cfg, before, sparsities, data, calibration)
@@ -93,14 +103,25 @@ def report(path: Path) -> None:
     w = data["settings"]["window"]
     sparsities = list(data["rows"][0]["validation_start"])
     head = " | ".join(f"val {100 * float(s):.0f} % start → refined" for s in sparsities)
-    print(f"| structure | memory | residual, first {w} → last {w} steps | aux loss, first {w} → last {w} | ‖Δ diag Q‖ / ‖diag Q₀‖ | {head} |")
+    print(
+        f"| structure | memory | residual, first {w} → last {w} steps | aux loss, first {w} → last {w} | ‖Δ diag Q‖ / "
+        f"‖diag Q₀‖ | {head} |"
+    )
     print("|---|---|---|---|---|" + "---|" * len(sparsities))
     for row in data["rows"]:
         first, last = row["steps"][:w], row["steps"][-w:]
-        mean = (lambda rows, key: float(np.mean([r[key] for r in rows])))
-        accs = " | ".join(f"{100 * row['validation_start'][s]:.2f} → {100 * row['validation_refined'][s]:.2f}" for s in sparsities)
-        print(f"| {row['structure']} | {row['curvature_gib']:.2f} GiB | {mean(first, 'residual'):.3g} → {mean(last, 'residual'):.3g} | "
-              f"{mean(first, 'aux_loss'):.3g} → {mean(last, 'aux_loss'):.3g} | {row['diag_change']:.3g} | {accs} |")
+
+        def mean(rows, key):
+            return float(np.mean([r[key] for r in rows]))
+
+        accs = " | ".join(
+            f"{100 * row['validation_start'][s]:.2f} → {100 * row['validation_refined'][s]:.2f}" for s in sparsities
+        )
+        print(
+            f"| {row['structure']} | {row['curvature_gib']:.2f} GiB | {mean(first, 'residual'):.3g} → "
+            f"{mean(last, 'residual'):.3g} | "
+            f"{mean(first, 'aux_loss'):.3g} → {mean(last, 'aux_loss'):.3g} | {row['diag_change']:.3g} | {accs} |"
+        )
 
 
 def main() -> None:
@@ -128,7 +149,10 @@ def main() -> None:
     else:
         dense = minilm.dense_model(data)
     out = Path(args.output) if args.output else RESULTS / "curvature_diagnostics.json"
-    result = {"settings": {k: getattr(args, k) for k in ("steps", "window", "aux_lr", "batch_size", "num_batches", "quick")}, "rows": []}
+    result = {
+        "settings": {k: getattr(args, k) for k in ("steps", "window", "aux_lr", "batch_size", "num_batches", "quick")},
+        "rows": [],
+    }
     for name in args.structures.split(","):
         result["rows"].append(run_structure(name, dense, data, args))
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -70,7 +70,11 @@ class DeepAutoencoder(nn.Module):
 # ----------------------------------------------------------------------------- data and training
 def batches(images: torch.Tensor, batch_size: int, seed: int | None = None) -> list[dict[str, torch.Tensor]]:
     """`{"pixels", "labels"}` batches (labels = the pixels: Bernoulli targets), shuffled when `seed` is given."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(len(images))
+    order = (
+        torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        if seed is not None
+        else torch.arange(len(images))
+    )
     return [{"pixels": images[idx], "labels": images[idx]} for idx in order.split(batch_size)]
 
 
@@ -94,7 +98,9 @@ def train(model: nn.Module, images: torch.Tensor, epochs: int, lr: float, batch_
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     for epoch in range(epochs):
-        for batch in tqdm(batches(images, batch_size, seed=seed + epoch), desc=f"train epoch {epoch + 1}/{epochs}", leave=False):
+        for batch in tqdm(
+            batches(images, batch_size, seed=seed + epoch), desc=f"train epoch {epoch + 1}/{epochs}", leave=False
+        ):
             loss = nll(model(batch["pixels"]), batch["pixels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -105,19 +111,32 @@ def train(model: nn.Module, images: torch.Tensor, epochs: int, lr: float, batch_
 
 def dense_model(train_images: torch.Tensor, args: argparse.Namespace) -> tuple[DeepAutoencoder, dict]:
     """The trained dense autoencoder, from the cache when its settings match (quick runs are never cached)."""
-    settings = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.train_batch_size, "seed": args.seed,
-                "train_images": len(train_images), "validation": args.validation}
+    settings = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.train_batch_size,
+        "seed": args.seed,
+        "train_images": len(train_images),
+        "validation": args.validation,
+    }
     folder = CACHE / f"fashion-autoencoder-e{args.epochs}-s{args.seed}"
     torch.manual_seed(args.seed)
-    return model_cache.trained(DeepAutoencoder(), folder, settings, cache=not args.quick,
-                               train=lambda model: train(model, train_images, args.epochs, args.lr, args.train_batch_size, args.seed))
+    return model_cache.trained(
+        DeepAutoencoder(),
+        folder,
+        settings,
+        cache=not args.quick,
+        train=lambda model: train(model, train_images, args.epochs, args.lr, args.train_batch_size, args.seed),
+    )
 
 
 # ----------------------------------------------------------------------------- methods
 def recipe(method: str, curvature: dict, **pruning) -> dict:
     """Prune every nn.Linear (targets [] = all supported layers, nothing ignored) with one global threshold."""
-    return {"pruning": {"method": method, "targets": [], "ignore": [], "global_sparsity": True, **pruning},
-            "curvature": {"likelihood": "bernoulli", **curvature}}
+    return {
+        "pruning": {"method": method, "targets": [], "ignore": [], "global_sparsity": True, **pruning},
+        "curvature": {"likelihood": "bernoulli", **curvature},
+    }
 
 
 @dataclass
@@ -135,13 +154,20 @@ FLS = {"init": "kfac", "init_examples": GRADS}
 METHODS = {
     "magnitude": Method(recipe("magnitude", {}, compensation="none"), [1.0]),  # Q = I/γ: γ does not change the ranking
     "obd": Method(recipe("diagonal_fisher", {"num_grads": GRADS}, compensation="none"), [1e-4, 1e-3, 1e-2, 1e-1]),
-    "obert": Method(recipe("block_fisher", {"num_grads": GRADS, "block_size": BLOCK}, obs_block_size=BLOCK), [1e-4, 1e-3, 1e-2]),
+    "obert": Method(
+        recipe("block_fisher", {"num_grads": GRADS, "block_size": BLOCK}, obs_block_size=BLOCK), [1e-4, 1e-3, 1e-2]
+    ),
     "fls-diag": Method(recipe("fishleg", {"structure": "diagonal", **FLS}, compensation="none"), DECADES, [1e-3, 1e-2]),
-    "fls-block": Method(recipe("fishleg", {"structure": "block_diagonal", "block_size": BLOCK, **FLS}, obs_block_size=BLOCK),
-                        DECADES, [1e-3, 1e-2]),
+    "fls-block": Method(
+        recipe("fishleg", {"structure": "block_diagonal", "block_size": BLOCK, **FLS}, obs_block_size=BLOCK),
+        DECADES,
+        [1e-3, 1e-2],
+    ),
     # Q couples whole rows and columns: the summed single-weight update (one Q·v) uses all of it, while
     # `block` compensation would keep only its within-row blocks (worse on validation in exploration).
-    "fls-kron": Method(recipe("fishleg", {"structure": "kronecker", **FLS}, compensation="independent"), DECADES, [1e-4, 1e-3]),
+    "fls-kron": Method(
+        recipe("fishleg", {"structure": "kronecker", **FLS}, compensation="independent"), DECADES, [1e-4, 1e-3]
+    ),
 }
 DAMPING_FREE_STATE = ("magnitude", "diagonal_fisher")  # stored state (E[g²]) independent of γ: estimate once
 
@@ -175,12 +201,21 @@ def estimate(dense: nn.Module, cfg: dict, calibration: list[dict]) -> dict:
     diagnostics = pruner.provider.ready(model, CalibrationStream(calibration))
     seconds = time.time() - start
     tensors = pruner.provider.state_tensors().items()
-    values = sum(t.numel() * t.element_size() for k, t in tensors if not k.endswith(("exp_avg", "exp_avg_sq")))  # no Adam moments
-    return {"state": pruner.provider.state_dict(), "seconds": seconds, "gib": pruner.provider.memory_bytes() / 2**30,
-            "values_gib": values / 2**30, "diagnostics": diagnostics}
+    values = sum(
+        t.numel() * t.element_size() for k, t in tensors if not k.endswith(("exp_avg", "exp_avg_sq"))
+    )  # no Adam moments
+    return {
+        "state": pruner.provider.state_dict(),
+        "seconds": seconds,
+        "gib": pruner.provider.memory_bytes() / 2**30,
+        "values_gib": values / 2**30,
+        "diagnostics": diagnostics,
+    }
 
 
-def pruned(dense: nn.Module, cfg: dict, curvature: dict, sparsity: float, calibration: list[dict]) -> tuple[nn.Module, dict]:
+def pruned(
+    dense: nn.Module, cfg: dict, curvature: dict, sparsity: float, calibration: list[dict]
+) -> tuple[nn.Module, dict]:
     """A copy of `dense` pruned one-shot to `sparsity` with the adopted curvature estimate."""
     model = copy.deepcopy(dense)
     pruner = Pruner(model, cfg)
@@ -222,28 +257,57 @@ def scan(label: str, cfgs: list[dict], dense, data, calibration, sparsities) -> 
         else:
             curvature = estimate(dense, cfg, batches_)
         validation = losses(dense, cfg, curvature, sparsities, batches_, {"validation": data["validation"]})
-        entry = {"damping": cfg["curvature"]["damping"], "aux_lr": cfg["curvature"].get("aux_lr"),
-                 "curvature_seconds": curvature["seconds"], "diagnostics": curvature["diagnostics"],
-                 "validation": {s: r["validation"] for s, r in validation.items()}, "score": score(validation)}
+        entry = {
+            "damping": cfg["curvature"]["damping"],
+            "aux_lr": cfg["curvature"].get("aux_lr"),
+            "curvature_seconds": curvature["seconds"],
+            "diagnostics": curvature["diagnostics"],
+            "validation": {s: r["validation"] for s, r in validation.items()},
+            "score": score(validation),
+        }
         entries.append(entry)
-        print(f"{label:24s} γ {entry['damping']:7.0e}" + (f" aux lr {entry['aux_lr']:.0e}" if entry["aux_lr"] else "")
-              + "  val " + " ".join(f"{v:7.1f}" for v in entry["validation"].values())
-              + f"  ({curvature['seconds']:.1f} s curvature)", flush=True)
+        print(
+            f"{label:24s} γ {entry['damping']:7.0e}"
+            + (f" aux lr {entry['aux_lr']:.0e}" if entry["aux_lr"] else "")
+            + "  val "
+            + " ".join(f"{v:7.1f}" for v in entry["validation"].values())
+            + f"  ({curvature['seconds']:.1f} s curvature)",
+            flush=True,
+        )
         if best is None or entry["score"] < best[0]["score"]:
             best = (entry, cfg, curvature)
     return entries, best
 
 
-def final_row(label: str, entries: list[dict], best: tuple, dense, data, calibration, sparsities, started: float) -> dict:
+def final_row(
+    label: str, entries: list[dict], best: tuple, dense, data, calibration, sparsities, started: float
+) -> dict:
     """The chosen config pruned to every sparsity, validation and test losses."""
     entry, cfg, curvature = best
-    results = losses(dense, cfg, curvature, sparsities, calibration_for(cfg, calibration),
-                     {"validation": data["validation"], "test": data["test"]})
-    print(f"{label:24s} γ {entry['damping']:7.0e}  TEST " + " ".join(f"{r['test']:7.1f}" for r in results.values()), flush=True)
-    return {"method": label, "chosen": {"damping": entry["damping"], "aux_lr": entry["aux_lr"]}, "recipe": cfg,
-            "curvature_seconds": curvature["seconds"], "curvature_gib": curvature["gib"],
-            "curvature_values_gib": curvature["values_gib"], "diagnostics": curvature["diagnostics"],
-            "scan": entries, "seconds": time.time() - started, "results": results}
+    results = losses(
+        dense,
+        cfg,
+        curvature,
+        sparsities,
+        calibration_for(cfg, calibration),
+        {"validation": data["validation"], "test": data["test"]},
+    )
+    print(
+        f"{label:24s} γ {entry['damping']:7.0e}  TEST " + " ".join(f"{r['test']:7.1f}" for r in results.values()),
+        flush=True,
+    )
+    return {
+        "method": label,
+        "chosen": {"damping": entry["damping"], "aux_lr": entry["aux_lr"]},
+        "recipe": cfg,
+        "curvature_seconds": curvature["seconds"],
+        "curvature_gib": curvature["gib"],
+        "curvature_values_gib": curvature["values_gib"],
+        "diagnostics": curvature["diagnostics"],
+        "scan": entries,
+        "seconds": time.time() - started,
+        "results": results,
+    }
 
 
 def run_method(spec: str, dense, data, calibration, sparsities, args) -> list[dict]:
@@ -254,12 +318,18 @@ def run_method(spec: str, dense, data, calibration, sparsities, args) -> list[di
     fishleg = method.recipe["pruning"]["method"] == "fishleg"
     label = f"{name} (K-FAC start)" if fishleg else name
     started = time.time()
-    cfgs = [configure(method.recipe, args, damping=d, **({"warmup_steps": 0} if fishleg else {})) for d in method.dampings]
+    cfgs = [
+        configure(method.recipe, args, damping=d, **({"warmup_steps": 0} if fishleg else {})) for d in method.dampings
+    ]
     entries, best = scan(label, cfgs, dense, data, calibration, scanned)
     rows = [final_row(label, entries, best, dense, data, calibration, sparsities, started)]
     if fishleg and method.aux_lrs:
         started, damping = time.time(), best[0]["damping"]
-        steps = args.aux_steps if args.aux_steps is not None else method.recipe["curvature"].get("warmup_steps", FishLegConfig.warmup_steps)
+        steps = (
+            args.aux_steps
+            if args.aux_steps is not None
+            else method.recipe["curvature"].get("warmup_steps", FishLegConfig.warmup_steps)
+        )
         label = f"{name} (+{steps} aux steps)"
         cfgs = [configure(method.recipe, args, damping=damping, warmup_steps=steps, aux_lr=lr) for lr in method.aux_lrs]
         entries, best = scan(label, cfgs, dense, data, calibration, scanned)
@@ -271,7 +341,9 @@ def run_method(spec: str, dense, data, calibration, sparsities, args) -> list[di
 def choice(row: dict) -> str:
     """`γ 0.01`, plus `, aux lr 0.001` for rows with aux steps."""
     chosen = row["chosen"]
-    return f"γ {chosen['damping']:g}" + (f", aux lr {chosen['aux_lr']:g}" if chosen.get("aux_lr") and "aux steps" in row["method"] else "")
+    return f"γ {chosen['damping']:g}" + (
+        f", aux lr {chosen['aux_lr']:g}" if chosen.get("aux_lr") and "aux steps" in row["method"] else ""
+    )
 
 
 def plot(report: dict, path: Path) -> None:
@@ -291,9 +363,14 @@ def plot(report: dict, path: Path) -> None:
     for m in report["methods"]:
         xs = sorted(m["results"], key=float)
         start = "K-FAC start" in m["method"]
-        style = {"color": f"C{families.index(m['method'].split(' ')[0])}", "marker": "o" if m["method"].startswith("fls") else "s",
-                 "markersize": 3 if start else 5, "linestyle": ":" if start else "-", "linewidth": 1 if start else 1.8,
-                 "label": f"{m['method']} ({choice(m)})"}
+        style = {
+            "color": f"C{families.index(m['method'].split(' ')[0])}",
+            "marker": "o" if m["method"].startswith("fls") else "s",
+            "markersize": 3 if start else 5,
+            "linestyle": ":" if start else "-",
+            "linewidth": 1 if start else 1.8,
+            "label": f"{m['method']} ({choice(m)})",
+        }
         losses_ = [m["results"][x]["test"] for x in xs]
         axes[0].plot([100 * float(x) for x in xs], losses_, **style)
         axes[1].plot([100 * float(x) for x in xs], [v - dense for v in losses_], **style)
@@ -313,20 +390,29 @@ def plot(report: dict, path: Path) -> None:
 def table(report: dict, split: str = "test") -> str:
     """Markdown table of `split` losses with the choice, curvature time and memory of every row."""
     sparsities = sorted({s for m in report["methods"] for s in m["results"]}, key=float)
-    lines = ["| method (choice on validation) | " + " | ".join(f"{100 * float(s):.0f} %" for s in sparsities)
-             + " | curvature time | curvature memory |", "|---" * (len(sparsities) + 3) + "|",
-             "| dense | " + " | ".join(f"{report['dense'][split]:.2f}" for _ in sparsities) + " | – | – |"]
+    lines = [
+        "| method (choice on validation) | "
+        + " | ".join(f"{100 * float(s):.0f} %" for s in sparsities)
+        + " | curvature time | curvature memory |",
+        "|---" * (len(sparsities) + 3) + "|",
+        "| dense | " + " | ".join(f"{report['dense'][split]:.2f}" for _ in sparsities) + " | – | – |",
+    ]
     for m in report["methods"]:
         cells = [f"{m['results'][s][split]:.2f}" if s in m["results"] else "–" for s in sparsities]
-        lines.append(f"| {m['method']} ({choice(m)}) | " + " | ".join(cells)
-                     + f" | {m['curvature_seconds']:.1f} s | {m['curvature_gib']:.3f} GiB |")
+        lines.append(
+            f"| {m['method']} ({choice(m)}) | "
+            + " | ".join(cells)
+            + f" | {m['curvature_seconds']:.1f} s | {m['curvature_gib']:.3f} GiB |"
+        )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="B3 (a): one-shot pruning of the deep autoencoder on Fashion-MNIST")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}; name@damping skips the damping scan")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}; name@damping skips the damping scan"
+    )
     parser.add_argument("--sparsities", default=SPARSITIES)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -334,19 +420,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation", type=int, default=5000, help="train images held out for every choice")
     parser.add_argument("--calibration", type=int, default=GRADS, help="train images used for curvature")
     parser.add_argument("--batch_size", type=int, default=128, help="calibration batch size of FishLeg (aux steps)")
-    parser.add_argument("--grad_batch_size", type=int, default=8,
-                        help="calibration batch size of the per-example-gradient methods (same images; speed only)")
-    parser.add_argument("--aux_steps", type=int, default=None, help="FishLeg aux steps of the second stage (default: the package's warmup_steps)")
-    parser.add_argument("--aux_lrs", default=None, help="comma list replacing every FishLeg aux-lr grid; 'none' skips the second stage")
+    parser.add_argument(
+        "--grad_batch_size",
+        type=int,
+        default=8,
+        help="calibration batch size of the per-example-gradient methods (same images; speed only)",
+    )
+    parser.add_argument(
+        "--aux_steps",
+        type=int,
+        default=None,
+        help="FishLeg aux steps of the second stage (default: the package's warmup_steps)",
+    )
+    parser.add_argument(
+        "--aux_lrs", default=None, help="comma list replacing every FishLeg aux-lr grid; 'none' skips the second stage"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 10k train / 1k val / 1k test images, 1 epoch, 2 methods, 2 sparsities")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 10k train / 1k val / 1k test images, 1 epoch, 2 methods, 2 sparsities",
+    )
     parser.add_argument("--output", default=None)
-    parser.add_argument("--report", default=None, help="print the tables of this results JSON and redraw its plot; runs nothing")
+    parser.add_argument(
+        "--report", default=None, help="print the tables of this results JSON and redraw its plot; runs nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.methods, args.sparsities, args.epochs = "magnitude,fls-diag@1e-2", "0.5,0.9", 1
         args.calibration, args.aux_steps, args.aux_lrs = 256, 5, "1e-2"
-    args.aux_lrs = None if args.aux_lrs is None else [] if args.aux_lrs == "none" else [float(x) for x in args.aux_lrs.split(",")]
+    args.aux_lrs = (
+        None if args.aux_lrs is None else [] if args.aux_lrs == "none" else [float(x) for x in args.aux_lrs.split(",")]
+    )
     args.num_batches = math.ceil(args.calibration / args.batch_size)
     return args
 
@@ -361,8 +466,13 @@ def load_data(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 def calibration_sets(train_images: torch.Tensor, args: argparse.Namespace) -> dict[str, list[dict]]:
     """`args.calibration` seeded train images, batched for FishLeg and for the per-example-gradient methods."""
-    chosen = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.calibration]
-    return {"fishleg": batches(train_images[chosen], args.batch_size), "grads": batches(train_images[chosen], args.grad_batch_size)}
+    chosen = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed + 1))[
+        : args.calibration
+    ]
+    return {
+        "fishleg": batches(train_images[chosen], args.batch_size),
+        "grads": batches(train_images[chosen], args.grad_batch_size),
+    }
 
 
 def report_only(path: Path) -> None:
@@ -382,14 +492,30 @@ def main(argv: list[str] | None = None) -> None:
     dense, train_meta = dense_model(data["train"], args)
     calibration = calibration_sets(data["train"], args)
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    report = {"dense": {"validation": reconstruction_loss(dense, data["validation"]), "test": reconstruction_loss(dense, data["test"])},
-              "training": train_meta, "command": " ".join(["python -m benchmarks.fashion_autoencoder", *sys.argv[1:]]),
-              "settings": {"calibration_images": args.calibration, "fishleg_batch_size": args.batch_size,
-                           "gradient_batch_size": args.grad_batch_size, "aux_steps": args.aux_steps, "quick": args.quick,
-                           "threads": torch.get_num_threads(), "images": {k: len(v) for k, v in data.items()}},
-              "methods": []}
+    report = {
+        "dense": {
+            "validation": reconstruction_loss(dense, data["validation"]),
+            "test": reconstruction_loss(dense, data["test"]),
+        },
+        "training": train_meta,
+        "command": " ".join(["python -m benchmarks.fashion_autoencoder", *sys.argv[1:]]),
+        "settings": {
+            "calibration_images": args.calibration,
+            "fishleg_batch_size": args.batch_size,
+            "gradient_batch_size": args.grad_batch_size,
+            "aux_steps": args.aux_steps,
+            "quick": args.quick,
+            "threads": torch.get_num_threads(),
+            "images": {k: len(v) for k, v in data.items()},
+        },
+        "methods": [],
+    }
     print(f"dense: val {report['dense']['validation']:.2f}  test {report['dense']['test']:.2f} nats/image", flush=True)
-    out = Path(args.output) if args.output else RESULTS / ("fashion_autoencoder_quick.json" if args.quick else "fashion_autoencoder.json")
+    out = (
+        Path(args.output)
+        if args.output
+        else RESULTS / ("fashion_autoencoder_quick.json" if args.quick else "fashion_autoencoder.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.methods.split(","):
         report["methods"].extend(run_method(spec, dense, data, calibration, sparsities, args))

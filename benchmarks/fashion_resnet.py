@@ -54,7 +54,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or channels_in != channels_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -66,7 +68,9 @@ class SmallResNet(nn.Module):
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64), classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         stages, channels = [], widths[0]
         for i, width in enumerate(widths):
             stages.append(BasicBlock(channels, width, stride=1 if i == 0 else 2))
@@ -109,27 +113,47 @@ def datasets(quick: bool) -> dict[str, Images]:
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Images, batch_size: int = 1000) -> float:
     model.eval()
-    correct = sum(int((model(x).logits.argmax(-1) == y).sum()) for x, y in zip(data.pixels.split(batch_size), data.labels.split(batch_size)))
+    correct = sum(
+        int((model(x).logits.argmax(-1) == y).sum())
+        for x, y in zip(data.pixels.split(batch_size), data.labels.split(batch_size))
+    )
     return correct / len(data)
 
 
 # ----------------------------------------------------------------------------- training
 def training_args(args: argparse.Namespace, epochs: float, lr: float, seed: int) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="fashion-resnet-"), num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
-        learning_rate=lr, weight_decay=5e-4, lr_scheduler_type="cosine", warmup_steps=0, seed=seed, use_cpu=True,
-        report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=args.quick,
+        output_dir=tempfile.mkdtemp(prefix="fashion-resnet-"),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        weight_decay=5e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        seed=seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=100,
+        disable_tqdm=args.quick,
     )
 
 
 def dense_model(data: dict[str, Images], args: argparse.Namespace) -> tuple[SmallResNet, dict]:
     """The trained dense ResNet, from the cache when its settings match (quick runs are never cached)."""
-    settings = {"epochs": args.dense_epochs, "lr": args.dense_lr, "batch_size": args.batch_size, "train_images": len(data["train"])}
+    settings = {
+        "epochs": args.dense_epochs,
+        "lr": args.dense_lr,
+        "batch_size": args.batch_size,
+        "train_images": len(data["train"]),
+    }
     folder = CACHE / f"fashion-resnet-e{args.dense_epochs}"
     torch.manual_seed(0)
 
     def train(model: SmallResNet) -> None:
-        Trainer(model=model, args=training_args(args, args.dense_epochs, args.dense_lr, seed=0), train_dataset=data["train"]).train()
+        Trainer(
+            model=model, args=training_args(args, args.dense_epochs, args.dense_lr, seed=0), train_dataset=data["train"]
+        ).train()
 
     def evaluate(model: SmallResNet) -> dict:
         return {"validation": accuracy(model, data["validation"]), "test": accuracy(model, data["test"])}
@@ -138,17 +162,40 @@ def dense_model(data: dict[str, Images], args: argparse.Namespace) -> tuple[Smal
 
 
 def recipe(method: str, curvature: dict, **pruning) -> dict:
-    return {"pruning": {"method": method, "targets": TARGETS, "ignore": [], "global_sparsity": True, "max_layer_sparsity": 0.99, **pruning},
-            "curvature": curvature}
+    return {
+        "pruning": {
+            "method": method,
+            "targets": TARGETS,
+            "ignore": [],
+            "global_sparsity": True,
+            "max_layer_sparsity": 0.99,
+            **pruning,
+        },
+        "curvature": curvature,
+    }
 
 
 METHODS = {
     "finetune": None,
     "gmp": recipe("magnitude", {}, compensation="none"),
-    "obd": recipe("diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-6}, compensation="none"),
+    "obd": recipe(
+        "diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-6}, compensation="none"
+    ),
     "obert": recipe("block_fisher", {"num_grads": 256, "block_size": BLOCK, "damping": 1e-6}, obs_block_size=BLOCK),
-    "fls": recipe("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 256, "damping": 1e-6,
-                              "warmup_steps": 10, "refinement_steps": 5, "aux_lr": 1e-3, "rewarm": False}, compensation="none"),
+    "fls": recipe(
+        "fishleg",
+        {
+            "structure": "diagonal",
+            "init": "kfac",
+            "init_examples": 256,
+            "damping": 1e-6,
+            "warmup_steps": 10,
+            "refinement_steps": 5,
+            "aux_lr": 1e-3,
+            "rewarm": False,
+        },
+        compensation="none",
+    ),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
@@ -158,11 +205,19 @@ QUICK_CURVATURE = {"num_grads": 16, "init_examples": 16, "warmup_steps": 1, "ref
 def schedule(steps: int, sparsity: float) -> dict:
     """Prune from step 0 to 60 % of the run (10 pruning steps), recover for the last 40 %."""
     end = max(int(0.6 * steps), 1)
-    return {"init_sparsity": min(0.3, sparsity), "final_sparsity": sparsity, "start_step": 0, "end_step": end,
-            "update_frequency": max(end // 9, 1), "inter_func": "cubic"}
+    return {
+        "init_sparsity": min(0.3, sparsity),
+        "final_sparsity": sparsity,
+        "start_step": 0,
+        "end_step": end,
+        "update_frequency": max(end // 9, 1),
+        "inter_func": "cubic",
+    }
 
 
-def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: argparse.Namespace, seed: int, pairs: list[str]) -> dict:
+def run_method(
+    name: str, dense: SmallResNet, data: dict[str, Images], args: argparse.Namespace, seed: int, pairs: list[str]
+) -> dict:
     model = copy.deepcopy(dense).train()
     overrides = parse_overrides(pairs, name)
     steps = -(-len(data["train"]) // args.batch_size) * args.epochs
@@ -181,10 +236,17 @@ def run_method(name: str, dense: SmallResNet, data: dict[str, Images], args: arg
     trainer.train()
     seconds = time.time() - start
     pruner = getattr(trainer, "pruner", None)
-    return {"method": row_name(name, overrides), "seed": seed, "recipe": cfg, "steps": steps, "train_seconds": seconds,
-            "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
-            "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
-            "validation": accuracy(model, data["validation"]), "test": accuracy(model, data["test"])}
+    return {
+        "method": row_name(name, overrides),
+        "seed": seed,
+        "recipe": cfg,
+        "steps": steps,
+        "train_seconds": seconds,
+        "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
+        "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
+        "validation": accuracy(model, data["validation"]),
+        "test": accuracy(model, data["test"]),
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -197,13 +259,25 @@ def report(path: Path) -> None:
     for row in data["rows"]:
         groups.setdefault(row["method"], []).append(row)
     dense = data["dense"]
-    print(f"dense: validation {100 * dense['validation']:.2f} %, test {100 * dense['test']:.2f} % ({dense['train_seconds']:.0f} s)\n")
-    print("| method | seeds | sparsity | validation | test | wall time | curvature memory |\n|---|---|---|---|---|---|---|")
+    print(
+        f"dense: validation {100 * dense['validation']:.2f} %, test {100 * dense['test']:.2f} % "
+        f"({dense['train_seconds']:.0f} s)\n"
+    )
+    print(
+        "| method | seeds | sparsity | validation | test | wall time | curvature memory "
+        "|\n|---|---|---|---|---|---|---|"
+    )
     for name, rows in groups.items():
         val, test = (np.array([r[k] for r in rows]) * 100 for k in ("validation", "test"))
-        spread = (lambda v: f"{v.mean():.2f}" + (f" ± {(v.max() - v.min()) / 2:.2f}" if len(v) > 1 else ""))
-        print(f"| {name} | {len(rows)} | {100 * rows[0]['sparsity']:.1f} % | {spread(val)} | {spread(test)} | "
-              f"{np.mean([r['train_seconds'] for r in rows]):.0f} s | {max(r['curvature_gib'] for r in rows) * 1024:.2f} MiB |")
+
+        def spread(v):
+            return f"{v.mean():.2f}" + (f" ± {(v.max() - v.min()) / 2:.2f}" if len(v) > 1 else "")
+
+        print(
+            f"| {name} | {len(rows)} | {100 * rows[0]['sparsity']:.1f} % | {spread(val)} | {spread(test)} | "
+            f"{np.mean([r['train_seconds'] for r in rows]):.0f} s | {max(r['curvature_gib'] for r in rows) * 1024:.2f} "
+            "MiB |"
+        )
     title = f"Small ResNet, Fashion-MNIST: gradual pruning to {100 * data['settings']['sparsity']:.0f} %"
     method_bars(groups, title, path.with_suffix(".png"), dense=dense["test"])
     print("\n" + image_link(path.with_suffix(".png"), "resnet"))
@@ -219,7 +293,9 @@ def main() -> None:
     parser.add_argument("--dense_epochs", type=float, default=4.0)
     parser.add_argument("--dense_lr", type=float, default=2e-3)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a curvature setting (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a curvature setting (repeatable)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="512 images, a fraction of an epoch: a smoke run")
     parser.add_argument("--output", default=None)
@@ -235,7 +311,9 @@ def main() -> None:
     data = datasets(args.quick)
     dense, meta = dense_model(data, args)
     out = Path(args.output) if args.output else RESULTS / f"fashion_resnet_{round(100 * args.sparsity)}.json"
-    settings = {k: getattr(args, k) for k in ("sparsity", "epochs", "lr", "dense_epochs", "dense_lr", "batch_size", "quick")}
+    settings = {
+        k: getattr(args, k) for k in ("sparsity", "epochs", "lr", "dense_epochs", "dense_lr", "batch_size", "quick")
+    }
     result = {"settings": settings, "dense": meta, "rows": []}
     if out.is_file() and not args.quick:
         result["rows"] = json.loads(out.read_text())["rows"]

@@ -43,10 +43,24 @@ from .common.rows import record
 METHODS = {
     "finetune": None,
     "gmp": minilm.recipe("magnitude", {}, compensation="none"),
-    "obd": minilm.recipe("diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
+    "obd": minilm.recipe(
+        "diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"
+    ),
     "obert": minilm.recipe("block_fisher", {"num_grads": 256, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
-    "fls": minilm.recipe("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 256, "damping": 1e-6,
-                                     "warmup_steps": 10, "refinement_steps": 5, "aux_lr": 1e-3, "rewarm": False}, compensation="none"),
+    "fls": minilm.recipe(
+        "fishleg",
+        {
+            "structure": "diagonal",
+            "init": "kfac",
+            "init_examples": 256,
+            "damping": 1e-6,
+            "warmup_steps": 10,
+            "refinement_steps": 5,
+            "aux_lr": 1e-3,
+            "rewarm": False,
+        },
+        compensation="none",
+    ),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
@@ -58,8 +72,15 @@ QUICK_CURVATURE = {"num_grads": 16, "init_examples": 16, "warmup_steps": 1, "ref
 def schedule(steps: int, sparsity: float, mask_type: str) -> dict:
     """Prune from step 0 to 60 % of the run (7 pruning steps), recover for the last 40 %."""
     end = max(int(0.6 * steps), 1)
-    return {"init_sparsity": min(0.3, sparsity), "final_sparsity": sparsity, "start_step": 0, "end_step": end,
-            "update_frequency": max(end // 6, 1), "inter_func": "cubic", "mask_type": mask_type}
+    return {
+        "init_sparsity": min(0.3, sparsity),
+        "final_sparsity": sparsity,
+        "start_step": 0,
+        "end_step": end,
+        "update_frequency": max(end // 6, 1),
+        "inter_func": "cubic",
+        "mask_type": mask_type,
+    }
 
 
 def cpu_seconds() -> float:
@@ -72,18 +93,32 @@ def run_single(args) -> dict:
     """One method, one seed, in this process: train, evaluate, measure."""
     data = minilm.splits()
     if args.quick:
-        data = {"train": data["train"].select(range(64)), "validation": data["validation"].select(range(64)),
-                "test": data["test"].select(range(64))}
+        data = {
+            "train": data["train"].select(range(64)),
+            "validation": data["validation"].select(range(64)),
+            "test": data["test"].select(range(64)),
+        }
     dense_dir = minilm.QUICK_DENSE_DIR if args.quick else minilm.DENSE_DIR
     model = minilm.dense_model(data, directory=dense_dir)
     steps = -(-len(data["train"]) // args.batch_size) * args.epochs
     training = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="gradual-"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, seed=args.seed, use_cpu=True, report_to=[], save_strategy="no",
-        logging_steps=max(steps // 10, 1), disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(prefix="gradual-"),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=max(steps // 10, 1),
+        disable_tqdm=True,
     )
-    common = {"model": model, "args": training, "train_dataset": data["train"],
-              "data_collator": DataCollatorWithPadding(minilm.tokenizer())}
+    common = {
+        "model": model,
+        "args": training,
+        "train_dataset": data["train"],
+        "data_collator": DataCollatorWithPadding(minilm.tokenizer()),
+    }
     recipe = copy.deepcopy(METHODS[args.method])
     if recipe is None:
         trainer = Trainer(**common)
@@ -99,13 +134,18 @@ def run_single(args) -> dict:
     seconds, cpu = time.time() - start, cpu_seconds() - cpu_start
     pruner = getattr(trainer, "pruner", None)
     return {
-        "method": row_name(args.method, parse_overrides(args.set, args.method)), "seed": args.seed,
-        "dense_checkpoint": minilm.checkpoint_id(dense_dir), "recipe": recipe, "steps": steps, "train_seconds": seconds,
+        "method": row_name(args.method, parse_overrides(args.set, args.method)),
+        "seed": args.seed,
+        "dense_checkpoint": minilm.checkpoint_id(dense_dir),
+        "recipe": recipe,
+        "steps": steps,
+        "train_seconds": seconds,
         "train_cpu_seconds": cpu,
         "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
         "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "validation": minilm.accuracy(model, data["validation"]), "test": minilm.accuracy(model, data["test"]),
+        "validation": minilm.accuracy(model, data["validation"]),
+        "test": minilm.accuracy(model, data["test"]),
     }
 
 
@@ -119,8 +159,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--quick", action="store_true", help="64 examples, two methods: a smoke run")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a curvature setting of every selected method (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a curvature setting of every selected method (repeatable)",
+    )
     parser.add_argument("--output", default=None)
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -131,16 +176,43 @@ def main() -> None:
         return
     if args.quick:
         args.methods, args.batch_size = "gmp,fls", 16
-    tag = "quick" if args.quick else f"{round(100 * args.sparsity)}" + ("" if args.mask_type == "unstructured" else "_" + args.mask_type.replace(":", "of"))
+    tag = (
+        "quick"
+        if args.quick
+        else f"{round(100 * args.sparsity)}"
+        + ("" if args.mask_type == "unstructured" else "_" + args.mask_type.replace(":", "of"))
+    )
     out = Path(args.output) if args.output else RESULTS / f"gradual_minilm_{tag}.json"
-    report = {"settings": {k: getattr(args, k) for k in ("sparsity", "mask_type", "epochs", "batch_size", "learning_rate", "quick")},
-              "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else []}
+    report = {
+        "settings": {
+            k: getattr(args, k) for k in ("sparsity", "mask_type", "epochs", "batch_size", "learning_rate", "quick")
+        },
+        "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else [],
+    }
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.methods.split(","):
             with tempfile.NamedTemporaryFile(suffix=".json") as row:
-                command = [sys.executable, "-m", "benchmarks.gradual_minilm", "--method", name, "--seed", str(seed), "--row", row.name,
-                           "--sparsity", str(args.sparsity), "--mask_type", args.mask_type, "--epochs", str(args.epochs),
-                           "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.gradual_minilm",
+                    "--method",
+                    name,
+                    "--seed",
+                    str(seed),
+                    "--row",
+                    row.name,
+                    "--sparsity",
+                    str(args.sparsity),
+                    "--mask_type",
+                    args.mask_type,
+                    "--epochs",
+                    str(args.epochs),
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--learning_rate",
+                    str(args.learning_rate),
+                ]
                 command += [f"--set={pair}" for pair in args.set]
                 subprocess.run(command + (["--quick"] if args.quick else []), check=True, cwd=REPO)
                 result = json.loads(Path(row.name).read_text())

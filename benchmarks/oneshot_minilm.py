@@ -49,64 +49,192 @@ def default_recipe() -> dict:
     cfg["pruning"].update({key: harness[key] for key in ("targets", "ignore", "global_sparsity", "max_layer_sparsity")})
     return cfg
 
+
 METHODS = {
     "magnitude": method("magnitude", {}, compensation="none"),
     "obd-empirical": method("diagonal_fisher", {"num_grads": GRADS, "damping": 1e-8}, compensation="none"),
     "obd-empirical-512": method("diagonal_fisher", {"num_grads": 512, "damping": 1e-8}, compensation="none"),
-    "obd-true": method("diagonal_fisher", {"num_grads": GRADS, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"),
+    "obd-true": method(
+        "diagonal_fisher", {"num_grads": GRADS, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"
+    ),
     "obert-1e-8": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-8}, obs_block_size=50),
     "obert-1e-7": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-7}, obs_block_size=50),
     "obert-1e-6": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
     "obert-1e-5": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-5}, obs_block_size=50),
     # oBERT with the recomputations the FLS default uses (1,024 fresh gradients before each of 4 stages)
-    "obert-1e-6-rec4": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50,
-                              recomputations=4),
+    "obert-1e-6-rec4": method(
+        "block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50, recomputations=4
+    ),
     # the same block OBS from the true Fisher: labels drawn from the model, or its exact expectation over the 2 classes
     # (`expected`: 512 examples × 2 class passes = the same 1,024 gradient vectors)
-    "obert-sampled": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6, "fisher_labels": "sampled"},
-                            obs_block_size=50),
-    "obert-expected": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6, "fisher_labels": "expected"},
-                             obs_block_size=50),
-    "obd-expected": method("diagonal_fisher", {"num_grads": GRADS, "fisher_labels": "expected", "damping": 1e-8}, compensation="none"),
-    "fls-kfac-diag": method("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
-                                        "damping": 1e-8}, compensation="none"),
-    "fls-kfac-block": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
-                                         "warmup_steps": 0, "damping": 1e-8}, obs_block_size=32),
-    "fls-kfac-block-aux": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
-                                             "warmup_steps": 60, "aux_lr": 1e-3, "aux_lr_schedule": "linear", "damping": 1e-6},
-                                 obs_block_size=32),
-    "fls-kfac-block-rec4": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac", "init_examples": 512,
-                                              "warmup_steps": 0, "refinement_steps": 10, "aux_lr": 1e-3, "damping": 1e-6,
-                                              "rewarm": False}, obs_block_size=32, recomputations=4),
+    "obert-sampled": method(
+        "block_fisher",
+        {"num_grads": GRADS, "block_size": 50, "damping": 1e-6, "fisher_labels": "sampled"},
+        obs_block_size=50,
+    ),
+    "obert-expected": method(
+        "block_fisher",
+        {"num_grads": GRADS, "block_size": 50, "damping": 1e-6, "fisher_labels": "expected"},
+        obs_block_size=50,
+    ),
+    "obd-expected": method(
+        "diagonal_fisher", {"num_grads": GRADS, "fisher_labels": "expected", "damping": 1e-8}, compensation="none"
+    ),
+    "fls-kfac-diag": method(
+        "fishleg",
+        {"structure": "diagonal", "init": "kfac", "init_examples": 512, "warmup_steps": 0, "damping": 1e-8},
+        compensation="none",
+    ),
+    "fls-kfac-block": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 32,
+            "init": "kfac",
+            "init_examples": 512,
+            "warmup_steps": 0,
+            "damping": 1e-8,
+        },
+        obs_block_size=32,
+    ),
+    "fls-kfac-block-aux": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 32,
+            "init": "kfac",
+            "init_examples": 512,
+            "warmup_steps": 60,
+            "aux_lr": 1e-3,
+            "aux_lr_schedule": "linear",
+            "damping": 1e-6,
+        },
+        obs_block_size=32,
+    ),
+    "fls-kfac-block-rec4": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 32,
+            "init": "kfac",
+            "init_examples": 512,
+            "warmup_steps": 0,
+            "refinement_steps": 10,
+            "aux_lr": 1e-3,
+            "damping": 1e-6,
+            "rewarm": False,
+        },
+        obs_block_size=32,
+        recomputations=4,
+    ),
     # Q₀ from the exact true Fisher's blocks (oBERT's inverse without the empirical-Fisher bias), then refined
-    "fls-fisher-block": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "fisher", "init_labels": "expected",
-                                           "init_examples": GRADS, "warmup_steps": 0, "refinement_steps": 0, "damping": 1e-6},
-                               obs_block_size=50),
-    "fls-fisher-block-aux": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "fisher", "init_labels": "expected",
-                                               "init_examples": GRADS, "warmup_steps": 20, "refinement_steps": 0, "aux_lr": 1e-3,
-                                               "damping": 1e-6}, obs_block_size=50),
-    "fls-fisher-block-rec4": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "fisher", "init_labels": "expected",
-                                                "init_examples": GRADS, "warmup_steps": 0, "refinement_steps": 10, "aux_lr": 1e-3,
-                                                "damping": 1e-6, "rewarm": False}, obs_block_size=50, recomputations=4),
+    "fls-fisher-block": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 50,
+            "init": "fisher",
+            "init_labels": "expected",
+            "init_examples": GRADS,
+            "warmup_steps": 0,
+            "refinement_steps": 0,
+            "damping": 1e-6,
+        },
+        obs_block_size=50,
+    ),
+    "fls-fisher-block-aux": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 50,
+            "init": "fisher",
+            "init_labels": "expected",
+            "init_examples": GRADS,
+            "warmup_steps": 20,
+            "refinement_steps": 0,
+            "aux_lr": 1e-3,
+            "damping": 1e-6,
+        },
+        obs_block_size=50,
+    ),
+    "fls-fisher-block-rec4": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 50,
+            "init": "fisher",
+            "init_labels": "expected",
+            "init_examples": GRADS,
+            "warmup_steps": 0,
+            "refinement_steps": 10,
+            "aux_lr": 1e-3,
+            "damping": 1e-6,
+            "rewarm": False,
+        },
+        obs_block_size=50,
+        recomputations=4,
+    ),
     # OBD saliency (Fisher diagonal read off Q's blocks: the Kronecker diagonal G_ii Ā_jj + γ for a K-FAC start)
     # with the joint block OBS update — the issue's strongest saliency with oBERT's compensation
-    "fls-kfac-block-obd": method("fishleg", {"structure": "block_diagonal", "block_size": 50, "init": "kfac", "init_examples": 512,
-                                             "warmup_steps": 0, "refinement_steps": 0, "damping": 1e-6},
-                                 obs_block_size=50, saliency="obd"),
-    "obert-obd": method("block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50, saliency="obd"),
-    "fls-kfac-kron": method("fishleg", {"structure": "kronecker", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
-                                        "damping": 1e-4}, compensation="none"),
+    "fls-kfac-block-obd": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 50,
+            "init": "kfac",
+            "init_examples": 512,
+            "warmup_steps": 0,
+            "refinement_steps": 0,
+            "damping": 1e-6,
+        },
+        obs_block_size=50,
+        saliency="obd",
+    ),
+    "obert-obd": method(
+        "block_fisher", {"num_grads": GRADS, "block_size": 50, "damping": 1e-6}, obs_block_size=50, saliency="obd"
+    ),
+    "fls-kfac-kron": method(
+        "fishleg",
+        {"structure": "kronecker", "init": "kfac", "init_examples": 512, "warmup_steps": 0, "damping": 1e-4},
+        compensation="none",
+    ),
     # the issue's "same, independent compensation δW = −Q(1_P ⊙ W / diag Q)" (kept to show why it is not the default)
-    "fls-kfac-kron-independent": method("fishleg", {"structure": "kronecker", "init": "kfac", "init_examples": 512,
-                                                    "warmup_steps": 0, "damping": 1e-4}, compensation="independent"),
+    "fls-kfac-kron-independent": method(
+        "fishleg",
+        {"structure": "kronecker", "init": "kfac", "init_examples": 512, "warmup_steps": 0, "damping": 1e-4},
+        compensation="independent",
+    ),
     # K-FAC start re-taken on the pruned model before each of 4 stages (`rewarm`), no aux steps: oBERT-style
     # recomputation at 4 × 12 s of statistics, still below one 1,024-gradient pass
-    "fls-kfac-diag-rewarm4": method("fishleg", {"structure": "diagonal", "init": "kfac", "init_examples": 512, "warmup_steps": 0,
-                                                "refinement_steps": 0, "rewarm": True, "damping": 1e-6},
-                                    compensation="none", recomputations=4),
-    "fls-kfac-block-rewarm4": method("fishleg", {"structure": "block_diagonal", "block_size": 32, "init": "kfac",
-                                                 "init_examples": 512, "warmup_steps": 0, "refinement_steps": 0,
-                                                 "rewarm": True, "damping": 1e-6}, obs_block_size=32, recomputations=4),
+    "fls-kfac-diag-rewarm4": method(
+        "fishleg",
+        {
+            "structure": "diagonal",
+            "init": "kfac",
+            "init_examples": 512,
+            "warmup_steps": 0,
+            "refinement_steps": 0,
+            "rewarm": True,
+            "damping": 1e-6,
+        },
+        compensation="none",
+        recomputations=4,
+    ),
+    "fls-kfac-block-rewarm4": method(
+        "fishleg",
+        {
+            "structure": "block_diagonal",
+            "block_size": 32,
+            "init": "kfac",
+            "init_examples": 512,
+            "warmup_steps": 0,
+            "refinement_steps": 0,
+            "rewarm": True,
+            "damping": 1e-6,
+        },
+        obs_block_size=32,
+        recomputations=4,
+    ),
     "fls-default": default_recipe(),
 }
 
@@ -131,12 +259,20 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
     estimator_model = copy.deepcopy(dense)
     estimator = Pruner(estimator_model, cfg)
     start = time.time()
-    diagnostics = estimator.provider.ready(estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
+    diagnostics = estimator.provider.ready(
+        estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit))
+    )
     curvature_s = time.time() - start
     state = estimator.provider.state_dict()
     # FishLeg: aux loss and residual ‖(F+γ)Qu − u‖/‖u‖ of the last warm-up step; baselines: examples used
-    row = {"method": name, "recipe": cfg, "curvature_seconds": curvature_s,
-           "curvature_gib": estimator.provider.memory_bytes() / 2**30, "curvature_diagnostics": diagnostics, "results": {}}
+    row = {
+        "method": name,
+        "recipe": cfg,
+        "curvature_seconds": curvature_s,
+        "curvature_gib": estimator.provider.memory_bytes() / 2**30,
+        "curvature_diagnostics": diagnostics,
+        "results": {},
+    }
     del estimator, estimator_model
     for sparsity in sparsities:
         model = copy.deepcopy(dense)
@@ -145,12 +281,17 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
         start = time.time()
         pruner.prune_to(model, sparsity, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
         row["results"][str(sparsity)] = {
-            "prune_seconds": time.time() - start, "sparsity": pruner.masks.global_sparsity(),
-            "validation": minilm.accuracy(model, data["validation"]), "test": minilm.accuracy(model, data["test"]),
+            "prune_seconds": time.time() - start,
+            "sparsity": pruner.masks.global_sparsity(),
+            "validation": minilm.accuracy(model, data["validation"]),
+            "test": minilm.accuracy(model, data["test"]),
             "layer_sparsity": {layer: pruner.masks.sparsity(layer) for layer in pruner.masks},
         }
-        print(f"{name:18s} {100 * sparsity:4.0f} %  val {100 * row['results'][str(sparsity)]['validation']:.2f}  "
-              f"test {100 * row['results'][str(sparsity)]['test']:.2f}", flush=True)
+        print(
+            f"{name:18s} {100 * sparsity:4.0f} %  val {100 * row['results'][str(sparsity)]['validation']:.2f}  "
+            f"test {100 * row['results'][str(sparsity)]['test']:.2f}",
+            flush=True,
+        )
     return row
 
 
@@ -158,8 +299,17 @@ def peer_rows(python: Path, dense_dir: Path, sparsities: str, quick: bool) -> li
     """llm-compressor's rows, run from its own environment on the checkpoint this script cached."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
-        command = [str(python.absolute()), "-m", PEERS_MODULE, "--sparsities", sparsities, "--dense_dir", str(dense_dir),
-                   "--output", str(out)] + (["--quick"] if quick else [])
+        command = [
+            str(python.absolute()),
+            "-m",
+            PEERS_MODULE,
+            "--sparsities",
+            sparsities,
+            "--dense_dir",
+            str(dense_dir),
+            "--output",
+            str(out),
+        ] + (["--quick"] if quick else [])
         subprocess.run(command, check=True, cwd=REPO)
         rows = json.loads(out.read_text())["methods"]
     for row in rows:
@@ -175,17 +325,35 @@ def main() -> None:
     parser.add_argument("--num_batches", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=None)
-    parser.add_argument("--peers", nargs="?", const=str(PEERS_PYTHON), default=None, metavar="PYTHON",
-                        help=f"also run llm-compressor's SparseGPT / Wanda with this interpreter (default {PEERS_PYTHON})")
+    parser.add_argument(
+        "--peers",
+        nargs="?",
+        const=str(PEERS_PYTHON),
+        default=None,
+        metavar="PYTHON",
+        help=f"also run llm-compressor's SparseGPT / Wanda with this interpreter (default {PEERS_PYTHON})",
+    )
     args = parser.parse_args()
     if args.peers and not Path(args.peers).is_file():  # fail before an hour of fls_hf methods, not after
-        parser.error(f"--peers: no interpreter at {args.peers}; make the peers' venv as benchmarks/peers/llmcompressor_oneshot.py says")
+        parser.error(
+            f"--peers: no interpreter at {args.peers}; make the peers' venv as "
+            "benchmarks/peers/llmcompressor_oneshot.py says"
+        )
     args.calibration_limit = None
     torch.manual_seed(0)
     data = minilm.splits()
     if args.quick:
-        args.methods, args.sparsities, args.num_batches, args.calibration_limit = "magnitude,fls-kfac-diag", "0.5", 2, 16
-        data = {"train": data["train"], "validation": data["validation"].select(range(64)), "test": data["test"].select(range(64))}
+        args.methods, args.sparsities, args.num_batches, args.calibration_limit = (
+            "magnitude,fls-kfac-diag",
+            "0.5",
+            2,
+            16,
+        )
+        data = {
+            "train": data["train"],
+            "validation": data["validation"].select(range(64)),
+            "test": data["test"].select(range(64)),
+        }
     if args.quick:  # a smoke model, cached apart from the real one
         dense_dir = minilm.QUICK_DENSE_DIR
         dense = minilm.dense_model({"train": data["train"].select(range(64))}, directory=dense_dir)
@@ -193,12 +361,21 @@ def main() -> None:
         dense_dir = minilm.DENSE_DIR
         dense = minilm.dense_model(data)
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    report = {"dense": {"validation": minilm.accuracy(dense, data["validation"]), "test": minilm.accuracy(dense, data["test"]),
-                        "checkpoint": minilm.checkpoint_id(dense_dir)},
-              "settings": {"batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": minilm.MAX_LENGTH},
-              "methods": []}
+    report = {
+        "dense": {
+            "validation": minilm.accuracy(dense, data["validation"]),
+            "test": minilm.accuracy(dense, data["test"]),
+            "checkpoint": minilm.checkpoint_id(dense_dir),
+        },
+        "settings": {"batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": minilm.MAX_LENGTH},
+        "methods": [],
+    }
     print(f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}", flush=True)
-    out = Path(args.output) if args.output else RESULTS / ("oneshot_minilm_quick.json" if args.quick else "oneshot_minilm.json")
+    out = (
+        Path(args.output)
+        if args.output
+        else RESULTS / ("oneshot_minilm_quick.json" if args.quick else "oneshot_minilm.json")
+    )
     for name in args.methods.split(","):
         report["methods"].append(run_method(name, resolve(name), dense, data, sparsities, args))
         out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """Table (Markdown) and plot (PNG) from benchmarks.gradual_minilm result files (B1).
 
-    python -m benchmarks.report_gradual benchmarks/results/gradual_minilm_90.json
+python -m benchmarks.report_gradual benchmarks/results/gradual_minilm_90.json
 """
 
 from __future__ import annotations
@@ -44,14 +44,21 @@ def finetune_seconds(rows: dict[str, list[dict]], key: str) -> dict:
 def time_ratio(runs: list[dict], references: dict, key: str) -> str:
     """Mean of each run's time over the fine-tune of its own dense checkpoint (the same session and machine
     load); runs on a checkpoint without a fine-tune row are left out: times of different sessions differ."""
-    ratios = [r[key] / references[r.get("dense_checkpoint")] for r in runs if key in r and r.get("dense_checkpoint") in references]
+    ratios = [
+        r[key] / references[r.get("dense_checkpoint")]
+        for r in runs
+        if key in r and r.get("dense_checkpoint") in references
+    ]
     return f"{np.mean(ratios):.2f}×" if ratios else "–"
 
 
 def table(rows: dict[str, list[dict]]) -> str:
     wall, cpu = finetune_seconds(rows, "train_seconds"), finetune_seconds(rows, "train_cpu_seconds")
-    lines = ["| method | runs | sparsity | validation | test | wall time | × fine-tune | CPU × fine-tune | peak RSS | curvature memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | runs | sparsity | validation | test | wall time | × fine-tune | CPU × fine-tune | peak RSS | "
+        "curvature memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, runs in rows.items():
         seconds = float(np.mean([r["train_seconds"] for r in runs]))
         lines.append(

@@ -45,17 +45,33 @@ def picked_on_validation(methods: list[dict], name: str, variants: list[str]) ->
         best = max((v for v in variants if s in rows[v]["results"]), key=lambda v: rows[v]["results"][s]["validation"])
         results[s] = {**rows[best]["results"][s], "picked": best}
         seconds.append(rows[best]["curvature_seconds"])
-    return {"method": name, "results": results, "curvature_seconds": max(seconds),
-            "curvature_gib": max(rows[v]["curvature_gib"] for v in variants)}
+    return {
+        "method": name,
+        "results": results,
+        "curvature_seconds": max(seconds),
+        "curvature_gib": max(rows[v]["curvature_gib"] for v in variants),
+    }
 
 
 def table(dense: dict, methods: list[dict], split: str) -> str:
     sparsities = sorted({s for m in methods for s in m["results"]}, key=float)
-    head = "| method | " + " | ".join(f"{100 * float(s):.0f} %" for s in sparsities) + " | curvature time | curvature memory |"
-    lines = [head, "|---" * (len(sparsities) + 3) + "|", "| dense | " + " | ".join(f"{100 * dense[split]:.2f}" for _ in sparsities) + " | – | – |"]
+    head = (
+        "| method | "
+        + " | ".join(f"{100 * float(s):.0f} %" for s in sparsities)
+        + " | curvature time | curvature memory |"
+    )
+    lines = [
+        head,
+        "|---" * (len(sparsities) + 3) + "|",
+        "| dense | " + " | ".join(f"{100 * dense[split]:.2f}" for _ in sparsities) + " | – | – |",
+    ]
     for m in methods:
         cells = [cell(m["results"][s], split) if s in m["results"] else "–" for s in sparsities]
-        lines.append(f"| {m['method']} | " + " | ".join(cells) + f" | {m['curvature_seconds']:.0f} s | {m['curvature_gib']:.2f} GiB |")
+        lines.append(
+            f"| {m['method']} | "
+            + " | ".join(cells)
+            + f" | {m['curvature_seconds']:.0f} s | {m['curvature_gib']:.2f} GiB |"
+        )
     return "\n".join(lines)
 
 
@@ -70,8 +86,14 @@ def plot(dense: dict, methods: list[dict], out: Path) -> None:
     for i, m in enumerate(methods):
         xs = sorted(m["results"], key=float)
         fls = m["method"].startswith("fls")  # FishLeg solid, baselines dashed
-        ax.plot([100 * float(x) for x in xs], [100 * m["results"][x]["test"] for x in xs], color=colors[i % 20],
-                linestyle="-" if fls else "--", marker="o" if fls else "s", label=m["method"])
+        ax.plot(
+            [100 * float(x) for x in xs],
+            [100 * m["results"][x]["test"] for x in xs],
+            color=colors[i % 20],
+            linestyle="-" if fls else "--",
+            marker="o" if fls else "s",
+            label=m["method"],
+        )
     ax.axhline(100 * dense["test"], color="black", linestyle="--", label="dense")
     ax.set_xlabel("sparsity of the encoder linears (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -85,8 +107,13 @@ def plot(dense: dict, methods: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Tables and a plot from benchmarks.oneshot_minilm result files")
     parser.add_argument("results", nargs="+")
-    parser.add_argument("--pick", action="append", default=[], metavar="NAME=A,B,...",
-                        help="add a row NAME taking, per sparsity, the variant best on validation")
+    parser.add_argument(
+        "--pick",
+        action="append",
+        default=[],
+        metavar="NAME=A,B,...",
+        help="add a row NAME taking, per sparsity, the variant best on validation",
+    )
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG to write (test accuracy per method)")
     args = parser.parse_args()
     dense, methods = load(args.results)
@@ -95,7 +122,12 @@ def main() -> None:
         if not sep or not variants:
             parser.error(f"--pick {spec!r}: expected NAME=A,B,...")
         methods.append(picked_on_validation(methods, name, variants.split(",")))
-    print("### Test accuracy\n\n" + table(dense, methods, "test") + "\n\n### Validation accuracy (used for choices)\n\n" + table(dense, methods, "validation"))
+    print(
+        "### Test accuracy\n\n"
+        + table(dense, methods, "test")
+        + "\n\n### Validation accuracy (used for choices)\n\n"
+        + table(dense, methods, "validation")
+    )
     plot(dense, methods, args.plot)
     print(f"\n![one-shot MiniLM]({args.plot.name})")
 

@@ -31,13 +31,19 @@ def char_batches(sentences: list[str], vocab: dict[str, int], batch_size: int) -
     """Fixed-length character sequences (padded with 0, labels -100 on padding), in batches."""
     rows = []
     for text in sentences:
-        ids = [vocab.get(c, 1) for c in text[: SEQ_LEN]]
+        ids = [vocab.get(c, 1) for c in text[:SEQ_LEN]]
         rows.append(ids + [0] * (SEQ_LEN - len(ids)))
     ids = torch.tensor(rows)
     mask = (ids != 0).long()
     labels = ids.masked_fill(mask == 0, -100)
-    return [{"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size], "labels": labels[i : i + batch_size]}
-            for i in range(0, len(rows), batch_size)]
+    return [
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": mask[i : i + batch_size],
+            "labels": labels[i : i + batch_size],
+        }
+        for i in range(0, len(rows), batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -71,22 +77,52 @@ def main() -> None:
     train_text, test_text = list(data["train"]["sentence"]), list(data["test"]["sentence"])[:512]
     chars = sorted({c for text in train_text for c in text})
     vocab = {c: i + 2 for i, c in enumerate(chars)}  # 0 = padding, 1 = unknown
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab) + 2, n_positions=SEQ_LEN, n_embd=128, n_layer=2, n_head=4,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(vocab) + 2,
+            n_positions=SEQ_LEN,
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
     train_batches, test_batches = char_batches(train_text, vocab, 32), char_batches(test_text, vocab, 64)
     train(model, train_batches, args.train_steps)
     print(f"dense perplexity: {perplexity(model, test_batches):.3f}")
     for mask_type in ("unstructured", "2:4"):
         pruned = copy.deepcopy(model)
         recipe = {
-            "pruning": {"method": "fishleg", "final_sparsity": 0.5, "mask_type": mask_type, "targets": [r"re:.*\.h\.\d+\..*(c_attn|c_proj|c_fc)$"]},
-            "curvature": {"damping": 1e-4, "num_batches": 16, "structure": "diagonal", "init": "kfac", "warmup_steps": 0},
+            "pruning": {
+                "method": "fishleg",
+                "final_sparsity": 0.5,
+                "mask_type": mask_type,
+                "targets": [r"re:.*\.h\.\d+\..*(c_attn|c_proj|c_fc)$"],
+            },
+            "curvature": {
+                "damping": 1e-4,
+                "num_batches": 16,
+                "structure": "diagonal",
+                "init": "kfac",
+                "warmup_steps": 0,
+            },
         }
         report = oneshot(pruned, train_batches[:16], recipe, overrides=parse_overrides(args.recipe_args))
-        print(f"FLS one-shot {mask_type:12s} sparsity {100 * report.global_sparsity:.1f} %: perplexity {perplexity(pruned, test_batches):.3f}")
+        print(
+            f"FLS one-shot {mask_type:12s} sparsity {100 * report.global_sparsity:.1f} %: perplexity "
+            f"{perplexity(pruned, test_batches):.3f}"
+        )
         magnitude = copy.deepcopy(model)
-        oneshot(magnitude, train_batches[:16], {**recipe, "pruning": {**recipe["pruning"], "method": "magnitude"}, "curvature": {"damping": 1e-4}})
-        print(f"magnitude    {mask_type:12s} sparsity {100 * report.global_sparsity:.1f} %: perplexity {perplexity(magnitude, test_batches):.3f}")
+        oneshot(
+            magnitude,
+            train_batches[:16],
+            {**recipe, "pruning": {**recipe["pruning"], "method": "magnitude"}, "curvature": {"damping": 1e-4}},
+        )
+        print(
+            f"magnitude    {mask_type:12s} sparsity {100 * report.global_sparsity:.1f} %: perplexity "
+            f"{perplexity(magnitude, test_batches):.3f}"
+        )
 
 
 if __name__ == "__main__":

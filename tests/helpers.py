@@ -14,8 +14,13 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     settings = dict(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=num_labels,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
     )
     config = BertConfig(**{**settings, **overrides})
     return BertForSequenceClassification(config)
@@ -23,10 +28,14 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides) -> BertForSequenc
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
 
 
-def token_batches(n_batches: int = 4, batch_size: int = 4, seq_len: int = 8, vocab: int = 64, num_labels: int = 2, seed: int = 0):
+def token_batches(
+    n_batches: int = 4, batch_size: int = 4, seq_len: int = 8, vocab: int = 64, num_labels: int = 2, seed: int = 0
+):
     """Random token batches with padding at the end of some rows, and labels."""
     g = torch.Generator().manual_seed(seed)
     batches = []

@@ -7,15 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from helpers import tiny_bert, token_batches
-from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
+from fls_hf.errors import CurvatureError
 from fls_hf.fisher.gradients import hooked_layers, per_example_gradients
 from fls_hf.fisher.kronecker import kronecker_statistics
 from fls_hf.fisher.likelihoods import Categorical
+from fls_hf.model.adapters import adapter_for
 from fls_hf.model.patches import conv_patches, plain_conv
-from fls_hf.errors import CurvatureError
 from fls_hf.model.targets import resolve_targets
+
+from helpers import tiny_bert, token_batches
 
 CONVS = ("c1", "c2", "c3")
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's note on c3
@@ -54,7 +55,10 @@ def layers_of(model):
 
 def image_batches(sizes=(5, 3), seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(b, 2, 7, 7, generator=g), "labels": torch.randint(0, 3, (b,), generator=g)} for b in sizes]
+    return [
+        {"pixel_values": torch.randn(b, 2, 7, 7, generator=g), "labels": torch.randint(0, 3, (b,), generator=g)}
+        for b in sizes
+    ]
 
 
 def one_at_a_time(model, batch, layers):
@@ -87,7 +91,9 @@ def test_patches_are_the_convolution_as_a_matrix_product():
         conv = getattr(model, name)
         bias = 0 if conv.bias is None else conv.bias
         expected = out.flatten(2).transpose(1, 2)
-        torch.testing.assert_close(conv_patches(conv, inputs) @ conv.weight.reshape(conv.out_channels, -1).T + bias, expected)
+        torch.testing.assert_close(
+            conv_patches(conv, inputs) @ conv.weight.reshape(conv.out_channels, -1).T + bias, expected
+        )
 
 
 def test_plain_convs_take_the_hooked_path_and_match_autograd_per_example():
@@ -127,7 +133,9 @@ def explicit_kfac(model, batches, seed):
         x = batch["pixel_values"]
         labels = Categorical().sample(model(pixel_values=x).logits.detach(), generator=gen)  # the same draw, in order
         seen = model.stages(x)
-        deltas = torch.autograd.grad(F.cross_entropy(seen["head"][1], labels, reduction="sum"), [out for _, out in seen.values()])
+        deltas = torch.autograd.grad(
+            F.cross_entropy(seen["head"][1], labels, reduction="sum"), [out for _, out in seen.values()]
+        )
         patches = {
             "c1": F.unfold(seen["c1"][0], 3, padding=1),
             "c2": F.unfold(seen["c2"][0], 3, dilation=2, padding=2, stride=2),
@@ -137,7 +145,10 @@ def explicit_kfac(model, batches, seed):
             if name == "head":
                 a, d = seen["head"][0], delta
             else:
-                a, d = patches[name].transpose(1, 2).reshape(-1, patches[name].shape[1]), delta.permute(0, 2, 3, 1).reshape(-1, delta.shape[1])
+                a, d = (
+                    patches[name].transpose(1, 2).reshape(-1, patches[name].shape[1]),
+                    delta.permute(0, 2, 3, 1).reshape(-1, delta.shape[1]),
+                )
             a = torch.cat([a, torch.ones(a.shape[0], 1)], 1).detach()
             a_sum[name] = a_sum[name] + a.T @ a
             g_sum[name] = g_sum[name] + d.pow(2).sum(0)
@@ -148,12 +159,16 @@ def explicit_kfac(model, batches, seed):
 
 def test_kfac_statistics_of_convs_match_an_explicit_computation():
     model, batches = TinyConvNet(), image_batches((5, 3))
-    stats = kronecker_statistics(model, batches, layers_of(model), Categorical(), generator=torch.Generator().manual_seed(3))
+    stats = kronecker_statistics(
+        model, batches, layers_of(model), Categorical(), generator=torch.Generator().manual_seed(3)
+    )
     expected, rows = explicit_kfac(model, batches, seed=3)
     assert rows == {"c1": 8 * 49, "c2": 8 * 16, "c3": 8 * 16, "head": 8}  # positions are the conv's "tokens"
     for name, (a_bar, g) in expected.items():
         cols = layers_of(model)[name].shape[1]
-        assert stats[name][0].shape == (cols + 1, cols + 1) and stats[name][1].shape == (layers_of(model)[name].shape[0],)
+        assert stats[name][0].shape == (cols + 1, cols + 1) and stats[name][1].shape == (
+            layers_of(model)[name].shape[0],
+        )
         torch.testing.assert_close(stats[name][0], a_bar)
         torch.testing.assert_close(stats[name][1], g)
         assert stats[name][0][-1, -1] == pytest.approx(1.0)  # the ones column, also for the bias-free c2
@@ -164,8 +179,16 @@ def test_attention_mask_never_masks_conv_positions():
     model, batch = TinyConvNet(), image_batches((4,))[0]
     mask = torch.ones(4, 49, dtype=torch.long)
     mask[:, 20:] = 0  # c1 has 7 × 7 = 49 output positions
-    plain = kronecker_statistics(model, [batch], layers_of(model), Categorical(), generator=torch.Generator().manual_seed(0))
-    masked = kronecker_statistics(model, [{**batch, "attention_mask": mask}], layers_of(model), Categorical(), generator=torch.Generator().manual_seed(0))
+    plain = kronecker_statistics(
+        model, [batch], layers_of(model), Categorical(), generator=torch.Generator().manual_seed(0)
+    )
+    masked = kronecker_statistics(
+        model,
+        [{**batch, "attention_mask": mask}],
+        layers_of(model),
+        Categorical(),
+        generator=torch.Generator().manual_seed(0),
+    )
     for name in plain:
         torch.testing.assert_close(masked[name][0], plain[name][0], atol=0, rtol=0)
 
@@ -174,7 +197,9 @@ def test_kfac_statistics_mix_token_and_pooled_layers():
     """Each layer counts its own rows: BERT's classifier (one pooled row per example) beside token layers."""
     model = tiny_bert()
     layers = resolve_targets(model, ["bert.encoder.layer.0.attention.self.query", "classifier"])
-    stats = kronecker_statistics(model, token_batches(n_batches=1), layers, Categorical(), generator=torch.Generator().manual_seed(0))
+    stats = kronecker_statistics(
+        model, token_batches(n_batches=1), layers, Categorical(), generator=torch.Generator().manual_seed(0)
+    )
     for name in layers:
         assert stats[name][0][-1, -1] == pytest.approx(1.0) and (stats[name][1] > 0).all()
 
@@ -183,10 +208,14 @@ def test_kfac_statistics_mix_token_and_pooled_layers():
 def test_fishleg_kfac_warm_start_on_a_conv_net(structure):
     model, batches = TinyConvNet(), image_batches((5, 3))
     layers = layers_of(model)
-    config = FishLegConfig(damping=1e-6, init="kfac", warmup_steps=0, structure=structure, block_size=4, init_examples=8)
+    config = FishLegConfig(
+        damping=1e-6, init="kfac", warmup_steps=0, structure=structure, block_size=4, init_examples=8
+    )
     provider = FishLegProvider(layers, config, likelihood=Categorical())
     provider.ready(model, batches)
-    stats = kronecker_statistics(model, batches, layers, Categorical(), generator=torch.Generator().manual_seed(config.seed), max_examples=8)
+    stats = kronecker_statistics(
+        model, batches, layers, Categorical(), generator=torch.Generator().manual_seed(config.seed), max_examples=8
+    )
     for name, adapter in layers.items():
         d = provider.diag(name)
         assert d.shape == adapter.shape and torch.isfinite(d).all() and (d > 0).all()
@@ -198,7 +227,9 @@ def test_fishleg_kfac_warm_start_on_a_conv_net(structure):
 
 def test_kfac_refuses_a_grouped_conv_by_name():
     model = TinyConvNet({"groups": 2})
-    provider = FishLegProvider(layers_of(model), FishLegConfig(damping=1e-6, init="kfac", warmup_steps=0), likelihood=Categorical())
+    provider = FishLegProvider(
+        layers_of(model), FishLegConfig(damping=1e-6, init="kfac", warmup_steps=0), likelihood=Categorical()
+    )
     with pytest.raises(CurvatureError, match=r"`c2` has groups=2"):
         provider.ready(model, image_batches())
     assert all(not m._forward_hooks for m in model.modules())

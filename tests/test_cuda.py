@@ -19,11 +19,12 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from helpers import tiny_bert, token_batches
 from fls_hf import FishLegPruningTrainer, load_recipe, oneshot, sparsity_report
-from fls_hf.fisher.calibration import CalibrationStream
 from fls_hf.compressed import load_compressed, save_compressed
+from fls_hf.fisher.calibration import CalibrationStream
 from fls_hf.pruning.pruner import Pruner
+
+from helpers import tiny_bert, token_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,7 +35,12 @@ ONESHOT_CURVATURE = {
     "diagonal_fisher": {"num_grads": 16},
     "block_fisher": {"num_grads": 16, "block_size": 8},
     "fishleg-diagonal": {"structure": "diagonal", "warmup_steps": 0, "refinement_steps": 0},
-    "fishleg-block_diagonal": {"structure": "block_diagonal", "block_size": 8, "warmup_steps": 0, "refinement_steps": 0},
+    "fishleg-block_diagonal": {
+        "structure": "block_diagonal",
+        "block_size": 8,
+        "warmup_steps": 0,
+        "refinement_steps": 0,
+    },
     "fishleg-kronecker": {"structure": "kronecker", "warmup_steps": 0, "refinement_steps": 0},
 }
 
@@ -43,8 +49,13 @@ def oneshot_recipe(variant: str) -> dict:
     method = variant.split("-")[0]
     compensation = "none" if variant in ("fishleg-diagonal", "fishleg-kronecker") else "block"
     return {
-        "pruning": {"method": method, "final_sparsity": 0.7, "obs_block_size": 8, "compensation": compensation,
-                    "recomputations": 2},
+        "pruning": {
+            "method": method,
+            "final_sparsity": 0.7,
+            "obs_block_size": 8,
+            "compensation": compensation,
+            "recomputations": 2,
+        },
         "curvature": {"damping": 1e-3, "num_batches": 2, **ONESHOT_CURVATURE[variant]},
     }
 
@@ -86,7 +97,9 @@ def test_oneshot_on_cuda_matches_cpu(variant):
     if variant != "fishleg-kronecker":
         for name, cpu_weight in weights["cpu"].items():
             both_kept = (cpu_weight != 0) & (weights["cuda"][name] != 0)
-            torch.testing.assert_close(weights["cuda"][name][both_kept], cpu_weight[both_kept], rtol=1e-3, atol=1e-4, msg=name)
+            torch.testing.assert_close(
+                weights["cuda"][name][both_kept], cpu_weight[both_kept], rtol=1e-3, atol=1e-4, msg=name
+            )
 
 
 def q_products(model, recipe) -> dict[str, torch.Tensor]:
@@ -120,13 +133,17 @@ def test_aux_steps_on_cuda_track_cpu():
     by a factor ~90 after 10 aux steps (Adam's normalised steps along near-flat directions), so a CUDA run
     cannot be expected to follow the CPU trajectory; their K-FAC starts are compared in the one-shot test.
     """
-    recipe = {"pruning": {"method": "fishleg"},
-              "curvature": {"damping": 1e-3, "num_batches": 4, "structure": "diagonal", "warmup_steps": 10}}
+    recipe = {
+        "pruning": {"method": "fishleg"},
+        "curvature": {"damping": 1e-3, "num_batches": 4, "structure": "diagonal", "warmup_steps": 10},
+    }
     on_cpu = q_products(tiny_bert(), recipe)
     on_gpu = largest_relative_difference(on_cpu, q_products(tiny_bert().to(CUDA), recipe))
     by_rounding = largest_relative_difference(on_cpu, q_products(perturbed_bert(), recipe))
-    print(f"diagonal: largest relative difference of Q·p or diag Q after 10 aux steps: CUDA {on_gpu:.2e}, "
-          f"CPU with 1e-6-perturbed weights {by_rounding:.2e}")
+    print(
+        f"diagonal: largest relative difference of Q·p or diag Q after 10 aux steps: CUDA {on_gpu:.2e}, "
+        f"CPU with 1e-6-perturbed weights {by_rounding:.2e}"
+    )
     # H200, session 4: log s differed by 1.8e-4 (relative), i.e. ~4e-4 in Q; a device bug (other u, labels or
     # products) shows as O(1)
     assert on_gpu <= max(1e-2, 10 * by_rounding)
@@ -141,15 +158,31 @@ def classification_data(n=64, seq_len=8, seed=0) -> list[dict[str, torch.Tensor]
 
 
 GRADUAL = {
-    "pruning": {"method": "fishleg", "init_sparsity": 0.3, "final_sparsity": 0.8, "start_step": 0, "end_step": 8,
-                "update_frequency": 2, "obs_block_size": 8},
+    "pruning": {
+        "method": "fishleg",
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.8,
+        "start_step": 0,
+        "end_step": 8,
+        "update_frequency": 2,
+        "obs_block_size": 8,
+    },
     "curvature": {"damping": 1e-3, "num_batches": 2, "warmup_steps": 3, "refinement_steps": 2, "refine_every": 3},
 }
 
 
 def gpu_args(tmp_path, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=1e-3,
-                    report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=12,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
     return TrainingArguments(**{**settings, **overrides})
 
 
@@ -189,8 +222,13 @@ def finite_weights(model) -> bool:
 def test_mixed_precision_training_on_cuda_reaches_exact_target(tmp_path, precision):
     model = tiny_bert()
     recorder = Recorder(model, GRADUAL)
-    trainer = FishLegPruningTrainer(model=model, args=gpu_args(tmp_path, **{precision: True}), recipe=GRADUAL,
-                                    train_dataset=classification_data(), callbacks=[recorder])
+    trainer = FishLegPruningTrainer(
+        model=model,
+        args=gpu_args(tmp_path, **{precision: True}),
+        recipe=GRADUAL,
+        train_dataset=classification_data(),
+        callbacks=[recorder],
+    )
     trainer.train()
     report = sparsity_report(model, trainer.recipe)
     assert report.zeros == round(0.8 * report.numel)
@@ -206,13 +244,18 @@ def test_mixed_precision_training_on_cuda_reaches_exact_target(tmp_path, precisi
 def test_fp16_skipped_step_neither_prunes_nor_refines_and_target_follows(tmp_path):
     model = tiny_bert()
     recorder = Recorder(model, GRADUAL, overflow_step=4)  # step 4 is a pruning step (update_frequency 2)
-    trainer = FishLegPruningTrainer(model=model, args=gpu_args(tmp_path, fp16=True), recipe=GRADUAL,
-                                    train_dataset=classification_data(), callbacks=[recorder])
+    trainer = FishLegPruningTrainer(
+        model=model,
+        args=gpu_args(tmp_path, fp16=True),
+        recipe=GRADUAL,
+        train_dataset=classification_data(),
+        callbacks=[recorder],
+    )
     trainer.train()
     assert recorder.updated[3] and recorder.updated[5]
     assert not recorder.updated[4], "the overflowing step's update was not skipped by the GradScaler"
     assert recorder.sparsity[4] == pytest.approx(recorder.sparsity[3])  # no pruning on the skipped step
-    assert recorder.sparsity[6] > recorder.sparsity[4]                 # the schedule continues at step 6
+    assert recorder.sparsity[6] > recorder.sparsity[4]  # the schedule continues at step 6
     report = sparsity_report(model, trainer.recipe)
     assert report.zeros == round(0.8 * report.numel)
     assert finite_weights(model)
@@ -231,8 +274,13 @@ def test_cuda_checkpoint_resumes_with_same_masks_and_trajectory(tmp_path):
         model = tiny_bert()
         recorder = Recorder(model, GRADUAL)
         callbacks = [recorder] + ([StopAt(stop_at)] if stop_at else [])
-        trainer = FishLegPruningTrainer(model=model, recipe=GRADUAL, train_dataset=classification_data(), callbacks=callbacks,
-                                        args=gpu_args(output, save_strategy="steps", save_steps=4))
+        trainer = FishLegPruningTrainer(
+            model=model,
+            recipe=GRADUAL,
+            train_dataset=classification_data(),
+            callbacks=callbacks,
+            args=gpu_args(output, save_strategy="steps", save_steps=4),
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer, recorder.sparsity
 

@@ -13,7 +13,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_prune.py"
 
 def launch(launcher: list[str], out: Path, method: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*launcher, str(SCRIPT), str(out), method], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*launcher, str(SCRIPT), str(out), method], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -21,7 +23,9 @@ def launch(launcher: list[str], out: Path, method: str) -> list[dict]:
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["fishleg", "block_fisher"])
 def test_two_rank_torchrun_has_identical_masks(tmp_path, method):
-    ranks = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path, method)
+    ranks = launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path, method
+    )
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["zeros"] == round(0.8 * ranks[0]["numel"])
@@ -30,8 +34,20 @@ def test_two_rank_torchrun_has_identical_masks(tmp_path, method):
 
 @pytest.mark.distributed
 def test_two_rank_accelerate_launch(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     ranks = launch(launcher, tmp_path, "fishleg")
     assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["curvature_steps"] == ranks[1]["curvature_steps"] > 0
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from helpers import tiny_bert
 from fls_hf import FlsError, load_recipe, sparsity_report
-from fls_hf.export.card import CARD_TAGS, model_card_text, trainer_draft_parts, write_model_card
 from fls_hf.data import MOVIE_SNIPPETS_FILE, MissingDependencyError, default_model_path, load_movie_snippets
+from fls_hf.export.card import CARD_TAGS, model_card_text, trainer_draft_parts, write_model_card
+
+from helpers import tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "text_classification.py"
@@ -88,13 +89,18 @@ def test_default_model_path_and_clear_error_without_the_package(monkeypatch):
 
 # ----------------------------------------------------------------------------- model card
 RECIPE = {
-    "pruning": {"method": "magnitude", "final_sparsity": 0.5, "init_sparsity": 0.5,
-                "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]},
+    "pruning": {
+        "method": "magnitude",
+        "final_sparsity": 0.5,
+        "init_sparsity": 0.5,
+        "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
+    },
 }
 
 
 def _pruned_tiny():
     from fls_hf import oneshot
+
     from helpers import token_batches
 
     model = tiny_bert()
@@ -106,9 +112,13 @@ def _pruned_tiny():
 def test_model_card_text():
     _, recipe, report = _pruned_tiny()
     text = model_card_text(
-        report, recipe, base_model="sentence-transformers/all-MiniLM-L6-v2",
-        metrics={"dense_accuracy": 0.5, "eval_accuracy": 0.8125, "eval_loss": 0.4}, dataset_name="vader-movie-review-snippets",
-        model_id="me/minilm-pruned", language="en",
+        report,
+        recipe,
+        base_model="sentence-transformers/all-MiniLM-L6-v2",
+        metrics={"dense_accuracy": 0.5, "eval_accuracy": 0.8125, "eval_loss": 0.4},
+        dataset_name="vader-movie-review-snippets",
+        model_id="me/minilm-pruned",
+        language="en",
     )
     meta, body = front_matter(text)
     assert meta["tags"][:4] == CARD_TAGS == ["pruning", "sparsity", "fishleg", "fls_hf"]
@@ -135,14 +145,19 @@ def test_model_card_text():
 def test_write_model_card_keeps_the_trainer_draft(tmp_path):
     _, recipe, report = _pruned_tiny()
     draft = (
-        "---\nlibrary_name: transformers\nlicense: apache-2.0\ntags:\n- generated_from_trainer\n- pruning\nmodel-index:\n- name: x\n  results: []\n---\n\n"
-        "<!-- This model card has been generated automatically according to the information the Trainer had access to. You\n"
+        "---\nlibrary_name: transformers\nlicense: apache-2.0\ntags:\n- generated_from_trainer\n- "
+        "pruning\nmodel-index:\n- name: x\n  results: []\n---\n\n"
+        "<!-- This model card has been generated automatically according to the information the Trainer had access to. "
+        "You\n"
         "should probably proofread and complete it, then remove this comment. -->\n\n# x\n\nMore information needed\n\n"
-        "## Training procedure\n\n### Training hyperparameters\n\n- learning_rate: 5e-05\n\n### Framework versions\n\n- Transformers 5\n"
+        "## Training procedure\n\n### Training hyperparameters\n\n- learning_rate: 5e-05\n\n### Framework "
+        "versions\n\n- Transformers 5\n"
     )
     (tmp_path / "README.md").write_text(draft)
     assert trainer_draft_parts(draft)[1].startswith("## Training procedure")
-    path = write_model_card(tmp_path, report, recipe, base_model="prajjwal1/bert-tiny", metrics={"eval_accuracy": 0.7}, dataset_name="d")
+    path = write_model_card(
+        tmp_path, report, recipe, base_model="prajjwal1/bert-tiny", metrics={"eval_accuracy": 0.7}, dataset_name="d"
+    )
     meta, body = front_matter(path.read_text())
     assert meta["tags"] == [*CARD_TAGS, "generated_from_trainer"] and meta["license"] == "apache-2.0"
     assert "model-index" not in meta  # empty results are dropped
@@ -157,23 +172,61 @@ def test_write_model_card_keeps_the_trainer_draft(tmp_path):
 def test_text_classification_example_on_embedded_minilm(tmp_path):
     out = tmp_path / "out"
     command = [
-        sys.executable, str(EXAMPLE), "--output_dir", str(out), "--use_cpu",
-        "--max_train_samples", "300", "--max_eval_samples", "100", "--max_steps", "6",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "50", "--logging_steps", "2",
-        "--disable_tqdm", "true",
-        "--recipe_args", "pruning.start_step=0", "pruning.end_step=4", "pruning.update_frequency=2", "pruning.final_sparsity=0.5",
-        "curvature.warmup_steps=2", "curvature.refinement_steps=1", "curvature.num_batches=1", "curvature.init_examples=16",
-        "curvature.block_size=8", "pruning.obs_block_size=8",
+        sys.executable,
+        str(EXAMPLE),
+        "--output_dir",
+        str(out),
+        "--use_cpu",
+        "--max_train_samples",
+        "300",
+        "--max_eval_samples",
+        "100",
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "50",
+        "--logging_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+        "--recipe_args",
+        "pruning.start_step=0",
+        "pruning.end_step=4",
+        "pruning.update_frequency=2",
+        "pruning.final_sparsity=0.5",
+        "curvature.warmup_steps=2",
+        "curvature.refinement_steps=1",
+        "curvature.num_batches=1",
+        "curvature.init_examples=16",
+        "curvature.block_size=8",
+        "pruning.obs_block_size=8",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "FLS_HF_DISABLE_PROGRESS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "FLS_HF_DISABLE_PROGRESS": "1",
+    }
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert re.search(r"dense\s+accuracy before fine-tuning.*: 0\.\d{4}", result.stdout)
     assert re.search(r"pruned accuracy after fine-tuning at 50\.00 % sparsity: 0\.\d{4}", result.stdout)
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "sparsity_report.json", "README.md",
-                 "eval_results.json", "train_results.json", "trainer_state.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "recipe.yaml",
+        "sparsity_report.json",
+        "README.md",
+        "eval_results.json",
+        "train_results.json",
+        "trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     from transformers import AutoModelForSequenceClassification
 
@@ -184,7 +237,11 @@ def test_text_classification_example_on_embedded_minilm(tmp_path):
     achieved = targeted_sparsity(model)
     assert achieved == pytest.approx(0.5, abs=1e-3)
     saved_report = json.loads((out / "sparsity_report.json").read_text())
-    assert saved_report["global_sparsity"] == pytest.approx(achieved, abs=1e-9) == sparsity_report(model, recipe).global_sparsity
+    assert (
+        saved_report["global_sparsity"]
+        == pytest.approx(achieved, abs=1e-9)
+        == sparsity_report(model, recipe).global_sparsity
+    )
     assert len(saved_report["layers"]) == 36  # 6 layers x (query, key, value, attention out, intermediate, output)
 
     meta, body = front_matter((out / "README.md").read_text())
@@ -204,7 +261,9 @@ def test_oneshot_causal_lm_example_reports_perplexities():
 
     script = Path(__file__).resolve().parents[1] / "examples" / "oneshot_causal_lm.py"
     env = {**__import__("os").environ, "FLS_HF_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), "--train_steps", "5"], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, str(script), "--train_steps", "5"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if "perplexity" in line]
     assert len(lines) == 5 and lines[0].startswith("dense perplexity")

@@ -46,13 +46,19 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("fls_hf"):
                 continue
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
-                found.add(candidate if (PACKAGE.parent / (candidate.replace(".", "/") + ".py")).exists()
-                          or (PACKAGE.parent / candidate.replace(".", "/")).is_dir() else base)
+                found.add(
+                    candidate
+                    if (PACKAGE.parent / (candidate.replace(".", "/") + ".py")).exists()
+                    or (PACKAGE.parent / candidate.replace(".", "/")).is_dir()
+                    else base
+                )
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("fls_hf")}
     return found - {name}
@@ -62,8 +68,9 @@ GRAPH = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py") if p != PACKA
 
 
 def test_imports_only_run_down_the_layers():
-    upward = sorted(f"{a} → {b}" for a, targets in GRAPH.items() for b in targets
-                    if b != "fls_hf" and layer(b) > layer(a))
+    upward = sorted(
+        f"{a} → {b}" for a, targets in GRAPH.items() for b in targets if b != "fls_hf" and layer(b) > layer(a)
+    )
     assert not upward
     assert not [a for a, targets in GRAPH.items() if "fls_hf" in targets], "no module imports the package root"
 
@@ -120,7 +127,9 @@ def test_every_config_documents_its_keys():
     classes = {PruningConfig} | {config_class_for(m) for m in registered_methods()}
     classes |= {base for cls in list(classes) for base in cls.__mro__ if hasattr(base, "__dataclass_fields__")}
     for cls in classes:
-        parent_fields = {f.name for base in cls.__mro__[1:] if hasattr(base, "__dataclass_fields__") for f in fields(base)}
+        parent_fields = {
+            f.name for base in cls.__mro__[1:] if hasattr(base, "__dataclass_fields__") for f in fields(base)
+        }
         for f in fields(cls):
             if f.name not in parent_fields:
                 assert f"        {f.name} (`" in (cls.__doc__ or ""), f"{cls.__name__}.{f.name}"

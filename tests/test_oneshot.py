@@ -7,21 +7,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import tiny_bert, tiny_gpt2, token_batches
 from fls_hf import RecipeError, oneshot, sparsity_report
 from fls_hf.curvature import registered_methods
+
+from helpers import tiny_bert, tiny_gpt2, token_batches
 
 METHOD_CURVATURE = {
     "fishleg": {"warmup_steps": 5, "block_size": 8},
     "magnitude": {},
     "diagonal_fisher": {"num_grads": 8},
     "block_fisher": {"num_grads": 8, "block_size": 8},
+    "kfac": {"num_examples": 8},
 }
 
 
 def recipe(method, sparsity=0.7, mask_type="unstructured", **pruning):
     return {
-        "pruning": {"method": method, "final_sparsity": sparsity, "mask_type": mask_type, "obs_block_size": 8, **pruning},
+        "pruning": {
+            "method": method,
+            "final_sparsity": sparsity,
+            "mask_type": mask_type,
+            "obs_block_size": 8,
+            **pruning,
+        },
         "curvature": {"damping": 1e-3, "num_batches": 2, **METHOD_CURVATURE[method]},
     }
 
@@ -64,7 +72,9 @@ def test_report_matches_the_weights_after_reload_of_recipe():
     r = recipe("magnitude", sparsity=0.6)
     oneshot(model, token_batches(n_batches=1), r)
     report = sparsity_report(model, __import__("fls_hf").load_recipe(r))
-    total = sum(int((m.weight == 0).sum()) for n, m in model.named_modules() if n in {l.name for l in report.layers})
+    total = sum(
+        int((m.weight == 0).sum()) for n, m in model.named_modules() if n in {layer.name for layer in report.layers}
+    )
     assert report.zeros == total
 
 
@@ -102,12 +112,19 @@ def test_fls_beats_magnitude_at_70_percent_on_a_trained_classifier():
     net, x, y = trained_classifier()
     batches = [{"x": x[i : i + 128], "labels": y[i : i + 128]} for i in range(0, len(x), 128)]
     losses = {}
-    for method, curvature in [("magnitude", {}), ("fishleg", {"warmup_steps": 100, "block_size": 16, "aux_lr": 3e-3, "aux_lr_schedule": "linear"})]:
+    for method, curvature in [
+        ("magnitude", {}),
+        ("fishleg", {"warmup_steps": 100, "block_size": 16, "aux_lr": 3e-3, "aux_lr_schedule": "linear"}),
+    ]:
         model = copy.deepcopy(net)
-        oneshot(model, batches, {
-            "pruning": {"method": method, "final_sparsity": 0.7, "ignore": ["head"], "obs_block_size": 16},
-            "curvature": {"damping": 1e-3, "num_batches": 16, **curvature},
-        })
+        oneshot(
+            model,
+            batches,
+            {
+                "pruning": {"method": method, "final_sparsity": 0.7, "ignore": ["head"], "obs_block_size": 16},
+                "curvature": {"damping": 1e-3, "num_batches": 16, **curvature},
+            },
+        )
         with torch.no_grad():
             losses[method] = F.cross_entropy(model(x), y).item()
     assert losses["fishleg"] < 0.75 * losses["magnitude"], losses

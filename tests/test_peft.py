@@ -7,25 +7,31 @@ import warnings
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
-from datasets import Dataset
 from transformers import TrainingArguments
 
-from helpers import tiny_bert
 from fls_hf import FishLegPruningTrainer, FlsError, sparsity_report
+from fls_hf.model.targets import plain_name, resolve_targets
 from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_densifies
 from fls_hf.pruning.masks import MaskSet
-from fls_hf.model.targets import plain_name, resolve_targets
+
+from helpers import tiny_bert
 
 # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (pyproject turns that into an error).
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 RECIPE = {
     "pruning": {
-        "method": "magnitude", "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
-        "ignore": ["classifier", "re:.*pooler.*"], "init_sparsity": 0.5, "final_sparsity": 0.8,
-        "start_step": 0, "end_step": 4, "update_frequency": 2,
+        "method": "magnitude",
+        "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
+        "ignore": ["classifier", "re:.*pooler.*"],
+        "init_sparsity": 0.5,
+        "final_sparsity": 0.8,
+        "start_step": 0,
+        "end_step": 4,
+        "update_frequency": 2,
     },
 }
 PREFIX = "base_model.model."
@@ -35,7 +41,9 @@ def dataset(n: int = 64, seq_len: int = 8, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 64, (n, seq_len), generator=g)
     labels = (ids[:, 0] > 32).long()
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    )
 
 
 def lora_bert(seed: int = 0, **overrides):
@@ -45,18 +53,25 @@ def lora_bert(seed: int = 0, **overrides):
 
 
 def test_plain_name_drops_peft_prefix_and_wrapper_segments():
-    assert plain_name(PREFIX + "bert.encoder.layer.0.attention.self.query.base_layer") == "bert.encoder.layer.0.attention.self.query"
+    assert (
+        plain_name(PREFIX + "bert.encoder.layer.0.attention.self.query.base_layer")
+        == "bert.encoder.layer.0.attention.self.query"
+    )
     assert plain_name(PREFIX + "classifier.modules_to_save.default") == "classifier"
     assert plain_name(PREFIX + "classifier.original_module") == "classifier"
     assert plain_name("bert.encoder.layer.0.output.dense") == "bert.encoder.layer.0.output.dense"
 
 
-@pytest.mark.parametrize("pattern", [
-    r"re:.*(query|value)$",                            # written for the plain model, `$` anchored
-    r"re:bert\.encoder\.layer\.\d+\..*(query|value)",  # anchored at the plain model's root
-    "query", "value",                                  # suffix names
-    "bert.encoder.layer.1.attention.self.query",       # an exact plain name
-])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"re:.*(query|value)$",  # written for the plain model, `$` anchored
+        r"re:bert\.encoder\.layer\.\d+\..*(query|value)",  # anchored at the plain model's root
+        "query",
+        "value",  # suffix names
+        "bert.encoder.layer.1.attention.self.query",  # an exact plain name
+    ],
+)
 def test_plain_recipe_resolves_to_base_layers(pattern):
     plain = set(resolve_targets(tiny_bert(), [pattern]))
     wrapped = set(resolve_targets(lora_bert(), [pattern]))
@@ -75,15 +90,25 @@ def test_default_targets_skip_adapters_and_frozen_copies():
     assert not any("lora_" in name or "original_module" in name for name in everything)
     assert PREFIX + "classifier.modules_to_save.default" in everything  # the trainable copy of the head
     ignore = ["classifier", "re:.*pooler.*"]
-    assert {plain_name(n) for n in resolve_targets(model, None, ignore)} == set(resolve_targets(tiny_bert(), None, ignore))
+    assert {plain_name(n) for n in resolve_targets(model, None, ignore)} == set(
+        resolve_targets(tiny_bert(), None, ignore)
+    )
 
 
 def train_pruned_lora(tmp_path, max_steps: int = 6):
     model = lora_bert()
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=1e-2, use_cpu=True,
-        report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = FishLegPruningTrainer(model=model, args=args, recipe=RECIPE, train_dataset=dataset())
     with pytest.warns(UserWarning, match="masked_merge_and_unload") as caught:
@@ -113,8 +138,11 @@ def test_plain_merge_densifies_masked_merge_keeps_exact_zeros(tmp_path):
     with torch.no_grad():
         peft_logits = model(**batch).logits
     base = {key: trainer.pruner.layers[key].weight.detach().clone() for key in masks}
-    delta = {key: model.get_submodule(key.removesuffix(".base_layer")).get_delta_weight("default").detach()
-             for key in masks if key.endswith(".base_layer")}
+    delta = {
+        key: model.get_submodule(key.removesuffix(".base_layer")).get_delta_weight("default").detach()
+        for key in masks
+        if key.endswith(".base_layer")
+    }
 
     densified = copy.deepcopy(model).merge_and_unload()
     plain_report = sparsity_report(densified, recipe)
@@ -124,7 +152,7 @@ def test_plain_merge_densifies_masked_merge_keeps_exact_zeros(tmp_path):
     merged = masked_merge_and_unload(model, trainer.pruner)
     assert not is_peft_model(merged)
     merged_report = sparsity_report(merged, recipe)
-    assert [(l.name, l.zeros) for l in merged_report.layers] == [(plain_name(l.name), l.zeros) for l in pruned.layers]
+    assert [(x.name, x.zeros) for x in merged_report.layers] == [(plain_name(x.name), x.zeros) for x in pruned.layers]
     restored = {}
     for key, keep in ((key, masks.keep(key)) for key in masks):
         weight = merged.get_submodule(plain_name(key)).weight
@@ -149,7 +177,9 @@ def test_masked_merge_accepts_a_mask_set_and_rejects_foreign_keys():
     assert all(torch.equal(merged.get_submodule(plain_name(n)).weight != 0, masks.keep(n)) for n in layers)
 
     foreign = MaskSet.dense(resolve_targets(model.base_model, ["query"]))  # keys without the `base_model.model.` prefix
-    with pytest.raises(FlsError, match=r"mask key `model\.bert\.encoder\.layer\.0\.attention\.self\.query\.base_layer`"):
+    with pytest.raises(
+        FlsError, match=r"mask key `model\.bert\.encoder\.layer\.0\.attention\.self\.query\.base_layer`"
+    ):
         masked_merge_and_unload(model, foreign)
     with pytest.raises(FlsError, match="is not a PEFT model"):
         masked_merge_and_unload(tiny_bert(), MaskSet.dense(resolve_targets(tiny_bert(), ["query"])))

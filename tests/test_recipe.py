@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fls_hf.curvature import CurvatureConfig, CurvatureProvider, config_class_for, registered_methods
 from fls_hf.curvature import base as curvature_base
-from fls_hf.curvature import registered_methods
-from fls_hf.curvature import CurvatureConfig, CurvatureProvider, config_class_for
 from fls_hf.errors import RecipeError
 from fls_hf.recipe import PruningConfig, PruningRecipe, load_recipe, parse_overrides
 
@@ -28,8 +27,12 @@ def _shipped(path: Path) -> PruningRecipe:
 
 def test_recipes_are_shipped():
     names = {p.name for p in RECIPES}
-    assert {"oneshot-unstructured-50.yaml", "gradual-unstructured-80.yaml", "gradual-unstructured-90.yaml",
-            "gradual-2of4.yaml"} <= names
+    assert {
+        "oneshot-unstructured-50.yaml",
+        "gradual-unstructured-80.yaml",
+        "gradual-unstructured-90.yaml",
+        "gradual-2of4.yaml",
+    } <= names
     for method in ("magnitude", "diagonal_fisher", "block_fisher"):
         assert f"gradual-unstructured-90-{method}.yaml" in names
 
@@ -53,9 +56,9 @@ def test_gradual_90_family_differs_only_in_method(path: Path):
 
 
 def test_shipped_targets_match_bert_linears():
-    from helpers import tiny_bert
-
     from fls_hf.model.targets import resolve_targets
+
+    from helpers import tiny_bert
 
     recipe = load_recipe(RECIPES[0].parent / "gradual-unstructured-90-magnitude.yaml")
     names = resolve_targets(tiny_bert(), recipe.pruning.targets, recipe.pruning.ignore)
@@ -64,8 +67,12 @@ def test_shipped_targets_match_bert_linears():
 
 
 def test_defaults_and_type_coercion():
-    recipe = load_recipe({"pruning": {**MAG, "targets": "re:.*query", "end_step": 600.0},
-                          "curvature": {"damping": "1e-3", "max_memory_gib": 2}})
+    recipe = load_recipe(
+        {
+            "pruning": {**MAG, "targets": "re:.*query", "end_step": 600.0},
+            "curvature": {"damping": "1e-3", "max_memory_gib": 2},
+        }
+    )
     assert recipe.pruning.targets == ["re:.*query"]
     assert recipe.pruning.end_step == 600 and type(recipe.pruning.end_step) is int
     assert recipe.curvature.damping == 1e-3 and recipe.curvature.max_memory_gib == 2.0
@@ -99,10 +106,22 @@ def test_recipe_source_is_copied():
 
 
 def test_parse_overrides():
-    parsed = parse_overrides(["pruning.final_sparsity=0.8", "curvature.damping=1e-4", "pruning.mask_type=2:4",
-                              "pruning.targets=re:.*\\.query", "pruning.global_sparsity=false"])
-    assert parsed == {"pruning.final_sparsity": 0.8, "curvature.damping": 1e-4, "pruning.mask_type": "2:4",
-                      "pruning.targets": "re:.*\\.query", "pruning.global_sparsity": False}
+    parsed = parse_overrides(
+        [
+            "pruning.final_sparsity=0.8",
+            "curvature.damping=1e-4",
+            "pruning.mask_type=2:4",
+            "pruning.targets=re:.*\\.query",
+            "pruning.global_sparsity=false",
+        ]
+    )
+    assert parsed == {
+        "pruning.final_sparsity": 0.8,
+        "curvature.damping": 1e-4,
+        "pruning.mask_type": "2:4",
+        "pruning.targets": "re:.*\\.query",
+        "pruning.global_sparsity": False,
+    }
     recipe = load_recipe({"pruning": MAG}, parsed)
     assert recipe.curvature.damping == pytest.approx(1e-4) and recipe.pruning.n_of_m == (2, 4)
     with pytest.raises(RecipeError, match=r"override 'pruning\.final_sparsity' must look like `section\.key=value`"):
@@ -156,58 +175,249 @@ def _p(**pruning):
 
 # (case id, source, overrides, message pattern): every one must raise RecipeError matching the pattern.
 BAD_INPUTS = [
-    ("malformed yaml", "pruning:\n  final_sparsity: [0.5\n", None, r"(?s)recipe string is not valid YAML: .*in string, line 2, column 19"),
+    (
+        "malformed yaml",
+        "pruning:\n  final_sparsity: [0.5\n",
+        None,
+        r"(?s)recipe string is not valid YAML: .*in string, line 2, column 19",
+    ),
     ("tab-indented yaml", "pruning:\n\tmethod: magnitude\n", None, r"(?s)not valid YAML: .*line 2"),
     ("missing file", "recipes/does-not-exist.yaml", None, r"recipe file 'recipes/does-not-exist\.yaml' does not exist"),
     ("scalar document", "just words", None, r"a recipe must be a mapping of keys to values, got str 'just words'"),
     ("section not a mapping", {"pruning": [0.5]}, None, r"recipe section `pruning` must be a mapping"),
     ("unknown top-level key", {"prunning": {}}, None, r"recipe key `prunning` is unknown \(did you mean `pruning`\?\)"),
-    ("field outside its section", {"final_sparsity": 0.5}, None, r"`final_sparsity` is unknown \(did you mean `pruning\.final_sparsity`\?\)"),
-    ("unknown nested key", _p(final_sparsty=0.5), None, r"`pruning\.final_sparsty` is unknown \(did you mean `pruning\.final_sparsity`\?\)"),
-    ("curvature key under pruning", _p(damping=0.1), None, r"`pruning\.damping` is unknown \(did you mean `curvature\.damping`\?\)"),
-    ("unknown key, no near match", _p(xyzzy=1), None, r"`pruning\.xyzzy` is unknown; valid keys of PruningConfig: method, targets"),
-    ("unknown curvature key", {"pruning": MAG, "curvature": {"dampng": 1.0}}, None, r"`curvature\.dampng` is unknown \(did you mean `curvature\.damping`\?\)"),
+    (
+        "field outside its section",
+        {"final_sparsity": 0.5},
+        None,
+        r"`final_sparsity` is unknown \(did you mean `pruning\.final_sparsity`\?\)",
+    ),
+    (
+        "unknown nested key",
+        _p(final_sparsty=0.5),
+        None,
+        r"`pruning\.final_sparsty` is unknown \(did you mean `pruning\.final_sparsity`\?\)",
+    ),
+    (
+        "curvature key under pruning",
+        _p(damping=0.1),
+        None,
+        r"`pruning\.damping` is unknown \(did you mean `curvature\.damping`\?\)",
+    ),
+    (
+        "unknown key, no near match",
+        _p(xyzzy=1),
+        None,
+        r"`pruning\.xyzzy` is unknown; valid keys of PruningConfig: method, targets",
+    ),
+    (
+        "unknown curvature key",
+        {"pruning": MAG, "curvature": {"dampng": 1.0}},
+        None,
+        r"`curvature\.dampng` is unknown \(did you mean `curvature\.damping`\?\)",
+    ),
     ("string for int", _p(start_step="ten"), None, r"`pruning\.start_step` = 'ten' has the wrong type: expected int"),
-    ("bool for int", _p(update_frequency=True), None, r"`pruning\.update_frequency` = True has the wrong type: expected int"),
-    ("fractional float for int", _p(end_step=10.5), None, r"`pruning\.end_step` = 10\.5 has the wrong type: expected int"),
-    ("bool for float", _p(final_sparsity=True), None, r"`pruning\.final_sparsity` = True has the wrong type: expected float"),
-    ("word for float", _p(final_sparsity="half"), None, r"`pruning\.final_sparsity` = 'half' has the wrong type: expected float"),
-    ("string for bool", _p(global_sparsity="yes"), None, r"`pruning\.global_sparsity` = 'yes' has the wrong type: expected bool"),
-    ("int in list[str]", _p(targets=["query", 3]), None, r"`pruning\.targets\[1\]` = 3 has the wrong type: expected str"),
-    ("string for float | None", {"pruning": MAG, "curvature": {"max_memory_gib": "lots"}}, None, r"`curvature\.max_memory_gib` = 'lots' has the wrong type: expected float \| None"),
-    ("unquoted 2:4", "pruning:\n  method: magnitude\n  mask_type: 2:4\n", None, r"`pruning\.mask_type` = 124 has the wrong type: expected str \(quote it"),
-    ("sparsity above 1", _p(final_sparsity=1.2), None, re.escape("recipe key `pruning.final_sparsity` = 1.2 is out of range: expected 0 <= value < 1")),
-    ("sparsity equal to 1", _p(final_sparsity=1), None, r"`pruning\.final_sparsity` = 1\.0 is out of range: expected 0 <= value < 1"),
+    (
+        "bool for int",
+        _p(update_frequency=True),
+        None,
+        r"`pruning\.update_frequency` = True has the wrong type: expected int",
+    ),
+    (
+        "fractional float for int",
+        _p(end_step=10.5),
+        None,
+        r"`pruning\.end_step` = 10\.5 has the wrong type: expected int",
+    ),
+    (
+        "bool for float",
+        _p(final_sparsity=True),
+        None,
+        r"`pruning\.final_sparsity` = True has the wrong type: expected float",
+    ),
+    (
+        "word for float",
+        _p(final_sparsity="half"),
+        None,
+        r"`pruning\.final_sparsity` = 'half' has the wrong type: expected float",
+    ),
+    (
+        "string for bool",
+        _p(global_sparsity="yes"),
+        None,
+        r"`pruning\.global_sparsity` = 'yes' has the wrong type: expected bool",
+    ),
+    (
+        "int in list[str]",
+        _p(targets=["query", 3]),
+        None,
+        r"`pruning\.targets\[1\]` = 3 has the wrong type: expected str",
+    ),
+    (
+        "string for float | None",
+        {"pruning": MAG, "curvature": {"max_memory_gib": "lots"}},
+        None,
+        r"`curvature\.max_memory_gib` = 'lots' has the wrong type: expected float \| None",
+    ),
+    (
+        "unquoted 2:4",
+        "pruning:\n  method: magnitude\n  mask_type: 2:4\n",
+        None,
+        r"`pruning\.mask_type` = 124 has the wrong type: expected str \(quote it",
+    ),
+    (
+        "sparsity above 1",
+        _p(final_sparsity=1.2),
+        None,
+        re.escape("recipe key `pruning.final_sparsity` = 1.2 is out of range: expected 0 <= value < 1"),
+    ),
+    (
+        "sparsity equal to 1",
+        _p(final_sparsity=1),
+        None,
+        r"`pruning\.final_sparsity` = 1\.0 is out of range: expected 0 <= value < 1",
+    ),
     ("NaN sparsity", _p(final_sparsity=float("nan")), None, r"`pruning\.final_sparsity` = nan is out of range"),
     ("negative sparsity", _p(init_sparsity=-0.1), None, r"`pruning\.init_sparsity` = -0\.1 is out of range"),
-    ("init above final", _p(init_sparsity=0.9, final_sparsity=0.5), None, r"`pruning\.init_sparsity` = 0\.9 is inconsistent: expected init_sparsity <= `pruning\.final_sparsity` \(= 0\.5\)"),
-    ("end before start", _p(start_step=100, end_step=50), None, r"`pruning\.end_step` = 50 is inconsistent: expected end_step >= `pruning\.start_step` \(= 100\)"),
-    ("negative start", _p(start_step=-1, end_step=0), None, r"`pruning\.start_step` = -1 is out of range: expected value >= 0"),
-    ("zero update frequency", _p(update_frequency=0), None, r"`pruning\.update_frequency` = 0 is out of range: expected value >= 1"),
-    ("zero recomputations", _p(recomputations=0), None, r"`pruning\.recomputations` = 0 is out of range: expected value >= 1"),
+    (
+        "init above final",
+        _p(init_sparsity=0.9, final_sparsity=0.5),
+        None,
+        r"`pruning\.init_sparsity` = 0\.9 is inconsistent: expected init_sparsity <= `pruning\.final_sparsity` \(= "
+        r"0\.5\)",
+    ),
+    (
+        "end before start",
+        _p(start_step=100, end_step=50),
+        None,
+        r"`pruning\.end_step` = 50 is inconsistent: expected end_step >= `pruning\.start_step` \(= 100\)",
+    ),
+    (
+        "negative start",
+        _p(start_step=-1, end_step=0),
+        None,
+        r"`pruning\.start_step` = -1 is out of range: expected value >= 0",
+    ),
+    (
+        "zero update frequency",
+        _p(update_frequency=0),
+        None,
+        r"`pruning\.update_frequency` = 0 is out of range: expected value >= 1",
+    ),
+    (
+        "zero recomputations",
+        _p(recomputations=0),
+        None,
+        r"`pruning\.recomputations` = 0 is out of range: expected value >= 1",
+    ),
     ("zero obs block", _p(obs_block_size=0), None, r"`pruning\.obs_block_size` = 0 is out of range"),
-    ("layer bounds crossed", _p(min_layer_sparsity=0.6, max_layer_sparsity=0.4), None, r"`pruning\.min_layer_sparsity` = 0\.6 is inconsistent"),
-    ("final above layer cap", _p(final_sparsity=0.95, max_layer_sparsity=0.9), None, r"`pruning\.final_sparsity` = 0\.95 is inconsistent: expected `pruning\.min_layer_sparsity`"),
+    (
+        "layer bounds crossed",
+        _p(min_layer_sparsity=0.6, max_layer_sparsity=0.4),
+        None,
+        r"`pruning\.min_layer_sparsity` = 0\.6 is inconsistent",
+    ),
+    (
+        "final above layer cap",
+        _p(final_sparsity=0.95, max_layer_sparsity=0.9),
+        None,
+        r"`pruning\.final_sparsity` = 0\.95 is inconsistent: expected `pruning\.min_layer_sparsity`",
+    ),
     ("N:M with N == M", _p(mask_type="4:4"), None, r"`pruning\.mask_type` = '4:4' needs 1 <= N < M"),
     ("N:M with N > M", _p(mask_type="4:2"), None, r"`pruning\.mask_type` = '4:2' needs 1 <= N < M"),
     ("N:M with N == 0", _p(mask_type="0:4"), None, r"`pruning\.mask_type` = '0:4' needs 1 <= N < M"),
-    ("mask type typo", _p(mask_type="2-4"), None, r"`pruning\.mask_type` = '2-4' is not understood; allowed: unstructured, \"N:M\""),
-    ("bad inter_func", _p(inter_func="quadratic"), None, r"`pruning\.inter_func` = 'quadratic' is not allowed: expected one of cubic, linear"),
-    ("bad compensation", _p(compensation="joint"), None, r"`pruning\.compensation` = 'joint' is not allowed: expected one of block, independent, none"),
-    ("bad saliency", _p(saliency="wanda"), None, r"`pruning\.saliency` = 'wanda' is not allowed: expected one of obs, obd"),
-    ("bad target regex", _p(targets=["re:(query"]), None, r"`pruning\.targets` = \['re:\(query'\] has 're:\(query', which is neither"),
+    (
+        "mask type typo",
+        _p(mask_type="2-4"),
+        None,
+        r"`pruning\.mask_type` = '2-4' is not understood; allowed: unstructured, \"N:M\"",
+    ),
+    (
+        "bad inter_func",
+        _p(inter_func="quadratic"),
+        None,
+        r"`pruning\.inter_func` = 'quadratic' is not allowed: expected one of cubic, linear",
+    ),
+    (
+        "bad compensation",
+        _p(compensation="joint"),
+        None,
+        r"`pruning\.compensation` = 'joint' is not allowed: expected one of block, independent, none",
+    ),
+    (
+        "bad saliency",
+        _p(saliency="wanda"),
+        None,
+        r"`pruning\.saliency` = 'wanda' is not allowed: expected one of obs, obd",
+    ),
+    (
+        "bad target regex",
+        _p(targets=["re:(query"]),
+        None,
+        r"`pruning\.targets` = \['re:\(query'\] has 're:\(query', which is neither",
+    ),
     ("empty ignore name", _p(ignore=[""]), None, r"`pruning\.ignore` = \[''\] has ''"),
-    ("unknown method", _p(method="obs_magic"), None, r"`pruning\.method` = 'obs_magic' is unknown; registered: .*magnitude"),
+    (
+        "unknown method",
+        _p(method="obs_magic"),
+        None,
+        r"`pruning\.method` = 'obs_magic' is unknown; registered: .*magnitude",
+    ),
     ("zero damping", {"pruning": MAG, "curvature": {"damping": 0}}, None, r"`curvature\.damping` = 0\.0 must be > 0"),
-    ("negative damping", {"pruning": MAG}, {"curvature.damping": "-1e-3"}, r"`curvature\.damping` = -0\.001 must be > 0"),
-    ("zero calibration batches", {"pruning": MAG, "curvature": {"num_batches": 0}}, None, r"`curvature\.num_batches` = 0 must be >= 1"),
-    ("bad likelihood", {"pruning": MAG, "curvature": {"likelihood": "poisson"}}, None, r"`curvature\.likelihood` = 'poisson'; allowed: auto"),
-    ("override typo", {"pruning": MAG}, {"pruning.final_sparsty": 0.8}, r"`pruning\.final_sparsty` is unknown \(did you mean `pruning\.final_sparsity`\?\)"),
-    ("override unknown section", {"pruning": MAG}, {"prune.final_sparsity": 0.8}, r"override key `prune\.final_sparsity` is unknown \(did you mean `pruning\.final_sparsity`\?\)"),
-    ("override without section", {"pruning": MAG}, {"final_sparsity": 0.8}, r"override key `final_sparsity` must look like `section\.key` \(did you mean `pruning\.final_sparsity`\?\)"),
-    ("override too deep", {"pruning": MAG}, {"pruning.targets.0": "x"}, r"override key `pruning\.targets\.0` must look like `section\.key`"),
-    ("override out of range", {"pruning": MAG}, {"pruning.final_sparsity": 1.2}, r"`pruning\.final_sparsity` = 1\.2 is out of range"),
-    ("source of the wrong type", ["pruning"], None, r"recipe source must be a PruningRecipe, dict, path or YAML string, got list"),
+    (
+        "negative damping",
+        {"pruning": MAG},
+        {"curvature.damping": "-1e-3"},
+        r"`curvature\.damping` = -0\.001 must be > 0",
+    ),
+    (
+        "zero calibration batches",
+        {"pruning": MAG, "curvature": {"num_batches": 0}},
+        None,
+        r"`curvature\.num_batches` = 0 must be >= 1",
+    ),
+    (
+        "bad likelihood",
+        {"pruning": MAG, "curvature": {"likelihood": "poisson"}},
+        None,
+        r"`curvature\.likelihood` = 'poisson'; allowed: auto",
+    ),
+    (
+        "override typo",
+        {"pruning": MAG},
+        {"pruning.final_sparsty": 0.8},
+        r"`pruning\.final_sparsty` is unknown \(did you mean `pruning\.final_sparsity`\?\)",
+    ),
+    (
+        "override unknown section",
+        {"pruning": MAG},
+        {"prune.final_sparsity": 0.8},
+        r"override key `prune\.final_sparsity` is unknown \(did you mean `pruning\.final_sparsity`\?\)",
+    ),
+    (
+        "override without section",
+        {"pruning": MAG},
+        {"final_sparsity": 0.8},
+        r"override key `final_sparsity` must look like `section\.key` \(did you mean `pruning\.final_sparsity`\?\)",
+    ),
+    (
+        "override too deep",
+        {"pruning": MAG},
+        {"pruning.targets.0": "x"},
+        r"override key `pruning\.targets\.0` must look like `section\.key`",
+    ),
+    (
+        "override out of range",
+        {"pruning": MAG},
+        {"pruning.final_sparsity": 1.2},
+        r"`pruning\.final_sparsity` = 1\.2 is out of range",
+    ),
+    (
+        "source of the wrong type",
+        ["pruning"],
+        None,
+        r"recipe source must be a PruningRecipe, dict, path or YAML string, got list",
+    ),
 ]
 
 
@@ -243,19 +453,23 @@ def test_pruning_config_reads_from_the_command_line():
     (config,) = HfArgumentParser(PruningConfig).parse_args_into_dataclasses(
         ["--method", "magnitude", "--final_sparsity", "0.8", "--targets", "query", "key", "--global_sparsity", "false"]
     )
-    assert config == PruningConfig(method="magnitude", final_sparsity=0.8, targets=["query", "key"], global_sparsity=False)
+    assert config == PruningConfig(
+        method="magnitude", final_sparsity=0.8, targets=["query", "key"], global_sparsity=False
+    )
 
 
 def test_minimal_recipe_is_one_shot_outside_training_and_says_so():
     """`oneshot` cannot honour an `init_sparsity`: it prunes straight to `final_sparsity`, with one warning."""
-    from helpers import tiny_bert, token_batches
-
     from fls_hf import oneshot
+
+    from helpers import tiny_bert, token_batches
 
     minimal = {"pruning": {"method": "magnitude", "init_sparsity": 0.3, "final_sparsity": 0.8}}
     recipe = load_recipe(minimal)
     assert recipe.pruning.end_step is None and recipe.pruning.one_shot and recipe.pruning.last_step == 0
-    with pytest.warns(UserWarning, match=r"`pruning.init_sparsity` = 0.3 has no effect: the schedule is one-shot") as record:
+    with pytest.warns(
+        UserWarning, match=r"`pruning.init_sparsity` = 0.3 has no effect: the schedule is one-shot"
+    ) as record:
         report = oneshot(tiny_bert(), token_batches(n_batches=1), minimal)
     assert len(record) == 1 and report.zeros == round(0.8 * report.numel)
     assert load_recipe({"pruning": {"end_step": 10}}).pruning.update_frequency == 1  # given end_step: every step

@@ -13,9 +13,9 @@ import copy
 import json
 import logging
 import math
-import warnings
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,17 +24,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertForSequenceClassification, Trainer, TrainerCallback
 
-from helpers import tiny_bert, tiny_gpt2, token_batches
-from test_trainer import RECIPE, SparsityTrace, dataset, training_args
 from fls_hf import FishLegPruningTrainer, load_recipe, oneshot
 from fls_hf.compressed import WEIGHTS_FILE, load_compressed, save_compressed
 from fls_hf.errors import CurvatureError, FlsError, PruningStateError, RecipeError, UnsupportedModuleError
 from fls_hf.pruning.pruner import STATE_META, STATE_TENSORS, Pruner
 from fls_hf.recipe import parse_overrides
 
+from helpers import tiny_bert, tiny_gpt2, token_batches
+from test_trainer import RECIPE, SparsityTrace, dataset, training_args
+
 REPO = Path(__file__).resolve().parents[1]
 QUERY = "bert.encoder.layer.0.attention.self.query"
-FAULT_STEP = 5  # RECIPE prunes at steps 0, 2, 4, 6, 8 and refines at 3, 6, 9: nothing but the optimizer moves weights at 5
+FAULT_STEP = (
+    5  # RECIPE prunes at steps 0, 2, 4, 6, 8 and refines at 3, 6, 9: nothing but the optimizer moves weights at 5
+)
 DAMPING = 1e-3
 CURVATURE = {
     "fishleg": {"warmup_steps": 3, "block_size": 8},
@@ -77,11 +80,13 @@ class GradientFault(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.step:
+
             def hook(grad):
                 if not model.training:
                     return grad
                 self.fired += 1
                 return torch.full_like(grad, self.value)
+
             self.handle = model.get_submodule(self.module).weight.register_hook(hook)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -104,23 +109,41 @@ class Snapshots(TrainerCallback):
 @pytest.fixture(scope="module")
 def clean_trace(tmp_path_factory):
     trace = SparsityTrace(RECIPE)
-    FishLegPruningTrainer(model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(), callbacks=[trace],
-                          args=training_args(tmp_path_factory.mktemp("clean"))).train()
+    FishLegPruningTrainer(
+        model=tiny_bert(),
+        recipe=RECIPE,
+        train_dataset=dataset(),
+        callbacks=[trace],
+        args=training_args(tmp_path_factory.mktemp("clean")),
+    ).train()
     return trace.trace
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize(("value", "max_grad_norm"), [(float("nan"), 1.0), (float("inf"), 0.0)], ids=["nan-clipped", "inf-unclipped"])
+@pytest.mark.parametrize(
+    ("value", "max_grad_norm"), [(float("nan"), 1.0), (float("inf"), 0.0)], ids=["nan-clipped", "inf-unclipped"]
+)
 def test_non_finite_training_gradient_skips_the_update(tmp_path, caplog, clean_trace, value, max_grad_norm):
-    fault, snapshots, trace = GradientFault(QUERY, FAULT_STEP, value), Snapshots({FAULT_STEP - 1, FAULT_STEP}), SparsityTrace(RECIPE)
-    trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(), callbacks=[fault, snapshots, trace],
-                                    args=training_args(tmp_path, max_grad_norm=max_grad_norm))
+    fault, snapshots, trace = (
+        GradientFault(QUERY, FAULT_STEP, value),
+        Snapshots({FAULT_STEP - 1, FAULT_STEP}),
+        SparsityTrace(RECIPE),
+    )
+    trainer = FishLegPruningTrainer(
+        model=tiny_bert(),
+        recipe=RECIPE,
+        train_dataset=dataset(),
+        callbacks=[fault, snapshots, trace],
+        args=training_args(tmp_path, max_grad_norm=max_grad_norm),
+    )
     with caplog.at_level(logging.WARNING, logger="fls_hf"):
         trainer.train()
 
     assert fault.fired == 1 and trainer.state.global_step == 12
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert all(torch.isfinite(t).all() for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    assert all(
+        torch.isfinite(t).all() for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     before, after = snapshots.params[FAULT_STEP - 1], snapshots.params[FAULT_STEP]
     assert all(torch.equal(after[n], before[n]) for n in before), "the faulty update must be skipped, not applied"
     assert trace.trace == clean_trace  # same sparsity after every optimizer step
@@ -131,17 +154,24 @@ def test_non_finite_training_gradient_skips_the_update(tmp_path, caplog, clean_t
     # The Trainer's gradient-norm pass (clip_grad_norm_, run even with clipping off) has spread the fault to
     # every gradient by the time the callback looks: all 12 targeted modules are named (4, then "8 more").
     warnings = [r.getMessage() for r in caplog.records if r.name == "fls_hf" and r.levelno == logging.WARNING]
-    expected = f"{QUERY}, bert.encoder.layer.0.attention.self.value and 8 more at optimizer step {FAULT_STEP}; update skipped (1 so far)"
+    expected = (
+        f"{QUERY}, bert.encoder.layer.0.attention.self.value and 8 more at optimizer step {FAULT_STEP}; "
+        "update skipped (1 so far)"
+    )
     assert any(expected in m for m in warnings), warnings
     assert any("1 optimizer update(s) skipped for non-finite gradients" in m for m in warnings)
     assert trainer.pruner.skipped_steps == 1
-    assert [h["skipped_non_finite_steps"] for h in trainer.state.log_history if "skipped_non_finite_steps" in h][-1] == 1
+    assert [h["skipped_non_finite_steps"] for h in trainer.state.log_history if "skipped_non_finite_steps" in h][
+        -1
+    ] == 1
 
 
 def test_the_injected_fault_corrupts_an_unguarded_trainer(tmp_path):
     """The same fault without fls_hf reaches the weights: the test above guards against something real."""
     fault = GradientFault(QUERY, 2, float("nan"))
-    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=2), train_dataset=dataset(), callbacks=[fault])
+    trainer = Trainer(
+        model=tiny_bert(), args=training_args(tmp_path, max_steps=2), train_dataset=dataset(), callbacks=[fault]
+    )
     trainer.train()
     assert fault.fired == 1 and not torch.isfinite(trainer.model.get_submodule(QUERY).weight).all()
 
@@ -172,7 +202,9 @@ def test_non_finite_fisher_product_of_one_module_spares_the_others():
     reference = Pruner(reference_model, recipe(warmup_steps=0))  # the same K-FAC warm start, no aux step
     reference.provider.ready(reference_model, batches)
     for name, structure in provider.structures.items():
-        same = all(torch.equal(a, b) for a, b in zip(structure.parameters(), reference.provider.structures[name].parameters()))
+        same = all(
+            torch.equal(a, b) for a, b in zip(structure.parameters(), reference.provider.structures[name].parameters())
+        )
         assert same == (name == QUERY), name  # QUERY kept its warm start; every other Q moved
 
 
@@ -194,7 +226,9 @@ def test_non_finite_warm_start_falls_back_to_the_identity_start(init):
     pruning is exactly magnitude pruning's."""
     model, batches = tiny_bert(), nan_example_batches()
     pruner = Pruner(model, recipe(warmup_steps=0, init=init))
-    with pytest.warns(RuntimeWarning, match=rf"`curvature.init: {init}`\) gave non-finite statistics for .*{re.escape(QUERY)}"):
+    with pytest.warns(
+        RuntimeWarning, match=rf"`curvature.init: {init}`\) gave non-finite statistics for .*{re.escape(QUERY)}"
+    ):
         pruner.prune_to(model, 0.5, batches)
     assert_pruned_cleanly(model, pruner, 0.5)
     for name in pruner.layers:
@@ -295,7 +329,9 @@ def test_calibration_data_with_only_padding_is_refused_for_kfac():
         b["attention_mask"].zero_()
     model = tiny_bert()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(CurvatureError, match=r"calibration batches hold no real token \(every `attention_mask` entry is 0\)"):
+    with pytest.raises(
+        CurvatureError, match=r"calibration batches hold no real token \(every `attention_mask` entry is 0\)"
+    ):
         oneshot(model, batches, recipe())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -324,13 +360,32 @@ class EmbeddingOnly(nn.Module):
 @pytest.mark.parametrize(
     ("make", "pruning", "error", "match"),
     [
-        (EmbeddingOnly, {}, RecipeError, r"`pruning\.targets` / `pruning\.ignore` leave no supported layer in EmbeddingOnly"),
-        (tiny_bert, {"targets": ["re:.*query"], "ignore": ["re:.*"]}, RecipeError,
-         r"`pruning\.targets` / `pruning\.ignore` leave no supported layer in BertForSequenceClassification"),
-        (tiny_bert, {"targets": ["re:.*quary"]}, RecipeError,
-         r"`pruning\.targets` pattern 're:\.\*quary' matches no module of BertForSequenceClassification; example module names: bert\."),
-        (tiny_bert, {"targets": ["re:.*layer\\.0\\.output\\.LayerNorm"]}, UnsupportedModuleError,
-         r"module `bert\.encoder\.layer\.0\.output\.LayerNorm` of type torch\.nn\.modules\.normalization\.LayerNorm is targeted"),
+        (
+            EmbeddingOnly,
+            {},
+            RecipeError,
+            r"`pruning\.targets` / `pruning\.ignore` leave no supported layer in EmbeddingOnly",
+        ),
+        (
+            tiny_bert,
+            {"targets": ["re:.*query"], "ignore": ["re:.*"]},
+            RecipeError,
+            r"`pruning\.targets` / `pruning\.ignore` leave no supported layer in BertForSequenceClassification",
+        ),
+        (
+            tiny_bert,
+            {"targets": ["re:.*quary"]},
+            RecipeError,
+            r"`pruning\.targets` pattern 're:\.\*quary' matches no module of BertForSequenceClassification; example "
+            r"module names: bert\.",
+        ),
+        (
+            tiny_bert,
+            {"targets": ["re:.*layer\\.0\\.output\\.LayerNorm"]},
+            UnsupportedModuleError,
+            r"module `bert\.encoder\.layer\.0\.output\.LayerNorm` of type torch\.nn\.modules\.normalization\.LayerNorm "
+            r"is targeted",
+        ),
     ],
     ids=["embedding-only model", "everything ignored", "target matches nothing", "unsupported target type"],
 )
@@ -357,8 +412,11 @@ class Payload:
 def test_recipe_with_a_code_running_tag_is_refused(tmp_path, where):
     marker = tmp_path / "executed"
     tag = f'!!python/object/apply:os.system ["touch {marker}"]'
-    with pytest.raises(RecipeError, match=r"uses a YAML tag that is not plain data \(could not determine a constructor for the tag "
-                                          r"'tag:yaml\.org,2002:python/object/apply:os\.system'\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"uses a YAML tag that is not plain data \(could not determine a constructor for the tag "
+        r"'tag:yaml\.org,2002:python/object/apply:os\.system'\)",
+    ):
         if where == "override":
             parse_overrides([f"pruning.final_sparsity={tag}"])
         elif where == "file":
@@ -404,7 +462,10 @@ def test_compressed_checkpoint_asking_for_remote_code_is_refused(tmp_path, monke
         "from transformers import PretrainedConfig\n\n\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
     )
     monkeypatch.setattr(builtins, "input", lambda *args: "y")
-    with pytest.raises(PruningStateError, match=r"config\.json has an `auto_map` \(custom modeling code\); fls_hf never runs remote code"):
+    with pytest.raises(
+        PruningStateError,
+        match=r"config\.json has an `auto_map` \(custom modeling code\); fls_hf never runs remote code",
+    ):
         load_compressed(BertForSequenceClassification, tmp_path)
     assert not marker.exists()
 
@@ -435,12 +496,25 @@ def calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
-            yield node, (ast.unparse(func.value) + "." + func.attr if isinstance(func, ast.Attribute) else ast.unparse(func))
+            yield (
+                node,
+                (ast.unparse(func.value) + "." + func.attr if isinstance(func, ast.Attribute) else ast.unparse(func)),
+            )
 
 
 def test_fls_hf_never_unpickles_or_runs_code_from_files():
-    forbidden_calls = {"torch.load", "pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load",
-                       "np.load", "numpy.load", "eval", "exec"}
+    forbidden_calls = {
+        "torch.load",
+        "pickle.load",
+        "pickle.loads",
+        "yaml.load",
+        "yaml.unsafe_load",
+        "yaml.full_load",
+        "np.load",
+        "numpy.load",
+        "eval",
+        "exec",
+    }
     forbidden_modules = {"pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
     found = []
     for path in python_files("fls_hf"):
@@ -463,12 +537,21 @@ def test_trust_remote_code_stays_off():
                 enabled += [path.name] if isinstance(node.value, ast.Constant) and node.value.value is True else []
                 package_values += [ast.unparse(node.value)] if "fls_hf" in path.parts else []
             if isinstance(node, ast.Dict):
-                enabled += [path.name for k, v in zip(node.keys, node.values)
-                            if isinstance(k, ast.Constant) and k.value == "trust_remote_code" and isinstance(v, ast.Constant) and v.value is True]
+                enabled += [
+                    path.name
+                    for k, v in zip(node.keys, node.values)
+                    if isinstance(k, ast.Constant)
+                    and k.value == "trust_remote_code"
+                    and isinstance(v, ast.Constant)
+                    and v.value is True
+                ]
     assert not enabled and set(package_values) <= {"False"}
     example = ast.parse((REPO / "examples" / "text_classification.py").read_text())
-    defaults = [ast.unparse(n.value) for n in ast.walk(example)
-                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "trust_remote_code"]
+    defaults = [
+        ast.unparse(n.value)
+        for n in ast.walk(example)
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "trust_remote_code"
+    ]
     assert len(defaults) == 1 and defaults[0].startswith("field(default=False")
 
 

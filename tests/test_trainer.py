@@ -3,18 +3,44 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from fls_hf import (
+    FishLegPruningArguments,
+    FishLegPruningCallback,
+    FishLegPruningTrainer,
+    RecipeError,
+    load_recipe,
+    sparsity_report,
+)
+from fls_hf.errors import PruningStateError
 
 from helpers import tiny_bert
-from fls_hf import FishLegPruningArguments, FishLegPruningCallback, FishLegPruningTrainer, RecipeError, load_recipe, sparsity_report
-from fls_hf.errors import PruningStateError
 
 RECIPE = {
     "pruning": {
-        "method": "fishleg", "init_sparsity": 0.3, "final_sparsity": 0.8, "start_step": 0, "end_step": 8,
-        "update_frequency": 2, "obs_block_size": 8,
+        "method": "fishleg",
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.8,
+        "start_step": 0,
+        "end_step": 8,
+        "update_frequency": 2,
+        "obs_block_size": 8,
     },
-    "curvature": {"damping": 1e-3, "num_batches": 2, "warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3},
+    "curvature": {
+        "damping": 1e-3,
+        "num_batches": 2,
+        "warmup_steps": 3,
+        "refinement_steps": 2,
+        "block_size": 8,
+        "refine_every": 3,
+    },
 }
 
 
@@ -22,13 +48,24 @@ def dataset(n=64, seq_len=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 64, (n, seq_len), generator=g)
     labels = (ids[:, 0] > 32).long()  # learnable from the first token
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    )
 
 
 def training_args(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=1e-3, use_cpu=True,
-        report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, eval_strategy="no",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=12,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        eval_strategy="no",
     )
     return TrainingArguments(**{**settings, **overrides})
 
@@ -51,13 +88,20 @@ def test_trainer_reaches_exact_target_and_saved_model_reproduces_logits(tmp_path
     model = tiny_bert()
     trace = SparsityTrace(RECIPE)
     trainer = FishLegPruningTrainer(
-        model=model, args=training_args(tmp_path, eval_strategy="steps", eval_steps=6), recipe=RECIPE,
-        train_dataset=dataset(), eval_dataset=dataset(16, seed=1), callbacks=[trace],
+        model=model,
+        args=training_args(tmp_path, eval_strategy="steps", eval_steps=6),
+        recipe=RECIPE,
+        train_dataset=dataset(),
+        eval_dataset=dataset(16, seed=1),
+        callbacks=[trace],
     )
     result = trainer.train()
     report = sparsity_report(model, trainer.recipe)
     assert report.zeros == round(0.8 * report.numel)
-    assert [s for step, s in trace.trace if step in (2, 8)] == [pytest.approx(trace.trace[1][1]), pytest.approx(0.8, abs=1e-3)]
+    assert [s for step, s in trace.trace if step in (2, 8)] == [
+        pytest.approx(trace.trace[1][1]),
+        pytest.approx(0.8, abs=1e-3),
+    ]
     assert trace.trace[0][1] > 0.3 - 1e-3  # pruned at step 0 already (start_step 0, init 0.3)
     evaluation = trainer.evaluate()
     assert "eval_loss" in evaluation and "sparsity" not in evaluation and "sparsity" not in result.metrics
@@ -93,8 +137,15 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     for accumulation, batch in ((1, 8), (4, 2)):
         trace = SparsityTrace(RECIPE)
         trainer = FishLegPruningTrainer(
-            model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(), callbacks=[trace],
-            args=training_args(tmp_path / str(accumulation), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation),
+            model=tiny_bert(),
+            recipe=RECIPE,
+            train_dataset=dataset(),
+            callbacks=[trace],
+            args=training_args(
+                tmp_path / str(accumulation),
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+            ),
         )
         trainer.train()
         traces.append([(step, round(s, 4)) for step, s in trace.trace])
@@ -107,12 +158,17 @@ def test_resume_continues_with_identical_masks_and_trajectory(tmp_path):
         trace = SparsityTrace(RECIPE)
         callbacks = [trace]
         if stop_at:
+
             class Stop(TrainerCallback):
                 def on_step_end(self, args, state, control, **kw):
                     control.should_training_stop = state.global_step >= stop_at
+
             callbacks.append(Stop())
         trainer = FishLegPruningTrainer(
-            model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(), callbacks=callbacks,
+            model=tiny_bert(),
+            recipe=RECIPE,
+            train_dataset=dataset(),
+            callbacks=callbacks,
             args=training_args(output, save_strategy="steps", save_steps=4),
         )
         trainer.train(resume_from_checkpoint=resume)
@@ -128,23 +184,42 @@ def test_resume_continues_with_identical_masks_and_trajectory(tmp_path):
 
 
 def test_resume_without_pruner_state_is_refused(tmp_path):
-    trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(),
-                                    args=training_args(tmp_path, save_strategy="steps", save_steps=4, max_steps=4))
+    trainer = FishLegPruningTrainer(
+        model=tiny_bert(),
+        recipe=RECIPE,
+        train_dataset=dataset(),
+        args=training_args(tmp_path, save_strategy="steps", save_steps=4, max_steps=4),
+    )
     trainer.train()
     import shutil
+
     shutil.rmtree(tmp_path / "checkpoint-4" / "fls_pruner")
-    again = FishLegPruningTrainer(model=tiny_bert(), recipe=RECIPE, train_dataset=dataset(),
-                                  args=training_args(tmp_path, save_strategy="steps", save_steps=4, max_steps=8))
+    again = FishLegPruningTrainer(
+        model=tiny_bert(),
+        recipe=RECIPE,
+        train_dataset=dataset(),
+        args=training_args(tmp_path, save_strategy="steps", save_steps=4, max_steps=8),
+    )
     with pytest.raises(PruningStateError, match="no pruner state"):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
 def test_arguments_parse_recipe_and_overrides(tmp_path):
     parser = HfArgumentParser(FishLegPruningArguments)
-    (args,) = parser.parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--recipe", "recipes/gradual-unstructured-90.yaml",
-        "--recipe_args", "pruning.final_sparsity=0.8", "curvature.damping=1e-4", "--use_cpu", "--report_to", "none",
-    ])
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--recipe",
+            "recipes/gradual-unstructured-90.yaml",
+            "--recipe_args",
+            "pruning.final_sparsity=0.8",
+            "curvature.damping=1e-4",
+            "--use_cpu",
+            "--report_to",
+            "none",
+        ]
+    )
     trainer = FishLegPruningTrainer(model=tiny_bert(), args=args, train_dataset=dataset())
     assert trainer.recipe.pruning.final_sparsity == 0.8 and trainer.recipe.curvature.damping == 1e-4
 
@@ -157,7 +232,9 @@ def test_missing_recipe_is_an_early_error(tmp_path):
 def test_bf16_mixed_precision_training(tmp_path):
     """Accelerate's bf16 autocast on CPU; curvature maths stays fp32 and finite."""
     model = tiny_bert()
-    trainer = FishLegPruningTrainer(model=model, recipe=RECIPE, train_dataset=dataset(), args=training_args(tmp_path, bf16=True))
+    trainer = FishLegPruningTrainer(
+        model=model, recipe=RECIPE, train_dataset=dataset(), args=training_args(tmp_path, bf16=True)
+    )
     trainer.train()
     assert targeted_zeros_fraction(model, RECIPE) == pytest.approx(0.8, abs=1e-3)
     provider = trainer.pruner.provider
@@ -179,8 +256,13 @@ def test_minimal_recipe_gets_a_gradual_schedule_over_the_run(tmp_path, caplog):
     """`init_sparsity` + `final_sparsity` and nothing else: prune over the first 3/4 of max_steps, then recover."""
     minimal = {"pruning": {"method": "magnitude", "init_sparsity": 0.3, "final_sparsity": 0.8}}
     trace = SparsityTrace(minimal)
-    trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=minimal, train_dataset=dataset(), callbacks=[trace],
-                                    args=training_args(tmp_path, max_steps=20))
+    trainer = FishLegPruningTrainer(
+        model=tiny_bert(),
+        recipe=minimal,
+        train_dataset=dataset(),
+        callbacks=[trace],
+        args=training_args(tmp_path, max_steps=20),
+    )
     with caplog.at_level("INFO", logger="fls_hf"):
         trainer.train()
     pruning = trainer.recipe.pruning

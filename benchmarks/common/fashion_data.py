@@ -18,7 +18,14 @@ DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def data_dir() -> Path:
@@ -53,7 +60,7 @@ def images(split: str) -> np.ndarray:
     if not available():
         raise FileNotFoundError(f"Fashion-MNIST not found in {data_dir()}: apt-get install -y dataset-fashion-mnist")
     pixels = read_idx(data_dir() / FILES[split])
-    return (pixels.reshape(pixels.shape[0], -1).astype(np.float32) / 255.0)
+    return pixels.reshape(pixels.shape[0], -1).astype(np.float32) / 255.0
 
 
 def labels(split: str) -> np.ndarray:
@@ -69,14 +76,22 @@ def splits(validation: int = 5000, seed: int = 0, limit: int | None = None) -> d
     return {name: pixels for name, (pixels, _) in labelled_splits(validation, seed, limit, with_labels=False).items()}
 
 
-def labelled_splits(validation: int = 5000, seed: int = 0, limit: int | None = None,
-                    with_labels: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+def labelled_splits(
+    validation: int = 5000, seed: int = 0, limit: int | None = None, with_labels: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Like `splits`, each split as (pixels, labels); the same seeded hold-out."""
     pixels = {"train": images("train"), "test": images("test")}
     classes = {name: labels(name) if with_labels else None for name in pixels}
     order = np.random.default_rng(seed).permutation(len(pixels["train"]))
-    parts = {"train": ("train", order[validation:]), "validation": ("train", order[:validation]), "test": ("test", slice(None))}
-    out = {name: (pixels[src][idx], None if classes[src] is None else classes[src][idx]) for name, (src, idx) in parts.items()}
+    parts = {
+        "train": ("train", order[validation:]),
+        "validation": ("train", order[:validation]),
+        "test": ("test", slice(None)),
+    }
+    out = {
+        name: (pixels[src][idx], None if classes[src] is None else classes[src][idx])
+        for name, (src, idx) in parts.items()
+    }
     if limit is not None:
         out = {name: (x[:limit], None if y is None else y[:limit]) for name, (x, y) in out.items()}
     return out

@@ -34,9 +34,17 @@ ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
 
 def recipe(method: str, curvature: dict, **pruning) -> dict:
     """A recipe dict pruning the encoder linears with one global threshold (each layer at most 98 %)."""
-    return {"pruning": {"method": method, "targets": ENCODER_TARGETS, "ignore": [], "global_sparsity": True,
-                        "max_layer_sparsity": 0.98, **pruning},
-            "curvature": curvature}
+    return {
+        "pruning": {
+            "method": method,
+            "targets": ENCODER_TARGETS,
+            "ignore": [],
+            "global_sparsity": True,
+            "max_layer_sparsity": 0.98,
+            **pruning,
+        },
+        "curvature": curvature,
+    }
 
 
 def tokenizer():
@@ -53,13 +61,21 @@ def splits(seed: int = 0):
         return tok(batch["sentence"], truncation=True, max_length=MAX_LENGTH)
 
     out = {"train": held["train"], "validation": held["test"], "test": data["test"]}
-    return {name: ds.map(encode, batched=True, remove_columns=["sentence"]).rename_column("label", "labels") for name, ds in out.items()}
+    return {
+        name: ds.map(encode, batched=True, remove_columns=["sentence"]).rename_column("label", "labels")
+        for name, ds in out.items()
+    }
 
 
 def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=DataCollatorWithPadding(tokenizer()))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer()),
+    )
 
 
 @torch.no_grad()
@@ -81,10 +97,19 @@ def dense_model(data, *, epochs: float = 2.0, seed: int = 0, directory: Path = D
         start = time.time()
         model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
         args = TrainingArguments(
-            output_dir=str(CACHE / "dense-run"), num_train_epochs=epochs, per_device_train_batch_size=32,
-            learning_rate=5e-5, seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=50,
+            output_dir=str(CACHE / "dense-run"),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=32,
+            learning_rate=5e-5,
+            seed=seed,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=50,
         )
-        Trainer(model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer())).train()
+        Trainer(
+            model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer())
+        ).train()
         model.save_pretrained(directory)
         (directory / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
     return AutoModelForSequenceClassification.from_pretrained(directory)

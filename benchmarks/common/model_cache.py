@@ -17,8 +17,15 @@ from torch import nn
 WEIGHTS = "model.safetensors"
 
 
-def trained(model: nn.Module, folder: Path, settings: dict, train: Callable[[nn.Module], None], *,
-            cache: bool = True, evaluate: Callable[[nn.Module], dict] | None = None) -> tuple[nn.Module, dict]:
+def trained(
+    model: nn.Module,
+    folder: Path,
+    settings: dict,
+    train: Callable[[nn.Module], None],
+    *,
+    cache: bool = True,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+) -> tuple[nn.Module, dict]:
     """`model` (in eval mode) with the cached weights, or trained by `train` now (timed) and cached.
 
     meta = {"settings", "train_seconds", **evaluate(model)}: the evaluation is not part of the timing."""

@@ -16,7 +16,8 @@ from fls_hf.recipe import parse_overrides as parse_recipe_overrides
 
 
 def parse_overrides(pairs: list[str], method: str) -> dict[str, Any]:
-    """Overrides for `method`: `["damping=1e-4", "fls.init=diagonal"]` → {"damping": 0.0001, "init": "diagonal"} for fls."""
+    """Overrides for `method`: `["damping=1e-4", "fls.init=diagonal"]` → {"damping": 0.0001, "init": "diagonal"}
+    for fls."""
     overrides = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")

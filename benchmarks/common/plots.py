@@ -18,7 +18,11 @@ def method_bars(groups: dict[str, list[dict]], title: str, out: Path, dense: flo
     names = list(groups)[::-1]
     means = [100 * np.mean([r["test"] for r in groups[n]]) for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    ax.barh(names, means, color=["#888888" if n == "finetune" else "#1f77b4" if n.startswith("fls") else "#ff7f0e" for n in names])
+    ax.barh(
+        names,
+        means,
+        color=["#888888" if n == "finetune" else "#1f77b4" if n.startswith("fls") else "#ff7f0e" for n in names],
+    )
     for i, n in enumerate(names):
         ax.scatter([100 * r["test"] for r in groups[n]], [i] * len(groups[n]), color="black", s=12, zorder=3)
         ax.text(means[i] + 0.3, i, f"{means[i]:.1f}", va="center", fontsize=8)

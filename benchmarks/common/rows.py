@@ -7,13 +7,18 @@ from pathlib import Path
 
 
 def record(report: dict, row: dict, out: Path, extra: str = "") -> None:
-    """Put `row` into `report["rows"]` (replacing the same method, seed and dense checkpoint), write the file, print a summary line.
+    """Put `row` into `report["rows"]` (replacing the same method, seed and dense checkpoint), write the file, print
+    a summary line.
 
     Rows from another dense checkpoint (`dense_checkpoint`; absent in rows older than that field) are kept beside it."""
     report["rows"] = [r for r in report["rows"] if _key(r) != _key(row)] + [row]
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{row['method']:9s} seed {row['seed']}: sparsity {100 * row['sparsity']:.1f} %  val {100 * row['validation']:.2f}  "
-          f"test {100 * row['test']:.2f}  {row['train_seconds']:.0f} s{extra}", flush=True)
+    print(
+        f"{row['method']:9s} seed {row['seed']}: sparsity {100 * row['sparsity']:.1f} %  val "
+        f"{100 * row['validation']:.2f}  "
+        f"test {100 * row['test']:.2f}  {row['train_seconds']:.0f} s{extra}",
+        flush=True,
+    )
 
 
 def _key(row: dict) -> tuple:

@@ -35,8 +35,12 @@ SETTINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer K values, one repeat, few aux steps (smoke run)")
-    parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/inverse_quality[_quick].json)")
-    parser.add_argument("--aux_lr", type=float, default=1e-2, help="FishLeg's Adam learning rate (the package default is 1e-2)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="JSON path (default results/inverse_quality[_quick].json)"
+    )
+    parser.add_argument(
+        "--aux_lr", type=float, default=1e-2, help="FishLeg's Adam learning rate (the package default is 1e-2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = SETTINGS["quick" if args.quick else "full"]
@@ -48,10 +52,19 @@ def main() -> None:
     results = {
         "command": " ".join(["python -m benchmarks.inverse_quality", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread",
-        "setup": {**describe(problem), "dampings": list(DAMPINGS), "ks": list(settings["ks"]), "repeats": settings["repeats"],
-                  "aux_checkpoints": list(settings["checkpoints"]), "aux_batch": AUX_BATCH, "aux_lr": args.aux_lr,
-                  "aux_lr_schedule": "linear to 0.1 × over the run", "kfac_examples": KFAC_EXAMPLES, "block_size": BLOCK,
-                  "sparsities": list(SPARSITIES)},
+        "setup": {
+            **describe(problem),
+            "dampings": list(DAMPINGS),
+            "ks": list(settings["ks"]),
+            "repeats": settings["repeats"],
+            "aux_checkpoints": list(settings["checkpoints"]),
+            "aux_batch": AUX_BATCH,
+            "aux_lr": args.aux_lr,
+            "aux_lr_schedule": "linear to 0.1 × over the run",
+            "kfac_examples": KFAC_EXAMPLES,
+            "block_size": BLOCK,
+            "sparsities": list(SPARSITIES),
+        },
         "checks": package_checks(problem),
         "dampings": {},
     }

@@ -37,15 +37,24 @@ def materialise(provider, problem: Problem) -> torch.Tensor:
         for j in range(rows * cols):
             unit = torch.zeros(rows * cols)
             unit[j] = 1.0
-            q[start : start + rows * cols, start + j] = provider.matvec(name, unit.reshape(rows, cols)).reshape(-1).double()
+            q[start : start + rows * cols, start + j] = (
+                provider.matvec(name, unit.reshape(rows, cols)).reshape(-1).double()
+            )
     return q
 
 
 def fishleg_provider(problem: Problem, structure: str, init: str, gamma: float, aux_lr: float, total_steps: int):
     """FishLeg provider from the registry, warm-started (K-FAC statistics of 256 sampled-label examples, or I/γ)."""
     config = config_class_for("fishleg")(
-        damping=gamma, structure=structure, block_size=BLOCK, init=init, init_examples=KFAC_EXAMPLES,
-        aux_lr=aux_lr, aux_lr_schedule="linear", warmup_steps=0, seed=0,
+        damping=gamma,
+        structure=structure,
+        block_size=BLOCK,
+        init=init,
+        init_examples=KFAC_EXAMPLES,
+        aux_lr=aux_lr,
+        aux_lr_schedule="linear",
+        warmup_steps=0,
+        seed=0,
     )
     layers = resolve_targets(problem.model, list(problem.shapes))
     provider = provider_class_for("fishleg")(layers, config, likelihood=Categorical())
@@ -54,8 +63,14 @@ def fishleg_provider(problem: Problem, structure: str, init: str, gamma: float, 
     return provider
 
 
-def fishleg_study(problem: Problem, gamma: float, refs: dict[str, torch.Tensor], masks: dict, checkpoints: tuple[int, ...],
-                  aux_lr: float) -> dict:
+def fishleg_study(
+    problem: Problem,
+    gamma: float,
+    refs: dict[str, torch.Tensor],
+    masks: dict,
+    checkpoints: tuple[int, ...],
+    aux_lr: float,
+) -> dict:
     """structure/init → list of checkpoints: aux steps done, examples seen, seconds, residual, quality, and the
     relative distance to the structure's aux-loss optimum (how far the aux loss is from converged)."""
     out, exact = {}, refs["full/projection"]
@@ -72,8 +87,15 @@ def fishleg_study(problem: Problem, gamma: float, refs: dict[str, torch.Tensor],
             done = steps
             q = materialise(provider, problem)
             optimum = refs.get(f"{structure}/aux_optimum")
-            rows.append({"aux_steps": steps, "examples_seen": steps * AUX_BATCH, "seconds": seconds,
-                         "residual": diagnostics.get("residual"), **quality(problem, q, exact, masks),
-                         "rel_fro_to_aux_optimum": None if optimum is None else float((q - optimum).norm() / optimum.norm())})
+            rows.append(
+                {
+                    "aux_steps": steps,
+                    "examples_seen": steps * AUX_BATCH,
+                    "seconds": seconds,
+                    "residual": diagnostics.get("residual"),
+                    **quality(problem, q, exact, masks),
+                    "rel_fro_to_aux_optimum": None if optimum is None else float((q - optimum).norm() / optimum.norm()),
+                }
+            )
         out[f"{structure}/{init}"] = rows
     return out

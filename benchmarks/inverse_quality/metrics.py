@@ -22,7 +22,9 @@ def saliency(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def obs_prune(q: torch.Tensor, w: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Prune the lowest-saliency fraction with joint OBS under Q: δ = −Q[:, P](Q_PP)⁻¹ w_P; returns (P, δ, ½ w_Pᵀ(Q_PP)⁻¹w_P)."""
+    """Prune the lowest-saliency fraction with joint OBS under Q: δ = −Q[:, P](Q_PP)⁻¹ w_P.
+
+    Returns (P, δ, ½ w_Pᵀ(Q_PP)⁻¹w_P)."""
     pruned = saliency(w, q).argsort()[: round(sparsity * len(w))]
     solved = torch.linalg.solve(q[pruned[:, None], pruned[None, :]], w[pruned])
     delta = -q[:, pruned] @ solved
@@ -30,8 +32,11 @@ def obs_prune(q: torch.Tensor, w: torch.Tensor, sparsity: float) -> tuple[torch.
     return pruned, delta, float(0.5 * w[pruned] @ solved)
 
 
-def pruning_metrics(problem: Problem, q: torch.Tensor, exact_masks: dict[float, set[int]] | None) -> dict[str, dict[str, float]]:
-    """Per sparsity: the method's own prediction, ½δᵀFδ, gᵀδ + ½δᵀFδ, the actual loss increase, overlap with exact OBS's set."""
+def pruning_metrics(
+    problem: Problem, q: torch.Tensor, exact_masks: dict[float, set[int]] | None
+) -> dict[str, dict[str, float]]:
+    """Per sparsity: the method's own prediction, ½δᵀFδ, gᵀδ + ½δᵀFδ, the actual loss increase, and the overlap
+    with exact OBS's set."""
     out = {}
     for sparsity in SPARSITIES:
         pruned, delta, own = obs_prune(q, problem.w, sparsity)
@@ -48,7 +53,9 @@ def pruning_metrics(problem: Problem, q: torch.Tensor, exact_masks: dict[float, 
     return out
 
 
-def quality(problem: Problem, q: torch.Tensor, exact: torch.Tensor, exact_masks: dict[float, set[int]] | None = None) -> dict:
+def quality(
+    problem: Problem, q: torch.Tensor, exact: torch.Tensor, exact_masks: dict[float, set[int]] | None = None
+) -> dict:
     """Relative Frobenius / diagonal error against M⁻¹, saliency rank correlation, pruning outcomes."""
     q = 0.5 * (q + q.T)
     return {
@@ -61,6 +68,7 @@ def quality(problem: Problem, q: torch.Tensor, exact: torch.Tensor, exact_masks:
 
 def mean_quality(rows: list[dict]) -> dict:
     """Average of `quality` dicts over repeats (with the standard deviation of the top-level metrics)."""
+
     def average(values: list) -> object:
         if isinstance(values[0], dict):
             return {k: average([v[k] for v in values]) for k in values[0]}

@@ -78,7 +78,10 @@ class Problem:
 
     def split(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """(P,) → {"<layer>.weight": (rows, cols)}."""
-        return {f"{n}.weight": vector[o : o + r * c].reshape(r, c) for (n, (r, c)), o in zip(self.shapes.items(), self.offsets.values())}
+        return {
+            f"{n}.weight": vector[o : o + r * c].reshape(r, c)
+            for (n, (r, c)), o in zip(self.shapes.items(), self.offsets.values())
+        }
 
 
 def logits_at(problem: Problem, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +128,14 @@ def describe(problem: Problem) -> dict:
     return {
         "model": f"MLP {D_IN}-{HIDDEN}-{CLASSES} (tanh, biases not pruned), {len(problem.w)} prunable weights",
         "data": f"{N_TRAIN} train / {N_TEST} test examples, labels drawn from a random tanh teacher's softmax",
-        "train_steps": TRAIN_STEPS, "train_accuracy": train_acc, "train_loss": train_loss,
-        "test_accuracy": test_acc, "test_loss": test_loss, "grad_norm": float(problem.grad.norm()),
-        "fisher_eigenvalues": {f"q{int(100 * q)}": float(eig[round(q * (len(eig) - 1))]) for q in (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)},
+        "train_steps": TRAIN_STEPS,
+        "train_accuracy": train_acc,
+        "train_loss": train_loss,
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "grad_norm": float(problem.grad.norm()),
+        "fisher_eigenvalues": {
+            f"q{int(100 * q)}": float(eig[round(q * (len(eig) - 1))]) for q in (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+        },
         "fisher_mean_diagonal": float(problem.fisher.diagonal().mean()),
     }

@@ -16,7 +16,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     dampings = results["dampings"]
-    panels = (("rel_fro", "‖Q − M⁻¹‖ / ‖M⁻¹‖"), ("spearman", "Spearman ρ of OBS saliencies"), ("loss50", "loss increase, 50 % pruned"))
+    panels = (
+        ("rel_fro", "‖Q − M⁻¹‖ / ‖M⁻¹‖"),
+        ("spearman", "Spearman ρ of OBS saliencies"),
+        ("loss50", "loss increase, 50 % pruned"),
+    )
     fig, axes = plt.subplots(len(dampings), 3, figsize=(15, 4.0 * len(dampings) + 1.6), squeeze=False)
     colors = {"full": "black", "block_diagonal": "tab:blue", "diagonal": "tab:orange", "kronecker": "tab:green"}
 
@@ -28,12 +32,24 @@ def plot(results: dict, path: Path) -> None:
             for labels, style in (("data", "-"), ("sampled", "--")):
                 for structure in ("full", "block_diagonal", "diagonal"):
                     series = res["empirical"][labels][structure]
-                    ax.plot([int(k) for k in series], [value(m, metric) for m in series.values()], style, marker="o", ms=3,
-                            color=colors[structure], label=f"empirical Fisher, {structure}, {labels} labels")
+                    ax.plot(
+                        [int(k) for k in series],
+                        [value(m, metric) for m in series.values()],
+                        style,
+                        marker="o",
+                        ms=3,
+                        color=colors[structure],
+                        label=f"empirical Fisher, {structure}, {labels} labels",
+                    )
             for key, rows in res["fishleg"].items():
                 structure, init = key.split("/")
-                ax.axhline(value(rows[-1], metric), color=colors[structure], linestyle=":" if init == "identity" else "-.",
-                           lw=1.6, label=f"FishLeg {key} after {rows[-1]['aux_steps']} aux steps")
+                ax.axhline(
+                    value(rows[-1], metric),
+                    color=colors[structure],
+                    linestyle=":" if init == "identity" else "-.",
+                    lw=1.6,
+                    label=f"FishLeg {key} after {rows[-1]['aux_steps']} aux steps",
+                )
             if metric == "loss50":
                 ax.axhline(value(res["exact"], metric), color="grey", lw=3, alpha=0.5, label="exact (F + γI)⁻¹")
             ax.set_xscale("log")
@@ -55,27 +71,48 @@ def summary(results: dict) -> str:
     setup, lines = results["setup"], []
     last = setup["aux_checkpoints"][-1]
     for gamma, res in results["dampings"].items():
-        lines += [f"\nγ = {gamma}\n", "| Q | examples | ‖Q − M⁻¹‖/‖M⁻¹‖ | diag error | Spearman ρ | overlap 50 % | "
-                  "Δloss 30 %: own / ½δᵀFδ / actual | Δloss 50 % actual |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\nγ = {gamma}\n",
+            "| Q | examples | ‖Q − M⁻¹‖/‖M⁻¹‖ | diag error | Spearman ρ | overlap 50 % | "
+            "Δloss 30 %: own / ½δᵀFδ / actual | Δloss 50 % actual |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
 
         def row(label: str, examples: str, m: dict) -> None:
             p30, p50 = m["pruning"]["0.3"], m["pruning"]["0.5"]
-            lines.append(f"| {label} | {examples} | {m['rel_fro']:.3f} | {m['rel_diag']:.3f} | {m['spearman']:.3f} | "
-                         f"{p50.get('overlap_with_exact', 1.0):.2f} | {p30['predicted_self']:.4f} / {p30['predicted_quadratic']:.4f} / "
-                         f"{p30['actual']:.4f} | {p50['actual']:.4f} |")
+            lines.append(
+                f"| {label} | {examples} | {m['rel_fro']:.3f} | {m['rel_diag']:.3f} | {m['spearman']:.3f} | "
+                f"{p50.get('overlap_with_exact', 1.0):.2f} | {p30['predicted_self']:.4f} / "
+                f"{p30['predicted_quadratic']:.4f} / "
+                f"{p30['actual']:.4f} | {p50['actual']:.4f} |"
+            )
 
         row("exact (F + γI)⁻¹", "all (exact)", res["exact"])
         row("magnitude I/γ", "0", res["magnitude"])
         emp = res["empirical"]
-        for labels, structure, ks in (("sampled", "full", ("100", "1000", "10000")), ("data", "full", ("1000", "10000")),
-                                      ("sampled", "layer", ("10000",)), ("sampled", "block_diagonal", ("100", "10000")),
-                                      ("sampled", "diagonal", ("100", "10000"))):
+        for labels, structure, ks in (
+            ("sampled", "full", ("100", "1000", "10000")),
+            ("data", "full", ("1000", "10000")),
+            ("sampled", "layer", ("10000",)),
+            ("sampled", "block_diagonal", ("100", "10000")),
+            ("sampled", "diagonal", ("100", "10000")),
+        ):
             for k in (k for k in ks if k in emp[labels][structure]):
                 row(f"empirical {structure}, {labels} labels", f"{int(k):,} gradients", emp[labels][structure][k])
-        for key in ("layer/aux_optimum", "block_diagonal/projection", "block_diagonal/aux_optimum", "diagonal/projection",
-                    "diagonal/aux_optimum", "kronecker/nearest_kronecker"):
+        for key in (
+            "layer/aux_optimum",
+            "block_diagonal/projection",
+            "block_diagonal/aux_optimum",
+            "diagonal/projection",
+            "diagonal/aux_optimum",
+            "kronecker/nearest_kronecker",
+        ):
             structure, kind = key.split("/")
-            label = {"projection": "M⁻¹ projected on", "aux_optimum": "aux-loss optimum,", "nearest_kronecker": "nearest R ⊗ L to M⁻¹,"}[kind]
+            label = {
+                "projection": "M⁻¹ projected on",
+                "aux_optimum": "aux-loss optimum,",
+                "nearest_kronecker": "nearest R ⊗ L to M⁻¹,",
+            }[kind]
             row(f"{label} {structure}", "all (exact)", res["references"][key])
         for key, rows in res["fishleg"].items():
             picked = rows if key.endswith("kfac") else rows[-1:]

@@ -42,7 +42,7 @@ def projection(matrix: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor
 
 
 def nearest_kronecker(matrix: torch.Tensor, shapes: dict[str, tuple[int, int]]) -> torch.Tensor:
-    """Per layer, the Frobenius-nearest B ⊗ C (rows² ⊗ cols², row-major weights) by a rank-1 SVD (Van Loan–Pitsianis)."""
+    """Per layer, the Frobenius-nearest B ⊗ C (rows² ⊗ cols², row-major weights): rank-1 SVD (Van Loan–Pitsianis)."""
     out, start = torch.zeros_like(matrix), 0
     for rows, cols in shapes.values():
         n = rows * cols

@@ -83,8 +83,16 @@ def zeros(model) -> tuple[float, float, float]:
 
 def recipe_args(modifier) -> dict:
     dump = modifier.model_dump()
-    keys = ["targets", "ignore", "mask_structure", "sparsity_profile", "block_size", "dampening_frac",
-            "preserve_sparsity_mask", "offload_hessians"]
+    keys = [
+        "targets",
+        "ignore",
+        "mask_structure",
+        "sparsity_profile",
+        "block_size",
+        "dampening_frac",
+        "preserve_sparsity_mask",
+        "offload_hessians",
+    ]
     return {"modifier": type(modifier).__name__, **{k: dump[k] for k in keys if k in dump}}
 
 
@@ -114,32 +122,57 @@ class Timer:
 
 def run_method(method: str, dense, tok, calib, data, sparsities) -> dict:
     cls = MODIFIERS[method]
-    row = {"method": f"llmc-{method}", "recipe": None, "curvature_seconds": 0.0,
-           "curvature_gib": curvature_bytes(dense, method) / 2**30, "results": {}}
+    row = {
+        "method": f"llmc-{method}",
+        "recipe": None,
+        "curvature_seconds": 0.0,
+        "curvature_gib": curvature_bytes(dense, method) / 2**30,
+        "results": {},
+    }
     for i, sparsity in enumerate(sparsities):
         model = copy.deepcopy(dense)
         modifier = cls(sparsity=sparsity, targets=TARGETS, ignore=[])
         if row["recipe"] is None:
-            row["recipe"] = {**recipe_args(modifier), "pipeline": PIPELINE, "num_calibration_samples": len(calib),
-                             "batch_size": 1, "max_seq_length": minilm.MAX_LENGTH, "llmcompressor": llmcompressor.__version__}
+            row["recipe"] = {
+                **recipe_args(modifier),
+                "pipeline": PIPELINE,
+                "num_calibration_samples": len(calib),
+                "batch_size": 1,
+                "max_seq_length": minilm.MAX_LENGTH,
+                "llmcompressor": llmcompressor.__version__,
+            }
         print(f"{row['method']:15s} {100 * sparsity:4.0f} %  oneshot ...", flush=True)
         torch.manual_seed(0)  # llm-compressor shuffles the calibration set with the global generator
         start = time.time()
         with Timer(cls) as timer:
-            model = oneshot(model=model, processor=tok, dataset=calib, recipe=modifier, pipeline=PIPELINE,
-                            num_calibration_samples=len(calib), max_seq_length=minilm.MAX_LENGTH, batch_size=1)
+            model = oneshot(
+                model=model,
+                processor=tok,
+                dataset=calib,
+                recipe=modifier,
+                pipeline=PIPELINE,
+                num_calibration_samples=len(calib),
+                max_seq_length=minilm.MAX_LENGTH,
+                batch_size=1,
+            )
         seconds = time.time() - start
         if i == 0:
             row["curvature_seconds"] = seconds
         total, lo, hi = zeros(model)
-        row["results"][str(sparsity)] = {"prune_seconds": seconds, "sparsity": total,
-                                         "validation": minilm.accuracy(model, data["validation"]),
-                                         "test": minilm.accuracy(model, data["test"])}
+        row["results"][str(sparsity)] = {
+            "prune_seconds": seconds,
+            "sparsity": total,
+            "validation": minilm.accuracy(model, data["validation"]),
+            "test": minilm.accuracy(model, data["test"]),
+        }
         r = row["results"][str(sparsity)]
-        print(f"{row['method']:15s} {100 * sparsity:4.0f} %  zeros {100 * total:.3f} % (per layer {100 * lo:.3f}…{100 * hi:.3f})  "
-              f"val {100 * r['validation']:.2f}  test {100 * r['test']:.2f}  "
-              f"{seconds:.1f} s (pruning {timer.seconds:.1f} s, calibration/propagation {seconds - timer.seconds:.1f} s)",
-              flush=True)
+        print(
+            f"{row['method']:15s} {100 * sparsity:4.0f} %  zeros {100 * total:.3f} % (per layer "
+            f"{100 * lo:.3f}…{100 * hi:.3f})  "
+            f"val {100 * r['validation']:.2f}  test {100 * r['test']:.2f}  "
+            f"{seconds:.1f} s (pruning {timer.seconds:.1f} s, calibration/propagation {seconds - timer.seconds:.1f} s)",
+            flush=True,
+        )
         del model
     return row
 
@@ -149,11 +182,21 @@ def main() -> None:
     parser.add_argument("--methods", default="sparsegpt,wanda")
     parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--calibration_examples", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="one sparsity, 64 calibration examples, 64-example eval slices")
+    parser.add_argument(
+        "--quick", action="store_true", help="one sparsity, 64 calibration examples, 64-example eval slices"
+    )
     parser.add_argument("--output", default=None)
-    parser.add_argument("--dense_dir", default=str(minilm.DENSE_DIR), help="fine-tuned checkpoint to prune (benchmarks.oneshot_minilm's cache)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: on the shared 2-core machine two threads ran 10-25x slower per matmul)")
+    parser.add_argument(
+        "--dense_dir",
+        default=str(minilm.DENSE_DIR),
+        help="fine-tuned checkpoint to prune (benchmarks.oneshot_minilm's cache)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on the shared 2-core machine two threads ran 10-25x slower per matmul)",
+    )
     parser.add_argument("--verbose", action="store_true", help="keep llm-compressor's INFO log and progress bars")
     args = parser.parse_args()
     if not args.verbose:  # keep warnings, drop the INFO and per-layer METRIC lines
@@ -164,24 +207,43 @@ def main() -> None:
     data = minilm.splits()
     if args.quick:
         args.sparsities, args.calibration_examples = "0.5", 64
-        data = {"train": data["train"], "validation": data["validation"].select(range(64)), "test": data["test"].select(range(64))}
+        data = {
+            "train": data["train"],
+            "validation": data["validation"].select(range(64)),
+            "test": data["test"].select(range(64)),
+        }
     dense_dir = Path(args.dense_dir)
     if not (dense_dir / "config.json").is_file():
-        sys.exit(f"{dense_dir} missing: run `python -m benchmarks.oneshot_minilm` once (with the fls_hf venv) to fine-tune it")
+        sys.exit(
+            f"{dense_dir} missing: run `python -m benchmarks.oneshot_minilm` once (with the fls_hf venv) to fine-tune "
+            "it"
+        )
     dense = AutoModelForSequenceClassification.from_pretrained(dense_dir)
     dense.eval()
     tok = minilm.tokenizer()
-    # the first N examples of minilm.loader(train, 8, shuffle=True, seed=0): what benchmarks.oneshot_minilm calibrates on
+    # the first N examples of minilm.loader(train, 8, shuffle=True, seed=0): benchmarks.oneshot_minilm's calibration
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(0))[: args.calibration_examples]
     calib = data["train"].select(order.tolist()).remove_columns(["labels"])
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    report = {"dense": {"validation": minilm.accuracy(dense, data["validation"]), "test": minilm.accuracy(dense, data["test"])},
-              "settings": {"batch_size": 1, "num_batches": len(calib), "max_length": minilm.MAX_LENGTH},
-              "methods": []}
-    print(f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}  "
-          f"({len(targeted(dense))} targeted linears, {len(calib)} calibration examples, llmcompressor {llmcompressor.__version__})",
-          flush=True)
-    out = Path(args.output) if args.output else RESULTS / ("oneshot_llmcompressor_quick.json" if args.quick else "oneshot_llmcompressor.json")
+    report = {
+        "dense": {
+            "validation": minilm.accuracy(dense, data["validation"]),
+            "test": minilm.accuracy(dense, data["test"]),
+        },
+        "settings": {"batch_size": 1, "num_batches": len(calib), "max_length": minilm.MAX_LENGTH},
+        "methods": [],
+    }
+    print(
+        f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}  "
+        f"({len(targeted(dense))} targeted linears, {len(calib)} calibration examples, llmcompressor "
+        f"{llmcompressor.__version__})",
+        flush=True,
+    )
+    out = (
+        Path(args.output)
+        if args.output
+        else RESULTS / ("oneshot_llmcompressor_quick.json" if args.quick else "oneshot_llmcompressor.json")
+    )
     for method in args.methods.split(","):
         report["methods"].append(run_method(method, dense, tok, calib, data, sparsities))
         out.write_text(json.dumps(report, indent=1) + "\n")

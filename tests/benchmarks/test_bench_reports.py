@@ -11,20 +11,39 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def rows(names_and_tests):
-    return [{"method": name, "seed": seed, "sparsity": 0.9, "validation": acc - 0.01, "test": acc, "train_seconds": 100.0 + seed,
-             "peak_rss_gib": 1.0, "curvature_gib": 0.1} for name, seed, acc in names_and_tests]
+    return [
+        {
+            "method": name,
+            "seed": seed,
+            "sparsity": 0.9,
+            "validation": acc - 0.01,
+            "test": acc,
+            "train_seconds": 100.0 + seed,
+            "peak_rss_gib": 1.0,
+            "curvature_gib": 0.1,
+        }
+        for name, seed, acc in names_and_tests
+    ]
 
 
 def gradual_report(path: Path, runs: list[dict]) -> str:
     """Write a 90 % results file with these runs and return what benchmarks.report_gradual prints for it."""
     path.write_text(json.dumps({"settings": {"sparsity": 0.9, "epochs": 1}, "rows": runs}))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.report_gradual", str(path)], cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report_gradual", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout
 
 
 def test_gradual_report_averages_seeds_and_plots_scan_points(tmp_path):
     path = tmp_path / "gradual.json"
-    report = gradual_report(path, rows([("finetune", 0, 0.85), ("fls", 0, 0.78), ("fls", 1, 0.80), ("fls[rewarm=True]", 0, 0.81)]))
+    report = gradual_report(
+        path, rows([("finetune", 0, 0.85), ("fls", 0, 0.78), ("fls", 1, 0.80), ("fls[rewarm=True]", 0, 0.81)])
+    )
     assert "| fls | 2 | 90.0 % | 78.00 ± 1.00 | 79.00 ± 1.00 | 100 s | 1.00× | – |" in report
     assert "| fls[rewarm=True] | 1 |" in report
     assert path.with_suffix(".png").stat().st_size > 10_000
@@ -33,7 +52,9 @@ def test_gradual_report_averages_seeds_and_plots_scan_points(tmp_path):
 def test_gradual_report_times_each_run_against_the_fine_tune_of_its_own_checkpoint(tmp_path):
     """Sessions run at different machine speeds: a 2× slower session's runs must not look 2× costlier."""
     runs = rows([("finetune", 0, 0.85), ("finetune", 0, 0.85), ("gmp", 0, 0.7), ("gmp", 0, 0.7), ("obd", 0, 0.75)])
-    for run, checkpoint, seconds in zip(runs, ("old", "new", "old", "new", "unknown"), (100.0, 200.0, 150.0, 300.0, 120.0)):
+    for run, checkpoint, seconds in zip(
+        runs, ("old", "new", "old", "new", "unknown"), (100.0, 200.0, 150.0, 300.0, 120.0)
+    ):
         run.update(dense_checkpoint=checkpoint, train_seconds=seconds)
     report = gradual_report(tmp_path / "gradual.json", runs)
     assert "| 225 s | 1.50× | – |" in report  # gmp: 150/100 and 300/200; no CPU times recorded
@@ -46,36 +67,75 @@ def test_gradual_report_gives_the_cpu_time_ratio_where_runs_recorded_it(tmp_path
         if cpu is not None:
             run["train_cpu_seconds"] = cpu
     report = gradual_report(tmp_path / "gradual.json", runs)
-    assert "| fls | 2 | 90.0 % | 79.00 ± 0.00 | 80.00 ± 0.00 | 100 s | 1.00× | 1.20× |" in report  # the run that has a CPU time
+    assert (
+        "| fls | 2 | 90.0 % | 79.00 ± 0.00 | 80.00 ± 0.00 | 100 s | 1.00× | 1.20× |" in report
+    )  # the run that has a CPU time
     assert "| gmp | 1 | 90.0 % | 69.00 | 70.00 | 100 s | 1.00× | – |" in report
 
 
 def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
     path = tmp_path / "resnet.json"
-    data = {"settings": {"sparsity": 0.95}, "dense": {"validation": 0.91, "test": 0.9, "train_seconds": 400.0},
-            "rows": rows([("gmp", 0, 0.87), ("fls[rewarm=True,aux_lr=0.01]", 0, 0.868), ("fls[rewarm=True,aux_lr=0.01]", 1, 0.872)])}
+    data = {
+        "settings": {"sparsity": 0.95},
+        "dense": {"validation": 0.91, "test": 0.9, "train_seconds": 400.0},
+        "rows": rows(
+            [("gmp", 0, 0.87), ("fls[rewarm=True,aux_lr=0.01]", 0, 0.868), ("fls[rewarm=True,aux_lr=0.01]", 1, 0.872)]
+        ),
+    }
     path.write_text(json.dumps(data))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.fashion_resnet", "--report", str(path)],
-                          cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fashion_resnet", "--report", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "dense: validation 91.00 %, test 90.00 %" in done.stdout
     assert "| fls[rewarm=True,aux_lr=0.01] | 2 | 90.0 % | 86.00 ± 0.20 | 87.00 ± 0.20 |" in done.stdout
     assert path.with_suffix(".png").stat().st_size > 10_000
 
 
 def oneshot_row(name, validation, test):
-    return {"method": name, "curvature_seconds": 10.0, "curvature_gib": 2.0,
-            "results": {s: {"validation": v, "test": t, "sparsity": float(s)} for s, v, t in zip(("0.5", "0.7"), validation, test)}}
+    return {
+        "method": name,
+        "curvature_seconds": 10.0,
+        "curvature_gib": 2.0,
+        "results": {
+            s: {"validation": v, "test": t, "sparsity": float(s)} for s, v, t in zip(("0.5", "0.7"), validation, test)
+        },
+    }
 
 
 def test_oneshot_report_picks_each_sparsitys_variant_on_validation_not_test(tmp_path):
     path = tmp_path / "oneshot.json"
-    path.write_text(json.dumps({"dense": {"validation": 0.86, "test": 0.857}, "methods": [
-        oneshot_row("obert-1e-6", (0.85, 0.80), (0.84, 0.83)),   # best validation at 50 %
-        oneshot_row("obert-1e-7", (0.84, 0.82), (0.86, 0.81)),   # best test at 50 %, best validation at 70 %
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "dense": {"validation": 0.86, "test": 0.857},
+                "methods": [
+                    oneshot_row("obert-1e-6", (0.85, 0.80), (0.84, 0.83)),  # best validation at 50 %
+                    oneshot_row("obert-1e-7", (0.84, 0.82), (0.86, 0.81)),  # best test at 50 %, best validation at 70 %
+                ],
+            }
+        )
+    )
     plot = tmp_path / "oneshot.png"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.report_oneshot", str(path),
-                           "--pick", "obert=obert-1e-6,obert-1e-7", "--plot", str(plot)], cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.report_oneshot",
+            str(path),
+            "--pick",
+            "obert=obert-1e-6,obert-1e-7",
+            "--plot",
+            str(plot),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     test_table = done.stdout.split("### Validation")[0]
     assert "| obert | 84.00 (obert-1e-6) | 81.00 (obert-1e-7) |" in test_table
     assert plot.stat().st_size > 10_000
@@ -83,9 +143,29 @@ def test_oneshot_report_picks_each_sparsitys_variant_on_validation_not_test(tmp_
 
 def test_oneshot_report_names_a_variant_it_has_no_results_for(tmp_path):
     path = tmp_path / "oneshot.json"
-    path.write_text(json.dumps({"dense": {"validation": 0.86, "test": 0.857}, "methods": [oneshot_row("obert-1e-6", (0.8, 0.8), (0.8, 0.8))]}))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.report_oneshot", str(path), "--pick", "obert=obert-1e-6,obert-1e-9",
-                           "--plot", str(tmp_path / "p.png")], cwd=REPO, capture_output=True, text=True)
+    path.write_text(
+        json.dumps(
+            {
+                "dense": {"validation": 0.86, "test": 0.857},
+                "methods": [oneshot_row("obert-1e-6", (0.8, 0.8), (0.8, 0.8))],
+            }
+        )
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.report_oneshot",
+            str(path),
+            "--pick",
+            "obert=obert-1e-6,obert-1e-9",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0 and "obert-1e-9" in done.stderr
 
 
@@ -93,7 +173,7 @@ def test_gradual_rows_replace_a_rerun_but_keep_another_dense_checkpoints_row(tmp
     from benchmarks.common.rows import record
 
     out = tmp_path / "gradual.json"
-    report = {"settings": {}, "rows": rows([("fls", 0, 0.78)])}            # an old row: no dense_checkpoint field
+    report = {"settings": {}, "rows": rows([("fls", 0, 0.78)])}  # an old row: no dense_checkpoint field
     record(report, {**rows([("fls", 0, 0.79)])[0], "dense_checkpoint": "abc"}, out)
     record(report, {**rows([("fls", 0, 0.80)])[0], "dense_checkpoint": "abc"}, out)  # re-measured: replaces
     stored = json.loads(out.read_text())["rows"]

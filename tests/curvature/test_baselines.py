@@ -3,14 +3,21 @@
 import pytest
 import torch
 
-from helpers import MLP, tiny_bert, token_batches
-from fls_hf.curvature import (BlockFisherConfig, BlockFisherProvider, DiagonalFisherConfig, DiagonalFisherProvider,
-                              GradientFisherProvider, provider_class_for)
-from fls_hf.model.adapters import adapter_for
+from fls_hf.curvature import (
+    BlockFisherConfig,
+    BlockFisherProvider,
+    DiagonalFisherConfig,
+    DiagonalFisherProvider,
+    GradientFisherProvider,
+    provider_class_for,
+)
+from fls_hf.errors import CurvatureError
 from fls_hf.fisher.gradients import per_example_gradients
 from fls_hf.fisher.likelihoods import Categorical
-from fls_hf.errors import CurvatureError
+from fls_hf.model.adapters import adapter_for
 from fls_hf.model.targets import resolve_targets
+
+from helpers import MLP, tiny_bert, token_batches
 
 GAMMA, B, NUM_GRADS = 1e-2, 4, 10  # layer "0" is (5, 6), layer "2" is (3, 5): neither cols divisible by B
 
@@ -18,7 +25,9 @@ GAMMA, B, NUM_GRADS = 1e-2, 4, 10  # layer "0" is (5, 6), layer "2" is (3, 5): n
 def problem():
     model = MLP((6, 5, 3))
     g = torch.Generator().manual_seed(1)
-    batches = [{"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
+    batches = [
+        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)
+    ]
     return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
 
 
@@ -48,13 +57,17 @@ def _pad(matrix):
 
 
 def block_provider(layers, **overrides):
-    return BlockFisherProvider(layers, BlockFisherConfig(**{"damping": GAMMA, "num_grads": NUM_GRADS, "block_size": B, **overrides}))
+    return BlockFisherProvider(
+        layers, BlockFisherConfig(**{"damping": GAMMA, "num_grads": NUM_GRADS, "block_size": B, **overrides})
+    )
 
 
 def test_registered():
     assert provider_class_for("diagonal_fisher") is DiagonalFisherProvider
     assert provider_class_for("block_fisher") is BlockFisherProvider
-    assert issubclass(BlockFisherProvider, GradientFisherProvider) and issubclass(DiagonalFisherProvider, GradientFisherProvider)
+    assert issubclass(BlockFisherProvider, GradientFisherProvider) and issubclass(
+        DiagonalFisherProvider, GradientFisherProvider
+    )
 
 
 def test_diagonal_is_obd():
@@ -94,7 +107,9 @@ def test_block_inverse_matvec_diag_blocks_match_explicit(name):
                 expected[r, k, : len(c), : len(c)] = q[idx[:, None], idx[None, :]]
         torch.testing.assert_close(provider.blocks(name, size), expected.reshape(-1, size, size), atol=1e-3, rtol=1e-4)
     valid = (torch.arange(2 * B) < cols).float().reshape(2, B)
-    torch.testing.assert_close(provider.blocks(name, B), stored * (valid[:, :, None] * valid[:, None, :]).repeat(rows, 1, 1))
+    torch.testing.assert_close(
+        provider.blocks(name, B), stored * (valid[:, :, None] * valid[:, None, :]).repeat(rows, 1, 1)
+    )
 
 
 def test_masked_coordinates_are_uncoupled():
@@ -110,14 +125,18 @@ def test_masked_coordinates_are_uncoupled():
     e = torch.zeros(30)
     e[pruned.nonzero()[0]] = 1.0
     torch.testing.assert_close(provider.matvec("0", e.reshape(5, 6)).reshape(-1), e / GAMMA, atol=1e-4, rtol=0)
-    torch.testing.assert_close(provider.matvec("0", keep.float()).reshape(-1), q @ keep.float().reshape(-1), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        provider.matvec("0", keep.float()).reshape(-1), q @ keep.float().reshape(-1), atol=1e-3, rtol=1e-4
+    )
     diagonal = DiagonalFisherProvider(layers, DiagonalFisherConfig(damping=GAMMA, num_grads=NUM_GRADS))
     diagonal.ready(model, batches)
     diagonal.mask("0", keep)
     assert (diagonal.diag("0")[~keep] == 1 / GAMMA).all() and (diagonal.diag("0")[keep] < 1 / GAMMA).all()
 
 
-@pytest.mark.parametrize("cls,config", [(BlockFisherProvider, BlockFisherConfig), (DiagonalFisherProvider, DiagonalFisherConfig)])
+@pytest.mark.parametrize(
+    "cls,config", [(BlockFisherProvider, BlockFisherConfig), (DiagonalFisherProvider, DiagonalFisherConfig)]
+)
 def test_state_dict_round_trip(cls, config):
     model, batches, layers = problem()
     settings = {"damping": GAMMA, "num_grads": NUM_GRADS, "fisher_labels": "sampled"}
@@ -152,7 +171,12 @@ def test_memory_budget_and_settings_are_checked():
 @pytest.mark.parametrize("cls", [BlockFisherProvider, DiagonalFisherProvider])
 def test_empty_dataloader_is_refused_and_state_kept(cls):
     model, batches, layers = problem()
-    provider = cls(layers, cls.config_class(damping=GAMMA, num_grads=NUM_GRADS, **({"block_size": B} if cls is BlockFisherProvider else {})))
+    provider = cls(
+        layers,
+        cls.config_class(
+            damping=GAMMA, num_grads=NUM_GRADS, **({"block_size": B} if cls is BlockFisherProvider else {})
+        ),
+    )
     provider.ready(model, batches)
     before = provider.diag("0")
     with pytest.raises(CurvatureError, match="empty calibration dataloader"):
@@ -163,7 +187,9 @@ def test_empty_dataloader_is_refused_and_state_kept(cls):
 def test_block_fisher_on_tiny_bert_with_sampled_labels():
     model = tiny_bert()
     layers = resolve_targets(model, ["re:.*layer\\.0\\..*(query|dense)$"])
-    provider = BlockFisherProvider(layers, BlockFisherConfig(damping=1e-6, num_grads=6, fisher_labels="sampled", block_size=8))
+    provider = BlockFisherProvider(
+        layers, BlockFisherConfig(damping=1e-6, num_grads=6, fisher_labels="sampled", block_size=8)
+    )
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in token_batches(n_batches=2)]
     assert provider.ready(model, batches) == {"examples": 6.0}
     for name in layers:

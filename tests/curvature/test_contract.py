@@ -15,21 +15,32 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import MLP
 from fls_hf.curvature import config_class_for, provider_class_for, registered_methods
 from fls_hf.curvature.fishleg import STRUCTURES
 from fls_hf.model import adapter_for, from_row_blocks, row_blocks
 
+from helpers import MLP
+
 # Small settings for whichever keys a method's config has (so a newly registered method is covered too).
-SMALL = {"damping": 1e-2, "num_batches": 2, "num_grads": 8, "block_size": 4, "warmup_steps": 2, "init_examples": 8,
-         "fisher_labels": "sampled", "likelihood": "categorical"}
+SMALL = {
+    "damping": 1e-2,
+    "num_batches": 2,
+    "num_grads": 8,
+    "block_size": 4,
+    "warmup_steps": 2,
+    "init_examples": 8,
+    "fisher_labels": "sampled",
+    "likelihood": "categorical",
+}
 CASES = [(m, {}) for m in registered_methods() if m != "fishleg"] + [("fishleg", {"structure": s}) for s in STRUCTURES]
 
 
 def problem():
     model = MLP((6, 5, 3))
     g = torch.Generator().manual_seed(1)
-    batches = [{"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
+    batches = [
+        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)
+    ]
     return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
 
 
@@ -70,13 +81,20 @@ def test_matvec_is_a_symmetric_positive_definite_map_read_consistently(ready_pro
         assert torch.linalg.eigvalsh((q + q.T) / 2).min() > 0
         torch.testing.assert_close(provider.diag(name).double().reshape(-1), q.diagonal(), rtol=1e-4, atol=0)
         v = torch.randn(rows, cols, generator=g)
-        torch.testing.assert_close(provider.matvec(name, v).double().reshape(-1), q @ v.double().reshape(-1), rtol=1e-4, atol=1e-6 * q.abs().max().item())
+        torch.testing.assert_close(
+            provider.matvec(name, v).double().reshape(-1),
+            q @ v.double().reshape(-1),
+            rtol=1e-4,
+            atol=1e-6 * q.abs().max().item(),
+        )
         for block in (2, 3):  # entry (j, k) of block b is Q's entry between the two weights of that row block
             index = row_blocks(torch.arange(rows * cols, dtype=torch.float64).view(rows, cols) + 1, block).long() - 1
             valid = index >= 0
             safe = index.clamp_min(0)
             expected = q[safe[:, :, None], safe[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
-            torch.testing.assert_close(provider.blocks(name, block).double(), expected, rtol=1e-4, atol=1e-6 * q.abs().max().item())
+            torch.testing.assert_close(
+                provider.blocks(name, block).double(), expected, rtol=1e-4, atol=1e-6 * q.abs().max().item()
+            )
         assert from_row_blocks(row_blocks(v, 3), (rows, cols)).equal(v)
 
 

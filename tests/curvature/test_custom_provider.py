@@ -14,19 +14,22 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from helpers import tiny_bert, token_batches
-from test_trainer import dataset, training_args
 from fls_hf import FishLegPruningTrainer, oneshot, sparsity_report
 from fls_hf.curvature import CurvatureConfig, CurvatureProvider, base, register_curvature
 from fls_hf.pruning import Pruner
 from fls_hf.pruning import pruner as pruner_module
+
+from helpers import tiny_bert, token_batches
+from test_trainer import dataset, training_args
 
 
 @dataclass
 class RandomScaleConfig(CurvatureConfig):
     """`curvature:` of the test method: one key of its own."""
 
-    spread: float = field(default=10.0, metadata={"help": "Q_qq = 1/(γ r_q), r_q uniform in [1, spread] at each `ready`."})
+    spread: float = field(
+        default=10.0, metadata={"help": "Q_qq = 1/(γ r_q), r_q uniform in [1, spread] at each `ready`."}
+    )
 
 
 def random_scales(layers, generator, spread):
@@ -72,8 +75,10 @@ def registered(monkeypatch):
 
 
 def recipe(method, **pruning):
-    return {"pruning": {"method": method, "final_sparsity": 0.5, "compensation": "none", **pruning},
-            "curvature": {"spread": 10.0}}
+    return {
+        "pruning": {"method": method, "final_sparsity": 0.5, "compensation": "none", **pruning},
+        "curvature": {"spread": 10.0},
+    }
 
 
 def test_oneshot_with_a_custom_provider_prunes_by_its_curvature(registered):
@@ -93,8 +98,9 @@ def test_oneshot_with_a_custom_provider_prunes_by_its_curvature(registered):
 
 def test_gradual_trainer_run_drives_only_the_interface(registered, tmp_path):
     spec = recipe(registered, init_sparsity=0.2, final_sparsity=0.6, start_step=0, end_step=6, update_frequency=2)
-    trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=spec, train_dataset=dataset(),
-                                    args=training_args(tmp_path, max_steps=8))
+    trainer = FishLegPruningTrainer(
+        model=tiny_bert(), recipe=spec, train_dataset=dataset(), args=training_args(tmp_path, max_steps=8)
+    )
     trainer.train()
     report = sparsity_report(trainer.model, trainer.recipe)
     assert report.zeros == round(0.6 * report.numel)
@@ -108,13 +114,21 @@ def test_gradual_trainer_run_drives_only_the_interface(registered, tmp_path):
 
 def test_the_pruner_reads_only_the_provider_interface():
     """Every `provider.<name>` the Pruner and the surgeon touch is part of `CurvatureProvider` itself."""
-    interface = {n for n, _ in inspect.getmembers(CurvatureProvider) if not n.startswith("_")} | {"layers", "config", "keep"}
+    interface = {n for n, _ in inspect.getmembers(CurvatureProvider) if not n.startswith("_")} | {
+        "layers",
+        "config",
+        "keep",
+    }
     from fls_hf.pruning import surgeon
 
     used = set()
     for module in (pruner_module, surgeon):
         for node in ast.walk(ast.parse(inspect.getsource(module))):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "provider":
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "provider"
+            ):
                 used.add(node.attr)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "provider":
                 used.add(node.attr)

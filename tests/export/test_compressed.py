@@ -11,15 +11,18 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, GPT2LMHeadModel
 
-from helpers import tiny_bert, tiny_gpt2
 from fls_hf import PruningStateError, load_recipe
 from fls_hf.compressed import WEIGHTS_FILE, load_compressed, save_compressed
 from fls_hf.model.targets import resolve_targets
 
+from helpers import tiny_bert, tiny_gpt2
+
 RECIPE = {
     "pruning": {
-        "method": "magnitude", "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
-        "ignore": ["classifier", "re:.*pooler.*"], "final_sparsity": 0.9,
+        "method": "magnitude",
+        "targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
+        "ignore": ["classifier", "re:.*pooler.*"],
+        "final_sparsity": 0.9,
     },
 }
 GPT2_LAYERS = ["re:.*h\\.\\d+\\..*(c_attn|c_proj|c_fc)$"]
@@ -55,7 +58,9 @@ def assert_bit_identical(a, b):
 def sparse_bert(negative_zeros=True, **overrides):
     model = tiny_bert(**overrides)
     recipe = load_recipe(RECIPE)
-    return sparsify(model, resolve_targets(model, recipe.pruning.targets, recipe.pruning.ignore), negative_zeros=negative_zeros)
+    return sparsify(
+        model, resolve_targets(model, recipe.pruning.targets, recipe.pruning.ignore), negative_zeros=negative_zeros
+    )
 
 
 @pytest.mark.parametrize("load_into", ["auto_class", "model_class", "instance"])
@@ -63,8 +68,11 @@ def test_bert_round_trip_is_bit_identical(tmp_path, load_into):
     model = sparse_bert()
     assert any(torch.signbit(p[p == 0]).any() for p in model.parameters())  # −0.0 must come back as −0.0
     save_compressed(model, tmp_path, RECIPE)
-    target = {"auto_class": AutoModelForSequenceClassification, "model_class": BertForSequenceClassification,
-              "instance": tiny_bert(seed=1)}[load_into]
+    target = {
+        "auto_class": AutoModelForSequenceClassification,
+        "model_class": BertForSequenceClassification,
+        "instance": tiny_bert(seed=1),
+    }[load_into]
     loaded = load_compressed(target, tmp_path)
     assert_bit_identical(model, loaded)
     assert loaded.training == (load_into == "instance")  # built from a class: eval mode, like from_pretrained
@@ -122,7 +130,9 @@ def test_mismatched_entries_are_refused(tmp_path):
         metadata = f.metadata()
     key = "values/bert.encoder.layer.0.attention.self.query.weight"
     save_file({**tensors, key: tensors[key][:-1]}, str(path), metadata=metadata)
-    with pytest.raises(PruningStateError, match=r"`values/bert\.encoder\.layer\.0\.attention\.self\.query\.weight` holds"):
+    with pytest.raises(
+        PruningStateError, match=r"`values/bert\.encoder\.layer\.0\.attention\.self\.query\.weight` holds"
+    ):
         load_compressed(BertForSequenceClassification, tmp_path)
     save_file(tensors, str(path), metadata={**metadata, "version": "0"})
     with pytest.raises(PruningStateError, match="version '0'"):

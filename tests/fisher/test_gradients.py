@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import MLP, tiny_bert, tiny_gpt2, token_batches
-from fls_hf.model.adapters import adapter_for
+from fls_hf.errors import CurvatureError
 from fls_hf.fisher.gradients import per_example_gradients
 from fls_hf.fisher.likelihoods import Categorical
-from fls_hf.errors import CurvatureError
+from fls_hf.model.adapters import adapter_for
 from fls_hf.model.targets import resolve_targets
+
+from helpers import MLP, tiny_bert, tiny_gpt2, token_batches
 
 
 class ConvNet(nn.Module):
@@ -29,7 +30,9 @@ class ConvNet(nn.Module):
 def mlp_case():
     model = MLP((6, 5, 3))
     g = torch.Generator().manual_seed(1)
-    batches = [{"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(2)]
+    batches = [
+        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(2)
+    ]
     return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
 
 
@@ -118,7 +121,9 @@ def test_sampled_labels_are_a_seeded_draw_from_the_model():
 
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
-        return next(per_example_gradients(model, [batch], layers, labels="sampled", likelihood=Categorical(), generator=gen))
+        return next(
+            per_example_gradients(model, [batch], layers, labels="sampled", likelihood=Categorical(), generator=gen)
+        )
 
     first, again, other = run(3), run(3), run(4)
     expected = next(per_example_gradients(model, [{**batch, "labels": draws}], layers, likelihood=Categorical()))
@@ -146,7 +151,9 @@ def test_leaves_grads_mode_hooks_and_frozen_flags_alone():
 def test_max_examples_cuts_the_last_batch_and_keep_masks():
     model, batches, layers = mlp_case()
     keep = {"0": torch.rand(5, 6, generator=torch.Generator().manual_seed(0)) > 0.5}
-    got = list(per_example_gradients(model, iter(batches * 100), layers, likelihood=Categorical(), max_examples=6, keep=keep))
+    got = list(
+        per_example_gradients(model, iter(batches * 100), layers, likelihood=Categorical(), max_examples=6, keep=keep)
+    )
     assert [g["0"].shape[0] for g in got] == [4, 2]
     full = next(per_example_gradients(model, batches, layers, likelihood=Categorical()))
     torch.testing.assert_close(got[0]["0"], full["0"] * keep["0"])
@@ -166,8 +173,12 @@ def test_expected_labels_give_the_exact_true_fisher():
     model, batches, layers = mlp_case()
     model.eval()
     batch = {k: v[:3] for k, v in batches[0].items()}  # 3 examples × 3 classes = 9 vectors, asked for 8
-    vectors = [g["0"].reshape(g["0"].shape[0], -1) for g in per_example_gradients(
-        model, [batch], {"0": layers["0"]}, labels="expected", likelihood=Categorical(), max_examples=8)]
+    vectors = [
+        g["0"].reshape(g["0"].shape[0], -1)
+        for g in per_example_gradients(
+            model, [batch], {"0": layers["0"]}, labels="expected", likelihood=Categorical(), max_examples=8
+        )
+    ]
     g = torch.cat(vectors)
     assert g.shape[0] == 9  # the cut keeps whole examples: all 3 class passes see the same 3 inputs
     fisher = g.T @ g / g.shape[0]
@@ -175,8 +186,10 @@ def test_expected_labels_give_the_exact_true_fisher():
     weight = layers["0"].weight
     exact = torch.zeros(weight.numel(), weight.numel())
     for x in batch["input"]:
+
         def logits(w, x=x):
             return torch.func.functional_call(model, {"0.weight": w}, (x[None],))[0]
+
         jac = torch.func.jacrev(logits)(weight.detach()).reshape(3, -1)
         p = torch.softmax(logits(weight.detach()), -1)
         exact += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac / 3

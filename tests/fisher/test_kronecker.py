@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import MLP, tiny_bert, token_batches
-from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
+from fls_hf.curvature.fishleg.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
 from fls_hf.fisher.kronecker import kronecker_statistics
 from fls_hf.fisher.likelihoods import Categorical
-from fls_hf.curvature.fishleg.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
+from fls_hf.model.adapters import adapter_for
 from fls_hf.model.targets import resolve_targets
+
+from helpers import MLP, tiny_bert, token_batches
 
 
 class Wrapped(nn.Module):
@@ -29,7 +30,9 @@ def test_statistics_match_explicit_sampled_label_pass():
     x = torch.randn(6, 5)
     layer = model.net[2]  # second Linear: inputs are tanh activations
     layers = {"net.2": adapter_for("net.2", layer)}
-    a_bar, g = kronecker_statistics(model, [{"x": x}], layers, Categorical(), generator=torch.Generator().manual_seed(3))["net.2"]
+    a_bar, g = kronecker_statistics(
+        model, [{"x": x}], layers, Categorical(), generator=torch.Generator().manual_seed(3)
+    )["net.2"]
 
     labels = Categorical().sample(model(x).detach(), generator=torch.Generator().manual_seed(3))
     hidden = torch.tanh(model.net[0](x))
@@ -45,7 +48,8 @@ def test_padding_tokens_are_left_out_of_the_input_covariance():
     layers = resolve_targets(model, ["bert.encoder.layer.0.attention.self.query"])
     batch = token_batches(n_batches=1)[0]
     a_bar, g = kronecker_statistics(model, [batch], layers, Categorical(), generator=torch.Generator().manual_seed(0))[
-        "bert.encoder.layer.0.attention.self.query"]
+        "bert.encoder.layer.0.attention.self.query"
+    ]
     assert a_bar[-1, -1] == pytest.approx(1.0)  # the bias column's second moment: exactly 1 over real tokens
     assert (g > 0).all()
 
@@ -101,7 +105,9 @@ def test_provider_kfac_init_on_tiny_bert(structure):
     """A freshly initialised BERT has a tiny Fisher: a tiny damping lets the statistics show in Q."""
     model = tiny_bert()
     layers = resolve_targets(model, ["re:.*encoder\\.layer\\.0\\..*(query|dense)$"])
-    provider = FishLegProvider(layers, FishLegConfig(damping=1e-9, init="kfac", warmup_steps=0, structure=structure, block_size=4))
+    provider = FishLegProvider(
+        layers, FishLegConfig(damping=1e-9, init="kfac", warmup_steps=0, structure=structure, block_size=4)
+    )
     before = {n: provider.diag(n).clone() for n in layers}
     provider.ready(model, token_batches(n_batches=2))
     for name in layers:

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from helpers import MLP, tiny_gpt2, token_batches
+from fls_hf.fisher.likelihoods import Bernoulli, Categorical, Gaussian
 from fls_hf.fisher.products import ggn_product, hvp_product
 from fls_hf.model.forward import valid_rows
-from fls_hf.fisher.likelihoods import Bernoulli, Categorical, Gaussian
+
+from helpers import MLP, tiny_gpt2, token_batches
 
 
 class Wrapped(nn.Module):
@@ -51,7 +52,7 @@ def explicit_fisher(model, batch, names, likelihood):
     return f / valid.sum()
 
 
-@pytest.mark.parametrize("likelihood", [Categorical(), Bernoulli(), Gaussian(sigma=0.5)], ids=lambda l: l.name)
+@pytest.mark.parametrize("likelihood", [Categorical(), Bernoulli(), Gaussian(sigma=0.5)], ids=lambda lik: lik.name)
 def test_ggn_product_equals_explicit_fisher_mlp(likelihood):
     model = Wrapped(MLP((6, 5, 3)))
     model.eval()

@@ -5,14 +5,15 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import token_batches
-from test_trainer import dataset, training_args
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fls_hf import FishLegPruningTrainer, oneshot, sparsity_report
 from fls_hf.errors import CurvatureError
 from fls_hf.model import logits_of
+
+from helpers import token_batches
+from test_trainer import dataset, training_args
 
 LOGITS = torch.arange(6.0).reshape(2, 3)
 LOSS = torch.tensor(0.5)

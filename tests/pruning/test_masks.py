@@ -8,9 +8,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fls_hf.model.adapters import adapter_for
 from fls_hf.errors import PruningStateError
+from fls_hf.model.adapters import adapter_for
 from fls_hf.pruning.masks import MaskSet, pack_bits, unpack_bits
+
 from helpers import MLP
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import MLP, tiny_bert, token_batches
 from fls_hf import oneshot
 from fls_hf.curvature import KFACConfig, KFACProvider
 from fls_hf.errors import CurvatureError, RecipeError
 from fls_hf.model import adapter_for
 from fls_hf.pruning import MaskSet, Pruner, prune_step
 from fls_hf.pruning.obc import obc_compensation, obc_saliency
+
+from helpers import MLP, tiny_bert, token_batches
 
 
 def spd(n: int, seed: int) -> torch.Tensor:
@@ -135,7 +136,7 @@ def test_obc_without_a_row_model_is_refused_early():
     with pytest.raises(RecipeError, match=r"`pruning.compensation` = 'obc' needs a curvature with a row-wise model"):
         Pruner(tiny_bert(), {"pruning": {"method": "fishleg", "compensation": "obc"}})
     layers = {"0": adapter_for("0", MLP()[0])}
-    from fls_hf.curvature import MagnitudeProvider, CurvatureConfig
+    from fls_hf.curvature import CurvatureConfig, MagnitudeProvider
 
     with pytest.raises(CurvatureError, match="needs a row-wise curvature model"):
         prune_step(

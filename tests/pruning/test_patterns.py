@@ -30,7 +30,8 @@ def nonzeros_per_group(keep: torch.Tensor, m: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "text, n, m", [("unstructured", None, None), ("Unstructured", None, None), ("2:4", 2, 4), (" 4:8 ", 4, 8), ("1:2", 1, 2)]
+    "text, n, m",
+    [("unstructured", None, None), ("Unstructured", None, None), ("2:4", 2, 4), (" 4:8 ", 4, 8), ("1:2", 1, 2)],
 )
 def test_parse_mask_type(text, n, m):
     pattern = parse_mask_type(text)
@@ -40,8 +41,15 @@ def test_parse_mask_type(text, n, m):
 
 @pytest.mark.parametrize(
     "value, match",
-    [("garbage", "'garbage' is not understood"), ("2:4:8", "'2:4:8'"), ("", "''"), ("4:4", "'4:4' needs 1 <= N < M"),
-     ("5:4", "'5:4' needs"), ("0:4", "'0:4' needs"), (124, "124 must be a string.*quote it")],
+    [
+        ("garbage", "'garbage' is not understood"),
+        ("2:4:8", "'2:4:8'"),
+        ("", "''"),
+        ("4:4", "'4:4' needs 1 <= N < M"),
+        ("5:4", "'5:4' needs"),
+        ("0:4", "'0:4' needs"),
+        (124, "124 must be a string.*quote it"),
+    ],
 )
 def test_parse_mask_type_rejects(value, match):
     with pytest.raises(RecipeError, match=r"pruning\.mask_type.*" + match):
@@ -109,8 +117,13 @@ def bounded_saliency() -> dict:
 
 @pytest.mark.parametrize(
     "bounds, low, high",
-    [({}, 20, 0), ({"max_sparsity": 0.7}, 14, 6), ({"min_sparsity": 0.4}, 12, 8),
-     ({"min_sparsity": 0.4, "max_sparsity": 0.7}, 12, 8), ({"min_sparsity": 0.8}, 10, 10)],
+    [
+        ({}, 20, 0),
+        ({"max_sparsity": 0.7}, 14, 6),
+        ({"min_sparsity": 0.4}, 12, 8),
+        ({"min_sparsity": 0.4, "max_sparsity": 0.7}, 12, 8),
+        ({"min_sparsity": 0.8}, 10, 10),
+    ],
     ids=["none", "max", "min", "both", "min_capped_at_target"],
 )
 def test_global_bounds_keep_the_count_exact(bounds, low, high):
@@ -132,14 +145,18 @@ def test_bounds_round_outwards_to_whole_weights():
     shapes = {"low": (1, 5), "high": (1, 5)}
     saliency = {"low": torch.arange(5.0).view(1, 5), "high": 10 + torch.arange(5.0).view(1, 5)}
     # 0.7 · 5 = 3.5 may round up to 4, otherwise round(0.7 · 10) = 7 would be infeasible
-    keep = select_pruned(saliency, dense(shapes), 0.7, "unstructured", global_scope=True, min_sparsity=0.7, max_sparsity=0.7)
+    keep = select_pruned(
+        saliency, dense(shapes), 0.7, "unstructured", global_scope=True, min_sparsity=0.7, max_sparsity=0.7
+    )
     assert (int((~keep["low"]).sum()), int((~keep["high"]).sum())) == (4, 3)
 
 
 @pytest.mark.parametrize(
     "bounds, already, match",
-    [({"max_sparsity": 0.3}, 0, "needs 20 pruned weights.*allow only between 0 and 12"),
-     ({"max_sparsity": 0.5}, 15, r"module `high` cannot satisfy its bounds: it needs at least 15.*at most 10")],
+    [
+        ({"max_sparsity": 0.3}, 0, "needs 20 pruned weights.*allow only between 0 and 12"),
+        ({"max_sparsity": 0.5}, 15, r"module `high` cannot satisfy its bounds: it needs at least 15.*at most 10"),
+    ],
 )
 def test_infeasible_bounds_raise(bounds, already, match):
     keep = dense(BOUND_SHAPES)

@@ -5,9 +5,10 @@ import pickle
 import pytest
 import torch
 
-from helpers import tiny_bert, token_batches
 from fls_hf.errors import PruningStateError
 from fls_hf.pruning.pruner import STATE_TENSORS, Pruner
+
+from helpers import tiny_bert, token_batches
 
 RECIPE = {
     "pruning": {"method": "fishleg", "final_sparsity": 0.5, "obs_block_size": 8},
@@ -34,7 +35,10 @@ def test_state_round_trip_restores_masks_and_curvature(tmp_path):
     # loading enforces the masks on the (unpruned) fresh model's weights
     assert fresh.masks.global_sparsity() == pytest.approx(0.5)
     for name, adapter in fresh.layers.items():
-        assert torch.equal(adapter.weight == 0, ~fresh.masks.keep(name)) or (adapter.weight[~fresh.masks.keep(name)] == 0).all()
+        assert (
+            torch.equal(adapter.weight == 0, ~fresh.masks.keep(name))
+            or (adapter.weight[~fresh.masks.keep(name)] == 0).all()
+        )
 
 
 @pytest.mark.bad_input

@@ -57,8 +57,10 @@ def test_recomputation_targets_equal_log_density_steps():
 
 @pytest.mark.parametrize(
     "args, match",
-    [((0.5, 1.0, 2), r"target sparsity = 1.0 must be in \[0, 1\)"),
-     ((0.6, 0.5, 2), "0.5 is below the current sparsity 0.6")],
+    [
+        ((0.5, 1.0, 2), r"target sparsity = 1.0 must be in \[0, 1\)"),
+        ((0.6, 0.5, 2), "0.5 is below the current sparsity 0.6"),
+    ],
 )
 def test_recomputation_validation(args, match):
     with pytest.raises(RecipeError, match=match):

@@ -7,15 +7,19 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature import CurvatureConfig, CurvatureProvider
-from fls_hf.model import row_blocks
 from fls_hf.curvature.magnitude import MagnitudeProvider
-from fls_hf.errors import RecipeError
+from fls_hf.model import row_blocks
+from fls_hf.model.adapters import adapter_for
 from fls_hf.pruning.masks import MaskSet
 from fls_hf.pruning.patterns import MaskPattern
-from fls_hf.pruning.surgeon import (independent_compensation, joint_block_compensation, obd_saliency, obs_saliency,
-                                   prune_step)
+from fls_hf.pruning.surgeon import (
+    independent_compensation,
+    joint_block_compensation,
+    obd_saliency,
+    obs_saliency,
+    prune_step,
+)
 
 
 class ExplicitProvider(CurvatureProvider):
@@ -102,7 +106,11 @@ def test_prune_step_removes_the_cheapest_weight_with_exact_compensation():
 
 # (layer shape, F's block sizes, B): B covers a row and F does not couple rows, so blockwise OBS
 # is full OBS; the last case also exercises blocks padded at the row end.
-JOINT_CASES = {"one_row_dense": ((1, 12), None, 12), "rows_uncoupled": ((3, 4), [4, 4, 4], 4), "padded": ((2, 5), [2, 2, 1] * 2, 2)}
+JOINT_CASES = {
+    "one_row_dense": ((1, 12), None, 12),
+    "rows_uncoupled": ((3, 4), [4, 4, 4], 4),
+    "padded": ((2, 5), [2, 2, 1] * 2, 2),
+}
 
 
 @pytest.mark.parametrize("case", JOINT_CASES.values(), ids=JOINT_CASES.keys())
@@ -152,13 +160,18 @@ def test_magnitude_provider_is_magnitude_pruning(global_scope, compensation):
     before = {n: a.weight_matrix().clone() for n, a in layers.items()}
     masks = MaskSet.dense(layers)
     provider = MagnitudeProvider(layers, CurvatureConfig(damping=0.5))
-    prune_step(provider, layers, masks, 0.6, "unstructured", global_scope=global_scope, compensation=compensation, block_size=3)
+    prune_step(
+        provider, layers, masks, 0.6, "unstructured", global_scope=global_scope, compensation=compensation, block_size=3
+    )
     if global_scope:
         everything = torch.cat([w.abs().reshape(-1) for w in before.values()])
         cut = everything.sort().values[math.floor(0.6 * everything.numel() + 0.5) - 1]
         expected = {n: w.abs() <= cut for n, w in before.items()}
     else:
-        expected = {n: w.abs() <= w.abs().reshape(-1).sort().values[math.floor(0.6 * w.numel() + 0.5) - 1] for n, w in before.items()}
+        expected = {
+            n: w.abs() <= w.abs().reshape(-1).sort().values[math.floor(0.6 * w.numel() + 0.5) - 1]
+            for n, w in before.items()
+        }
     for n, adapter in layers.items():
         prune = ~masks.keep_matrix(n)
         assert torch.equal(prune, expected[n]), n
@@ -204,7 +217,9 @@ def test_non_finite_compensation_falls_back_to_zeroing(compensation):
     before = {n: a.weight_matrix().clone() for n, a in layers.items()}
     masks = MaskSet.dense(layers)
     with pytest.warns(RuntimeWarning) as record:
-        prune_step(NaNProvider(layers, CurvatureConfig()), layers, masks, 0.5, "unstructured", compensation=compensation)
+        prune_step(
+            NaNProvider(layers, CurvatureConfig()), layers, masks, 0.5, "unstructured", compensation=compensation
+        )
     assert {str(r.message) for r in record} == {
         f"module `{n}`: {compensation} compensation gave non-finite weights; this layer was pruned by zeroing only "
         "(check its curvature estimate and `curvature.damping`)"

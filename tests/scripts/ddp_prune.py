@@ -4,7 +4,6 @@ Each rank writes what it ended with (mask digest, sparsity, a weight checksum) t
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,31 +12,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from fls_hf import FishLegPruningTrainer, sparsity_report  # noqa: E402
+
 from helpers import tiny_bert  # noqa: E402
 from test_trainer import dataset, training_args  # noqa: E402
-
-from fls_hf import FishLegPruningTrainer, sparsity_report  # noqa: E402
 
 out, method = Path(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
 curvature = {"damping": 1e-3, "num_batches": 2}
 curvature.update(
-    {"fishleg": {"warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3},
-     "block_fisher": {"num_grads": 8, "block_size": 8}}[method]
+    {
+        "fishleg": {"warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3},
+        "block_fisher": {"num_grads": 8, "block_size": 8},
+    }[method]
 )
 recipe = {
-    "pruning": {"method": method, "init_sparsity": 0.3, "final_sparsity": 0.8, "start_step": 0, "end_step": 6,
-                "update_frequency": 2, "obs_block_size": 8},
+    "pruning": {
+        "method": method,
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.8,
+        "start_step": 0,
+        "end_step": 6,
+        "update_frequency": 2,
+        "obs_block_size": 8,
+    },
     "curvature": curvature,
 }
-trainer = FishLegPruningTrainer(model=tiny_bert(), recipe=recipe, train_dataset=dataset(),
-                                args=training_args(out / "run", max_steps=8, per_device_train_batch_size=2))
+trainer = FishLegPruningTrainer(
+    model=tiny_bert(),
+    recipe=recipe,
+    train_dataset=dataset(),
+    args=training_args(out / "run", max_steps=8, per_device_train_batch_size=2),
+)
 trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else -1
 world = dist.get_world_size() if dist.is_initialized() else 1
 report = sparsity_report(trainer.model, trainer.recipe)
 checksum = float(sum(p.double().sum() for p in trainer.model.parameters()))
-(out / f"rank{rank}.json").write_text(json.dumps({
-    "world": world, "digest": trainer.pruner.masks.digest(), "zeros": report.zeros, "numel": report.numel,
-    "checksum": checksum, "curvature_steps": getattr(trainer.pruner.provider, "steps_done", 0),
-}))
+(out / f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "world": world,
+            "digest": trainer.pruner.masks.digest(),
+            "zeros": report.zeros,
+            "numel": report.numel,
+            "checksum": checksum,
+            "curvature_steps": getattr(trainer.pruner.provider, "steps_done", 0),
+        }
+    )
+)

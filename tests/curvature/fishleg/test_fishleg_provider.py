@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import tiny_bert, token_batches
-from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
-from fls_hf.fisher.likelihoods import Gaussian
 from fls_hf.errors import CurvatureError, RecipeError, UnsupportedModuleError
+from fls_hf.fisher.likelihoods import Gaussian
+from fls_hf.model.adapters import adapter_for
 from fls_hf.model.targets import resolve_targets
+
+from helpers import tiny_bert, token_batches
 
 N_IN, N_OUT, GAMMA = 6, 3, 1e-2
 
@@ -48,9 +49,7 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize(
-    "structure,lr,steps", [("kronecker", 3e-2, 1000), ("block_diagonal", 3e-2, 1000)]
-)
+@pytest.mark.parametrize("structure,lr,steps", [("kronecker", 3e-2, 1000), ("block_diagonal", 3e-2, 1000)])
 def test_learned_q_reaches_exact_inverse(structure, lr, steps):
     """Budget: `steps` aux steps (Adam, lr) from Q₀ = I/γ reach < 5 % relative Frobenius error."""
     net, batch, sigma = kronecker_problem()
@@ -173,7 +172,9 @@ def test_gradient_direction_u_on_tiny_bert():
     """u along the sampled-label gradient (the optimiser's choice), masked and scaled like a Gaussian u."""
     model = tiny_bert()
     layers = resolve_targets(model, ["re:.*encoder\\.layer\\.0\\..*(query|dense)$"])
-    provider = FishLegProvider(layers, FishLegConfig(damping=1e-7, init="identity", u_sampling="gradient", warmup_steps=0))
+    provider = FishLegProvider(
+        layers, FishLegConfig(damping=1e-7, init="identity", u_sampling="gradient", warmup_steps=0)
+    )
     keep = torch.ones(layers["bert.encoder.layer.0.attention.self.query"].shape, dtype=torch.bool)
     keep[:, :4] = False
     provider.mask("bert.encoder.layer.0.attention.self.query", keep)
@@ -195,8 +196,15 @@ def test_fisher_init_is_the_exact_true_fisher_block_inverse(structure):
     torch.manual_seed(0)
     net = LinearNet()
     x = torch.randn(8, N_IN)
-    config = FishLegConfig(damping=GAMMA, init="fisher", init_labels="expected", init_examples=8 * N_OUT,
-                           warmup_steps=0, structure=structure, block_size=N_IN)
+    config = FishLegConfig(
+        damping=GAMMA,
+        init="fisher",
+        init_labels="expected",
+        init_examples=8 * N_OUT,
+        warmup_steps=0,
+        structure=structure,
+        block_size=N_IN,
+    )
     provider = FishLegProvider({"lin": adapter_for("lin", net.lin)}, config, likelihood=Categorical())
     provider.prepare(net, [{"x": x}])
 
@@ -206,7 +214,9 @@ def test_fisher_init_is_the_exact_true_fisher_block_inverse(structure):
     for i in range(N_OUT):
         h = p[:, i] * (1 - p[:, i])
         fisher = (h[:, None, None] * x[:, :, None] * x[:, None, :]).mean(0) + GAMMA * torch.eye(N_IN)
-        blocks.append(torch.linalg.inv(fisher) if structure == "block_diagonal" else torch.diag(1 / torch.diagonal(fisher)))
+        blocks.append(
+            torch.linalg.inv(fisher) if structure == "block_diagonal" else torch.diag(1 / torch.diagonal(fisher))
+        )
     torch.testing.assert_close(explicit_q(provider), torch.block_diag(*blocks), rtol=1e-4, atol=1e-4)
 
 
@@ -219,8 +229,18 @@ def _expected_fisher_provider(net, **overrides):
     """init: fisher with the exact (expected-label) Fisher: a deterministic warm start to compare against."""
     from fls_hf.fisher.likelihoods import Categorical
 
-    config = FishLegConfig(**{"damping": GAMMA, "init": "fisher", "init_labels": "expected", "init_examples": 8 * N_OUT,
-                              "warmup_steps": 0, "structure": "diagonal", "aux_lr": 1e-1, **overrides})
+    config = FishLegConfig(
+        **{
+            "damping": GAMMA,
+            "init": "fisher",
+            "init_labels": "expected",
+            "init_examples": 8 * N_OUT,
+            "warmup_steps": 0,
+            "structure": "diagonal",
+            "aux_lr": 1e-1,
+            **overrides,
+        }
+    )
     return FishLegProvider({"lin": adapter_for("lin", net.lin)}, config, likelihood=Categorical())
 
 
@@ -253,10 +273,21 @@ def test_pruner_rewarms_before_later_pruning_steps_only_when_asked(rewarm):
 
     torch.manual_seed(0)
     net, batch = LinearNet(), {"x": torch.randn(8, N_IN)}
-    recipe = {"pruning": {"method": "fishleg", "targets": ["lin"], "compensation": "none"},
-              "curvature": {"likelihood": "categorical", "damping": GAMMA, "init": "fisher", "init_labels": "expected",
-                            "init_examples": 8 * N_OUT, "warmup_steps": 0, "refinement_steps": 0, "num_batches": 1,
-                            "structure": "diagonal", "rewarm": rewarm}}
+    recipe = {
+        "pruning": {"method": "fishleg", "targets": ["lin"], "compensation": "none"},
+        "curvature": {
+            "likelihood": "categorical",
+            "damping": GAMMA,
+            "init": "fisher",
+            "init_labels": "expected",
+            "init_examples": 8 * N_OUT,
+            "warmup_steps": 0,
+            "refinement_steps": 0,
+            "num_batches": 1,
+            "structure": "diagonal",
+            "rewarm": rewarm,
+        },
+    }
     pruner = Pruner(net, recipe)
     pruner.prune_to(net, 0.3, [batch])
     first = explicit_q(pruner.provider)

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fls_hf.model.adapters import adapter_for
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
 from fls_hf.curvature.fishleg.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
+from fls_hf.model.adapters import adapter_for
 
 STRUCTURE_CASES = [
     ("kronecker", lambda: KroneckerQ(4, 6, 0.1)),
