@@ -37,15 +37,27 @@ Batches = Iterable[Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class RowModel:
-    """A layer's row-wise OBS model: row i has Hessian G_ii · H, with one H (cols, cols) shared by every row.
+    """A layer's row-wise curvature: row i has Hessian G_ii Ā + γI, with Ā = U diag(λ) Uᵀ shared by the rows.
 
     Args:
-        inverse: H⁻¹, (cols, cols) float64 (e.g. (Ā + λI)⁻¹ of K-FAC's input side).
-        row_weight: G_ii, (rows,): each row's output-side Fisher, which puts saliencies in loss units.
+        basis: U, (cols, cols) float64, orthonormal eigenvectors of Ā (the input-side K-FAC factor).
+        eigenvalues: λ, (cols,) float64, non-negative.
+        row_weight: G_ii, (rows,) float64, non-negative (the output-side Fisher of each row).
+        damping: γ > 0.
     """
 
-    inverse: torch.Tensor
+    basis: torch.Tensor
+    eigenvalues: torch.Tensor
     row_weight: torch.Tensor
+    damping: float
+
+    def spectrum(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """1 / (G_ii λ_b + γ) for the given rows: (rows, cols), H_i⁻¹'s eigenvalues."""
+        return 1.0 / (self.row_weight[rows, None] * self.eigenvalues[None, :] + self.damping)
+
+    def inverse_diag(self) -> torch.Tensor:
+        """[H_i⁻¹]_jj for every (i, j): (rows, cols)."""
+        return self.spectrum() @ self.basis.square().T
 
 
 class CurvatureProvider(ABC):

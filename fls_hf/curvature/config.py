@@ -138,8 +138,6 @@ class KFACConfig(CurvatureConfig):
         max_full_g_rows (`int`, defaults to `4096`):
             Layers with at most this many rows keep the full output-side factor G (rows² floats); wider ones keep
             diag G (warned).
-        row_damping (`float`, defaults to `0.01`):
-            λ of the row-wise OBC model G_ii (Ā + λI), relative to the mean of diag Ā (SparseGPT's dampening).
     """
 
     num_examples: int = field(
@@ -152,15 +150,9 @@ class KFACConfig(CurvatureConfig):
         default=4096,
         metadata={"help": "Layers with at most this many rows keep the full G (rows² floats); wider ones keep diag G."},
     )
-    row_damping: float = field(
-        default=0.01,
-        metadata={"help": "λ of the row-wise OBC model G_ii (Ā + λI), relative to the mean of diag Ā (as SparseGPT)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("num_examples", "max_full_g_rows"):
             if getattr(self, key) < 1:
                 raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 1")
-        if not self.row_damping > 0:
-            raise CurvatureError(f"recipe key `curvature.row_damping` = {self.row_damping!r} must be > 0")

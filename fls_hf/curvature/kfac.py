@@ -7,8 +7,8 @@ and G = E_n[Σ_t δ δᵀ] (rows², or its diagonal for layers wider than `max_f
     Q V = U_G [(U_Gᵀ V U_A) ⊘ (λ_G λ_Aᵀ + γ)] U_Aᵀ,     diag Q = (U_G ⊙ U_G) D (U_A ⊙ U_A)ᵀ,  D = 1 ⊘ (λ_G λ_Aᵀ + γ).
 
 For the row-wise OBC surgeon (`pruning.compensation: obc`) it also gives each layer's row model: keeping the
-within-row part of K-FAC, ΔL ≈ ½ Σ_i G_ii Δw_iᵀ Ā Δw_i, so row i is an OBS problem with Hessian
-G_ii (Ā + λI), λ = `row_damping` · mean diag Ā (SparseGPT's relative damping), one inverse shared by all rows.
+within-row part of K-FAC, ΔL ≈ ½ Σ_i Δw_iᵀ (G_ii Ā + γI) Δw_i, so row i is an OBS problem of its own with one
+eigenbasis of Ā shared by all rows (`RowModel`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class KFACProvider(CurvatureProvider):
     Example:
         >>> provider = KFACProvider(resolve_targets(model, targets), KFACConfig(num_examples=256))
         >>> provider.ready(model, calibration_batches)
-        >>> provider.row_model("bert.encoder.layer.0.attention.self.query").inverse   # (cols, cols)
+        >>> provider.row_model("bert.encoder.layer.0.attention.self.query").inverse_diag()   # (rows, cols)
     """
 
     config_class = KFACConfig
@@ -69,12 +69,12 @@ class KFACProvider(CurvatureProvider):
             self.g[name] = torch.zeros((rows, rows) if name in self.full_g else (rows,), device=device)
 
     def estimated_bytes(self) -> int:
-        """Ā and G (fp32) plus their eigenbases and the row model's inverse (fp64), per layer."""
+        """Ā and G (fp32), their eigenbases and Q's spectrum (fp32), the row model's basis (fp64), per layer."""
         total = 0
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
             g = rows * rows if name in self.full_g else rows
-            total += 4 * (cols * cols + g) + 4 * (cols * cols + g + rows * cols) + 8 * cols * cols
+            total += 4 * (cols * cols + g) + 4 * (cols * cols + g + rows * cols) + 8 * (cols * cols + cols + rows)
         return total
 
     # ----------------------------------------------------------------- estimation
@@ -111,9 +111,8 @@ class KFACProvider(CurvatureProvider):
                 lam_g, u_g = g.clamp_min(0), None
             inverse_eigen = 1.0 / (lam_g[:, None] * lam_a[None, :] + self.damping)
             self._eigen[name] = (u_a.float(), None if u_g is None else u_g.float(), inverse_eigen.float())
-            self._rows[name] = RowModel(
-                _damped_inverse(a_bar, self.config.row_damping), g.diagonal() if g.dim() == 2 else g
-            )
+            row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
+            self._rows[name] = RowModel(u_a, lam_a, row_weight, self.damping)
 
     # ----------------------------------------------------------------- queries
     def _row_mix(self, name: str) -> torch.Tensor:
@@ -173,15 +172,3 @@ class KFACProvider(CurvatureProvider):
         super().load_state_dict(state)
         if self.estimated:
             self._refresh()
-
-
-def _damped_inverse(a_bar: torch.Tensor, relative: float) -> torch.Tensor:
-    """(Ā + λI)⁻¹ in float64, λ = relative · mean diag Ā (tiny absolute floor for an all-zero Ā), by Cholesky."""
-    cols = a_bar.shape[0]
-    damping = relative * float(a_bar.diagonal().mean()) + 1e-12
-    eye = torch.eye(cols, dtype=torch.float64, device=a_bar.device)
-    for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(a_bar + damping * (10**attempt) * eye)
-        if int(info) == 0:
-            return torch.cholesky_inverse(factor)
-    raise CurvatureError("Ā + λI is not positive definite even at 10⁵ × `curvature.row_damping`; raise it")

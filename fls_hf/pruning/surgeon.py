@@ -227,7 +227,7 @@ def _saliency(
     if broken:
         return obs_saliency(weight, diag)
     if row_model is not None:
-        return obc_saliency(weight, row_model.row_weight, row_model.inverse)
+        return obc_saliency(weight, row_model)
     if saliency == "obd":
         return obd_saliency(weight, provider.blocks(name, block_size))
     return obs_saliency(weight, diag)
@@ -265,7 +265,7 @@ def _compensated(
     if compensation == "none" or not pruned_now.any():
         return plain
     if compensation == "obc":
-        delta = obc_compensation(weight, row_model.inverse, ~keep)
+        delta = obc_compensation(weight, row_model, ~keep)
     elif compensation == "independent":
         delta = independent_compensation(provider, name, weight, pruned_now)
     else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fls_hf import oneshot
-from fls_hf.curvature import KFACConfig, KFACProvider
+from fls_hf.curvature import KFACConfig, KFACProvider, RowModel
 from fls_hf.errors import CurvatureError, RecipeError
 from fls_hf.model import adapter_for
 from fls_hf.pruning import MaskSet, Pruner, prune_step
@@ -14,28 +14,35 @@ from fls_hf.pruning.obc import obc_compensation, obc_saliency
 
 from helpers import MLP, tiny_bert, token_batches
 
+GAMMA = 1e-2
+
 
 def spd(n: int, seed: int) -> torch.Tensor:
+    """A rank-deficient PSD Ā (as from fewer tokens than inputs): the damping γ must carry the null space."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
-    return x @ x.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
+    x = torch.randn(n, n - 2, generator=g, dtype=torch.float64)
+    return x @ x.T / n
 
 
 def row_problem(rows=5, cols=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    h = spd(cols, seed + 1)
+    a_bar = spd(cols, seed + 1)
     row_weight = torch.rand(rows, generator=g, dtype=torch.float64) + 0.1
+    row_weight[2] = 1e-9  # a row the Fisher barely sees: damping makes it magnitude-like
     pruned = torch.rand(rows, cols, generator=g) < 0.5
     pruned[0] = False  # a row with nothing pruned
     pruned[1] = True
     pruned[1, 3] = False  # all but one pruned
-    return w, h, row_weight, pruned
+    lam, basis = torch.linalg.eigh(a_bar)
+    return w, a_bar, row_weight, pruned, RowModel(basis, lam.clamp_min(0), row_weight, GAMMA)
 
 
-def full_hessian(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """M = blockdiag_i(G_ii · H) over the row-major vec(W)."""
-    return torch.block_diag(*[gi * h for gi in row_weight])
+def full_hessian(a_bar: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """M = blockdiag_i(G_ii Ā) + γI over the row-major vec(W)."""
+    return torch.block_diag(*[gi * a_bar for gi in row_weight]) + GAMMA * torch.eye(
+        len(row_weight) * len(a_bar), dtype=torch.float64
+    )
 
 
 def constrained_optimum(w: torch.Tensor, m: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -48,32 +55,38 @@ def constrained_optimum(w: torch.Tensor, m: torch.Tensor, pruned: torch.Tensor) 
     return new.view_as(w)
 
 
-def test_obc_compensation_is_the_exact_obs_optimum_of_the_row_hessian():
-    w, h, row_weight, pruned = row_problem()
-    new = w + obc_compensation(w, torch.linalg.inv(h), pruned)
+def test_obc_compensation_is_the_exact_obs_optimum_of_the_damped_row_fisher():
+    w, a_bar, row_weight, pruned, model = row_problem()
+    new = w + obc_compensation(w, model, pruned)
     assert torch.all(new[pruned].abs() < 1e-12)
-    torch.testing.assert_close(new, constrained_optimum(w, full_hessian(h, row_weight), pruned), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        new, constrained_optimum(w, full_hessian(a_bar, row_weight), pruned), rtol=1e-8, atol=1e-10
+    )
     torch.testing.assert_close(new[0], w[0])  # nothing pruned in the row: nothing moves
 
 
 def test_obc_saliency_is_the_exact_single_weight_obs_loss_under_the_full_hessian():
-    w, h, row_weight, _ = row_problem(rows=3, cols=4)
-    m = full_hessian(h, row_weight)
-    saliency = obc_saliency(w, row_weight, torch.linalg.inv(h))
+    w, a_bar, row_weight, _, model = row_problem(rows=3, cols=4)
+    m = full_hessian(a_bar, row_weight)
+    saliency = obc_saliency(w, model)
     for q in range(w.numel()):
         pruned = torch.zeros(w.numel(), dtype=torch.bool)
         pruned[q] = True
         d = (constrained_optimum(w, m, pruned.view_as(w)) - w).reshape(-1)
-        assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-9)
+        assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-8)
+    # a row the Fisher does not see costs what the damping term says: ρ → γ w² / 2
+    model_blind = RowModel(model.basis, model.eigenvalues, torch.zeros(3, dtype=torch.float64), GAMMA)
+    torch.testing.assert_close(obc_saliency(w, model_blind), GAMMA * w.square() / 2)
 
 
 def test_chunks_do_not_change_the_result(monkeypatch):
     from fls_hf.pruning import obc
 
-    w, h, _, pruned = row_problem(rows=9, cols=6, seed=4)
-    whole = obc_compensation(w, torch.linalg.inv(h), pruned)
-    monkeypatch.setattr(obc, "_CHUNK_ELEMENTS", 20)  # one or two rows per solve
-    torch.testing.assert_close(obc_compensation(w, torch.linalg.inv(h), pruned), whole, rtol=1e-12, atol=1e-12)
+    w, _, _, pruned, model = row_problem(rows=9, cols=6, seed=4)
+    model = RowModel(model.basis, model.eigenvalues, torch.rand(9, dtype=torch.float64) + 0.1, GAMMA)
+    whole = obc_compensation(w, model, pruned)
+    monkeypatch.setattr(obc, "_CHUNK_ELEMENTS", 40)  # one or two rows per solve
+    torch.testing.assert_close(obc_compensation(w, model, pruned), whole, rtol=1e-12, atol=1e-12)
 
 
 def test_kfac_q_is_the_exactly_damped_kronecker_inverse():
@@ -93,11 +106,13 @@ def test_kfac_q_is_the_exactly_damped_kronecker_inverse():
             provider.matvec(name, v).double().reshape(-1), q @ v.double().reshape(-1), rtol=1e-4, atol=1e-5
         )
         torch.testing.assert_close(provider.diag(name).double().reshape(-1), q.diagonal(), rtol=1e-4, atol=1e-5)
-        model_rows = provider.row_model(name)
-        lam = 0.01 * a_bar.diagonal().mean()
-        expected = torch.linalg.inv(a_bar + (lam + 1e-12) * torch.eye(cols, dtype=torch.float64))
-        torch.testing.assert_close(model_rows.inverse, expected, rtol=1e-5, atol=1e-8 * expected.abs().max().item())
-        torch.testing.assert_close(model_rows.row_weight, g_full.diagonal())
+        # the row model is the same Fisher with G's off-diagonal dropped: H_i = G_ii Ā + γI
+        row_q = torch.linalg.inv(
+            torch.kron(torch.diag(g_full.diagonal()), a_bar) + 1e-2 * torch.eye(rows * cols, dtype=torch.float64)
+        )
+        torch.testing.assert_close(
+            provider.row_model(name).inverse_diag().reshape(-1), row_q.diagonal(), rtol=1e-6, atol=1e-9
+        )
 
 
 @pytest.mark.parametrize("pattern, scope", [("unstructured", True), ("unstructured", False), ("2:4", True)])
