@@ -236,6 +236,9 @@ METHODS = {
         recomputations=4,
     ),
     "fls-default": default_recipe(),
+    # issue 17: K-FAC row model (row i: G_ii Ā + γI), exact joint OBS inside each row, one global threshold
+    "kfac-obc": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc"),
+    "kfac-obc-rec4": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", recomputations=4),
 }
 
 

@@ -58,3 +58,16 @@ class MLP(nn.Sequential):
             if i < len(sizes) - 2:
                 layers.append(nn.Tanh())
         super().__init__(*layers)
+
+
+def mlp_problem(n_batches: int = 3):
+    """MLP (6, 5, 3) with biases, `n_batches` batches of 4 labelled inputs, and its two layers' adapters."""
+    from fls_hf.model import adapter_for
+
+    model = MLP((6, 5, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+        for _ in range(n_batches)
+    ]
+    return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}

@@ -14,21 +14,15 @@ from fls_hf.curvature import (
 from fls_hf.errors import CurvatureError
 from fls_hf.fisher.gradients import per_example_gradients
 from fls_hf.fisher.likelihoods import Categorical
-from fls_hf.model.adapters import adapter_for
 from fls_hf.model.targets import resolve_targets
 
-from helpers import MLP, tiny_bert, token_batches
+from helpers import mlp_problem, tiny_bert, token_batches
 
 GAMMA, B, NUM_GRADS = 1e-2, 4, 10  # layer "0" is (5, 6), layer "2" is (3, 5): neither cols divisible by B
 
 
 def problem():
-    model = MLP((6, 5, 3))
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)
-    ]
-    return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+    return mlp_problem(3)
 
 
 def explicit_grads(model, batches, layers, keep=None):

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from fls_hf.curvature import config_class_for, provider_class_for, registered_methods
 from fls_hf.curvature.fishleg import STRUCTURES
-from fls_hf.model import adapter_for, from_row_blocks, row_blocks
+from fls_hf.model import from_row_blocks, row_blocks
 
-from helpers import MLP
+from helpers import mlp_problem
 
 # Small settings for whichever keys a method's config has (so a newly registered method is covered too).
 SMALL = {
@@ -36,12 +36,7 @@ CASES = [(m, {}) for m in registered_methods() if m != "fishleg"] + [("fishleg",
 
 
 def problem():
-    model = MLP((6, 5, 3))
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)
-    ]
-    return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+    return mlp_problem(3)
 
 
 def provider_for(method: str, extra: dict, layers):

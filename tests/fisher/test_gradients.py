@@ -11,7 +11,7 @@ from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.model.adapters import adapter_for
 from fls_hf.model.targets import resolve_targets
 
-from helpers import MLP, tiny_bert, tiny_gpt2, token_batches
+from helpers import mlp_problem, tiny_bert, tiny_gpt2, token_batches
 
 
 class ConvNet(nn.Module):
@@ -28,12 +28,7 @@ class ConvNet(nn.Module):
 
 
 def mlp_case():
-    model = MLP((6, 5, 3))
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        {"input": torch.randn(4, 6, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(2)
-    ]
-    return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+    return mlp_problem(2)
 
 
 def conv_case():
