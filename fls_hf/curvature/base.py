@@ -122,6 +122,12 @@ class CurvatureProvider(ABC):
         valid = row_blocks(torch.ones(rows, cols, device=out.device), block_size)
         return out * valid[:, :, None] * valid[:, None, :]
 
+    @property
+    def coupled_block(self) -> int | None:
+        """How far Q couples the weights of a layer: within row blocks of this many consecutive weights (1: Q is
+        diagonal), or None: across blocks too (Kronecker). The Pruner checks the recipe's rules against it."""
+        return None
+
     def row_model(self, name: str) -> RowModel | None:
         """The layer's row-wise OBS model, for `pruning.compensation: obc`; None when Q has no such form."""
         return None

@@ -61,6 +61,10 @@ class BlockFisherProvider(GradientFisherProvider):
             for name, a in self.layers.items()
         }
 
+    @property
+    def coupled_block(self) -> int:
+        return self.config.block_size
+
     def _nblocks(self, name: str) -> int:
         rows, cols = self.layers[name].shape
         return rows * -(-cols // self.config.block_size)

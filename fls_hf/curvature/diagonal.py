@@ -33,6 +33,7 @@ class DiagonalFisherProvider(GradientFisherProvider):
     """
 
     config_class = DiagonalFisherConfig
+    coupled_block = 1
 
     def __init__(
         self, layers: Mapping[str, LayerAdapter], config: DiagonalFisherConfig, likelihood: Likelihood | None = None

@@ -10,6 +10,8 @@ from .base import CurvatureProvider
 class MagnitudeProvider(CurvatureProvider):
     """Identity curvature: magnitude pruning expressed through the common interface."""
 
+    coupled_block = 1
+
     def diag(self, name: str) -> torch.Tensor:
         rows, cols = self.layers[name].shape
         return torch.full((rows, cols), 1.0 / self.damping, device=self.device(name))

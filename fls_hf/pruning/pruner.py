@@ -36,7 +36,7 @@ from ..recipe import PruningRecipe, load_recipe
 from .masks import MaskSet
 from .patterns import parse_mask_type
 from .schedule import SparsitySchedule, recomputation_targets
-from .surgeon import prune_step
+from .surgeon import prune_step, rule_mismatch
 
 STATE_TENSORS = "fls_pruner.safetensors"
 STATE_META = "fls_pruner.json"
@@ -88,6 +88,9 @@ class Pruner:
                 f"`pruning.method` = {cfg.method!r} has none: use `pruning.method: kfac`"
             )
         self.provider = provider_class(self.layers, self.recipe.curvature)
+        mismatch = rule_mismatch(self.provider.coupled_block, cfg.saliency, cfg.compensation)
+        if mismatch:
+            warnings.warn(f"recipe with `pruning.method` = {cfg.method!r}: {mismatch}", UserWarning, stacklevel=3)
         self.masks = MaskSet.dense(self.layers)
         self._adopted = False
         self.current_target = 0.0

@@ -148,6 +148,30 @@ def _solve_pd(m: torch.Tensor, rhs: torch.Tensor, pruned: torch.Tensor) -> torch
     return x
 
 
+def rule_mismatch(coupled_block: int | None, saliency: str, compensation: str) -> str | None:
+    """Why a saliency / compensation pair does not fit a Q that couples weights within `coupled_block` (1: diagonal,
+    None: across blocks), with the pair to use instead; None when it fits (measured: DESIGN.md §2, issue 17)."""
+    if compensation == "obc" or coupled_block == 1:
+        return None  # OBC ranks by its own row model; with a diagonal Q every rule here is OBS = OBD
+    if compensation == "none" and saliency == "obs":
+        return (
+            "`pruning.saliency: obs` ranks a weight by the loss after the OBS compensation, which "
+            "`pruning.compensation: none` never applies: use `pruning.saliency: obd` (the loss of zeroing it alone)"
+        )
+    if compensation == "independent":
+        return (
+            "`pruning.compensation: independent` ignores the interactions among the pruned weights that this Q holds: "
+            "use `block`, or `pruning.method: kfac` with `pruning.compensation: obc`"
+        )
+    if compensation == "block" and coupled_block is None:
+        return (
+            "`pruning.compensation: block` solves OBS inside blocks of a Q that couples across them (blocks of the "
+            "inverse are not inverses of the blocks) and drops every movement outside the block: use "
+            "`pruning.method: kfac` with `pruning.compensation: obc`"
+        )
+    return None
+
+
 def prune_step(
     provider: CurvatureProvider,
     layers: Mapping[str, LayerAdapter],

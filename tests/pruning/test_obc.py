@@ -175,3 +175,54 @@ def test_oneshot_kfac_obc_on_a_causal_lm_keeps_it_finite():
     )
     assert report.zeros == round(0.6 * report.numel)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "coupled, saliency, compensation, says",
+    [
+        (1, "obs", "none", None),  # diagonal Q: OBS = OBD, nothing to compensate
+        (50, "obs", "block", None),  # oBERT: joint OBS inside the blocks Q has
+        (None, "obs", "obc", None),
+        (50, "obs", "none", "use `pruning.saliency: obd`"),
+        (32, "obd", "independent", "ignores the interactions"),
+        (None, "obs", "block", "blocks of the inverse are not inverses of the blocks"),
+    ],
+)
+def test_rule_mismatch_names_the_pair_to_use(coupled, saliency, compensation, says):
+    from fls_hf.pruning.surgeon import rule_mismatch
+
+    message = rule_mismatch(coupled, saliency, compensation)
+    assert (message is None) if says is None else (says in message)
+
+
+def test_pruner_warns_once_on_a_kronecker_q_with_block_compensation():
+    spec = {"pruning": {"method": "fishleg", "compensation": "block"}, "curvature": {"structure": "kronecker"}}
+    with pytest.warns(UserWarning, match=r"`pruning.method: kfac` with `pruning.compensation: obc`") as record:
+        Pruner(tiny_bert(), spec)
+    assert sum("recipe with `pruning.method`" in str(r.message) for r in record) == 1
+
+
+def test_gradual_trainer_run_with_kfac_obc_reaches_the_target(tmp_path):
+    from fls_hf import FishLegPruningTrainer, sparsity_report
+
+    from test_trainer import dataset, training_args
+
+    spec = {
+        "pruning": {
+            "method": "kfac",
+            "compensation": "obc",
+            "init_sparsity": 0.3,
+            "final_sparsity": 0.7,
+            "start_step": 0,
+            "end_step": 6,
+            "update_frequency": 2,
+        },
+        "curvature": {"num_examples": 8},
+    }
+    trainer = FishLegPruningTrainer(
+        model=tiny_bert(), recipe=spec, train_dataset=dataset(), args=training_args(tmp_path, max_steps=8)
+    )
+    trainer.train()
+    report = sparsity_report(trainer.model, trainer.recipe)
+    assert report.zeros == round(0.7 * report.numel)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -87,6 +87,10 @@ class FishLegProvider(CurvatureProvider):
         self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- layout
+    @property
+    def coupled_block(self) -> int | None:
+        return {"diagonal": 1, "block_diagonal": self.config.block_size}.get(self.config.structure)
+
     def models_bias(self, name: str) -> bool:
         """Whether Q covers the layer's bias as one more input column (Kronecker Q of a biased layer)."""
         return self.config.structure == "kronecker" and self.layers[name].bias is not None
