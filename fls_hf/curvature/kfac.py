@@ -8,7 +8,8 @@ and G = E_n[Σ_t δ δᵀ] (rows², or its diagonal for layers wider than `max_f
 
 For the row-wise OBC surgeon (`pruning.compensation: obc`) it also gives each layer's row model: keeping the
 within-row part of K-FAC, ΔL ≈ ½ Σ_i Δw_iᵀ (G_ii Ā + γI) Δw_i, so row i is an OBS problem of its own with one
-eigenbasis of Ā shared by all rows (`RowModel`).
+eigenbasis of Ā shared by all rows (`RowModel`). Q is the whole layer's: masks enter through the statistics of
+the pruned model at the next `ready`, and the OBC solve keeps pruned weights at zero itself.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class KFACProvider(CurvatureProvider):
         return {}
 
     def _refresh(self) -> None:
-        """Eigenbases of Ā and G (Q's exact damping) and the row models (Cholesky inverse of Ā + λI)."""
+        """Eigenbases of Ā and G (Q's exact damping) and the row models (Ā's basis, diag G, γ)."""
         for name in self.layers:
             a_bar, g = self.a_bar[name].double(), self.g[name].double()
             lam_a, u_a = torch.linalg.eigh(a_bar)
