@@ -71,3 +71,25 @@ def mlp_problem(n_batches: int = 3):
         for _ in range(n_batches)
     ]
     return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+
+
+def run_quick_study(study: str, out, timeout: int = 600):
+    """`python -m benchmarks.<study> --quick --output out` from the repository root, progress bars off.
+
+    Returns (the JSON report, the finished process); a non-zero exit fails with the tails of its output."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(Path(out).read_text()), done

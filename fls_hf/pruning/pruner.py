@@ -75,8 +75,7 @@ class Pruner:
             warnings.warn(
                 f"recipe key `pruning.init_sparsity` = {cfg.init_sparsity!r} has no effect: the schedule is one-shot "
                 f"(`pruning.end_step` {'unset' if cfg.end_step is None else '= `pruning.start_step`'}), so it prunes "
-                "to "
-                f"`pruning.final_sparsity` = {cfg.final_sparsity!r} at once; set `pruning.end_step` for a gradual "
+                f"to `pruning.final_sparsity` = {cfg.final_sparsity!r} at once; set `pruning.end_step` for a gradual "
                 "schedule (in the Trainer, leave it unset to spread pruning over the run)",
                 UserWarning,
                 stacklevel=3,

@@ -1,25 +1,15 @@
 """`python -m benchmarks.exact_fisher --quick`: every rule against exact greedy OBS on a small net (issue 17)."""
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_quick_study
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_run_ranks_row_wise_obc_near_exact_obs(tmp_path):
-    out = tmp_path / "exact.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.exact_fisher", "--quick", "--output", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, done = run_quick_study("exact_fisher", tmp_path / "exact.json")
     rise = {name: values["0.5"] for name, values in report["loss_rise"].items()}
     assert set(rise) >= {
         "exact greedy OBS (full M)",

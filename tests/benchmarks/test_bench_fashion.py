@@ -3,17 +3,15 @@ files, in a subprocess."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.common import fashion_data
+
+from helpers import run_quick_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,18 +48,7 @@ def test_splits_shapes_and_range():
 @needs_data
 @pytest.mark.slow
 def test_quick_benchmark_writes_finite_monotone_losses(tmp_path):
-    out = tmp_path / "quick.json"
-    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fashion_autoencoder", "--quick", "--output", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_quick_study("fashion_autoencoder", tmp_path / "quick.json", timeout=300)
     assert math.isfinite(report["dense"]["test"]) and report["dense"]["test"] > 0
     rows = {row["method"]: row for row in report["methods"]}
     assert "magnitude" in rows and any(name.startswith("fls-diag") for name in rows)
@@ -88,18 +75,7 @@ def test_labelled_splits_keep_the_image_order_of_splits():
 @needs_data
 @pytest.mark.slow
 def test_resnet_quick_prunes_convolutions_to_95_percent(tmp_path):
-    out = tmp_path / "resnet.json"
-    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fashion_resnet", "--quick", "--output", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_quick_study("fashion_resnet", tmp_path / "resnet.json", timeout=300)
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"gmp", "fls"}
     for row in rows.values():

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_quick_study
 
 REPO = Path(__file__).resolve().parents[2]
 STRUCTURES = ("full", "layer", "block_diagonal", "diagonal")
@@ -32,17 +30,8 @@ def numbers(node, path="$"):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("b4") / "x.json"
-    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.inverse_quality", "--quick", "--output", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, json.loads(out.read_text())
+    report, _ = run_quick_study("inverse_quality", out, timeout=300)
+    return out, report
 
 
 def test_keys_and_finite_numbers(quick_run):

