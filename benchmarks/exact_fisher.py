@@ -46,6 +46,18 @@ RULES = {
         "pruning": {"method": "kfac", "compensation": "obc", "recomputations": 4},
         "curvature": {"num_examples": 4096},
     },
+    "kfac + row-wise OBC, 4 rounds": {
+        "pruning": {"method": "kfac", "compensation": "obc", "obc_rounds": 4},
+        "curvature": {"num_examples": 4096},
+    },
+    "kfac + row-wise OBC, 16 rounds": {
+        "pruning": {"method": "kfac", "compensation": "obc", "obc_rounds": 16},
+        "curvature": {"num_examples": 4096},
+    },
+    "kfac + row-wise OBC, 4 stages × 4 rounds": {
+        "pruning": {"method": "kfac", "compensation": "obc", "recomputations": 4, "obc_rounds": 4},
+        "curvature": {"num_examples": 4096},
+    },
     "kfac + block OBS (B = 32)": {
         "pruning": {"method": "kfac", "obs_block_size": 32},
         "curvature": {"num_examples": 4096},

@@ -239,6 +239,9 @@ METHODS = {
     # issue 17: K-FAC row model (row i: G_ii Ā + γI), exact joint OBS inside each row, one global threshold
     "kfac-obc": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc"),
     "kfac-obc-rec4": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", recomputations=4),
+    # the same statistics, the pruned set chosen in 4 / 8 rounds that re-rank the survivors given the pruned weights
+    "kfac-obc-r4": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", obc_rounds=4),
+    "kfac-obc-r8": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", obc_rounds=8),
 }
 
 
@@ -251,9 +254,9 @@ def resolve(name: str) -> dict:
     return recipe
 
 
-def calibration(data, batch_size: int, limit: int | None):
+def calibration(data, batch_size: int, limit: int | None, seed: int = 0):
     dataset = data["train"] if limit is None else data["train"].select(range(limit))
-    return minilm.loader(dataset, batch_size, shuffle=True, seed=0)
+    return minilm.loader(dataset, batch_size, shuffle=True, seed=seed)
 
 
 def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
@@ -263,13 +266,15 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
     estimator = Pruner(estimator_model, cfg)
     start = time.time()
     diagnostics = estimator.provider.ready(
-        estimator_model, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit))
+        estimator_model,
+        CalibrationStream(calibration(data, args.batch_size, args.calibration_limit, args.calibration_seed)),
     )
     curvature_s = time.time() - start
     state = estimator.provider.state_dict()
     # FishLeg: aux loss and residual ‖(F+γ)Qu − u‖/‖u‖ of the last warm-up step; baselines: examples used
     row = {
         "method": name,
+        "calibration_seed": args.calibration_seed,
         "recipe": cfg,
         "curvature_seconds": curvature_s,
         "curvature_gib": estimator.provider.memory_bytes() / 2**30,
@@ -282,7 +287,11 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
         pruner = Pruner(model, cfg)
         pruner.adopt_curvature(state)
         start = time.time()
-        pruner.prune_to(model, sparsity, CalibrationStream(calibration(data, args.batch_size, args.calibration_limit)))
+        pruner.prune_to(
+            model,
+            sparsity,
+            CalibrationStream(calibration(data, args.batch_size, args.calibration_limit, args.calibration_seed)),
+        )
         row["results"][str(sparsity)] = {
             "prune_seconds": time.time() - start,
             "sparsity": pruner.masks.global_sparsity(),
@@ -326,6 +335,9 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_batches", type=int, default=64)
+    parser.add_argument(
+        "--calibration_seed", type=int, default=0, help="order of the train examples the calibration batches take"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=None)
     parser.add_argument(
@@ -370,7 +382,12 @@ def main() -> None:
             "test": minilm.accuracy(dense, data["test"]),
             "checkpoint": minilm.checkpoint_id(dense_dir),
         },
-        "settings": {"batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": minilm.MAX_LENGTH},
+        "settings": {
+            "batch_size": args.batch_size,
+            "num_batches": args.num_batches,
+            "max_length": minilm.MAX_LENGTH,
+            "calibration_seed": args.calibration_seed,
+        },
         "methods": [],
     }
     print(f"dense: val {100 * report['dense']['validation']:.2f}  test {100 * report['dense']['test']:.2f}", flush=True)

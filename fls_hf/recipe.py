@@ -97,6 +97,9 @@ class PruningConfig:
             inside each row with the K-FAC row model, `pruning.method: kfac`; ranks by its own saliency).
         obs_block_size (`int`, defaults to `50`):
             Consecutive weights of a row treated jointly by block compensation.
+        obc_rounds (`int`, defaults to `1`):
+            With obc compensation: rounds in which a pruning step chooses its weights, each re-ranking the survivors
+            by their OBS saliency given the weights pruned so far (same curvature; more rounds: closer to greedy OBC).
         saliency (`str`, defaults to `'obs'`):
             obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal read
             off Q's blocks of obs_block_size (others held fixed).
@@ -167,6 +170,16 @@ class PruningConfig:
     obs_block_size: int = field(
         default=50, metadata={"help": "Consecutive weights of a row treated jointly by block compensation."}
     )
+    obc_rounds: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "With obc compensation: rounds in which a pruning step chooses its weights, each re-ranking the "
+                "survivors by their OBS saliency given the weights pruned so far (same curvature; more rounds: "
+                "closer to greedy OBC)."
+            )
+        },
+    )
     saliency: str = field(
         default="obs",
         metadata={
@@ -194,7 +207,7 @@ class PruningConfig:
         )
         if self.end_step is not None and self.update_frequency is None:
             self.update_frequency = 1
-        for name in ("update_frequency", "recomputations", "obs_block_size"):
+        for name in ("update_frequency", "recomputations", "obs_block_size", "obc_rounds"):
             self._require(
                 name, getattr(self, name) is None or getattr(self, name) >= 1, "is out of range: expected value >= 1"
             )

@@ -55,6 +55,10 @@ class RowModel:
         """1 / (G_ii λ_b + γ) for the given rows: (rows, cols), H_i⁻¹'s eigenvalues."""
         return 1.0 / (self.row_weight[rows, None] * self.eigenvalues[None, :] + self.damping)
 
+    def a_bar(self) -> torch.Tensor:
+        """Ā = U diag(λ) Uᵀ: (cols, cols) float64."""
+        return (self.basis * self.eigenvalues) @ self.basis.T
+
     def inverse_diag(self) -> torch.Tensor:
         """[H_i⁻¹]_jj for every (i, j): (rows, cols)."""
         return self.spectrum() @ self.basis.square().T

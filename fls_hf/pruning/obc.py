@@ -2,17 +2,21 @@
 
 Keeping the within-row part of a Kronecker Fisher (diag G ⊗ Ā), with the damping γ of Q ≈ (F + γI)⁻¹, row i of
 W is an OBS problem of its own with Hessian H_i = G_ii Ā + γI (SparseGPT's row problem, Ā ∝ XXᵀ, weighted by
-the output-side Fisher G_ii). One eigenbasis Ā = U diag(λ) Uᵀ serves every row: H_i⁻¹ = U diag(1/(G_ii λ + γ)) Uᵀ.
+the output-side Fisher G_ii). With K_i the kept and P_i the pruned coordinates of row i:
 
-- saliency of weight (i, j) alone: ρ_ij = w_ij² / (2 [H_i⁻¹]_jj), the loss increase under the row model, so one
-  global threshold allocates sparsity across rows and layers (a row with a tiny G_ii is damped towards
-  magnitude pruning, ρ → γ w²/2, rather than freed);
-- compensation for the pruned set P_i of row i (every pruned weight of the row, earlier ones included, so the
-  update stays on the kept coordinates): the exact joint OBS update δw_i = −H_i⁻¹[:, P_i] (H_i⁻¹[P_i, P_i])⁻¹ w_{i,P_i},
-  after which w_{i, P_i} = 0 exactly.
+- saliency of kept weight (i, j): ρ_ij = w_ij² / (2 [(H_i)_KK⁻¹]_jj), the loss increase of removing it while the
+  other kept weights move optimally and the pruned ones stay at zero. In loss units, so one global threshold
+  allocates sparsity across rows and layers (a row with a tiny G_ii is damped towards magnitude pruning,
+  ρ → γ w²/2). With nothing pruned yet, one eigenbasis Ā = U diag(λ) Uᵀ gives every row's diagonal at once.
+- compensation for the pruned set (every pruned weight of the row, earlier ones included, so the update stays on
+  the kept coordinates): the exact joint OBS update, in the primal form δw_K = (H_i)_KK⁻¹ (H_i)_KP w_P =
+  G_ii (G_ii Ā_KK + γI)⁻¹ (Ā w_P)_K, after which w_P = 0 exactly. One Cholesky of a |K|×|K| matrix per row: cheaper
+  than the dual form through H_i⁻¹[P, P] (|P|² · cols per row) at every sparsity, most of all at high sparsity.
 
-Rows are solved in chunks of batched Cholesky systems over their pruned coordinates only (padded to the chunk's
-largest |P_i|): time ~ rows · |P| · cols · (|P| + 1) per layer. Pure tensor maths in float64.
+`obc_solve` gives both from one factorisation: the compensation for a new mask, and the diagonal the next round's
+saliencies need (`pruning.obc_rounds` re-ranks the survivors this way between sub-steps, towards greedy OBC).
+Rows are solved in chunks of batched Cholesky factorisations of their kept coordinates (padded to the chunk's
+largest |K_i| with identity): time ~ rows · |K|³ per layer. Pure tensor maths in float64.
 """
 
 from __future__ import annotations
@@ -21,12 +25,21 @@ import torch
 
 from ..curvature.base import RowModel
 
-_CHUNK_ELEMENTS = 2**24  # rows · |P| · cols float64 entries per batched solve (~128 MiB)
+_CHUNK_ELEMENTS = 2**23  # rows · |K|² float64 entries per batched factorisation (64 MiB; a few copies live at once)
 
 
-def obc_saliency(weight: torch.Tensor, model: RowModel) -> torch.Tensor:
-    """ρ_ij = w_ij² / (2 [H_i⁻¹]_jj): (rows, cols) float64."""
-    return weight.double().square() / (2 * model.inverse_diag())
+def obc_saliency(weight: torch.Tensor, model: RowModel, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """ρ_ij = w_ij² / (2 [(H_i)_KK⁻¹]_jj) on kept weights (0 on pruned ones): (rows, cols) float64.
+
+    Args:
+        weight: (rows, cols) W, zero on pruned coordinates.
+        model: the layer's `RowModel`.
+        keep: bool (rows, cols) current mask; None: nothing pruned yet.
+    """
+    if keep is None or bool(keep.all()):
+        return weight.double().square() / (2 * model.inverse_diag())
+    _, inverse_diag = obc_solve(weight, model, keep, inverse_diag=True)
+    return torch.where(keep, weight.double().square() / (2 * inverse_diag), 0.0)
 
 
 def obc_compensation(weight: torch.Tensor, model: RowModel, pruned: torch.Tensor) -> torch.Tensor:
@@ -40,39 +53,114 @@ def obc_compensation(weight: torch.Tensor, model: RowModel, pruned: torch.Tensor
     Returns:
         (rows, cols) float64 δW; rows without pruned weights get 0.
     """
-    w = weight.double()
-    delta = torch.zeros_like(w)
-    counts = pruned.sum(dim=1)
-    active = (counts > 0).nonzero().squeeze(1)
-    if not len(active):
-        return delta
-    order = active[torch.argsort(counts[active])]  # similar |P_i| share a chunk: less padding
-    step = max(1, _CHUNK_ELEMENTS // (int(counts.max()) * w.shape[1]))
-    for start in range(0, len(order), step):
-        rows = order[start : start + step]
-        delta[rows] = _solve_rows(w[rows], model, rows, pruned[rows])
+    delta, _ = obc_solve(weight, model, ~pruned, inverse_diag=False)
     return delta
 
 
-def _solve_rows(w: torch.Tensor, model: RowModel, rows: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """δ for a chunk of rows: x = (H_i⁻¹[P, P])⁻¹ w_P (padding: identity), δ_i = −H_i⁻¹[:, P] x = −U (d_i ⊙ U_Pᵀ x)."""
+def obc_solve(
+    weight: torch.Tensor, model: RowModel, keep: torch.Tensor, *, inverse_diag: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """OBS compensation δW for the mask `keep`, and (if asked) [(H_i)_KK⁻¹]_jj on the kept coordinates.
+
+    Returns:
+        (δW, diagonal): (rows, cols) float64 each, (W + δW)_P = 0; the diagonal is 1 off K (never read there),
+        None unless asked for.
+    """
+    w = weight.double()
+    keep = keep.to(torch.bool)
+    pruned_w = torch.where(keep, 0.0, w)
+    # (Ā w_P) for every row at once; rows with nothing pruned get no update
+    a_bar = model.a_bar()
+    coupling = (pruned_w @ a_bar) * model.row_weight[:, None]
+    delta = -pruned_w  # (W + δW)_P = 0 exactly
+    diagonal = torch.ones_like(w) if inverse_diag else None
+    counts = keep.sum(dim=1)
+    full = counts == w.shape[1]
+    if diagonal is not None and bool(full.any()):  # nothing pruned in the row: the eigenbasis gives it directly
+        diagonal[full] = model.spectrum(full) @ model.basis.square().T
+    active = (~full & (counts > 0)).nonzero().squeeze(1)
+    if not len(active):
+        return delta, diagonal
+    # each row in the cheaper of the two exact forms (flop counts below); widest first, so the first row of a
+    # chunk sets its size, and rows of similar width share a chunk (less padding)
+    cols, kept = w.shape[1], counts.double()
+    lost = cols - kept
+    if diagonal is None:
+        dual = lost.square() * cols + lost.pow(3) / 3 < kept.pow(3) / 3
+    else:
+        dual = cols * cols * lost + cols * lost.square() + lost.pow(3) / 3 < kept.pow(3)
+    for use_dual in (True, False):
+        group = active[dual[active] == use_dual]
+        order = group[torch.argsort(counts[group], descending=not use_dual, stable=True)]
+        start = 0
+        while start < len(order):
+            first = order[start]
+            size = cols * int(lost[first]) if use_dual else int(kept[first]) ** 2
+            rows = order[start : start + max(1, _CHUNK_ELEMENTS // max(1, size))]
+            start += len(rows)
+            solve = _dual_rows if use_dual else _primal_rows
+            solve(w, coupling, a_bar, model, rows, keep[rows], delta, diagonal)
+    return delta, diagonal
+
+
+def _primal_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None:
+    """δ_K = (H_KK)⁻¹ (H_KP w_P) and diag (H_KK)⁻¹ from one Cholesky per row, written into `delta` / `diagonal`."""
+    index, real, factor = _kept_factor(a_bar, model, rows, keep)
+    rhs = torch.where(real, torch.gather(coupling[rows], 1, index), 0.0)
+    x = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+    delta[rows] += torch.zeros_like(w[rows]).scatter_add(1, index, torch.where(real, x, 0.0))
+    if diagonal is not None:
+        inv = torch.cholesky_inverse(factor).diagonal(dim1=-2, dim2=-1)
+        placed = torch.zeros_like(w[rows]).scatter_add(1, index, torch.where(real, inv, 0.0))  # padding adds 0
+        diagonal[rows] = torch.where(keep, placed, 1.0)
+
+
+def _dual_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None:
+    """The same through H⁻¹ = U diag(1/(G_ii λ + γ)) Uᵀ (cheaper while few weights of the row are pruned):
+    x = (H⁻¹_PP)⁻¹ w_P, δ = −H⁻¹[:, P] x; diag (H_KK)⁻¹ = diag H⁻¹ − diag(H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK)."""
+    pruned = ~keep
     counts = pruned.sum(dim=1, keepdim=True)
     width = int(counts.max())
-    # pruned column indices of each row (stable order), padded with kept ones that the mask `real` switches off
-    index = torch.argsort((~pruned).to(torch.int8), dim=1, stable=True)[:, :width]
-    real = torch.arange(width, device=w.device)[None, :] < counts
+    index = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, :width]
+    real = torch.arange(width, device=keep.device)[None, :] < counts
     spectrum = model.spectrum(rows)  # (c, cols)
     basis_p = model.basis[index] * real[:, :, None]  # (c, p, cols): rows of U at the pruned columns
-    system = (basis_p * spectrum[:, None, :]) @ basis_p.transpose(1, 2)
-    eye = torch.eye(width, dtype=system.dtype, device=system.device)
-    system = system + eye * (~real)[:, :, None]
-    rhs = torch.where(real, torch.gather(w, 1, index), 0.0)
+    eye = torch.eye(width, dtype=w.dtype, device=w.device)
+    system = (basis_p * spectrum[:, None, :]) @ basis_p.transpose(1, 2) + eye * (~real)[:, :, None]
     factor, info = torch.linalg.cholesky_ex(system)
-    if bool(
-        (info != 0).any()
-    ):  # H_i⁻¹[P, P] is positive definite in exact arithmetic; a relative jitter rescues rounding
+    if bool((info != 0).any()):  # H⁻¹_PP is positive definite in exact arithmetic; a relative jitter rescues rounding
         scale = system.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
         factor = torch.linalg.cholesky(system + 1e-10 * scale * eye)
+    rhs = torch.where(real, torch.gather(w[rows], 1, index), 0.0)
     x = torch.cholesky_solve(rhs.unsqueeze(-1), factor)  # (c, p, 1)
-    coefficients = (basis_p.transpose(1, 2) @ x).squeeze(-1) * spectrum  # d_i ⊙ U_Pᵀ x: (c, cols)
-    return -coefficients @ model.basis.T
+    step = -((basis_p.transpose(1, 2) @ x).squeeze(-1) * spectrum) @ model.basis.T  # −H⁻¹[:, P] x
+    delta[rows] = torch.where(pruned, delta[rows], step)  # (W + δW)_P = 0 exactly, as the caller set it
+    if diagonal is not None:
+        columns = (basis_p * spectrum[:, None, :]) @ model.basis.T  # H⁻¹[P, :]: (c, p, cols)
+        reduced = torch.linalg.solve_triangular(factor, columns, upper=False)
+        inverse = spectrum @ model.basis.square().T - reduced.square().sum(dim=1)
+        diagonal[rows] = torch.where(pruned, 1.0, inverse)
+
+
+def _kept_factor(
+    a_bar: torch.Tensor, model: RowModel, rows: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cholesky factors of G_ii Ā_KK + γI for a chunk of rows, padded to the largest |K_i| with the identity.
+
+    Returns (index, real, factor): kept column indices (c, k) (padding points at column 0, switched off by `real`),
+    bool (c, k), and (c, k, k) lower factors.
+    """
+    counts = keep.sum(dim=1, keepdim=True)
+    width = int(counts.max())
+    index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    real = torch.arange(width, device=keep.device)[None, :] < counts
+    index = torch.where(real, index, 0)
+    system = a_bar[index[:, :, None], index[:, None, :]] * model.row_weight[rows, None, None]
+    pair = real[:, :, None] & real[:, None, :]
+    eye = torch.eye(width, dtype=system.dtype, device=system.device)
+    system = torch.where(pair, system, 0.0) + eye * torch.where(real, model.damping, 1.0)[:, :, None]
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool((info != 0).any()):  # positive definite in exact arithmetic (γ > 0); a relative jitter rescues rounding
+        scale = system.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        factor = torch.linalg.cholesky(system + 1e-10 * scale * eye)
+    return index, real, factor

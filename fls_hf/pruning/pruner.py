@@ -135,6 +135,7 @@ class Pruner:
                 min_sparsity=cfg.min_layer_sparsity,
                 max_sparsity=cfg.max_layer_sparsity,
                 saliency=cfg.saliency,
+                obc_rounds=cfg.obc_rounds,
             )
             self.current_target = sub_target
         check_same_on_all_ranks(self.masks.digest(), "pruning masks")

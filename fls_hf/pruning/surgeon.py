@@ -27,8 +27,9 @@ from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
 from ..model.blocks import from_row_blocks, row_blocks
 from .masks import MaskSet
-from .obc import obc_compensation, obc_saliency
+from .obc import obc_saliency, obc_solve
 from .patterns import MaskPattern, parse_mask_type, select_pruned
+from .schedule import recomputation_targets
 
 DIAG_FLOOR = 1e-12  # diag Q is positive by contract; the floor only keeps 1 / diag Q finite
 _JITTERS = (1e-8, 1e-6, 1e-4, 1e-2)  # relative to the block's mean pruned diagonal, tried in order
@@ -185,6 +186,7 @@ def prune_step(
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
     saliency: str = "obs",
+    obc_rounds: int = 1,
 ) -> dict[str, dict[str, float | int]]:
     """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation
     (block | independent | none | obc: the row-wise OBC of `obc.py`, with its own saliency), as the recipe
@@ -201,25 +203,40 @@ def prune_step(
     weights = {n: layers[n].weight_matrix() for n in names}
     diags = {n: provider.diag(n) for n in names}
     broken = _non_finite_curvature(diags)
-    rows = _row_models(provider, names) if compensation == "obc" else {}
-    scores = {
-        n: _saliency(provider, n, weights[n], diags[n], rows.get(n), saliency, block_size, n in broken) for n in names
-    }
-    new_keep = select_pruned(
-        scores,
-        old_keep,
-        target,
-        pattern,
-        global_scope=global_scope,
-        min_sparsity=min_sparsity,
-        max_sparsity=max_sparsity,
-    )
+
+    def select(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], sub_target: float):
+        return select_pruned(
+            scores,
+            keep,
+            sub_target,
+            pattern,
+            global_scope=global_scope,
+            min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity,
+        )
+
+    if compensation == "obc":
+        rows = _row_models(provider, names)
+        new_weights, new_keep = _obc_rounds(weights, old_keep, rows, broken, diags, select, target, obc_rounds)
+    else:
+        scores = {n: _saliency(provider, n, weights[n], diags[n], saliency, block_size, n in broken) for n in names}
+        new_keep = select(scores, old_keep, target)
+        new_weights = {
+            n: _compensated(
+                provider,
+                n,
+                weights[n],
+                new_keep[n],
+                old_keep[n] & ~new_keep[n],
+                "none" if n in broken else compensation,
+                block_size,
+            )
+            for n in names
+        }
     report: dict[str, dict[str, float | int]] = {}
     for n in names:
         pruned_now = old_keep[n] & ~new_keep[n]
-        method = "none" if n in broken else compensation
-        new_weight = _compensated(provider, n, weights[n], new_keep[n], pruned_now, method, block_size, rows.get(n))
-        _write(layers[n], new_weight)
+        _write(layers[n], new_weights[n])
         masks.set(n, new_keep[n])
         provider.mask(n, new_keep[n])
         report[n] = {"sparsity": masks.sparsity(n), "pruned_now": int(pruned_now.sum())}
@@ -237,21 +254,56 @@ def _row_models(provider: CurvatureProvider, names: list[str]) -> dict[str, RowM
     return models
 
 
+def _obc_rounds(
+    weights: dict[str, torch.Tensor],
+    keep: dict[str, torch.Tensor],
+    rows: Mapping[str, RowModel],
+    broken: set[str],
+    diags: Mapping[str, torch.Tensor],
+    select,
+    target: float,
+    rounds: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Row-wise OBC in `rounds` sub-steps (equal in log-density, as `recomputation_targets`): each ranks the kept
+    weights by ρ = w²/(2 [(H_i)_KK⁻¹]_jj) on the weights as the previous round compensated them, prunes to its
+    sub-target and compensates every row jointly; one Cholesky per row and round gives both the update and the next
+    round's diagonal. Layers with non-finite curvature rank by w²/(2 diag Q) and are only zeroed."""
+    total = sum(k.numel() for k in keep.values())
+    current = min(target, sum(int((~k).sum()) for k in keep.values()) / total)
+    sub_targets = recomputation_targets(current, target, rounds)
+    inverse_diag: dict[str, torch.Tensor | None] = dict.fromkeys(weights)
+    for i, sub_target in enumerate(sub_targets):
+        scores = {}
+        for n, w in weights.items():
+            if n in broken:
+                scores[n] = obs_saliency(w, diags[n])
+            elif inverse_diag[n] is None:
+                scores[n] = obc_saliency(w, rows[n], keep[n])
+            else:
+                scores[n] = torch.where(keep[n], w.double().square() / (2 * inverse_diag[n]), 0.0)
+        keep = select(scores, keep, sub_target)
+        last = i == len(sub_targets) - 1
+        for n, w in weights.items():
+            if n in broken:
+                weights[n] = w.masked_fill(~keep[n], 0)
+                continue
+            delta, inverse_diag[n] = obc_solve(w, rows[n], keep[n], inverse_diag=not last)
+            weights[n] = _checked(n, w, delta, keep[n], "obc")
+    return weights, keep
+
+
 def _saliency(
     provider: CurvatureProvider,
     name: str,
     weight: torch.Tensor,
     diag: torch.Tensor,
-    row_model: RowModel | None,
     saliency: str,
     block_size: int,
     broken: bool,
 ) -> torch.Tensor:
-    """OBC's row-model saliency with `obc` compensation, else OBS (w²/2Q_qq) or OBD read off Q's blocks."""
+    """OBS (w²/2Q_qq), or OBD read off Q's blocks."""
     if broken:
         return obs_saliency(weight, diag)
-    if row_model is not None:
-        return obc_saliency(weight, row_model)
     if saliency == "obd":
         return obd_saliency(weight, provider.blocks(name, block_size))
     return obs_saliency(weight, diag)
@@ -282,18 +334,20 @@ def _compensated(
     pruned_now: torch.Tensor,
     compensation: str,
     block_size: int,
-    row_model: RowModel | None = None,
 ) -> torch.Tensor:
     """New (rows, cols) weight on a copy: W + δW, then every pruned coordinate set to exactly 0."""
-    plain = weight.masked_fill(~keep, 0)
     if compensation == "none" or not pruned_now.any():
-        return plain
-    if compensation == "obc":
-        delta = obc_compensation(weight, row_model, ~keep)
-    elif compensation == "independent":
+        return weight.masked_fill(~keep, 0)
+    if compensation == "independent":
         delta = independent_compensation(provider, name, weight, pruned_now)
     else:
         delta = joint_block_compensation(weight, provider.blocks(name, block_size), pruned_now, block_size)
+    return _checked(name, weight, delta, keep, compensation)
+
+
+def _checked(name: str, weight: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor, compensation: str):
+    """W + δW with every pruned coordinate exactly 0; plain zeroing (warned) if the update is not finite."""
+    plain = weight.masked_fill(~keep, 0)
     dtype = torch.promote_types(_compute_dtype(weight.dtype), delta.dtype)
     new_weight = (weight.to(dtype) + delta.to(dtype)).masked_fill(~keep, 0)
     if not torch.isfinite(new_weight).all():

@@ -226,3 +226,67 @@ def test_gradual_trainer_run_with_kfac_obc_reaches_the_target(tmp_path):
     report = sparsity_report(trainer.model, trainer.recipe)
     assert report.zeros == round(0.7 * report.numel)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_obc_saliency_with_pruned_weights_is_the_single_weight_obs_loss_given_them():
+    """With P already at zero, removing kept weight q costs ½ dᵀMd for the optimum d keeping P ∪ {q} at zero."""
+    w, a_bar, row_weight, pruned, model = row_problem(rows=4, cols=6, seed=2)
+    w = w.masked_fill(pruned, 0.0)
+    m = full_hessian(a_bar, row_weight)
+    saliency = obc_saliency(w, model, ~pruned)
+    assert torch.all(saliency[pruned] == 0)
+    for q in (~pruned).reshape(-1).nonzero().squeeze(1).tolist():
+        both = pruned.reshape(-1).clone()
+        both[q] = True
+        d = (constrained_optimum(w, m, both.view_as(w)) - w).reshape(-1)
+        assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-6)
+
+
+def test_obc_rounds_are_explicit_rounds_of_obs_on_the_full_row_hessian():
+    """Each round: rank survivors by w_q² / (2 [(M_KK)⁻¹]_qq) over both layers, prune the round's count, then the
+    exact constrained optimum; M = blockdiag over layers and rows of G_ii Ā + γI, built explicitly."""
+    from fls_hf.pruning.schedule import recomputation_targets
+
+    model = MLP((8, 6, 4))
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input": torch.randn(16, 8, generator=g)} for _ in range(2)]
+    layers = {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
+    provider = KFACProvider(layers, KFACConfig(damping=GAMMA, num_examples=32, likelihood="categorical"))
+    provider.ready(model, batches)
+    rows = {n: provider.row_model(n) for n in layers}
+    m = torch.block_diag(*[full_hessian(r.a_bar(), r.row_weight) for r in rows.values()])
+    w = torch.cat([a.weight_matrix().double().reshape(-1) for a in layers.values()])
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for sub_target in recomputation_targets(0.0, 0.6, 3):
+        kept = (~pruned).nonzero().squeeze(1)
+        inverse = torch.linalg.inv(m[kept][:, kept]).diagonal()
+        order = kept[torch.argsort(w[kept].square() / (2 * inverse))]
+        pruned[order[: round(sub_target * len(w)) - int(pruned.sum())]] = True
+        w = constrained_optimum(w[None], m, pruned[None])[0]
+    prune_step(provider, layers, MaskSet.dense(layers), 0.6, "unstructured", compensation="obc", obc_rounds=3)
+    got = torch.cat([a.weight_matrix().double().reshape(-1) for a in layers.values()])
+    assert torch.equal(got == 0, pruned)
+    torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)
+
+
+def test_primal_and_dual_forms_agree():
+    """obc_solve picks, per row, the cheaper exact form; both must give the same δW and diag (H_KK)⁻¹."""
+    from fls_hf.pruning.obc import _dual_rows, _primal_rows
+
+    w, a_bar, row_weight, _, model = row_problem(rows=6, cols=9, seed=5)
+    keep = torch.rand(6, 9, generator=torch.Generator().manual_seed(6)) < torch.linspace(0.2, 0.9, 6)[:, None]
+    keep[:, 0] = True  # every row keeps something and prunes something
+    keep[:, 1] = False
+    rows = torch.arange(6)
+    coupling = (torch.where(keep, 0.0, w) @ model.a_bar()) * row_weight[:, None]
+    results = []
+    for solve in (_primal_rows, _dual_rows):
+        delta, diagonal = -torch.where(keep, 0.0, w), torch.ones_like(w)
+        solve(w, coupling, model.a_bar(), model, rows, keep, delta, diagonal)
+        results.append((delta, diagonal))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-8)
+    new = w + results[0][0]
+    torch.testing.assert_close(
+        new, constrained_optimum(w, full_hessian(a_bar, row_weight), ~keep), rtol=1e-6, atol=1e-8
+    )
