@@ -61,12 +61,21 @@ METHODS = {
         },
         compensation="none",
     ),
+    # issue 17: K-FAC statistics re-taken on the current weights at every pruning step, row-wise OBC (4 rounds)
+    "fls-obc": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-6}, compensation="obc", obc_rounds=4),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
 
 
-QUICK_CURVATURE = {"num_grads": 16, "init_examples": 16, "warmup_steps": 1, "refinement_steps": 1, "num_batches": 1}
+QUICK_CURVATURE = {
+    "num_grads": 16,
+    "init_examples": 16,
+    "num_examples": 16,
+    "warmup_steps": 1,
+    "refinement_steps": 1,
+    "num_batches": 1,
+}
 
 
 def schedule(steps: int, sparsity: float, mask_type: str) -> dict:

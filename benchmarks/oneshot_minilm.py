@@ -242,6 +242,16 @@ METHODS = {
     # the same statistics, the pruned set chosen in 4 / 8 rounds that re-rank the survivors given the pruned weights
     "kfac-obc-r4": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", obc_rounds=4),
     "kfac-obc-r8": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", obc_rounds=8),
+    # K-FAC statistics from the data labels (oBERT's empirical Fisher: ahead of its true-Fisher variants here)
+    "kfac-obc-emp": method(
+        "kfac", {"num_examples": 512, "damping": 1e-6, "fisher_labels": "empirical"}, compensation="obc"
+    ),
+    "kfac-obc-emp-1024": method(
+        "kfac", {"num_examples": 1024, "damping": 1e-6, "fisher_labels": "empirical"}, compensation="obc"
+    ),
+    "kfac-obc-r4-emp": method(
+        "kfac", {"num_examples": 512, "damping": 1e-6, "fisher_labels": "empirical"}, compensation="obc", obc_rounds=4
+    ),
 }
 
 

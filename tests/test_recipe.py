@@ -365,6 +365,18 @@ BAD_INPUTS = [
     ),
     ("zero damping", {"pruning": MAG, "curvature": {"damping": 0}}, None, r"`curvature\.damping` = 0\.0 must be > 0"),
     (
+        "kfac labels it cannot take",
+        {"pruning": {"method": "kfac"}, "curvature": {"fisher_labels": "expected"}},
+        None,
+        r"`curvature\.fisher_labels` = 'expected'; allowed for `kfac`: sampled, empirical",
+    ),
+    (
+        "zero obc rounds",
+        {"pruning": {"method": "kfac", "compensation": "obc", "obc_rounds": 0}},
+        None,
+        r"`pruning\.obc_rounds` = 0 is out of range",
+    ),
+    (
         "negative damping",
         {"pruning": MAG},
         {"curvature.damping": "-1e-3"},
@@ -436,7 +448,7 @@ def test_every_bad_input_is_rejected():
         except RecipeError:
             rejected.append(case)
     assert rejected == [c[0] for c in BAD_INPUTS], f"accepted: {set(c[0] for c in BAD_INPUTS) - set(rejected)}"
-    assert len(rejected) == len(BAD_INPUTS) == 52
+    assert len(rejected) == len(BAD_INPUTS) == 54
 
 
 @pytest.mark.bad_input

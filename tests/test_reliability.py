@@ -489,7 +489,8 @@ def test_pruner_state_with_non_finite_curvature_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- what fls_hf's code does
 def python_files(*folders: str) -> list[Path]:
-    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+    found = (p for folder in folders for p in (REPO / folder).rglob("*.py"))
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(REPO).parts))
 
 
 def calls(tree: ast.AST):

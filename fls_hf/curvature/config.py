@@ -138,6 +138,8 @@ class KFACConfig(CurvatureConfig):
         max_full_g_rows (`int`, defaults to `4096`):
             Layers with at most this many rows keep the full output-side factor G (rows² floats); wider ones keep
             diag G (warned).
+        fisher_labels (`str`, defaults to `'sampled'`):
+            sampled (labels drawn from the model: true Fisher) | empirical (the batches' labels, as oBERT).
     """
 
     num_examples: int = field(
@@ -150,9 +152,19 @@ class KFACConfig(CurvatureConfig):
         default=4096,
         metadata={"help": "Layers with at most this many rows keep the full G (rows² floats); wider ones keep diag G."},
     )
+    fisher_labels: str = field(
+        default="sampled",
+        metadata={
+            "help": "sampled (labels drawn from the model: true Fisher) | empirical (the batches' labels, as oBERT)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("num_examples", "max_full_g_rows"):
             if getattr(self, key) < 1:
                 raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 1")
+        if self.fisher_labels not in ("sampled", "empirical"):
+            raise CurvatureError(
+                f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed for `kfac`: sampled, empirical"
+            )

@@ -80,7 +80,7 @@ class KFACProvider(CurvatureProvider):
 
     # ----------------------------------------------------------------- estimation
     def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
-        """Ā, G from `num_examples` sampled-label examples of the model as it is now; eigenbases; row models."""
+        """Ā, G from `num_examples` examples of the model as it is now (`fisher_labels`); eigenbases; row models."""
         stats = kronecker_statistics(
             model,
             batches,
@@ -89,6 +89,7 @@ class KFACProvider(CurvatureProvider):
             generator=self.generator,
             max_examples=self.config.num_examples,
             full_g=self.full_g,
+            labels=self.config.fisher_labels,
         )
         for name, (a_bar, g) in stats.items():
             if not (torch.isfinite(a_bar).all() and torch.isfinite(g).all()):

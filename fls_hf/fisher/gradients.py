@@ -65,7 +65,7 @@ def _slice(batch: Mapping[str, Any], start: int, stop: int, size: int) -> dict[s
     }
 
 
-def _targets(
+def fisher_targets(
     batch: Mapping[str, Any], logits: torch.Tensor, mode: str, likelihood: Likelihood, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Data labels (`empirical`) or labels drawn from the model (`sampled`, on the generator's device)."""
@@ -83,7 +83,7 @@ def _targets(
     return likelihood.sample(source, generator=generator)
 
 
-def _example_losses(
+def example_losses(
     batch: Mapping[str, Any], logits: torch.Tensor, targets: torch.Tensor, likelihood: Likelihood, shift: bool
 ) -> torch.Tensor:
     """ℓ_n, shape (b,): the likelihood's mean NLL over example n's valid rows.
@@ -171,15 +171,15 @@ def _batch_gradients(
     with curvature_mode(model), torch.enable_grad(), _requiring_grad(a.weight for a in layers.values()):
         with _capture({n: layers[n] for n in hookable}, size) as (sums, misfits):
             logits = logits_of(model(**model_inputs(batch))).float()
-            targets = _targets(batch, logits, mode, likelihood, generator)
-            losses = _example_losses(batch, logits, targets, likelihood, shift)
+            targets = fisher_targets(batch, logits, mode, likelihood, generator)
+            losses = example_losses(batch, logits, targets, likelihood, shift)
             if hookable and losses.requires_grad:
                 torch.autograd.grad(losses.sum(), [layers[n].weight for n in hookable], allow_unused=True)
         looped = [n for n in layers if n not in hookable or n in misfits]
         per_example: dict[str, list[torch.Tensor]] = {n: [] for n in looped}
         for i in range(size if looped else 0):
             one = _slice(batch, i, i + 1, size)
-            loss = _example_losses(
+            loss = example_losses(
                 one, logits_of(model(**model_inputs(one))).float(), targets[i : i + 1], likelihood, shift
             )[0]
             weights = [layers[n].weight for n in looped]

@@ -27,6 +27,7 @@ from ..model.adapters import Conv1DAdapter, LayerAdapter
 from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
 from ..model.patches import conv_obstacle, conv_output_rows, conv_patches
 from ..progress import example_progress
+from .gradients import example_losses, fisher_targets, is_causal_lm
 from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
@@ -66,11 +67,15 @@ def kronecker_statistics(
     generator: torch.Generator | None = None,
     max_examples: int = 256,
     full_g: Container[str] = (),
+    labels: str = "sampled",
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name → (Ā: (cols+1, cols+1), G), averaged over up to `max_examples` examples.
 
-    G is diag G: (rows,), or the full G: (rows, rows) for the layers named in `full_g`.
+    G is diag G: (rows,), or the full G: (rows, rows) for the layers named in `full_g`. `labels`: `sampled` draws
+    the output gradients' labels from the model (true Fisher); `empirical` uses the batch's `labels` (as oBERT's
+    empirical Fisher; causal LMs: logits[:, :-1] against labels[:, 1:]).
     """
+    shift = labels == "empirical" and is_causal_lm(unwrap(model))
     model = unwrap(model)
     device = model_device(model)
     sums = {
@@ -90,11 +95,14 @@ def kronecker_statistics(
             if examples >= max_examples:
                 break
             logits = logits_of(model(**model_inputs(batch, device))).float()
-            valid = valid_rows(batch, logits)
-            labels = likelihood.sample(logits.detach(), generator=generator)
             n = logits.shape[0]
-            # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
-            torch.autograd.grad(likelihood.nll(logits, labels, valid) * n, params, allow_unused=True)
+            if labels == "empirical":
+                targets = fisher_targets(batch, logits, labels, likelihood, None)
+                loss = example_losses(batch, logits, targets, likelihood, shift).sum()
+            else:  # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
+                targets = likelihood.sample(logits.detach(), generator=generator)
+                loss = likelihood.nll(logits, targets, valid_rows(batch, logits)) * n
+            torch.autograd.grad(loss, params, allow_unused=True)
             for name, adapter in layers.items():
                 a, d = _rows(adapter.module, store[name]["a"], store[name]["d"])
                 mask = _token_mask(batch, a, device, conv=isinstance(adapter.module, nn.Conv2d))

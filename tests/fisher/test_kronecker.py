@@ -43,6 +43,39 @@ def test_statistics_match_explicit_sampled_label_pass():
     torch.testing.assert_close(g, delta.pow(2).mean(0))
 
 
+def test_empirical_statistics_use_the_data_labels():
+    model = Wrapped()
+    x, y = torch.randn(6, 5), torch.tensor([0, 2, 1, 1, 0, 2])
+    layer = model.net[2]
+    layers = {"net.2": adapter_for("net.2", layer)}
+    a_bar, g = kronecker_statistics(model, [{"x": x, "labels": y}], layers, Categorical(), labels="empirical")["net.2"]
+    out = layer(torch.tanh(model.net[0](x)))
+    delta = torch.autograd.grad(nn.functional.cross_entropy(out, y, reduction="sum"), out)[0]
+    torch.testing.assert_close(g, delta.pow(2).mean(0))
+    sampled = kronecker_statistics(model, [{"x": x}], layers, Categorical(), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a_bar, sampled["net.2"][0])  # the input side does not depend on the labels
+
+
+def test_empirical_statistics_of_a_causal_lm_score_the_next_token():
+    from helpers import tiny_gpt2
+
+    model = tiny_gpt2()
+    batch = token_batches(n_batches=1)[0]
+    batch = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
+    name = "transformer.h.0.mlp.c_proj"
+    layers = resolve_targets(model, [name])
+    _, g = kronecker_statistics(model, [batch], layers, Categorical(), full_g={name}, labels="empirical")[name]
+    store = {}
+    model.eval()  # as curvature_mode: no dropout
+    handle = model.transformer.h[0].mlp.c_proj.register_forward_hook(lambda m, i, o: store.update(out=o))
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    handle.remove()
+    n = logits.shape[0]
+    losses = [nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=-100) for i in range(n)]
+    delta = torch.autograd.grad(torch.stack(losses).sum(), store["out"])[0].reshape(-1, store["out"].shape[-1])
+    torch.testing.assert_close(g, delta.T @ delta / n, rtol=1e-4, atol=1e-7)
+
+
 def test_padding_tokens_are_left_out_of_the_input_covariance():
     model = tiny_bert()
     layers = resolve_targets(model, ["bert.encoder.layer.0.attention.self.query"])
