@@ -196,10 +196,19 @@ METHODS = {
         },
         compensation="none",
     ),
+    # issue 17: K-FAC (im2col patches for the convolutions) re-taken at every pruning step, row-wise OBC
+    "fls-obc": recipe("kfac", {"num_examples": 256, "damping": 1e-6}, compensation="obc"),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
-QUICK_CURVATURE = {"num_grads": 16, "init_examples": 16, "warmup_steps": 1, "refinement_steps": 1, "num_batches": 1}
+QUICK_CURVATURE = {
+    "num_grads": 16,
+    "init_examples": 16,
+    "num_examples": 16,
+    "warmup_steps": 1,
+    "refinement_steps": 1,
+    "num_batches": 1,
+}
 
 
 def schedule(steps: int, sparsity: float) -> dict:

