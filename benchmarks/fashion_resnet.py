@@ -35,7 +35,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from fls_hf import FishLegPruningTrainer
 
 from .common import fashion_data, model_cache
-from .common.overrides import parse_overrides, row_name
+from .common.overrides import parse_overrides, quick_curvature, row_name
 from .common.paths import CACHE, RESULTS
 from .common.rows import record
 
@@ -201,14 +201,6 @@ METHODS = {
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
-QUICK_CURVATURE = {
-    "num_grads": 16,
-    "init_examples": 16,
-    "num_examples": 16,
-    "warmup_steps": 1,
-    "refinement_steps": 1,
-    "num_batches": 1,
-}
 
 
 def schedule(steps: int, sparsity: float) -> dict:
@@ -239,7 +231,7 @@ def run_method(
         cfg["curvature"].setdefault("num_batches", 4)
         cfg["curvature"].update(overrides)
         if args.quick:
-            cfg["curvature"].update({k: v for k, v in QUICK_CURVATURE.items() if k in cfg["curvature"]})
+            cfg["curvature"] = quick_curvature(cfg["curvature"])
         trainer = FishLegPruningTrainer(recipe=cfg, **common)
     start = time.time()
     trainer.train()

@@ -35,7 +35,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from fls_hf import FishLegPruningTrainer
 
 from .common import minilm
-from .common.overrides import parse_overrides, row_name
+from .common.overrides import parse_overrides, quick_curvature, row_name
 from .common.paths import REPO, RESULTS
 from .common.rows import record
 
@@ -67,16 +67,6 @@ METHODS = {
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
-
-
-QUICK_CURVATURE = {
-    "num_grads": 16,
-    "init_examples": 16,
-    "num_examples": 16,
-    "warmup_steps": 1,
-    "refinement_steps": 1,
-    "num_batches": 1,
-}
 
 
 def schedule(steps: int, sparsity: float, mask_type: str) -> dict:
@@ -137,7 +127,7 @@ def run_single(args) -> dict:
         recipe["curvature"].setdefault("num_batches", 4)
         recipe["curvature"].update(parse_overrides(args.set, args.method))
         if args.quick:  # a smoke run exercises the pipeline, not the estimate
-            recipe["curvature"].update({k: v for k, v in QUICK_CURVATURE.items() if k in recipe["curvature"]})
+            recipe["curvature"] = quick_curvature(recipe["curvature"])
         trainer = FishLegPruningTrainer(recipe=recipe, **common)
     start, cpu_start = time.time(), cpu_seconds()
     trainer.train()

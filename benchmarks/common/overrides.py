@@ -14,6 +14,21 @@ from typing import Any
 from fls_hf import RecipeError
 from fls_hf.recipe import parse_overrides as parse_recipe_overrides
 
+# smoke runs (`--quick`) exercise the pipeline, not the estimate: the curvature keys a method has shrink to these
+QUICK_CURVATURE = {
+    "num_grads": 16,
+    "init_examples": 16,
+    "num_examples": 16,
+    "warmup_steps": 1,
+    "refinement_steps": 1,
+    "num_batches": 1,
+}
+
+
+def quick_curvature(curvature: dict[str, Any]) -> dict[str, Any]:
+    """`curvature` with every key of `QUICK_CURVATURE` it has set to the smoke-run value."""
+    return {**curvature, **{k: v for k, v in QUICK_CURVATURE.items() if k in curvature}}
+
 
 def parse_overrides(pairs: list[str], method: str) -> dict[str, Any]:
     """Overrides for `method`: `["damping=1e-4", "fls.init=diagonal"]` → {"damping": 0.0001, "init": "diagonal"}
