@@ -75,8 +75,8 @@ def kronecker_statistics(
     the output gradients' labels from the model (true Fisher); `empirical` uses the batch's `labels` (as oBERT's
     empirical Fisher; causal LMs: logits[:, :-1] against labels[:, 1:]).
     """
-    shift = labels == "empirical" and is_causal_lm(unwrap(model))
     model = unwrap(model)
+    shift = labels == "empirical" and is_causal_lm(model)
     device = model_device(model)
     sums = {
         n: [

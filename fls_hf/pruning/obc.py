@@ -128,18 +128,16 @@ def _dual_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None:
     real = torch.arange(width, device=keep.device)[None, :] < counts
     spectrum = model.spectrum(rows)  # (c, cols)
     basis_p = model.basis[index] * real[:, :, None]  # (c, p, cols): rows of U at the pruned columns
+    scaled = basis_p * spectrum[:, None, :]  # rows of U diag(1/(G_ii λ + γ)) at the pruned columns
     eye = torch.eye(width, dtype=w.dtype, device=w.device)
-    system = (basis_p * spectrum[:, None, :]) @ basis_p.transpose(1, 2) + eye * (~real)[:, :, None]
-    factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info != 0).any()):  # H⁻¹_PP is positive definite in exact arithmetic; a relative jitter rescues rounding
-        scale = system.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
-        factor = torch.linalg.cholesky(system + 1e-10 * scale * eye)
+    system = scaled @ basis_p.transpose(1, 2) + eye * (~real)[:, :, None]
+    factor = _cholesky(system)
     rhs = torch.where(real, torch.gather(w[rows], 1, index), 0.0)
     x = torch.cholesky_solve(rhs.unsqueeze(-1), factor)  # (c, p, 1)
     step = -((basis_p.transpose(1, 2) @ x).squeeze(-1) * spectrum) @ model.basis.T  # −H⁻¹[:, P] x
     delta[rows] = torch.where(pruned, delta[rows], step)  # (W + δW)_P = 0 exactly, as the caller set it
     if diagonal is not None:
-        columns = (basis_p * spectrum[:, None, :]) @ model.basis.T  # H⁻¹[P, :]: (c, p, cols)
+        columns = scaled @ model.basis.T  # H⁻¹[P, :]: (c, p, cols)
         reduced = torch.linalg.solve_triangular(factor, columns, upper=False)
         inverse = spectrum @ model.basis.square().T - reduced.square().sum(dim=1)
         diagonal[rows] = torch.where(pruned, 1.0, inverse)
@@ -162,8 +160,15 @@ def _kept_factor(
     pair = real[:, :, None] & real[:, None, :]
     eye = torch.eye(width, dtype=system.dtype, device=system.device)
     system = torch.where(pair, system, 0.0) + eye * torch.where(real, model.damping, 1.0)[:, :, None]
+    return index, real, _cholesky(system)
+
+
+def _cholesky(system: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of a batch of matrices positive definite in exact arithmetic (G_ii Ā_KK + γI, or
+    H⁻¹_PP); a relative jitter rescues the ones rounding made indefinite."""
     factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info != 0).any()):  # positive definite in exact arithmetic (γ > 0); a relative jitter rescues rounding
+    if bool((info != 0).any()):
         scale = system.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
         factor = torch.linalg.cholesky(system + 1e-10 * scale * eye)
-    return index, real, factor
+    return factor
