@@ -33,6 +33,7 @@ test (2,114 snippets) is reported. Perplexity = exp(mean next-character loss ove
     python -m benchmarks.causal_lm            # train (cached) + every method + peers: ~8 min on one thread
     python -m benchmarks.causal_lm --quick    # smoke run: 30 training steps, 64-snippet eval, one damping
     python -m benchmarks.causal_lm --peers none --dampings 1e-5,1e-4 --obc_rounds 1
+    python -m benchmarks.causal_lm --peers none --damping_mode relative --dampings 1e-4,1e-3,1e-2,1e-1
 
 `--peers` runs the peers module after the fls_hf rows, with the peers' interpreter (default
 benchmarks/.venv-peers/bin/python, made as benchmarks/peers/llmcompressor_oneshot.py says); when that interpreter
@@ -211,15 +212,23 @@ def dense_model(texts: dict[str, list[str]], steps: int, directory: Path) -> tup
 
 
 # ----------------------------------------------------------------------------- fls_hf rows
-def recipe(method: str, mask_type: str, calibration: int, damping: float | None = None, **pruning) -> dict:
-    """A one-shot recipe for the projections: `magnitude`, or `kfac` with row-wise OBC (`pruning` keys added)."""
+def recipe(
+    method: str, mask_type: str, calibration: int, damping: float | None = None, mode: str = "absolute", **pruning
+) -> dict:
+    """A one-shot recipe for the projections: `magnitude`, or `kfac` with row-wise OBC (`pruning` keys added);
+    `mode`: `curvature.damping_mode`."""
     base = {"method": method, "final_sparsity": SPARSITY, "mask_type": mask_type, "targets": TARGETS}
     if method == "magnitude":
         return {"pruning": {**base, "compensation": "none", **pruning}, "curvature": {}}
     num_batches = math.ceil(calibration / BATCH_SIZE)
     return {
         "pruning": {**base, "compensation": "obc", **pruning},
-        "curvature": {"damping": damping, "num_examples": calibration, "num_batches": num_batches},
+        "curvature": {
+            "damping": damping,
+            "damping_mode": mode,
+            "num_examples": calibration,
+            "num_batches": num_batches,
+        },
     }
 
 
@@ -245,7 +254,9 @@ def fls_row(dense, cfg: dict, calib: list[dict], evals: dict[str, list[dict]]) -
     }
 
 
-def fls_rows(dense, calib, evals, dampings: list[float], rounds: list[int], calibration: int) -> list[dict]:
+def fls_rows(
+    dense, calib, evals, dampings: list[float], rounds: list[int], calibration: int, mode: str = "absolute"
+) -> list[dict]:
     """magnitude for each pattern, then every damping of each kfac + OBC group; the damping with the lowest
     validation perplexity of each group is marked `chosen`."""
     rows = []
@@ -257,8 +268,9 @@ def fls_rows(dense, calib, evals, dampings: list[float], rounds: list[int], cali
     for label, pattern, pruning in kfac_groups(rounds):
         scan = []
         for damping in dampings:
-            cfg = recipe("kfac", pattern, calibration, damping, **pruning)
+            cfg = recipe("kfac", pattern, calibration, damping, mode, **pruning)
             row = {"method": label, "source": "fls_hf", "pattern": pattern, "damping": damping, "recipe": cfg}
+            row["damping_mode"] = mode
             scan.append({**row, **fls_row(dense, cfg, calib, evals)})
             report_line(scan[-1])
         best = min(scan, key=lambda row: row["validation"])
@@ -314,6 +326,12 @@ def parse_args():
     parser.add_argument(
         "--dampings", default="1e-9,1e-8,1e-7,1e-6,1e-5,1e-4,1e-3", help="curvature.damping values to scan"
     )
+    parser.add_argument(
+        "--damping_mode",
+        default="absolute",
+        choices=("absolute", "relative"),
+        help="curvature.damping_mode of the scan (relative: multiples of the mean K-FAC Fisher diagonal)",
+    )
     parser.add_argument("--obc_rounds", default="1,4")
     parser.add_argument("--eval_limit", type=int, default=None, help="first N snippets of validation and test")
     parser.add_argument(
@@ -368,7 +386,7 @@ def main() -> None:
     out = Path(args.output) if args.output else RESULTS / ("causal_lm_quick.json" if args.quick else "causal_lm.json")
     dampings = [float(d) for d in args.dampings.split(",")]
     rounds = [int(r) for r in args.obc_rounds.split(",")]
-    report["rows"] = fls_rows(dense, calib, evals, dampings, rounds, args.calibration)
+    report["rows"] = fls_rows(dense, calib, evals, dampings, rounds, args.calibration, args.damping_mode)
     out.write_text(json.dumps(report, indent=1) + "\n")
     python = Path(args.peers)
     if args.peers == "none":

@@ -40,27 +40,27 @@ RULES = {
     "fls_hf package default (fishleg)": {"pruning": {"method": "fishleg"}},
     "kfac + row-wise OBC": {
         "pruning": {"method": "kfac", "compensation": "obc"},
-        "curvature": {"num_examples": 4096},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
     "kfac + row-wise OBC, 4 stages": {
         "pruning": {"method": "kfac", "compensation": "obc", "recomputations": 4},
-        "curvature": {"num_examples": 4096},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
     "kfac + row-wise OBC, 4 rounds": {
         "pruning": {"method": "kfac", "compensation": "obc", "obc_rounds": 4},
-        "curvature": {"num_examples": 4096},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
     "kfac + row-wise OBC, 16 rounds": {
         "pruning": {"method": "kfac", "compensation": "obc", "obc_rounds": 16},
-        "curvature": {"num_examples": 4096},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
     "kfac + row-wise OBC, 4 stages × 4 rounds": {
         "pruning": {"method": "kfac", "compensation": "obc", "recomputations": 4, "obc_rounds": 4},
-        "curvature": {"num_examples": 4096},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
     "kfac + block OBS (B = 32)": {
         "pruning": {"method": "kfac", "obs_block_size": 32},
-        "curvature": {"num_examples": 4096},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
 }
 

@@ -197,7 +197,9 @@ METHODS = {
         compensation="none",
     ),
     # issue 17: K-FAC (im2col patches for the convolutions) re-taken at every pruning step, row-wise OBC
-    "fls-obc": recipe("kfac", {"num_examples": 256, "damping": 1e-6}, compensation="obc"),
+    "fls-obc": recipe("kfac", {"num_examples": 256, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc"),
+    # the same with the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal, re-taken at every step
+    "fls-obc-rel": recipe("kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc"),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).

@@ -63,7 +63,11 @@ METHODS = {
     ),
     # issue 17: K-FAC statistics re-taken on the current weights at every pruning step, row-wise OBC (one round per
     # step: the schedule's 7 steps already prune in stages; on 2 CPU cores each round costs minutes)
-    "fls-obc": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-6}, compensation="obc"),
+    "fls-obc": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc"
+    ),
+    # the same with the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal, re-taken at every step
+    "fls-obc-rel": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc"),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).

@@ -237,20 +237,35 @@ METHODS = {
     ),
     "fls-default": default_recipe(),
     # issue 17: K-FAC row model (row i: G_ii Ā + γI), exact joint OBS inside each row, one global threshold
-    "kfac-obc": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc"),
-    "kfac-obc-rec4": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", recomputations=4),
+    "kfac-obc": method("kfac", {"num_examples": 512, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc"),
+    "kfac-obc-rec4": method(
+        "kfac", {"num_examples": 512, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc", recomputations=4
+    ),
     # the same statistics, the pruned set chosen in 4 / 8 rounds that re-rank the survivors given the pruned weights
-    "kfac-obc-r4": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", obc_rounds=4),
-    "kfac-obc-r8": method("kfac", {"num_examples": 512, "damping": 1e-6}, compensation="obc", obc_rounds=8),
+    "kfac-obc-r4": method(
+        "kfac", {"num_examples": 512, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc", obc_rounds=4
+    ),
+    "kfac-obc-r8": method(
+        "kfac", {"num_examples": 512, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc", obc_rounds=8
+    ),
+    # the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal (≈ 4.4e-7 on this checkpoint)
+    "kfac-obc-r4-rel": method("kfac", {"num_examples": 512, "damping": 1e-2}, compensation="obc", obc_rounds=4),
     # K-FAC statistics from the data labels (oBERT's empirical Fisher: ahead of its true-Fisher variants here)
     "kfac-obc-emp": method(
-        "kfac", {"num_examples": 512, "damping": 1e-6, "fisher_labels": "empirical"}, compensation="obc"
+        "kfac",
+        {"num_examples": 512, "damping": 1e-6, "damping_mode": "absolute", "fisher_labels": "empirical"},
+        compensation="obc",
     ),
     "kfac-obc-emp-1024": method(
-        "kfac", {"num_examples": 1024, "damping": 1e-6, "fisher_labels": "empirical"}, compensation="obc"
+        "kfac",
+        {"num_examples": 1024, "damping": 1e-6, "damping_mode": "absolute", "fisher_labels": "empirical"},
+        compensation="obc",
     ),
     "kfac-obc-r4-emp": method(
-        "kfac", {"num_examples": 512, "damping": 1e-6, "fisher_labels": "empirical"}, compensation="obc", obc_rounds=4
+        "kfac",
+        {"num_examples": 512, "damping": 1e-6, "damping_mode": "absolute", "fisher_labels": "empirical"},
+        compensation="obc",
+        obc_rounds=4,
     ),
 }
 

@@ -371,6 +371,18 @@ BAD_INPUTS = [
         r"`curvature\.fisher_labels` = 'expected'; allowed for `kfac`: sampled, empirical",
     ),
     (
+        "unknown damping mode",
+        {"pruning": {"method": "kfac"}, "curvature": {"damping_mode": "loss"}},
+        None,
+        r"`curvature\.damping_mode` = 'loss'; allowed: relative, absolute",
+    ),
+    (
+        "damping mode on a method without it",
+        {"pruning": MAG, "curvature": {"damping_mode": "relative"}},
+        None,
+        r"damping_mode",
+    ),
+    (
         "zero obc rounds",
         {"pruning": {"method": "kfac", "compensation": "obc", "obc_rounds": 0}},
         None,
@@ -448,7 +460,7 @@ def test_every_bad_input_is_rejected():
         except RecipeError:
             rejected.append(case)
     assert rejected == [c[0] for c in BAD_INPUTS], f"accepted: {set(c[0] for c in BAD_INPUTS) - set(rejected)}"
-    assert len(rejected) == len(BAD_INPUTS) == 54
+    assert len(rejected) == len(BAD_INPUTS) == 56
 
 
 @pytest.mark.bad_input

@@ -6,6 +6,11 @@ and G = E_n[Σ_t δ δᵀ] (rows², or its diagonal for layers wider than `max_f
 
     Q V = U_G [(U_Gᵀ V U_A) ⊘ (λ_G λ_Aᵀ + γ)] U_Aᵀ,     diag Q = (U_G ⊙ U_G) D (U_A ⊙ U_A)ᵀ,  D = 1 ⊘ (λ_G λ_Aᵀ + γ).
 
+γ is `curvature.damping` itself (`damping_mode: absolute`) or, by default (`relative`), that multiple of the mean
+diagonal of the K-FAC Fisher over every targeted layer, mean_l,i,j(G_ii Ā_jj), re-taken with the statistics: the
+Fisher of a mean token loss is orders of magnitude below a classifier's (MiniLM 4e-5, a char-level LM 8e-6), so
+an absolute default fits one of them only. One γ for all layers keeps the saliencies in the same loss units.
+
 For the row-wise OBC surgeon (`pruning.compensation: obc`) it also gives each layer's row model: keeping the
 within-row part of K-FAC, ΔL ≈ ½ Σ_i Δw_iᵀ (G_ii Ā + γI) Δw_i, so row i is an OBS problem of its own with one
 eigenbasis of Ā shared by all rows (`RowModel`). Q is the whole layer's: masks enter through the statistics of
@@ -25,6 +30,7 @@ from ..errors import CurvatureError
 from ..fisher.kronecker import kronecker_statistics
 from ..fisher.likelihoods import Likelihood
 from ..model.adapters import LayerAdapter
+from ..progress import log_main
 from .base import Batches, CurvatureProvider, RowModel
 from .config import KFACConfig
 
@@ -63,6 +69,7 @@ class KFACProvider(CurvatureProvider):
         self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rows: dict[str, RowModel] = {}
         self.estimated = False
+        self._gamma = config.damping  # γ of Q = I/γ until the first estimate; relative mode re-sets it there
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
             device = adapter.weight.device
@@ -96,12 +103,36 @@ class KFACProvider(CurvatureProvider):
                 raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")
             self.a_bar[name].copy_(a_bar[:-1, :-1])
             self.g[name].copy_(g)
-        self._refresh()
         self.estimated = True
-        return {}
+        self._refresh()
+        return {"damping": self.damping}
+
+    @property
+    def damping(self) -> float:
+        """γ of the current estimate (`damping_mode: relative`: scaled by the mean K-FAC Fisher diagonal)."""
+        return self._gamma
+
+    def _scale(self) -> float:
+        """mean over every targeted weight of diag(G ⊗ Ā) = Σ_l tr G_l tr Ā_l / Σ_l rows_l cols_l."""
+        total = count = 0.0
+        for name, g in self.g.items():
+            g_diag = g.diagonal() if g.dim() == 2 else g
+            total += float(g_diag.double().sum() * self.a_bar[name].double().diagonal().sum())
+            count += g_diag.numel() * self.a_bar[name].shape[0]
+        return total / count
 
     def _refresh(self) -> None:
-        """Eigenbases of Ā and G (Q's exact damping) and the row models (Ā's basis, diag G, γ)."""
+        """γ; eigenbases of Ā and G (Q's exact damping) and the row models (Ā's basis, diag G, γ)."""
+        self._gamma = self.config.damping
+        if self.config.damping_mode == "relative" and self.estimated:
+            scale = self._scale()
+            if not scale > 0:
+                raise CurvatureError(
+                    "K-FAC statistics are all zero (no output gradient reached the targeted layers), so "
+                    "`curvature.damping_mode: relative` has no scale; use `damping_mode: absolute`"
+                )
+            self._gamma = self.config.damping * scale
+            log_main("K-FAC: γ = %.3g × mean Fisher diagonal %.3g = %.3g", self.config.damping, scale, self._gamma)
         for name in self.layers:
             a_bar, g = self.a_bar[name].double(), self.g[name].double()
             lam_a, u_a = torch.linalg.eigh(a_bar)

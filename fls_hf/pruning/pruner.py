@@ -183,7 +183,7 @@ class Pruner:
     def logs(self) -> dict[str, float]:
         """Scalars for the Trainer's reporting."""
         out = {"sparsity": self.masks.global_sparsity(), "sparsity_target": self.current_target}
-        for key in ("aux_loss", "residual", "aux_steps"):
+        for key in ("aux_loss", "residual", "aux_steps", "damping"):
             if key in self.last_diagnostics:
                 out[f"curvature_{key}"] = self.last_diagnostics[key]
         if self.skipped_steps:

@@ -89,18 +89,25 @@ def test_chunks_do_not_change_the_result(monkeypatch):
     torch.testing.assert_close(obc_compensation(w, model, pruned), whole, rtol=1e-12, atol=1e-12)
 
 
-def test_kfac_q_is_the_exactly_damped_kronecker_inverse():
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_kfac_q_is_the_exactly_damped_kronecker_inverse(mode):
     model = MLP((6, 5, 3))
     g = torch.Generator().manual_seed(1)
     batches = [{"input": torch.randn(8, 6, generator=g)} for _ in range(2)]
     layers = {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
-    provider = KFACProvider(layers, KFACConfig(damping=1e-2, num_examples=16, likelihood="categorical"))
-    provider.ready(model, batches)
+    config = KFACConfig(damping=1e-2, damping_mode=mode, num_examples=16, likelihood="categorical")
+    provider = KFACProvider(layers, config)
+    diagnostics = provider.ready(model, batches)
+    fishers = {n: torch.kron(provider.g[n].double(), provider.a_bar[n].double()) for n in layers}
+    # relative: γ = 1e-2 × the mean diagonal of the K-FAC Fisher over every weight of both layers
+    scale = torch.cat([f.diagonal() for f in fishers.values()]).mean() if mode == "relative" else 1.0
+    gamma = 1e-2 * float(scale)
+    assert diagnostics["damping"] == pytest.approx(gamma, rel=1e-6) and provider.damping == diagnostics["damping"]
     for name, adapter in layers.items():
         rows, cols = adapter.shape
         a_bar, g_full = provider.a_bar[name].double(), provider.g[name].double()
         assert g_full.shape == (rows, rows)
-        q = torch.linalg.inv(torch.kron(g_full, a_bar) + 1e-2 * torch.eye(rows * cols, dtype=torch.float64))
+        q = torch.linalg.inv(fishers[name] + gamma * torch.eye(rows * cols, dtype=torch.float64))
         v = torch.randn(rows, cols, generator=g)
         torch.testing.assert_close(
             provider.matvec(name, v).double().reshape(-1), q @ v.double().reshape(-1), rtol=1e-4, atol=1e-5
@@ -108,7 +115,7 @@ def test_kfac_q_is_the_exactly_damped_kronecker_inverse():
         torch.testing.assert_close(provider.diag(name).double().reshape(-1), q.diagonal(), rtol=1e-4, atol=1e-5)
         # the row model is the same Fisher with G's off-diagonal dropped: H_i = G_ii Ā + γI
         row_q = torch.linalg.inv(
-            torch.kron(torch.diag(g_full.diagonal()), a_bar) + 1e-2 * torch.eye(rows * cols, dtype=torch.float64)
+            torch.kron(torch.diag(g_full.diagonal()), a_bar) + gamma * torch.eye(rows * cols, dtype=torch.float64)
         )
         torch.testing.assert_close(
             provider.row_model(name).inverse_diag().reshape(-1), row_q.diagonal(), rtol=1e-6, atol=1e-9
@@ -251,7 +258,7 @@ def test_obc_rounds_are_explicit_rounds_of_obs_on_the_full_row_hessian():
     g = torch.Generator().manual_seed(3)
     batches = [{"input": torch.randn(16, 8, generator=g)} for _ in range(2)]
     layers = {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
-    provider = KFACProvider(layers, KFACConfig(damping=GAMMA, num_examples=32, likelihood="categorical"))
+    provider = KFACProvider(layers, KFACConfig(damping=GAMMA, damping_mode="absolute", num_examples=32, likelihood="categorical"))
     provider.ready(model, batches)
     rows = {n: provider.row_model(n) for n in layers}
     m = torch.block_diag(*[full_hessian(r.a_bar(), r.row_weight) for r in rows.values()])
