@@ -49,7 +49,7 @@ __all__ = [
 
 SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
-COMPENSATIONS = ("block", "independent", "none", "obc")
+COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
 PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
@@ -62,8 +62,8 @@ class PruningConfig:
     """The recipe's `pruning:` section: which layers, which pattern, how sparse, and when.
 
     Args:
-        method (`str`, defaults to `'fishleg'`):
-            Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name).
+        method (`str`, defaults to `'kfac'`):
+            Curvature method: kfac | fishleg | magnitude | diagonal_fisher | block_fisher (any registered name).
         targets (`list[str]`, defaults to `[]`):
             Module names or `re:` regexes to prune; empty = every supported layer not ignored.
         ignore (`list[str]`, defaults to `['classifier', 're:.*pooler.*', 'lm_head', 'score']`):
@@ -92,9 +92,10 @@ class PruningConfig:
             Lower bound on each layer's sparsity under global ranking.
         max_layer_sparsity (`float`, defaults to `0.99`):
             Upper bound on each layer's sparsity under global ranking.
-        compensation (`str`, defaults to `'block'`):
-            Weight update after pruning: block (joint OBS within blocks) | independent | none | obc (exact OBS
-            inside each row with the K-FAC row model, `pruning.method: kfac`; ranks by its own saliency).
+        compensation (`str`, defaults to `'auto'`):
+            Weight update after pruning: auto (obc where the method has a row model, i.e. kfac; block otherwise) |
+            obc (exact OBS inside each row with the K-FAC row model; ranks by its own saliency) | block (joint OBS
+            within blocks) | independent | none.
         obs_block_size (`int`, defaults to `50`):
             Consecutive weights of a row treated jointly by block compensation.
         obc_rounds (`int`, defaults to `1`):
@@ -106,9 +107,11 @@ class PruningConfig:
     """
 
     method: str = field(
-        default="fishleg",
+        default="kfac",
         metadata={
-            "help": "Curvature method: fishleg | magnitude | diagonal_fisher | block_fisher (any registered name)."
+            "help": (
+                "Curvature method: kfac | fishleg | magnitude | diagonal_fisher | block_fisher (any registered name)."
+            )
         },
     )
     targets: list[str] = field(
@@ -161,10 +164,13 @@ class PruningConfig:
         default=0.99, metadata={"help": "Upper bound on each layer's sparsity under global ranking."}
     )
     compensation: str = field(
-        default="block",
+        default="auto",
         metadata={
-            "help": "Weight update after pruning: block (joint OBS within blocks) | independent | none | obc "
-            "(exact OBS inside each row with the K-FAC row model, `pruning.method: kfac`; ranks by its own saliency)."
+            "help": (
+                "Weight update after pruning: auto (obc where the method has a row model, i.e. kfac; block "
+                "otherwise) | obc (exact OBS inside each row with the K-FAC row model; ranks by its own saliency) | "
+                "block (joint OBS within blocks) | independent | none."
+            )
         },
     )
     obs_block_size: int = field(

@@ -342,7 +342,7 @@ BAD_INPUTS = [
         "bad compensation",
         _p(compensation="joint"),
         None,
-        r"`pruning\.compensation` = 'joint' is not allowed: expected one of block, independent, none",
+        r"`pruning\.compensation` = 'joint' is not allowed: expected one of auto, obc, block, independent, none",
     ),
     (
         "bad saliency",

@@ -81,13 +81,16 @@ class Pruner:
                 stacklevel=3,
             )
         provider_class = provider_class_for(cfg.method)
-        if cfg.compensation == "obc" and provider_class.row_model is CurvatureProvider.row_model:
+        has_rows = provider_class.row_model is not CurvatureProvider.row_model
+        if cfg.compensation == "obc" and not has_rows:
             raise RecipeError(
                 "recipe key `pruning.compensation` = 'obc' needs a curvature with a row-wise model; "
                 f"`pruning.method` = {cfg.method!r} has none: use `pruning.method: kfac`"
             )
+        # `auto`: the rule that fits the curvature (issue 17): row-wise OBC where there is a row model
+        self.compensation = cfg.compensation if cfg.compensation != "auto" else ("obc" if has_rows else "block")
         self.provider = provider_class(self.layers, self.recipe.curvature)
-        mismatch = rule_mismatch(self.provider.coupled_block, cfg.saliency, cfg.compensation)
+        mismatch = rule_mismatch(self.provider.coupled_block, cfg.saliency, self.compensation)
         if mismatch:
             warnings.warn(f"recipe with `pruning.method` = {cfg.method!r}: {mismatch}", UserWarning, stacklevel=3)
         self.masks = MaskSet.dense(self.layers)
@@ -130,7 +133,7 @@ class Pruner:
                 sub_target,
                 self.pattern,
                 global_scope=cfg.global_sparsity,
-                compensation=cfg.compensation,
+                compensation=self.compensation,
                 block_size=cfg.obs_block_size,
                 min_sparsity=cfg.min_layer_sparsity,
                 max_sparsity=cfg.max_layer_sparsity,

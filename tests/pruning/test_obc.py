@@ -122,6 +122,20 @@ def test_kfac_q_is_the_exactly_damped_kronecker_inverse(mode):
         )
 
 
+def test_the_package_default_is_kfac_with_row_wise_obc_and_auto_falls_back_to_block():
+    """`compensation: auto` (default) resolves to obc where the method has a row model (kfac, the default method) and
+    to block otherwise; the default recipe prunes to the exact target with finite weights."""
+    model = tiny_bert()
+    pruner = Pruner(model, {"pruning": {"final_sparsity": 0.5}, "curvature": {"num_examples": 8}})
+    assert (pruner.recipe.pruning.method, pruner.compensation) == ("kfac", "obc")
+    pruner.prune_to(model, 0.5, token_batches(n_batches=2))
+    assert pruner.masks.global_sparsity() == pytest.approx(0.5, abs=1e-3)
+    assert all(torch.isfinite(a.weight_matrix()).all() for a in pruner.layers.values())
+    assert pruner.provider.damping < 1e-2  # relative γ: 1e-2 × the mean K-FAC Fisher diagonal (≪ 1 here)
+    for method in ("block_fisher", "fishleg", "magnitude"):
+        assert Pruner(tiny_bert(), {"pruning": {"method": method}}).compensation == "block"
+
+
 @pytest.mark.parametrize("pattern, scope", [("unstructured", True), ("unstructured", False), ("2:4", True)])
 def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(pattern, scope):
     model = tiny_bert()
@@ -258,7 +272,9 @@ def test_obc_rounds_are_explicit_rounds_of_obs_on_the_full_row_hessian():
     g = torch.Generator().manual_seed(3)
     batches = [{"input": torch.randn(16, 8, generator=g)} for _ in range(2)]
     layers = {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
-    provider = KFACProvider(layers, KFACConfig(damping=GAMMA, damping_mode="absolute", num_examples=32, likelihood="categorical"))
+    provider = KFACProvider(
+        layers, KFACConfig(damping=GAMMA, damping_mode="absolute", num_examples=32, likelihood="categorical")
+    )
     provider.ready(model, batches)
     rows = {n: provider.row_model(n) for n in layers}
     m = torch.block_diag(*[full_hessian(r.a_bar(), r.row_weight) for r in rows.values()])
