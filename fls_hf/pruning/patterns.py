@@ -11,6 +11,7 @@ row-major index), so every rank computes the same masks from the same saliencies
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -177,11 +178,16 @@ def _global_counts(
 ) -> dict[str, int]:
     """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds.
 
-    Walk the candidates of all layers in one stable ascending order; each step raises one layer's
-    raw count c_i by one. The allocation clip(c_i, lo_i, hi_i) then grows by 0 or 1 per step, so it
-    hits the exact total K at some step whenever Σ lo ≤ K ≤ Σ hi. This is water-filling with a
-    common saliency threshold: layers at a bound are fixed there and the rest share the remainder.
-    Memory: a few int64/float tensors the size of all candidate weights together.
+    Walk the candidates of all layers in one stable ascending order (score, then layer in name order,
+    then row-major index); each step raises one layer's raw count c_i by one. The allocation
+    clip(c_i, lo_i, hi_i) then grows by 0 or 1 per step, so it hits the exact total K at some step
+    whenever Σ lo ≤ K ≤ Σ hi. This is water-filling with a common saliency threshold: layers at a
+    bound are fixed there and the rest share the remainder.
+
+    The walk is never built: bisection finds the threshold v*, the lowest score at which the walk
+    reaches K, and only the ties at v* are walked, layer by layer. Memory: two bool temporaries of one
+    layer at a time (and its converted copy if its dtype differs from the others') plus O(layers)
+    Python ints, no tensor spans all layers; time: one pass over all scores per bit of their dtype.
     """
     names = list(scores)
     min_sparsity = min(min_sparsity, target)
@@ -193,24 +199,47 @@ def _global_counts(
             f"global target sparsity {target!r} needs {total} pruned weights, but current masks, the mask pattern and "
             f"`pruning.min_layer_sparsity` / `pruning.max_layer_sparsity` allow only between {lo_sum} and {hi_sum}"
         )
-    device = scores[names[0]].device
-    values = torch.cat([scores[n][eligible[n]].to(device) for n in names])
-    sizes = torch.tensor([int(eligible[n].sum()) for n in names], device=device)
-    layer = torch.repeat_interleave(torch.arange(len(names), device=device), sizes)
-    order = torch.argsort(values, stable=True)
-    lid = layer[order]
-    # 1-based rank of each walked weight inside its own layer (its layer's raw count after the step)
-    rank = torch.empty_like(lid)
-    rank[torch.argsort(lid, stable=True)] = (
-        torch.arange(lid.numel(), device=device) - (sizes.cumsum(0) - sizes)[layer] + 1
-    )
-    lo = torch.tensor([b[0] for b in bounds], device=device)
-    hi = torch.tensor([b[1] for b in bounds], device=device)
-    grows = ((rank > lo[lid]) & (rank <= hi[lid])).cumsum(0)
-    steps = 0 if total == lo_sum else int(torch.searchsorted(grows, total - lo_sum)) + 1
-    raw = torch.bincount(lid[:steps], minlength=len(names))
-    counts = torch.minimum(torch.maximum(raw, lo), hi)
-    return {n: int(c) for n, c in zip(names, counts)}
+    dtype = functools.reduce(torch.promote_types, (scores[n].dtype for n in names))  # the walk compares in it
+
+    def raw(compare, value: float) -> list[int]:  # per layer: eligible scores s with compare(s, value)
+        return [int(torch.count_nonzero(compare(scores[n].to(dtype), value) & eligible[n])) for n in names]
+
+    def clip(counts: list[int]) -> list[int]:
+        return [min(max(c, lo), hi) for c, (lo, hi) in zip(counts, bounds)]
+
+    if total == lo_sum:  # the walk stops before its first step
+        return dict(zip(names, clip([0] * len(names))))
+    threshold = _lowest_float(dtype, lambda v: sum(clip(raw(torch.le, v))) >= total)
+    counts, passed = clip(raw(torch.lt, threshold)), clip(raw(torch.le, threshold))
+    reached = sum(counts)  # < total: the walk just before the ties at the threshold
+    for i in range(len(names)):  # the ties, layer by layer in name order, up to the step reaching total
+        others = reached - counts[i]
+        counts[i] = min(passed[i], total - others)
+        reached = others + counts[i]
+        if reached == total:
+            break
+    return dict(zip(names, counts))
+
+
+def _lowest_float(dtype: torch.dtype, reaches) -> float:
+    """Smallest non-NaN value v of float `dtype` with reaches(v), for a nondecreasing `reaches` true at +inf.
+
+    Bisection over the floats' order-preserving integer keys: the bit pattern read as a signed integer
+    for v ≥ 0, minus the magnitude bits for v < 0 (so −0.0 and +0.0 share key 0, as they compare equal).
+    """
+    bits = torch.finfo(dtype).bits
+    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
+
+    def value(key: int) -> float:
+        pattern = key if key >= 0 else -key - 2 ** (bits - 1)  # sign bit set on top of the magnitude bits
+        return torch.tensor(pattern, dtype=ints).view(dtype).item()
+
+    inf = int(torch.tensor(math.inf, dtype=dtype).view(ints))
+    low, high = -inf - 1, inf  # reaches(value(low)) is false (below −inf), reaches(value(high)) true
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if reaches(value(mid)) else (mid, high)
+    return value(high)
 
 
 def _keep_all_but_lowest(scores: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
