@@ -29,8 +29,9 @@ warm-up first on CUDA; timed: the training-step reference), frees the gradients,
   mmap threshold stay in the heap, so the RSS at the start already holds memory the forward + backward freed and
   `oneshot` reuses, and it does not come down after a phase. `MALLOC_MMAP_THRESHOLD_=131072` in the environment
   (inherited by the children, recorded in the settings) returns every block of 128 KiB or more to the system
-  on free: growth then follows the live tensors (measured on `small`: magnitude's peak growth 13.9 B per targeted
-  weight by default, 16.0 with it). On CUDA: `torch.cuda.max_memory_allocated` − `memory_allocated` at the start,
+  on free: growth then follows the live tensors (measured on `small` before the per-layer selection of session 8:
+  magnitude's peak growth 13.9 B per targeted weight by default, 16.0 with it; after it, 5.3 with it). On CUDA:
+  `torch.cuda.max_memory_allocated` − `memory_allocated` at the start,
   peak stats reset just before `oneshot`.
 - bytes of growth per targeted weight; the model's bytes (parameters + buffers); peak − model.
 - wall and CPU seconds (`time.process_time`, all threads) of the whole `oneshot` call.

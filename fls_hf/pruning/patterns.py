@@ -82,6 +82,7 @@ def select_pruned(
     global_scope: bool,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
     """New keep-masks with exactly round(target · numel) pruned weights.
 
@@ -95,9 +96,17 @@ def select_pruned(
             nearest whole weight (floor of min · numel, ceil of max · numel). The lower bound is
             capped at `target`, so the low early targets of a gradual schedule stay feasible.
             Per-layer scope prunes every layer to `target` itself.
+        in_place: the caller hands its saliency tensors over (`saliency` must then be a mutable dict): they are
+            turned into scores in place, `saliency` is emptied, and each is freed once its layer's mask is built,
+            so no copy of them is made (also when an error is raised, `saliency` is left empty or partly consumed).
 
     Returns:
-        module name → new bool (rows, cols) keep mask (fresh tensors; the inputs are not modified).
+        module name → new bool (rows, cols) keep mask (fresh tensors; unless `in_place`, the inputs are not
+        modified).
+
+    Memory: the scores (the saliencies' copies, or the saliencies themselves when `in_place`); no eligible mask
+    for unstructured patterns (every weight is a candidate); the counts in O(layers) (`_global_allocation`);
+    each mask built with a few bool temporaries of its layer (`_keep_all_but_lowest`), no index or sort.
     """
     pattern = parse_mask_type(pattern)
     _check_fraction("pruning target sparsity", target, pattern)
@@ -106,13 +115,34 @@ def select_pruned(
     names = sorted(saliency)
     if not names:
         return {}
-    scores = {n: _scores(saliency[n], keep[n]) for n in names}
-    eligible = {n: pattern.candidates(n, scores[n]) | ~keep[n].to(torch.bool) for n in names}
+    if in_place:
+        scores = {n: _scores_in_place(saliency.pop(n), keep[n]) for n in names}
+    else:
+        scores = {n: _scores(saliency[n], keep[n]) for n in names}
+    eligible = {n: _eligible(pattern, n, scores[n], keep[n]) for n in names}
+    threshold = None  # the global walk's threshold score: where most layers' own walks stop too
     if global_scope:
-        counts = _global_counts(scores, eligible, keep, target, min_sparsity, max_sparsity)
+        counts, threshold = _global_allocation(scores, eligible, keep, target, min_sparsity, max_sparsity)
     else:
         counts = {n: _layer_count(n, eligible[n], keep[n], target) for n in names}
-    return {n: _keep_all_but_lowest(scores[n], eligible[n], counts[n]) for n in names}
+    return {n: _keep_all_but_lowest(scores.pop(n), eligible.pop(n), counts[n], threshold) for n in names}
+
+
+def _eligible(pattern: MaskPattern, name: str, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """bool (rows, cols): the pattern's candidates and the already-pruned weights; None when that is every weight
+    (unstructured: candidates are all weights), so no tensor is made for it."""
+    if pattern.is_unstructured:
+        return None
+    return pattern.candidates(name, scores) | ~keep.to(torch.bool)
+
+
+def _num_eligible(eligible: torch.Tensor | None, keep: torch.Tensor) -> int:
+    return keep.numel() if eligible is None else int(eligible.sum())
+
+
+def _and(mask: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+    """mask & eligible, in place on the fresh `mask`."""
+    return mask if eligible is None else mask.logical_and_(eligible)
 
 
 def _check_fraction(what: str, target: float, pattern: MaskPattern) -> None:
@@ -130,12 +160,18 @@ def _scores(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~keep.to(torch.bool), -torch.inf)
 
 
+def _scores_in_place(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`_scores`, overwriting `saliency` (the same values: NaN → +inf, then pruned → −inf)."""
+    saliency.masked_fill_(torch.isnan(saliency), torch.inf)
+    return saliency.masked_fill_(~keep.to(torch.bool), -torch.inf)
+
+
 def _round(x: float) -> int:
     """Round half up: a deterministic count, unlike Python's banker's rounding."""
     return math.floor(x + 0.5)
 
 
-def _layer_count(name: str, eligible: torch.Tensor, keep: torch.Tensor, target: float) -> int:
+def _layer_count(name: str, eligible: torch.Tensor | None, keep: torch.Tensor, target: float) -> int:
     count = _round(target * keep.numel())
     already = int((~keep.to(torch.bool)).sum())
     if count < already:
@@ -143,13 +179,13 @@ def _layer_count(name: str, eligible: torch.Tensor, keep: torch.Tensor, target: 
             f"module `{name}` already has {already} pruned weights, more than target {target!r} allows ({count}); "
             "pruned weights never regrow, so targets must not decrease"
         )
-    if count > int(eligible.sum()):
+    if count > _num_eligible(eligible, keep):
         raise RecipeError(f"module `{name}` cannot reach target {target!r}: its mask pattern leaves too few candidates")
     return count
 
 
 def _layer_bounds(
-    name: str, eligible: torch.Tensor, keep: torch.Tensor, min_sparsity: float, max_sparsity: float
+    name: str, eligible: torch.Tensor | None, keep: torch.Tensor, min_sparsity: float, max_sparsity: float
 ) -> tuple[int, int]:
     """[lo, hi] pruned count of one layer: already pruned and min bound ≤ count ≤ candidates and max bound.
 
@@ -158,7 +194,7 @@ def _layer_bounds(
     numel = keep.numel()
     already = int((~keep.to(torch.bool)).sum())
     lo = max(already, math.floor(min_sparsity * numel + _EPS))
-    hi = min(int(eligible.sum()), math.ceil(max_sparsity * numel - _EPS))
+    hi = min(_num_eligible(eligible, keep), math.ceil(max_sparsity * numel - _EPS))
     if lo > hi:
         raise RecipeError(
             f"module `{name}` cannot satisfy its bounds: it needs at least {lo} pruned weights (already pruned "
@@ -170,13 +206,27 @@ def _layer_bounds(
 
 def _global_counts(
     scores: dict[str, torch.Tensor],
-    eligible: dict[str, torch.Tensor],
+    eligible: dict[str, torch.Tensor | None],
     keep: Mapping[str, torch.Tensor],
     target: float,
     min_sparsity: float,
     max_sparsity: float,
 ) -> dict[str, int]:
-    """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds.
+    """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds
+    (`_global_allocation`'s counts)."""
+    return _global_allocation(scores, eligible, keep, target, min_sparsity, max_sparsity)[0]
+
+
+def _global_allocation(
+    scores: dict[str, torch.Tensor],
+    eligible: dict[str, torch.Tensor | None],
+    keep: Mapping[str, torch.Tensor],
+    target: float,
+    min_sparsity: float,
+    max_sparsity: float,
+) -> tuple[dict[str, int], float | None]:
+    """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds, and the
+    walk's threshold score v* (None when the walk takes no step).
 
     Walk the candidates of all layers in one stable ascending order (score, then layer in name order,
     then row-major index); each step raises one layer's raw count c_i by one. The allocation
@@ -185,9 +235,10 @@ def _global_counts(
     bound are fixed there and the rest share the remainder.
 
     The walk is never built: bisection finds the threshold v*, the lowest score at which the walk
-    reaches K, and only the ties at v* are walked, layer by layer. Memory: two bool temporaries of one
-    layer at a time (and its converted copy if its dtype differs from the others') plus O(layers)
-    Python ints, no tensor spans all layers; time: one pass over all scores per bit of their dtype.
+    reaches K (`_lowest_threshold`), and only the ties at v* are walked, layer by layer. Memory: two
+    bool temporaries of one layer at a time (and its converted copy if its dtype differs from the
+    others'), the few scores of each layer left inside the bisection's bracket (at most 1/16 of it),
+    plus O(layers) Python ints; no tensor spans all layers.
     """
     names = list(scores)
     min_sparsity = min(min_sparsity, target)
@@ -201,16 +252,14 @@ def _global_counts(
         )
     dtype = functools.reduce(torch.promote_types, (scores[n].dtype for n in names))  # the walk compares in it
 
-    def raw(compare, value: float) -> list[int]:  # per layer: eligible scores s with compare(s, value)
-        return [int(torch.count_nonzero(compare(scores[n].to(dtype), value) & eligible[n])) for n in names]
-
     def clip(counts: list[int]) -> list[int]:
         return [min(max(c, lo), hi) for c, (lo, hi) in zip(counts, bounds)]
 
     if total == lo_sum:  # the walk stops before its first step
-        return dict(zip(names, clip([0] * len(names))))
-    threshold = _lowest_float(dtype, lambda v: sum(clip(raw(torch.le, v))) >= total)
-    counts, passed = clip(raw(torch.lt, threshold)), clip(raw(torch.le, threshold))
+        return dict(zip(names, clip([0] * len(names)))), None
+    layers = [(scores[n], eligible[n]) for n in names]
+    threshold, below, at = _lowest_threshold(dtype, layers, lambda raw: sum(clip(raw)) >= total)
+    counts, passed = clip(below), clip(at)
     reached = sum(counts)  # < total: the walk just before the ties at the threshold
     for i in range(len(names)):  # the ties, layer by layer in name order, up to the step reaching total
         others = reached - counts[i]
@@ -218,14 +267,24 @@ def _global_counts(
         reached = others + counts[i]
         if reached == total:
             break
-    return dict(zip(names, counts))
+    return dict(zip(names, counts)), threshold
 
 
-def _lowest_float(dtype: torch.dtype, reaches) -> float:
-    """Smallest non-NaN value v of float `dtype` with reaches(v), for a nondecreasing `reaches` true at +inf.
+_NARROW = 16  # a layer's scores inside the bisection's bracket are copied out once at most 1/16 of those it scans
+
+
+def _lowest_threshold(
+    dtype: torch.dtype, layers: list[tuple[torch.Tensor, torch.Tensor | None]], reaches
+) -> tuple[float, list[int], list[int]]:
+    """Smallest non-NaN value v of float `dtype` with reaches(le(v)), where le(v)[i] counts the eligible scores ≤ v
+    of layer i = (scores, eligible or None for all), compared in `dtype`; `reaches` is nondecreasing and true at
+    +inf. Returns v, the counts of scores < v and le(v).
 
     Bisection over the floats' order-preserving integer keys: the bit pattern read as a signed integer
-    for v ≥ 0, minus the magnitude bits for v < 0 (so −0.0 and +0.0 share key 0, as they compare equal).
+    for v ≥ 0, minus the magnitude bits for v < 0 (so −0.0 and +0.0 share key 0, as they compare equal);
+    one step per bit of `dtype`. Each layer's counts at the bracket's two ends are kept (the count < v is the
+    count ≤ the key below v's); once at most 1/_NARROW of the scores a layer scans lie inside the bracket, those
+    are copied out and later steps scan only them (`_Scan`), so most steps touch few scores.
     """
     bits = torch.finfo(dtype).bits
     ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
@@ -235,17 +294,80 @@ def _lowest_float(dtype: torch.dtype, reaches) -> float:
         return torch.tensor(pattern, dtype=ints).view(dtype).item()
 
     inf = int(torch.tensor(math.inf, dtype=dtype).view(ints))
-    low, high = -inf - 1, inf  # reaches(value(low)) is false (below −inf), reaches(value(high)) true
+    scans = [_Scan(scores, eligible, dtype) for scores, eligible in layers]
+    low, high = -inf - 1, inf  # reaches(le(value(low))) is false (below −inf), reaches(le(value(high))) true
+    at_low, at_high = [0] * len(scans), [scan.count_le(math.inf) for scan in scans]
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if reaches(value(mid)) else (mid, high)
-    return value(high)
+        at_mid = [scan.count_le(value(mid)) for scan in scans]
+        if reaches(at_mid):
+            high, at_high = mid, at_mid
+        else:
+            low, at_low = mid, at_mid
+        for scan, a, b in zip(scans, at_low, at_high):
+            scan.narrow(None if low < -inf else value(low), value(high), a, b)
+    return value(high), at_low, at_high
 
 
-def _keep_all_but_lowest(scores: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
-    """bool (rows, cols) keep mask pruning the `count` lowest-scoring eligible weights (stable order)."""
-    index = eligible.reshape(-1).nonzero().squeeze(1)
-    order = torch.argsort(scores.reshape(-1)[index], stable=True)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[index[order[:count]]] = False
-    return keep.view(scores.shape)
+class _Scan:
+    """The eligible scores of one layer that counting still has to look at: all of them, or (once the bracket
+    (low, high] of the bisection holds few) a copy of those inside the bracket plus the count at or below low."""
+
+    def __init__(self, scores: torch.Tensor, eligible: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.scores, self.eligible, self.dtype = scores, eligible, dtype
+        self.inside: torch.Tensor | None = None  # 1-D copy, in `dtype`
+        self.below = 0  # eligible scores ≤ the bracket's lower end when `inside` was copied
+
+    def count_le(self, v: float) -> int:
+        """Eligible scores ≤ v, for v inside the current bracket (or the first count, at +inf)."""
+        if self.inside is not None:
+            return self.below + int(torch.count_nonzero(self.inside <= v))
+        return int(torch.count_nonzero(_and(self.scores.to(self.dtype) <= v, self.eligible)))
+
+    def narrow(self, low: float | None, high: float, at_low: int, at_high: int) -> None:
+        """The bracket is now (low, high] (low None: below −inf), with at_low / at_high eligible scores ≤ its ends."""
+        size = self.scores.numel() if self.inside is None else self.inside.numel()
+        if (at_high - at_low) * _NARROW > size:
+            return
+        values = self.scores.to(self.dtype).reshape(-1) if self.inside is None else self.inside
+        inside = values <= high
+        if low is not None:
+            inside.logical_and_(values > low)
+        if self.inside is None and self.eligible is not None:
+            inside.logical_and_(self.eligible.reshape(-1))
+        self.inside, self.below = values[inside], at_low
+
+
+def _keep_all_but_lowest(
+    scores: torch.Tensor, eligible: torch.Tensor | None, count: int, threshold: float | None = None
+) -> torch.Tensor:
+    """bool (rows, cols) keep mask pruning the `count` lowest-scoring eligible weights (eligible None: all), ties
+    by row-major index: the first `count` of a stable ascending sort of the eligible scores.
+
+    Built without an index or a sort: for any score v with (eligible scores < v) ≤ count ≤ (eligible scores ≤ v),
+    those are every eligible score < v and then the ties at v in row-major order. v is `threshold` (the global
+    walk's) when it brackets `count` so, else the count-th lowest eligible score (`_lowest_threshold`); a per-row
+    count of the ties finds the row where the last pruned tie lies. Memory: three bool temporaries of the layer.
+    """
+    matrix = scores.reshape(scores.shape[0] if scores.dim() > 1 else 1, -1)
+    eligible = None if eligible is None else eligible.reshape(matrix.shape)
+    if count == 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    below = ties = None
+    if threshold is not None:
+        below, ties = _and(matrix < threshold, eligible), _and(matrix == threshold, eligible)
+        n_below = int(torch.count_nonzero(below))
+        if not n_below <= count <= n_below + int(torch.count_nonzero(ties)):
+            below = ties = None
+    if below is None:
+        threshold, (n_below,), _ = _lowest_threshold(matrix.dtype, [(matrix, eligible)], lambda c: c[0] >= count)
+        below, ties = _and(matrix < threshold, eligible), _and(matrix == threshold, eligible)
+    keep = below.logical_not_()
+    rest = count - n_below  # ties to prune, the first in row-major order
+    if rest:
+        ends = ties.sum(dim=1).cumsum(0)  # ties up to the end of each row
+        row = int(torch.searchsorted(ends, rest))  # the row holding the last of them
+        keep[:row].masked_fill_(ties[:row], False)
+        cols = ties[row].nonzero()[: rest - (int(ends[row - 1]) if row else 0), 0]
+        keep[row, cols] = False
+    return keep.reshape(scores.shape)

@@ -18,7 +18,7 @@ coordinates are set to exactly 0, and the result is checked with `isfinite` befo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -55,10 +55,10 @@ def obs_saliency(weight: torch.Tensor, diag_q: torch.Tensor) -> torch.Tensor:
         (rows, cols) finite, non-negative saliencies (overflow and NaN map to the dtype's max, i.e.
         "never prune first").
     """
-    diag = _floored(diag_q)
-    saliency = weight.to(diag.dtype).square() / (2 * diag)
+    diag = _floored(diag_q)  # a fresh tensor: doubled in place
+    saliency = weight.to(diag.dtype).square().div_(diag.mul_(2))
     largest = torch.finfo(diag.dtype).max
-    return torch.nan_to_num(saliency, nan=largest, posinf=largest)
+    return saliency.nan_to_num_(nan=largest, posinf=largest)
 
 
 def obd_saliency(weight: torch.Tensor, q_blocks: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,15 @@ def prune_step(
     (block | independent | none | obc: the row-wise OBC of `obc.py`, with its own saliency), as the recipe
     validated them (`recipe.SALIENCIES`, `recipe.COMPENSATIONS`).
 
-    Updates the module weights (in their dtype), `masks` (in place) and the provider's mask.
+    Updates the module weights (in their dtype), `masks` (in place) and the provider's mask (the masks' own
+    tensors, `masks.keep_matrix`).
+
+    Memory (issue 18): one saliency per targeted weight (in the compute dtype), made a score in place and freed
+    once its layer's new mask is built (`select_pruned(..., in_place=True)`), and the new masks, each freed once
+    its layer is written; plus one layer's temporaries. Each layer's diag Q is read once and dropped (OBC keeps
+    those of layers with non-finite curvature only). Except with OBC, which solves every layer before writing any,
+    layers are compensated and written one at a time: selection errors come before any write, but an error while
+    compensating a layer leaves the layers before it written.
 
     Returns:
         module name → {"sparsity": layer sparsity after the step, "pruned_now": weights pruned now}.
@@ -201,10 +209,20 @@ def prune_step(
     names = sorted(layers)
     old_keep = {n: masks.keep_matrix(n) for n in names}
     weights = {n: layers[n].weight_matrix() for n in names}
-    diags = {n: provider.diag(n) for n in names}
-    broken = _non_finite_curvature(diags)
+    broken: set[str] = set()
+    diags: dict[str, torch.Tensor] = {}  # diag Q of the broken layers only
+    saliencies: dict[str, torch.Tensor] = {}  # fresh tensors, handed to the selection to become scores in place
+    for n in names:
+        diag = provider.diag(n)
+        if _non_finite_curvature(n, diag):
+            broken.add(n)
+            diags[n] = diag
+        if compensation != "obc":
+            saliencies[n] = _saliency(provider, n, weights[n], diag, saliency, block_size, n in broken)
+        del diag
 
     def select(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], sub_target: float):
+        """New keep masks (`select_pruned`), turning the fresh `scores` into scores in place and emptying the dict."""
         return select_pruned(
             scores,
             keep,
@@ -213,33 +231,29 @@ def prune_step(
             global_scope=global_scope,
             min_sparsity=min_sparsity,
             max_sparsity=max_sparsity,
+            in_place=True,
         )
 
-    if compensation == "obc":
-        rows = _row_models(provider, names)
-        new_weights, new_keep = _obc_rounds(weights, old_keep, rows, broken, diags, select, target, obc_rounds)
-    else:
-        scores = {n: _saliency(provider, n, weights[n], diags[n], saliency, block_size, n in broken) for n in names}
-        new_keep = select(scores, old_keep, target)
-        new_weights = {
-            n: _compensated(
-                provider,
-                n,
-                weights[n],
-                new_keep[n],
-                old_keep[n] & ~new_keep[n],
-                "none" if n in broken else compensation,
-                block_size,
-            )
-            for n in names
-        }
+    def updates() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # (name, new weight, new keep) per layer
+        if compensation == "obc":
+            rows = _row_models(provider, names)
+            new_weights, new_keep = _obc_rounds(weights, old_keep, rows, broken, diags, select, target, obc_rounds)
+            for n in names:
+                yield n, new_weights.pop(n), new_keep.pop(n)
+            return
+        new_keep = select(saliencies, old_keep, target)
+        for n in names:
+            keep = new_keep.pop(n)
+            rule = "none" if n in broken else compensation
+            yield n, _compensated(provider, n, weights[n], keep, old_keep[n] & ~keep, rule, block_size), keep
+
     report: dict[str, dict[str, float | int]] = {}
-    for n in names:
-        pruned_now = old_keep[n] & ~new_keep[n]
-        _write(layers[n], new_weights[n])
-        masks.set(n, new_keep[n])
-        provider.mask(n, new_keep[n])
-        report[n] = {"sparsity": masks.sparsity(n), "pruned_now": int(pruned_now.sum())}
+    for n, new_weight, new_keep in updates():
+        pruned_now = int((old_keep[n] & ~new_keep).sum())
+        _write(layers[n], new_weight)
+        masks.set(n, new_keep)
+        provider.mask(n, masks.keep_matrix(n))
+        report[n] = {"sparsity": masks.sparsity(n), "pruned_now": pruned_now}
     return report
 
 
@@ -281,7 +295,7 @@ def _obc_rounds(
                 scores[n] = obc_saliency(w, rows[n], keep[n])
             else:
                 scores[n] = torch.where(keep[n], w.double().square() / (2 * inverse_diag[n]), 0.0)
-        keep = select(scores, keep, sub_target)
+        keep = select(scores, keep, sub_target)  # empties `scores`
         last = i == len(sub_targets) - 1
         for n, w in weights.items():
             if n in broken:
@@ -309,21 +323,18 @@ def _saliency(
     return obs_saliency(weight, diag)
 
 
-def _non_finite_curvature(diags: Mapping[str, torch.Tensor]) -> set[str]:
-    """Modules whose diag Q holds NaN / inf (warned): pruned without compensation, their bad entries last."""
-    broken = set()
-    for name, diag in diags.items():
-        bad = int((~torch.isfinite(diag)).sum())
-        if bad:
-            broken.add(name)
-            warnings.warn(
-                f"module `{name}`: diag Q is not finite at {bad} of {diag.numel()} weights; those count as most "
-                "salient (pruned last) and this layer is pruned without compensation (check its curvature estimate "
-                "and `curvature.damping`)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return broken
+def _non_finite_curvature(name: str, diag: torch.Tensor) -> bool:
+    """Whether diag Q of module `name` holds NaN / inf (warned): pruned without compensation, its bad entries last."""
+    bad = int((~torch.isfinite(diag)).sum())
+    if bad:
+        warnings.warn(
+            f"module `{name}`: diag Q is not finite at {bad} of {diag.numel()} weights; those count as most "
+            "salient (pruned last) and this layer is pruned without compensation (check its curvature estimate "
+            "and `curvature.damping`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return bool(bad)
 
 
 def _compensated(

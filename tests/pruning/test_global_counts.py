@@ -1,5 +1,6 @@
 """fls_hf.pruning.patterns._global_counts: the same counts as the literal walk over all layers' weights in one
-stable order (issue 18 removed that walk's all-layer tensors), and no tensor spanning all layers."""
+stable order (issue 18 removed that walk's all-layer tensors), and no tensor spanning all layers (eligible None:
+every weight of the layer)."""
 
 import random
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ def _walk(
     walk = sorted(
         (value, i, j)
         for i, name in enumerate(names)
-        for j, value in enumerate(scores[name][eligible[name]].double().tolist())
+        for j, value in enumerate(_eligible_scores(scores[name], eligible[name]))
     )
     raw = [0] * len(names)
 
@@ -43,6 +44,11 @@ def _walk(
             break
         raw[i] += 1
     return dict(zip(names, clip()))
+
+
+def _eligible_scores(scores: torch.Tensor, eligible: torch.Tensor | None) -> list[float]:
+    """Row-major eligible scores (eligible None: every weight, as `select_pruned` passes unstructured layers)."""
+    return (scores if eligible is None else scores[eligible]).reshape(-1).double().tolist()
 
 
 def random_case(seed: int) -> tuple:
@@ -58,6 +64,8 @@ def random_case(seed: int) -> tuple:
         keep[f"m{i}"] = torch.rand(shape, generator=g) >= rng.choice([0.0, 0.0, 0.1, 0.4])
         scores[f"m{i}"] = _scores(values, keep[f"m{i}"])
         eligible[f"m{i}"] = (torch.rand(shape, generator=g) < rng.choice([0.0, 0.7, 1.0, 1.0, 1.0])) | ~keep[f"m{i}"]
+        if bool(eligible[f"m{i}"].all()) and rng.random() < 0.5:
+            eligible[f"m{i}"] = None  # every weight, as select_pruned passes unstructured layers
     low, high = sorted([rng.random(), rng.random()])
     min_sparsity, max_sparsity = rng.choice([(0.0, 1.0), (0.0, 1.0), (low, high), (high, low), (0.0, high), (low, 1.0)])
     return scores, eligible, keep, rng.choice([0.0, 1.0, 1.0, 1.0]) * rng.random() * 0.99, min_sparsity, max_sparsity
@@ -115,7 +123,7 @@ def test_select_pruned_equals_the_literal_walk(mask_type, monkeypatch):
         kwargs = dict(global_scope=True, min_sparsity=rng.random() * 0.3, max_sparsity=0.5 + rng.random() * 0.5)
         got = outcome(select_pruned, *args, **kwargs)
         with monkeypatch.context() as patch:
-            patch.setattr(patterns, "_global_counts", _walk)
+            patch.setattr(patterns, "_global_allocation", lambda *case: (_walk(*case), None))  # no threshold hint
             expected = outcome(select_pruned, *args, **kwargs)
         if isinstance(expected, str):
             assert got == expected, f"seed {seed}"
