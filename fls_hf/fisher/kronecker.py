@@ -49,11 +49,12 @@ def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
 
 
 def _record(store: dict[str, dict[str, torch.Tensor]]):
-    """A `layer_hooks` callback keeping each layer's input and output gradient of the last forward/backward."""
+    """A `layer_hooks` callback keeping each layer's input and output of the last forward (the backward then asks
+    autograd for the gradients of those outputs only: no weight gradient is ever built)."""
 
     def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
         store[name]["a"] = a.detach()
-        output.register_hook(lambda grad: store[name].__setitem__("d", grad.detach()))
+        store[name]["out"] = output
 
     return on_forward
 
@@ -87,7 +88,6 @@ def kronecker_statistics(
     }
     examples, tokens = 0, dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
     store: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
-    params = [a.weight for a in layers.values()]
     bar = example_progress(max_examples, "K-FAC statistics")
     _check_supported(layers)
     with curvature_mode(model), layer_hooks(layers, _record(store)), bar:
@@ -102,9 +102,12 @@ def kronecker_statistics(
             else:  # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
                 targets = likelihood.sample(logits.detach(), generator=generator)
                 loss = likelihood.nll(logits, targets, valid_rows(batch, logits)) * n
-            torch.autograd.grad(loss, params, allow_unused=True)
-            for name, adapter in layers.items():
-                a, d = _rows(adapter.module, store[name]["a"], store[name]["d"])
+            # δ = ∂loss/∂output per layer, straight from autograd (weight gradients would cost 4 bytes per weight)
+            outputs = [store[name].pop("out") for name in layers]
+            grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+            for (name, adapter), out, grad in zip(layers.items(), outputs, grads):
+                d = (torch.zeros_like(out) if grad is None else grad).detach()
+                a, d = _rows(adapter.module, store[name]["a"], d)
                 mask = _token_mask(batch, a, device, conv=isinstance(adapter.module, nn.Conv2d))
                 tokens[name] += float(mask.sum())
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
