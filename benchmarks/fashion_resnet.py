@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import tempfile
 import time
@@ -313,6 +314,8 @@ def main() -> None:
         args.methods, args.epochs, args.dense_epochs, args.batch_size = "gmp,fls", 1.0, 1.0, 64
     data = datasets(args.quick)
     dense, meta = dense_model(data, args)
+    weights = CACHE / f"fashion-resnet-e{args.dense_epochs}" / "model.safetensors"
+    checkpoint = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() and not args.quick else None
     out = Path(args.output) if args.output else RESULTS / f"fashion_resnet_{round(100 * args.sparsity)}.json"
     settings = {
         k: getattr(args, k) for k in ("sparsity", "epochs", "lr", "dense_epochs", "dense_lr", "batch_size", "quick")
@@ -322,9 +325,12 @@ def main() -> None:
         result = {**json.loads(out.read_text()), "settings": settings, "dense": meta}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.methods.split(","):
-            # each row names its dense model: the cache is per machine, and a retrained one differs (±0.2 points)
+            # each row names its dense model: the cache is per machine, and a retrained one differs (±0.2 points);
+            # rows of another dense model are kept beside (`record` keys on dense_checkpoint)
             row = run_method(name, dense, data, args, seed, args.set)
-            record(result, {**row, "dense": {k: meta[k] for k in ("validation", "test")}}, out)
+            row["dense"] = {k: meta[k] for k in ("validation", "test")}
+            row["dense_checkpoint"] = checkpoint
+            record(result, row, out)
     print(f"wrote {out}")
 
 

@@ -204,19 +204,6 @@ def _layer_bounds(
     return lo, hi
 
 
-def _global_counts(
-    scores: dict[str, torch.Tensor],
-    eligible: dict[str, torch.Tensor | None],
-    keep: Mapping[str, torch.Tensor],
-    target: float,
-    min_sparsity: float,
-    max_sparsity: float,
-) -> dict[str, int]:
-    """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds
-    (`_global_allocation`'s counts)."""
-    return _global_allocation(scores, eligible, keep, target, min_sparsity, max_sparsity)[0]
-
-
 def _global_allocation(
     scores: dict[str, torch.Tensor],
     eligible: dict[str, torch.Tensor | None],

@@ -1,4 +1,4 @@
-"""fls_hf.pruning.patterns._global_counts: the same counts as the literal walk over all layers' weights in one
+"""fls_hf.pruning.patterns._global_allocation: the same counts as the literal walk over all layers' weights in one
 stable order (issue 18 removed that walk's all-layer tensors), and no tensor spanning all layers (eligible None:
 every weight of the layer)."""
 
@@ -11,7 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fls_hf.errors import RecipeError
 from fls_hf.pruning import patterns
-from fls_hf.pruning.patterns import _global_counts, _layer_bounds, _round, _scores, select_pruned
+from fls_hf.pruning.patterns import _global_allocation, _layer_bounds, _round, _scores, select_pruned
+
+
+def _global_counts(*args) -> dict[str, int]:
+    """The per-layer counts of the global allocation (its threshold dropped)."""
+    return _global_allocation(*args)[0]
 
 
 def _walk(
