@@ -124,7 +124,7 @@ class KFACProvider(CurvatureProvider):
     def _refresh(self) -> None:
         """γ; eigenbases of Ā and G (Q's exact damping) and the row models (Ā's basis, diag G, γ)."""
         self._gamma = self.config.damping
-        if self.config.damping_mode == "relative" and self.estimated:
+        if self.config.damping_mode == "relative":  # both callers run it on estimated statistics
             scale = self._scale()
             if not scale > 0:
                 raise CurvatureError(

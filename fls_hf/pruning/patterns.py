@@ -155,13 +155,12 @@ def _check_fraction(what: str, target: float, pattern: MaskPattern) -> None:
 
 
 def _scores(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Pruned weights → −inf (they stay pruned, counted first); NaN → +inf (never chosen first)."""
-    scores = torch.where(torch.isnan(saliency), torch.inf, saliency)
-    return scores.masked_fill(~keep.to(torch.bool), -torch.inf)
+    """Pruned weights → −inf (they stay pruned, counted first); NaN → +inf (never chosen first). A copy."""
+    return _scores_in_place(saliency.clone(), keep)
 
 
 def _scores_in_place(saliency: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """`_scores`, overwriting `saliency` (the same values: NaN → +inf, then pruned → −inf)."""
+    """`_scores`, overwriting `saliency`."""
     saliency.masked_fill_(torch.isnan(saliency), torch.inf)
     return saliency.masked_fill_(~keep.to(torch.bool), -torch.inf)
 
@@ -291,8 +290,9 @@ def _lowest_threshold(
             high, at_high = mid, at_mid
         else:
             low, at_low = mid, at_mid
+        low_value, high_value = None if low < -inf else value(low), value(high)  # once per step, not per layer
         for scan, a, b in zip(scans, at_low, at_high):
-            scan.narrow(None if low < -inf else value(low), value(high), a, b)
+            scan.narrow(low_value, high_value, a, b)
     return value(high), at_low, at_high
 
 
