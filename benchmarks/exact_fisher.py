@@ -37,7 +37,11 @@ RULES = {
         "pruning": {"method": "block_fisher", "obs_block_size": 32},
         "curvature": {"num_grads": 1024, "block_size": 32, "fisher_labels": "sampled"},
     },
-    "fls_hf package default (fishleg)": {"pruning": {"method": "fishleg"}},
+    "fishleg diagonal Q (the package default before issue 17)": {"pruning": {"method": "fishleg"}},
+    "fls_hf package default (kfac + row-wise OBC, relative γ 1e-2, 256 examples)": {
+        "pruning": {},
+        "curvature": {"damping": 1e-2},
+    },
     "kfac + row-wise OBC": {
         "pruning": {"method": "kfac", "compensation": "obc"},
         "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
@@ -57,6 +61,21 @@ RULES = {
     "kfac + row-wise OBC, 4 stages × 4 rounds": {
         "pruning": {"method": "kfac", "compensation": "obc", "recomputations": 4, "obc_rounds": 4},
         "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
+    },
+    # FishLeg in the same rule: the learned Kronecker Q's within-row blocks of Q⁻¹ as the row model (issue 17)
+    "fishleg Kronecker Q, K-FAC start + row-wise OBC": {
+        "pruning": {"method": "fishleg", "compensation": "obc"},
+        "curvature": {"structure": "kronecker", "init_examples": 4096, "warmup_steps": 0},
+    },
+    "fishleg Kronecker Q, 1,000 aux steps (lr 1e-2 decayed) + row-wise OBC": {
+        "pruning": {"method": "fishleg", "compensation": "obc"},
+        "curvature": {
+            "structure": "kronecker",
+            "init_examples": 4096,
+            "warmup_steps": 1000,
+            "aux_lr": 1e-2,
+            "aux_lr_schedule": "linear",
+        },
     },
     "kfac + block OBS (B = 32)": {
         "pruning": {"method": "kfac", "obs_block_size": 32},

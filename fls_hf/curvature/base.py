@@ -37,31 +37,39 @@ Batches = Iterable[Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class RowModel:
-    """A layer's row-wise curvature: row i has Hessian G_ii Ā + γI, with Ā = U diag(λ) Uᵀ shared by the rows.
+    """A layer's row-wise curvature: row i has Hessian S_i⁻¹ (G_ii Ā + γI) S_i⁻¹, with Ā = U diag(λ) Uᵀ shared by the
+    rows and S_i = diag(column_scale_i) (the identity for K-FAC; a learned Kronecker Q's elementwise scale A).
 
     Args:
         basis: U, (cols, cols) float64, orthonormal eigenvectors of Ā (the input-side K-FAC factor).
         eigenvalues: λ, (cols,) float64, non-negative.
         row_weight: G_ii, (rows,) float64, non-negative (the output-side Fisher of each row).
-        damping: γ > 0.
+        damping: γ ≥ 0; 0 only when Ā is positive definite (a learned Q's factors hold their damping).
+        column_scale: S, (rows, cols) float64, positive; None: all ones.
     """
 
     basis: torch.Tensor
     eigenvalues: torch.Tensor
     row_weight: torch.Tensor
     damping: float
+    column_scale: torch.Tensor | None = None
 
     def spectrum(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        """1 / (G_ii λ_b + γ) for the given rows: (rows, cols), H_i⁻¹'s eigenvalues."""
+        """1 / (G_ii λ_b + γ) for the given rows: (rows, cols), eigenvalues of (G_ii Ā + γI)⁻¹ (H_i⁻¹ if S = I)."""
         return 1.0 / (self.row_weight[rows, None] * self.eigenvalues[None, :] + self.damping)
 
     def a_bar(self) -> torch.Tensor:
         """Ā = U diag(λ) Uᵀ: (cols, cols) float64."""
         return (self.basis * self.eigenvalues) @ self.basis.T
 
+    def unscaled(self) -> RowModel:
+        """The same model with S = I (the row problem in the coordinates W ⊘ S, where every row shares Ā)."""
+        return RowModel(self.basis, self.eigenvalues, self.row_weight, self.damping)
+
     def inverse_diag(self) -> torch.Tensor:
         """[H_i⁻¹]_jj for every (i, j): (rows, cols)."""
-        return self.spectrum() @ self.basis.square().T
+        diagonal = self.spectrum() @ self.basis.square().T
+        return diagonal if self.column_scale is None else diagonal * self.column_scale.square()
 
 
 class CurvatureProvider(ABC):
@@ -135,6 +143,11 @@ class CurvatureProvider(ABC):
     def row_model(self, name: str) -> RowModel | None:
         """The layer's row-wise OBS model, for `pruning.compensation: obc`; None when Q has no such form."""
         return None
+
+    @classmethod
+    def holds_row_model(cls, config: CurvatureConfig) -> bool:
+        """Whether a provider built from `config` has `row_model`s (known before building it: `compensation: auto`)."""
+        return False
 
     def mask(self, name: str, keep: torch.Tensor) -> None:
         """Restrict Q to the surviving weights of layer `name` (`keep`: bool, (rows, cols))."""

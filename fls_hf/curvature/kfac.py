@@ -191,6 +191,10 @@ class KFACProvider(CurvatureProvider):
     def row_model(self, name: str) -> RowModel | None:
         return self._rows.get(name)
 
+    @classmethod
+    def holds_row_model(cls, config: KFACConfig) -> bool:
+        return True
+
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"{n}/a_bar": t for n, t in self.a_bar.items()}, **{f"{n}/g": t for n, t in self.g.items()}}

@@ -16,7 +16,8 @@ the output-side Fisher G_ii). With K_i the kept and P_i the pruned coordinates o
 `obc_solve` gives both from one factorisation: the compensation for a new mask, and the diagonal the next round's
 saliencies need (`pruning.obc_rounds` re-ranks the survivors this way between sub-steps, towards greedy OBC).
 Rows are solved in chunks of batched Cholesky factorisations of their kept coordinates (padded to the chunk's
-largest |K_i| with identity): time ~ rows · |K|³ per layer. Pure tensor maths in float64.
+largest |K_i| with identity): time ~ rows · |K|³ per layer. Pure tensor maths in float64. A learned Kronecker Q
+adds an elementwise scale (H_i = S_i⁻¹ (G_ii Ā + γI) S_i⁻¹, `RowModel.column_scale`), solved in scaled coordinates.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def obc_solve(
         (δW, diagonal): (rows, cols) float64 each, (W + δW)_P = 0; the diagonal is 1 off K (never read there),
         None unless asked for.
     """
+    if model.column_scale is not None:
+        # H_i = S_i⁻¹ (G_ii Ā + γI) S_i⁻¹: in the coordinates W ⊘ S every row shares Ā; the loss, the mask and the
+        # zeros are the same there, so solve there and map back (δW = S δW', [(H_i)_KK⁻¹]_jj = s_ij² [·]'_jj)
+        scale = model.column_scale
+        delta, diagonal = obc_solve(weight.double() / scale, model.unscaled(), keep, inverse_diag=inverse_diag)
+        return delta * scale, None if diagonal is None else diagonal * scale.square()
     w = weight.double()
     keep = keep.to(torch.bool)
     pruned_w = torch.where(keep, 0.0, w)

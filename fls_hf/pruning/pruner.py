@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..curvature import CurvatureProvider, provider_class_for
+from ..curvature import provider_class_for
 from ..distributed import check_same_on_all_ranks
 from ..errors import PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
@@ -81,11 +81,17 @@ class Pruner:
                 stacklevel=3,
             )
         provider_class = provider_class_for(cfg.method)
-        has_rows = provider_class.row_model is not CurvatureProvider.row_model
+        has_rows = provider_class.holds_row_model(self.recipe.curvature)
         if cfg.compensation == "obc" and not has_rows:
             raise RecipeError(
                 "recipe key `pruning.compensation` = 'obc' needs a curvature with a row-wise model; "
-                f"`pruning.method` = {cfg.method!r} has none: use `pruning.method: kfac`"
+                f"`pruning.method` = {cfg.method!r}"
+                + (
+                    f" with `curvature.structure` = {self.recipe.curvature.structure!r}"
+                    if cfg.method == "fishleg"
+                    else ""
+                )
+                + " has none: use `pruning.method: kfac` (or `fishleg` with `curvature.structure: kronecker`)"
             )
         # `auto`: the rule that fits the curvature (issue 17): row-wise OBC where there is a row model
         self.compensation = cfg.compensation if cfg.compensation != "auto" else ("obc" if has_rows else "block")

@@ -15,9 +15,12 @@ def test_quick_run_ranks_row_wise_obc_near_exact_obs(tmp_path):
         "exact greedy OBS (full M)",
         "magnitude",
         "kfac + row-wise OBC",
-        "fls_hf package default (fishleg)",
+        "fishleg diagonal Q (the package default before issue 17)",
+        "fishleg Kronecker Q, K-FAC start + row-wise OBC",
     }
     assert all(math.isfinite(v) for v in rise.values())
     assert rise["kfac + row-wise OBC"] < rise["magnitude"] / 5
-    assert rise["kfac + row-wise OBC"] < rise["fls_hf package default (fishleg)"]
+    assert rise["kfac + row-wise OBC"] < rise["fishleg diagonal Q (the package default before issue 17)"]
+    # FishLeg's Kronecker Q in the same rule is far ahead of its diagonal Q with the old rule
+    assert rise["fishleg Kronecker Q, K-FAC start + row-wise OBC"] < rise["magnitude"] / 5
     assert "| kfac + row-wise OBC |" in done.stdout

@@ -79,6 +79,25 @@ def test_obc_saliency_is_the_exact_single_weight_obs_loss_under_the_full_hessian
     torch.testing.assert_close(obc_saliency(w, model_blind), GAMMA * w.square() / 2)
 
 
+def test_a_column_scaled_row_model_is_solved_exactly():
+    """H_i = S_i⁻¹ (G_ii Ā + γI) S_i⁻¹ (a learned Kronecker Q's rows): compensation and saliencies are the exact OBS
+    ones under that Hessian, with and without weights already pruned."""
+    w, a_bar, row_weight, pruned, model = row_problem(rows=4, cols=5, seed=5)
+    scale = torch.rand(4, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 0.5
+    scaled = RowModel(model.basis, model.eigenvalues, row_weight, GAMMA, scale)
+    m = torch.diag(1 / scale.reshape(-1)) @ full_hessian(a_bar, row_weight) @ torch.diag(1 / scale.reshape(-1))
+    new = w + obc_compensation(w, scaled, pruned)
+    torch.testing.assert_close(new, constrained_optimum(w, m, pruned), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(scaled.inverse_diag().reshape(-1), torch.linalg.inv(m).diagonal())
+    w = w.masked_fill(pruned, 0.0)
+    saliency = obc_saliency(w, scaled, ~pruned)
+    for q in (~pruned).reshape(-1).nonzero().squeeze(1).tolist():
+        both = pruned.reshape(-1).clone()
+        both[q] = True
+        d = (constrained_optimum(w, m, both.view_as(w)) - w).reshape(-1)
+        assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-7)
+
+
 def test_chunks_do_not_change_the_result(monkeypatch):
     from fls_hf.pruning import obc
 
@@ -168,8 +187,30 @@ def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(p
     assert moved > 0  # the kept weights were compensated
 
 
+def test_fishleg_kronecker_q_prunes_with_row_wise_obc():
+    """A learned Kronecker Q has a row model: `auto` picks obc, and one-shot pruning with it (after aux steps) reaches
+    the exact count with finite, compensated weights."""
+    model = tiny_bert()
+    spec = {
+        "pruning": {"method": "fishleg", "final_sparsity": 0.5},
+        "curvature": {"structure": "kronecker", "init_examples": 8, "warmup_steps": 2},
+    }
+    pruner = Pruner(model, spec)
+    assert pruner.compensation == "obc"
+    before = {n: a.weight_matrix().clone() for n, a in pruner.layers.items()}
+    pruner.prune_to(model, 0.5, token_batches(n_batches=2))
+    total = sum(a.weight.numel() for a in pruner.layers.values())
+    assert sum(int((a.weight == 0).sum()) for a in pruner.layers.values()) == round(0.5 * total)
+    moved = 0
+    for name, adapter in pruner.layers.items():
+        w, keep = adapter.weight_matrix(), pruner.masks.keep_matrix(name)
+        assert torch.isfinite(w).all()
+        moved += int((w[keep] != before[name][keep]).sum())
+    assert moved > 0
+
+
 def test_obc_without_a_row_model_is_refused_early():
-    with pytest.raises(RecipeError, match=r"`pruning.compensation` = 'obc' needs a curvature with a row-wise model"):
+    with pytest.raises(RecipeError, match=r"'fishleg' with `curvature.structure` = 'diagonal' has none"):
         Pruner(tiny_bert(), {"pruning": {"method": "fishleg", "compensation": "obc"}})
     layers = {"0": adapter_for("0", MLP()[0])}
     from fls_hf.curvature import CurvatureConfig, MagnitudeProvider

@@ -37,7 +37,7 @@ from ...fisher.products import FISHER_PRODUCTS, sampled_gradient
 from ...model.adapters import LayerAdapter
 from ...model.blocks import row_blocks
 from ...progress import progress
-from ..base import Batches, CurvatureProvider
+from ..base import Batches, CurvatureProvider, RowModel
 from .config import FishLegConfig
 from .structures import build_structure, structure_numel
 from .warm_start import WarmStartInputs, warm_start
@@ -145,6 +145,16 @@ class FishLegProvider(CurvatureProvider):
         with torch.no_grad():
             valid = row_blocks(torch.ones(self.layers[name].shape, device=self.device(name)), block_size)
             return self.structures[name].row_block_entries(block_size, cols) * valid[:, :, None] * valid[:, None, :]
+
+    def row_model(self, name: str) -> RowModel | None:
+        """A Kronecker Q's within-row Hessian blocks (`KroneckerQ.row_model`); None for the other structures."""
+        if self.config.structure != "kronecker":
+            return None
+        return self.structures[name].row_model(self.layers[name].shape[1])
+
+    @classmethod
+    def holds_row_model(cls, config: FishLegConfig) -> bool:
+        return config.structure == "kronecker"
 
     # ----------------------------------------------------------------- learning
     def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...model.blocks import from_row_blocks, regroup_row_blocks, row_blocks
+from ..base import RowModel
 
 
 def _pad_to(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -77,6 +78,14 @@ class BlockFactor(nn.Module):
         return self.matrix_blocks().pow(2).sum(2).reshape(-1)[: self.n]
 
 
+def _inverse_gram(factor: BlockFactor, *, transpose: bool) -> torch.Tensor:
+    """Blocks of (FᵀF)⁻¹ (`transpose`) or (FFᵀ)⁻¹ in float64: (nb, k, k); padded coordinates get 1 (never read)."""
+    f = factor.matrix_blocks().double()
+    gram = f.transpose(1, 2) @ f if transpose else f @ f.transpose(1, 2)
+    padding = 1.0 - factor.valid.diagonal(dim1=1, dim2=2).double()
+    return torch.linalg.inv(gram + torch.diag_embed(padding))
+
+
 class KroneckerQ(nn.Module):
     """Q(V) = A ⊙ (RᵀR (A ⊙ V) LLᵀ) on (rows, width) matrices."""
 
@@ -111,6 +120,20 @@ class KroneckerQ(nn.Module):
         rr = self.R.column_sq_norms()
         out = rr[:, None, None, None] * a[..., :, None] * a[..., None, :] * g[None]
         return out.reshape(rows * nbc, block_size, block_size)
+
+    @torch.no_grad()
+    def row_model(self, cols: int) -> RowModel:
+        """Q⁻¹'s within-row blocks over the first `cols` columns, as a `RowModel` for row-wise OBC.
+
+        Q = S (RᵀR ⊗ LLᵀ) S with S = diag(A), so Q⁻¹ = S⁻¹ ((RᵀR)⁻¹ ⊗ (LLᵀ)⁻¹) S⁻¹ and row i's block is
+        S_i⁻¹ [(RᵀR)⁻¹]_ii (LLᵀ)⁻¹ S_i⁻¹: Ā = (LLᵀ)⁻¹ restricted to the weight columns (a bias column stays fixed, as
+        the K-FAC row model holds it), G_ii = [(RᵀR)⁻¹]_ii (the Fisher's diagonal, not 1/[RᵀR]_ii), γ = 0 (Q's
+        factors hold the damping they learned).
+        """
+        row_weight = _inverse_gram(self.R, transpose=True).diagonal(dim1=1, dim2=2).reshape(-1)[: self.shape[0]]
+        a_bar = torch.block_diag(*_inverse_gram(self.L, transpose=False))[:cols, :cols]
+        lam, basis = torch.linalg.eigh(a_bar)
+        return RowModel(basis, lam.clamp_min(0), row_weight, 0.0, self.log_a[:, :cols].double().exp())
 
     @torch.no_grad()
     def init_diagonal(self, d: torch.Tensor) -> None:

@@ -102,3 +102,21 @@ def test_adapter_matrix_views_round_trip():
         torch.testing.assert_close(adapter.from_matrix(m), module.weight.detach())
     conv1d = Conv1D(3, 5)
     assert adapter_for("c", conv1d).shape == (3, 5)  # rows = outputs, cols = inputs
+
+
+@pytest.mark.parametrize("factor_block_size", [None, 2], ids=["full", "blocked"])
+def test_kronecker_row_model_is_the_within_row_blocks_of_q_inverse(factor_block_size):
+    """Row i of the OBC model is [Q⁻¹]_(i, :cols),(i, :cols) = S_i⁻¹ [(RᵀR)⁻¹]_ii (LLᵀ)⁻¹ S_i⁻¹ (bias dropped)."""
+    rows, width, cols = 5, 4, 3  # the last column is a bias's
+    structure = KroneckerQ(rows, width, 0.1, factor_block_size=factor_block_size)
+    randomise(structure, seed=3)
+    with torch.no_grad():
+        q_inverse = torch.linalg.inv(explicit(structure.matvec, structure.shape).double())
+    model = structure.row_model(cols)
+    assert model.damping == 0.0 and model.column_scale.shape == (rows, cols)
+    a_bar = model.a_bar()
+    for i in range(rows):
+        block = q_inverse[i * width : i * width + cols, i * width : i * width + cols]
+        scale = torch.diag(1 / model.column_scale[i])
+        torch.testing.assert_close(scale @ (model.row_weight[i] * a_bar) @ scale, block, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(model.inverse_diag()[i], torch.linalg.inv(block).diagonal(), rtol=1e-6, atol=1e-8)
