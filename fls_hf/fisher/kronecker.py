@@ -15,7 +15,8 @@ padding) is the same map at every output position, with a_t the input patch unde
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping
+import contextlib
+from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,15 +49,26 @@ def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
             )
 
 
-def _record(store: dict[str, dict[str, torch.Tensor]]):
-    """A `layer_hooks` callback keeping each layer's input and output of the last forward (the backward then asks
-    autograd for the gradients of those outputs only: no weight gradient is ever built)."""
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad during the pass (restored after): the backward then builds no weight gradient and
+    the forward saves no layer input for one (K-FAC needs only the output gradients δ)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
-    def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
-        store[name]["a"] = a.detach()
-        store[name]["out"] = output
 
-    return on_forward
+def _leaf_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: with every parameter frozen, the first targeted layer's input needs grad for δ to reach it
+    (a detached leaf, so the caller's tensor is not touched); later inputs already depend on it."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(True), *args[1:])
+    return None
 
 
 def kronecker_statistics(
@@ -75,6 +87,10 @@ def kronecker_statistics(
     G is diag G: (rows,), or the full G: (rows, rows) for the layers named in `full_g`. `labels`: `sampled` draws
     the output gradients' labels from the model (true Fisher); `empirical` uses the batch's `labels` (as oBERT's
     empirical Fisher; causal LMs: logits[:, :-1] against labels[:, 1:]).
+
+    Memory: each layer's ā āᵀ is added up in its forward hook and δ δᵀ in a hook on its output's gradient, with
+    every parameter frozen, so the pass holds no layer input, output gradient or weight gradient beyond what
+    autograd needs for the backward itself (less than a training step's).
     """
     model = unwrap(model)
     shift = labels == "empirical" and is_causal_lm(model)
@@ -87,35 +103,49 @@ def kronecker_statistics(
         for n, a in layers.items()
     }
     examples, tokens = 0, dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
-    store: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
+    current: dict[str, Any] = {}  # the batch being passed (its attention mask picks the real tokens)
+
+    def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
+        conv = isinstance(module, nn.Conv2d)
+        a = _input_rows(module, a.detach())
+        mask = _token_mask(current["batch"], a, device, conv=conv)
+        tokens[name] += float(mask.sum())
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
+        sums[name][0] += a.T @ a
+        if output.requires_grad:
+            output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(sums[name][1], grad, conv))
+
     bar = example_progress(max_examples, "K-FAC statistics")
     _check_supported(layers)
-    with curvature_mode(model), layer_hooks(layers, _record(store)), bar:
-        for batch in batches:
-            if examples >= max_examples:
-                break
-            logits = logits_of(model(**model_inputs(batch, device))).float()
-            n = logits.shape[0]
-            if labels == "empirical":
-                targets = fisher_targets(batch, logits, labels, likelihood, None)
-                loss = example_losses(batch, logits, targets, likelihood, shift).sum()
-            else:  # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
-                targets = likelihood.sample(logits.detach(), generator=generator)
-                loss = likelihood.nll(logits, targets, valid_rows(batch, logits)) * n
-            # δ = ∂loss/∂output per layer, straight from autograd (weight gradients would cost 4 bytes per weight)
-            outputs = [store[name].pop("out") for name in layers]
-            grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-            for (name, adapter), out, grad in zip(layers.items(), outputs, grads):
-                d = (torch.zeros_like(out) if grad is None else grad).detach()
-                a, d = _rows(adapter.module, store[name]["a"], d)
-                mask = _token_mask(batch, a, device, conv=isinstance(adapter.module, nn.Conv2d))
-                tokens[name] += float(mask.sum())
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
-                sums[name][0] += a.T @ a
-                d = d.reshape(-1, d.shape[-1])
-                sums[name][1] += d.T @ d if name in full_g else d.pow(2).sum(0)
-            examples += n
-            bar.update(n)
+    pre_hooks = [a.module.register_forward_pre_hook(_leaf_input) for a in layers.values()]
+    try:
+        with (
+            curvature_mode(model, double_backward=False),
+            torch.enable_grad(),
+            _frozen(model),
+            layer_hooks(layers, on_forward),
+            bar,
+        ):
+            for batch in batches:
+                if examples >= max_examples:
+                    break
+                current["batch"] = batch
+                logits = logits_of(model(**model_inputs(batch, device))).float()
+                n = logits.shape[0]
+                if labels == "empirical":
+                    targets = fisher_targets(batch, logits, labels, likelihood, None)
+                    loss = example_losses(batch, logits, targets, likelihood, shift).sum()
+                else:  # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
+                    targets = likelihood.sample(logits.detach(), generator=generator)
+                    loss = likelihood.nll(logits, targets, valid_rows(batch, logits)) * n
+                if loss.requires_grad:  # δ = ∂loss/∂output, taken by the output hooks as the backward passes
+                    loss.backward()
+                del logits, targets, loss
+                examples += n
+                bar.update(n)
+    finally:
+        for handle in pre_hooks:
+            handle.remove()
     if examples == 0:
         raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
     if any(count == 0 for count in tokens.values()):
@@ -131,15 +161,22 @@ def kronecker_statistics(
     return {name: (pair[0], pair[1]) for name, pair in sums.items()}
 
 
-def _rows(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (input, output gradient) rows (..., cols) and (..., out): a conv's patches and positions (N, L, ·)."""
+def _add_output_gradient(total: torch.Tensor, grad: torch.Tensor, conv: bool) -> None:
+    """total += Σ_t δ_t δ_tᵀ (full G) or Σ_t δ_t² (diag G) over every position of one output gradient."""
+    d = (conv_output_rows(grad) if conv else grad).detach().float()
+    d = d.reshape(-1, d.shape[-1])
+    total += d.T @ d if total.dim() == 2 else d.pow(2).sum(0)
+
+
+def _input_rows(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """fp32 input rows (..., cols): a conv's patches at its output positions (N, L, ·)."""
     if isinstance(module, nn.Conv2d):
         if a.dim() != 4:
             raise CurvatureError(
                 f"`curvature.init: kfac` needs batched (N, C, H, W) Conv2d inputs; got shape {tuple(a.shape)}"
             )
-        return conv_patches(module, a), conv_output_rows(d)
-    return a.float(), d.float()
+        return conv_patches(module, a)
+    return a.float()
 
 
 def _token_mask(

@@ -73,16 +73,18 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def curvature_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, autocast off and the math attention kernel for the duration of a curvature pass.
+def curvature_mode(model: nn.Module, *, double_backward: bool = True) -> Iterator[None]:
+    """Eval mode, autocast off and (for `double_backward`) the math attention kernel for a curvature pass.
 
-    The fused SDPA kernels have no double backward, which the GGN product (a vjp of a vjp) needs.
+    The fused SDPA kernels have no double backward, which the GGN product (a vjp of a vjp) needs; first-order
+    passes (K-FAC statistics) keep them: the math kernel holds every attention matrix for the backward.
     """
     was_training = model.training
     model.eval()
     device_type = model_device(model).type
+    kernels = sdpa_kernel([SDPBackend.MATH]) if double_backward else contextlib.nullcontext()
     try:
-        with torch.autocast(device_type=device_type, enabled=False), sdpa_kernel([SDPBackend.MATH]):
+        with torch.autocast(device_type=device_type, enabled=False), kernels:
             yield
     finally:
         model.train(was_training)
