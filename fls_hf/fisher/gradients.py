@@ -31,7 +31,15 @@ from torch import nn
 
 from ..errors import CurvatureError
 from ..model.adapters import Conv1D, LayerAdapter
-from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.forward import (
+    curvature_mode,
+    logits_of,
+    model_device,
+    model_inputs,
+    requires_grad,
+    unwrap,
+    valid_rows,
+)
 from ..model.patches import conv_output_rows, conv_patches, plain_conv
 from ..progress import example_progress, log_main
 from .hooks import layer_hooks
@@ -103,19 +111,6 @@ def example_losses(
 
 
 @contextlib.contextmanager
-def _requiring_grad(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Frozen weights (PEFT base layers) need requires_grad for the pass; restored afterwards."""
-    frozen = [p for p in params if not p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-@contextlib.contextmanager
 def _capture(layers: Mapping[str, LayerAdapter], size: int) -> Iterator[tuple[dict[str, torch.Tensor], set[str]]]:
     """Hooks filling `sums[name]` (size, rows, cols) with Σ_t δ_n,tᵀ a_n,t; `misfits` lists layers to loop."""
     sums: dict[str, torch.Tensor] = {}
@@ -168,7 +163,7 @@ def _batch_gradients(
 ) -> dict[str, torch.Tensor]:
     size, device, shift = _batch_size(batch), model_device(model), mode == "empirical" and is_causal_lm(model)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with curvature_mode(model), torch.enable_grad(), _requiring_grad(a.weight for a in layers.values()):
+    with curvature_mode(model), torch.enable_grad(), requires_grad((a.weight for a in layers.values()), True):
         with _capture({n: layers[n] for n in hookable}, size) as (sums, misfits):
             logits = logits_of(model(**model_inputs(batch))).float()
             targets = fisher_targets(batch, logits, mode, likelihood, generator)

@@ -15,8 +15,7 @@ padding) is the same map at every output position, with a_t the input patch unde
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +24,15 @@ from torch import nn
 from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
 from ..model.adapters import Conv1DAdapter, LayerAdapter
-from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.forward import (
+    curvature_mode,
+    logits_of,
+    model_device,
+    model_inputs,
+    requires_grad,
+    unwrap,
+    valid_rows,
+)
 from ..model.patches import conv_obstacle, conv_output_rows, conv_patches
 from ..progress import example_progress
 from .gradients import example_losses, fisher_targets, is_causal_lm
@@ -47,20 +54,6 @@ def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
             raise CurvatureError(
                 f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}"
             )
-
-
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter requires grad during the pass (restored after): the backward then builds no weight gradient and
-    the forward saves no layer input for one (K-FAC needs only the output gradients δ)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def _leaf_input(module: nn.Module, args: tuple) -> tuple | None:
@@ -122,7 +115,7 @@ def kronecker_statistics(
         with (
             curvature_mode(model, double_backward=False),
             torch.enable_grad(),
-            _frozen(model),
+            requires_grad(model.parameters(), False),  # no weight gradient, no input saved for one
             layer_hooks(layers, on_forward),
             bar,
         ):

@@ -8,7 +8,7 @@ statistics untouched) with autocast disabled, and restore the model's mode after
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -95,3 +95,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+@contextlib.contextmanager
+def requires_grad(params: Iterable[nn.Parameter], value: bool) -> Iterator[None]:
+    """Set `requires_grad` to `value` on the given parameters for the block; the ones changed are restored after
+    (frozen PEFT base weights made trainable for a gradient pass, or every weight frozen for a statistics pass)."""
+    changed = [p for p in params if p.requires_grad != value]
+    try:
+        for p in changed:
+            p.requires_grad_(value)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(not value)
