@@ -65,6 +65,7 @@ from fls_hf import oneshot
 from fls_hf.data import load_movie_snippets
 
 from .common.paths import BENCHMARKS, CACHE, REPO, RESULTS
+from .common.rows import finish_report
 
 SEQ_LEN = 64
 BATCH_SIZE = 32
@@ -399,10 +400,7 @@ def main() -> None:
         peers = peer_rows(python, dense_dir, args)
         report["peers_dense"] = peers["dense"]
         report["rows"].extend(peers["rows"])
-    report["table"] = markdown(report)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(report["table"])
-    print(f"wrote {out}")
+    finish_report(report, out, markdown(report))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .common.paths import REPO, RESULTS
+from .common.rows import finish_report
 
 # torch, transformers and fls_hf are imported inside the functions that run in the children: the parent only
 # launches them and writes the table, and skipping those imports there saves seconds on every (CI) run
@@ -613,10 +614,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"wall, {row['cpu_seconds']:.1f} s CPU, zeros {row['zeros']} of {row['targeted_weights']}",
                 flush=True,
             )
-    report["table"] = markdown(report)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(report["table"])
-    print(f"wrote {out}")
+    finish_report(report, out, markdown(report))
 
 
 if __name__ == "__main__":

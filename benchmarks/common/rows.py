@@ -1,4 +1,5 @@
-"""Result rows of the gradual benchmarks: one row per (method, seed, dense checkpoint), replaced when re-measured."""
+"""Result rows of the gradual benchmarks: one row per (method, seed, dense checkpoint), replaced when re-measured;
+and the closing write of a report with its markdown table."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def record(report: dict, row: dict, out: Path, extra: str = "") -> None:
 
 def _key(row: dict) -> tuple:
     return row["method"], row["seed"], row.get("dense_checkpoint")
+
+
+def finish_report(report: dict, out: Path, table: str) -> None:
+    """Store the markdown `table` in the report, write it to `out`, print the table and where it went."""
+    report["table"] = table
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table)
+    print(f"wrote {out}")

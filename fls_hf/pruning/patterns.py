@@ -340,15 +340,19 @@ def _keep_all_but_lowest(
     eligible = None if eligible is None else eligible.reshape(matrix.shape)
     if count == 0:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+
+    def split(v: float) -> tuple[torch.Tensor, torch.Tensor]:  # eligible scores below v, and the ties at v
+        return _and(matrix < v, eligible), _and(matrix == v, eligible)
+
     below = ties = None
     if threshold is not None:
-        below, ties = _and(matrix < threshold, eligible), _and(matrix == threshold, eligible)
+        below, ties = split(threshold)
         n_below = int(torch.count_nonzero(below))
         if not n_below <= count <= n_below + int(torch.count_nonzero(ties)):
             below = ties = None
     if below is None:
         threshold, (n_below,), _ = _lowest_threshold(matrix.dtype, [(matrix, eligible)], lambda c: c[0] >= count)
-        below, ties = _and(matrix < threshold, eligible), _and(matrix == threshold, eligible)
+        below, ties = split(threshold)
     keep = below.logical_not_()
     rest = count - n_below  # ties to prune, the first in row-major order
     if rest:
