@@ -7,13 +7,14 @@ FishLeg's config lives beside its provider (`fishleg/config.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import CurvatureError
 from ..fisher.gradients import FISHER_LABELS
 from ..fisher.likelihoods import LIKELIHOODS
 
 DAMPING_MODES = ("relative", "absolute")
+FULL_G_ROWS = 4096  # kfac: widest layer keeping the full G where the rule reads Q's coupling across rows
 
 
 @dataclass
@@ -63,6 +64,11 @@ class CurvatureConfig:
             raise CurvatureError(
                 f"recipe key `curvature.likelihood` = {self.likelihood!r}; allowed: {', '.join(allowed)}"
             )
+
+    def for_rule(self, compensation: str) -> CurvatureConfig:
+        """The settings a provider is built with once the Pruner has resolved `pruning.compensation` (settings left
+        to the rule, e.g. kfac's `max_full_g_rows`, resolved; the recipe keeps what the user wrote)."""
+        return self
 
 
 @dataclass
@@ -143,9 +149,10 @@ class KFACConfig(CurvatureConfig):
             relative: γ = damping · mean_l,i,j(G_ii Ā_jj) | absolute: γ = damping, in the loss's units.
         num_examples (`int`, defaults to `256`):
             Examples (labels sampled from the model) per K-FAC estimate, taken afresh before each pruning step.
-        max_full_g_rows (`int`, defaults to `4096`):
+        max_full_g_rows (`int | None`, defaults to `None`):
             Layers with at most this many rows keep the full output-side factor G (rows² floats); wider ones keep
-            diag G (warned).
+            diag G (warned). None: 0 under `pruning.compensation: obc` (its row model reads only diag G), 4096 for
+            the rules that use Q's coupling across rows (block / independent compensation, OBD saliency).
         fisher_labels (`str`, defaults to `'sampled'`):
             sampled (labels drawn from the model: true Fisher) | empirical (the batches' labels, as oBERT).
     """
@@ -171,9 +178,14 @@ class KFACConfig(CurvatureConfig):
             "help": "Examples (labels sampled from the model) per K-FAC estimate, taken before each pruning step."
         },
     )
-    max_full_g_rows: int = field(
-        default=4096,
-        metadata={"help": "Layers with at most this many rows keep the full G (rows² floats); wider ones keep diag G."},
+    max_full_g_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Layers with at most this many rows keep the full G (rows² floats); wider ones keep diag G. None: 0 "
+                "under compensation obc (its row model reads diag G only), else 4096."
+            )
+        },
     )
     fisher_labels: str = field(
         default="sampled",
@@ -184,9 +196,12 @@ class KFACConfig(CurvatureConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("num_examples", "max_full_g_rows"):
-            if getattr(self, key) < 1:
-                raise CurvatureError(f"recipe key `curvature.{key}` = {getattr(self, key)!r} must be >= 1")
+        if self.num_examples < 1:
+            raise CurvatureError(f"recipe key `curvature.num_examples` = {self.num_examples!r} must be >= 1")
+        if self.max_full_g_rows is not None and self.max_full_g_rows < 0:
+            raise CurvatureError(
+                f"recipe key `curvature.max_full_g_rows` = {self.max_full_g_rows!r} must be >= 0 (0: diag G everywhere)"
+            )
         if self.damping_mode not in DAMPING_MODES:
             raise CurvatureError(
                 f"recipe key `curvature.damping_mode` = {self.damping_mode!r}; allowed: {', '.join(DAMPING_MODES)}"
@@ -195,3 +210,8 @@ class KFACConfig(CurvatureConfig):
             raise CurvatureError(
                 f"recipe key `curvature.fisher_labels` = {self.fisher_labels!r}; allowed for `kfac`: sampled, empirical"
             )
+
+    def for_rule(self, compensation: str) -> KFACConfig:
+        if self.max_full_g_rows is not None:
+            return self
+        return replace(self, max_full_g_rows=0 if compensation == "obc" else FULL_G_ROWS)

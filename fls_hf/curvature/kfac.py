@@ -1,7 +1,8 @@
 """K-FAC curvature with exact damping: Q = (G ⊗ Ā + γI)⁻¹ per layer, re-estimated at every `ready`.
 
 From sampled-label passes (`fisher.kronecker`): Ā = E[a aᵀ] over real tokens (cols², the bias column dropped)
-and G = E_n[Σ_t δ δᵀ] (rows², or its diagonal for layers wider than `max_full_g_rows`). With the eigenbases
+and G = E_n[Σ_t δ δᵀ] (rows², or its diagonal for layers wider than `max_full_g_rows` and for every layer under
+row-wise OBC, whose row model reads only G_ii). With the eigenbases
 Ā = U_A diag(λ_A) U_Aᵀ and G = U_G diag(λ_G) U_Gᵀ, the damped inverse is exact (no factored damping):
 
     Q V = U_G [(U_Gᵀ V U_A) ⊘ (λ_G λ_Aᵀ + γ)] U_Aᵀ,     diag Q = (U_G ⊙ U_G) D (U_A ⊙ U_A)ᵀ,  D = 1 ⊘ (λ_G λ_Aᵀ + γ).
@@ -32,7 +33,7 @@ from ..fisher.likelihoods import Likelihood
 from ..model.adapters import LayerAdapter
 from ..progress import log_main
 from .base import Batches, CurvatureProvider, RowModel
-from .config import KFACConfig
+from .config import FULL_G_ROWS, KFACConfig
 
 _ENTRY_CHUNK = 2**24  # rows · cols · cols elements per chunk of `blocks`
 
@@ -51,12 +52,13 @@ class KFACProvider(CurvatureProvider):
     def __init__(self, layers: Mapping[str, LayerAdapter], config: KFACConfig, likelihood: Likelihood | None = None):
         super().__init__(layers, config, likelihood)
         self.config: KFACConfig = config
-        self.full_g = {n for n, a in self.layers.items() if a.shape[0] <= config.max_full_g_rows}
+        limit = FULL_G_ROWS if config.max_full_g_rows is None else config.max_full_g_rows
+        self.full_g = {n for n, a in self.layers.items() if a.shape[0] <= limit}
         narrow = sorted(set(self.layers) - self.full_g)
-        if narrow:
+        if narrow and limit > 0:  # 0: diag G asked for everywhere (the row-wise OBC rule reads nothing more)
             warnings.warn(
                 f"K-FAC keeps only diag G for {len(narrow)} layer(s) with more than `curvature.max_full_g_rows` = "
-                f"{config.max_full_g_rows} rows (e.g. `{narrow[0]}`): their Q ignores output-side correlations",
+                f"{limit} rows (e.g. `{narrow[0]}`): their Q ignores output-side correlations",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -206,6 +208,11 @@ class KFACProvider(CurvatureProvider):
         self.estimated = bool(meta.get("estimated", False))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
+        tensors = dict(state.get("tensors", {}))
+        for name, g in self.g.items():  # a full G saved where this run keeps diag G (checkpoints before session 9)
+            saved = tensors.get(f"{name}/g")
+            if g.dim() == 1 and saved is not None and saved.dim() == 2:
+                tensors[f"{name}/g"] = saved.diagonal().clone()
+        super().load_state_dict({**state, "tensors": tensors})
         if self.estimated:
             self._refresh()

@@ -95,7 +95,7 @@ class Pruner:
             )
         # `auto`: the rule that fits the curvature (issue 17): row-wise OBC where there is a row model
         self.compensation = cfg.compensation if cfg.compensation != "auto" else ("obc" if has_rows else "block")
-        self.provider = provider_class(self.layers, self.recipe.curvature)
+        self.provider = provider_class(self.layers, self.recipe.curvature.for_rule(self.compensation))
         mismatch = rule_mismatch(self.provider.coupled_block, cfg.saliency, self.compensation)
         if mismatch:
             warnings.warn(f"recipe with `pruning.method` = {cfg.method!r}: {mismatch}", UserWarning, stacklevel=3)

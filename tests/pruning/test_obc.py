@@ -206,6 +206,26 @@ def test_fishleg_kronecker_q_prunes_with_row_wise_obc():
     check_exact_compensated_half(model, pruner)
 
 
+def test_obc_keeps_diag_g_only_and_prunes_as_with_the_full_g():
+    """Under compensation obc, kfac's G defaults to its diagonal (the row model reads G_ii only): the same masks and
+    weights as with the full G, and a checkpoint holding a full G still loads."""
+    spec = {"pruning": {"method": "kfac", "final_sparsity": 0.5, "obc_rounds": 2}, "curvature": {"num_examples": 8}}
+    pruned = {}
+    for limit in (None, 4096):
+        model = tiny_bert()
+        pruner = Pruner(model, {**spec, "curvature": {**spec["curvature"], "max_full_g_rows": limit}})
+        assert all(g.dim() == (1 if limit is None else 2) for g in pruner.provider.g.values())
+        pruner.prune_to(model, 0.5, token_batches(n_batches=2))
+        pruned[limit] = (pruner, {n: a.weight_matrix().clone() for n, a in pruner.layers.items()})
+    (diag_pruner, diag_w), (full_pruner, full_w) = pruned[None], pruned[4096]
+    for name in diag_w:
+        assert torch.equal(diag_pruner.masks.keep_matrix(name), full_pruner.masks.keep_matrix(name))
+        torch.testing.assert_close(diag_w[name], full_w[name], rtol=1e-5, atol=1e-7)
+    diag_pruner.provider.load_state_dict(full_pruner.provider.state_dict())
+    for name, g in diag_pruner.provider.g.items():
+        torch.testing.assert_close(g, full_pruner.provider.g[name].diagonal())
+
+
 def test_obc_without_a_row_model_is_refused_early():
     with pytest.raises(RecipeError, match=r"'fishleg' with `curvature.structure` = 'diagonal' has none"):
         Pruner(tiny_bert(), {"pruning": {"method": "fishleg", "compensation": "obc"}})
