@@ -68,7 +68,7 @@ class KFACProvider(CurvatureProvider):
         )
         self.a_bar: dict[str, torch.Tensor] = {}
         self.g: dict[str, torch.Tensor] = {}
-        self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # full-G layers: (U_G, D), fp32
         self._rows: dict[str, RowModel] = {}
         self.estimated = False
         self._gamma = config.damping  # γ of Q = I/γ until the first estimate; relative mode re-sets it there
@@ -79,12 +79,14 @@ class KFACProvider(CurvatureProvider):
             self.g[name] = torch.zeros((rows, rows) if name in self.full_g else (rows,), device=device)
 
     def estimated_bytes(self) -> int:
-        """Ā and G (fp32), their eigenbases and Q's spectrum (fp32), the row model's basis (fp64), per layer."""
+        """Per layer: Ā and G (fp32), Ā's eigenbasis (fp64, the row model's); a full G's eigenbasis and Q's spectrum
+        (fp32). Diag-G layers compute their spectrum when asked."""
         total = 0
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
-            g = rows * rows if name in self.full_g else rows
-            total += 4 * (cols * cols + g) + 4 * (cols * cols + g + rows * cols) + 8 * (cols * cols + cols + rows)
+            full = name in self.full_g
+            total += 4 * (cols * cols + (rows * rows if full else rows)) + 8 * (cols * cols + cols + rows)
+            total += 4 * (rows * rows + rows * cols) if full else 0
         return total
 
     # ----------------------------------------------------------------- estimation
@@ -139,32 +141,34 @@ class KFACProvider(CurvatureProvider):
             a_bar, g = self.a_bar[name].double(), self.g[name].double()
             lam_a, u_a = torch.linalg.eigh(a_bar)
             lam_a = lam_a.clamp_min(0)
-            if g.dim() == 2:
+            if g.dim() == 2:  # G's eigenbasis and Q's spectrum, kept: a full G is not the row model's diag G
                 lam_g, u_g = torch.linalg.eigh(g)
-                lam_g = lam_g.clamp_min(0)
-            else:
-                lam_g, u_g = g.clamp_min(0), None
-            inverse_eigen = 1.0 / (lam_g[:, None] * lam_a[None, :] + self.damping)
-            self._eigen[name] = (u_a.float(), None if u_g is None else u_g.float(), inverse_eigen.float())
+                inverse_eigen = 1.0 / (lam_g.clamp_min(0)[:, None] * lam_a[None, :] + self.damping)
+                self._eigen[name] = (u_g.float(), inverse_eigen.float())
             row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
             self._rows[name] = RowModel(u_a, lam_a, row_weight, self.damping)
 
     # ----------------------------------------------------------------- queries
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(U_A, U_G or None for diag G, D = 1 ⊘ (λ_G λ_Aᵀ + γ)) in fp32; a diag G's D is the row model's spectrum."""
+        rows = self._rows[name]
+        u_g, inverse_eigen = self._eigen.get(name, (None, None))
+        return rows.basis.float(), u_g, rows.spectrum().float() if inverse_eigen is None else inverse_eigen
+
     def _row_mix(self, name: str) -> torch.Tensor:
         """(U_G ⊙ U_G) D: (rows, cols), how each row weighs Ā's eigendirections."""
-        u_a, u_g, inverse_eigen = self._eigen[name]
+        _, u_g, inverse_eigen = self._factors(name)
         return inverse_eigen if u_g is None else u_g.square() @ inverse_eigen
 
     def diag(self, name: str) -> torch.Tensor:
-        if name not in self._eigen:
+        if name not in self._rows:
             return torch.full(self.layers[name].shape, 1.0 / self.damping, device=self.device(name))
-        u_a = self._eigen[name][0]
-        return self._row_mix(name) @ u_a.square().T
+        return self._row_mix(name) @ self._rows[name].basis.float().square().T
 
     def matvec(self, name: str, vector: torch.Tensor) -> torch.Tensor:
-        if name not in self._eigen:
+        if name not in self._rows:
             return vector / self.damping
-        u_a, u_g, inverse_eigen = self._eigen[name]
+        u_a, u_g, inverse_eigen = self._factors(name)
         v = vector.to(u_a.dtype) @ u_a
         if u_g is not None:
             v = u_g.T @ v
@@ -175,10 +179,10 @@ class KFACProvider(CurvatureProvider):
 
     def blocks(self, name: str, block_size: int) -> torch.Tensor:
         """Exact entries Q[(i, j), (i, k)] = Σ_b U_A[j, b] U_A[k, b] C[i, b], C = (U_G ⊙ U_G) D, per row block."""
-        if name not in self._eigen:
+        if name not in self._rows:
             return super().blocks(name, block_size)
         rows, cols = self.layers[name].shape
-        u_a, mix = self._eigen[name][0], self._row_mix(name)
+        u_a, mix = self._rows[name].basis.float(), self._row_mix(name)
         nblocks = -(-cols // block_size)
         padded = torch.zeros(nblocks * block_size, cols, device=u_a.device, dtype=u_a.dtype)
         padded[:cols] = u_a
