@@ -62,6 +62,15 @@ RULES = {
         "pruning": {"method": "kfac", "compensation": "obc", "recomputations": 4, "obc_rounds": 4},
         "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
+    # the sweep solver (SparseGPT's column sweep, one factor per layer): cost against accuracy (issue 18)
+    "kfac + row-wise OBC, sweep solver": {
+        "pruning": {"method": "kfac", "compensation": "obc", "obc_solver": "sweep"},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
+    },
+    "kfac + row-wise OBC, sweep solver, 4 rounds": {
+        "pruning": {"method": "kfac", "compensation": "obc", "obc_solver": "sweep", "obc_rounds": 4},
+        "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
+    },
     # FishLeg in the same rule: the learned Kronecker Q's within-row blocks of Q⁻¹ as the row model (issue 17)
     "fishleg Kronecker Q, K-FAC start + row-wise OBC": {
         "pruning": {"method": "fishleg", "compensation": "obc"},

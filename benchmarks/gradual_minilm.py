@@ -68,6 +68,10 @@ METHODS = {
     ),
     # the same with the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal, re-taken at every step
     "fls-obc-rel": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc"),
+    # the same with the sweep solver (SparseGPT's column sweep, adaptive masks, one factor per layer): issue 18's cost
+    "fls-obc-sweep-rel": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="sweep"
+    ),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).

@@ -250,6 +250,10 @@ METHODS = {
     ),
     # the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal (≈ 4.4e-7 on this checkpoint)
     "kfac-obc-r4-rel": method("kfac", {"num_examples": 512, "damping": 1e-2}, compensation="obc", obc_rounds=4),
+    # the sweep solver (SparseGPT's column sweep with adaptive masks, one factor per layer; issue 18's cost)
+    "kfac-obc-sweep-r4-rel": method(
+        "kfac", {"num_examples": 512, "damping": 1e-2}, compensation="obc", obc_rounds=4, obc_solver="sweep"
+    ),
     # K-FAC statistics from the data labels (oBERT's empirical Fisher: ahead of its true-Fisher variants here)
     "kfac-obc-emp": method(
         "kfac",

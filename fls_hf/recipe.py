@@ -51,6 +51,7 @@ SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
+OBC_SOLVERS = ("exact", "sweep")
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
 PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
 _SCIENTIFIC = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -101,6 +102,10 @@ class PruningConfig:
         obc_rounds (`int`, defaults to `1`):
             With obc compensation: rounds in which a pruning step chooses its weights, each re-ranking the survivors
             by their OBS saliency given the weights pruned so far (same curvature; more rounds: closer to greedy OBC).
+        obc_solver (`str`, defaults to `'exact'`):
+            With obc compensation: exact (each row's joint OBS optimum, one Cholesky of its kept coordinates per row
+            and round; ranks by the mask-aware saliency) | sweep (SparseGPT's sequential sweep over the columns with
+            one factor per layer, O(cols³ + rows·cols²); ranks by the saliency of the weights as they are).
         saliency (`str`, defaults to `'obs'`):
             obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal read
             off Q's blocks of obs_block_size (others held fixed).
@@ -186,6 +191,15 @@ class PruningConfig:
             )
         },
     )
+    obc_solver: str = field(
+        default="exact",
+        metadata={
+            "help": (
+                "With obc compensation: exact (each row's joint OBS optimum; a Cholesky of its kept coordinates per "
+                "row) | sweep (SparseGPT's column sweep, one factor per layer: O(cols³ + rows·cols²))."
+            )
+        },
+    )
     saliency: str = field(
         default="obs",
         metadata={
@@ -229,7 +243,12 @@ class PruningConfig:
             f"is inconsistent: expected `pruning.min_layer_sparsity` (= {self.min_layer_sparsity!r}) <= value "
             f"<= `pruning.max_layer_sparsity` (= {self.max_layer_sparsity!r})",
         )
-        for name, allowed in (("inter_func", INTER_FUNCS), ("compensation", COMPENSATIONS), ("saliency", SALIENCIES)):
+        for name, allowed in (
+            ("inter_func", INTER_FUNCS),
+            ("compensation", COMPENSATIONS),
+            ("saliency", SALIENCIES),
+            ("obc_solver", OBC_SOLVERS),
+        ):
             self._require(name, getattr(self, name) in allowed, f"is not allowed: expected one of {', '.join(allowed)}")
         self._require("method", bool(self.method), "is empty: expected a registered curvature method")
         n_of_m = parse_mask_type(self.mask_type)

@@ -389,6 +389,12 @@ BAD_INPUTS = [
         r"`pruning\.obc_rounds` = 0 is out of range",
     ),
     (
+        "unknown obc solver",
+        {"pruning": {"method": "kfac", "obc_solver": "fast"}},
+        None,
+        r"`pruning\.obc_solver` = 'fast' is not allowed: expected one of exact, sweep",
+    ),
+    (
         "negative damping",
         {"pruning": MAG},
         {"curvature.damping": "-1e-3"},
@@ -460,7 +466,7 @@ def test_every_bad_input_is_rejected():
         except RecipeError:
             rejected.append(case)
     assert rejected == [c[0] for c in BAD_INPUTS], f"accepted: {set(c[0] for c in BAD_INPUTS) - set(rejected)}"
-    assert len(rejected) == len(BAD_INPUTS) == 56
+    assert len(rejected) == len(BAD_INPUTS) == 57
 
 
 @pytest.mark.bad_input

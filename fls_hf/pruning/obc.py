@@ -27,6 +27,7 @@ import torch
 from ..curvature.base import RowModel
 
 _CHUNK_ELEMENTS = 2**23  # rows · |K|² float64 entries per batched factorisation (64 MiB; a few copies live at once)
+_SWEEP_BLOCK = 128  # columns per lazy batch of the sweep (SparseGPT's B)
 
 
 def obc_saliency(weight: torch.Tensor, model: RowModel, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,9 +71,10 @@ def obc_solve(
     if model.column_scale is not None:
         # H_i = S_i⁻¹ (G_ii Ā + γI) S_i⁻¹: in the coordinates W ⊘ S every row shares Ā; the loss, the mask and the
         # zeros are the same there, so solve there and map back (δW = S δW', [(H_i)_KK⁻¹]_jj = s_ij² [·]'_jj)
-        scale = model.column_scale
+        scale, keep = model.column_scale, keep.to(torch.bool)
         delta, diagonal = obc_solve(weight.double() / scale, model.unscaled(), keep, inverse_diag=inverse_diag)
-        return delta * scale, None if diagonal is None else diagonal * scale.square()
+        delta = (delta * scale).masked_scatter_(~keep, -weight.double()[~keep])  # exact zeros after the scale
+        return delta, None if diagonal is None else diagonal * scale.square()
     w = weight.double()
     keep = keep.to(torch.bool)
     pruned_w = torch.where(keep, 0.0, w)
@@ -179,3 +181,71 @@ def _cholesky(system: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
         factor = torch.linalg.cholesky(system + 1e-10 * scale * eye)
     return factor
+
+
+def sweep_compensation(
+    weight: torch.Tensor,
+    model: RowModel,
+    pruned: torch.Tensor,
+    *,
+    fixed: torch.Tensor | None = None,
+    group: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """δW by sequential OBS in column order, every row with the shared H = Ā + λI (SparseGPT's sweep): O(cols³ +
+    rows · cols²) per layer instead of the exact rule's rows · |K|³.
+
+    Row i's Hessian is taken as G_ii (Ā + λI), λ = γ / mean_i G_ii (the exact model's damping at the mean row): the
+    scalar G_ii does not change a row's OBS update, so all rows share one upper Cholesky factor U of H⁻¹ = UᵀU.
+    Column j's pruned weights are removed with the update −(w_ij / U_jj) U_j,: on the columns after j (earlier columns
+    are final), so a pruned weight's error reaches only later kept weights; equal to the exact joint update where a
+    row's kept weights all come after its pruned ones. Updates of later columns are applied per block of
+    `_SWEEP_BLOCK` columns (lazy batches). A column scale (learned Kronecker Q) is solved in scaled coordinates.
+
+    Args:
+        pruned: bool (rows, cols), the pruned set the selection chose. With `fixed` None it is used as given.
+        fixed: bool (rows, cols), weights that must stay pruned (pruned before this step). Given, only `pruned`'s
+            counts are kept: each block of columns (each row's group of `group` columns for N:M) prunes as many weights
+            as `pruned` has there, `fixed` first, the others chosen when the sweep reaches the block by
+            ρ = G_ii w² / (2 U_jj²) on the weights as the earlier blocks left them (SparseGPT's adaptive mask), ties
+            by row-major order.
+        group: M of an N:M pattern (blocks of the sweep are whole groups).
+
+    Returns:
+        (δW, pruned mask used): float64 (rows, cols) with (W + δW) exactly 0 on the mask, and the bool mask.
+    """
+    scale = model.column_scale
+    w = weight.double() if scale is None else weight.double() / scale
+    rows, cols = w.shape
+    mean_weight = float(model.row_weight.mean())
+    lam = model.damping / mean_weight if mean_weight > 0 else model.damping
+    eigenvalues = model.eigenvalues + lam
+    if not bool((eigenvalues > 0).all()):
+        raise ValueError("sweep_compensation: Ā + λI is singular (λ = 0 and a zero eigenvalue of Ā)")
+    upper = torch.linalg.cholesky((model.basis / eigenvalues) @ model.basis.T, upper=True)
+    width = _SWEEP_BLOCK if group is None else max(1, _SWEEP_BLOCK // group) * group
+    new, used = w.clone(), pruned.to(torch.bool).clone()
+    for start in range(0, cols, width):
+        end = min(start + width, cols)
+        block, u_block = new[:, start:end], upper[start:end, start:end]
+        if fixed is not None:
+            score = model.row_weight[:, None] * block.square() / (2 * u_block.diagonal().square())[None, :]
+            used[:, start:end] = _adaptive_mask(score, used[:, start:end], fixed[:, start:end], group)
+        errors = torch.zeros(rows, end - start, dtype=w.dtype, device=w.device)
+        for j in range(end - start):
+            error = torch.where(used[:, start + j], block[:, j], 0.0) / u_block[j, j]
+            block[:, j:] -= error[:, None] * u_block[j, j:][None, :]
+            errors[:, j] = error
+        new[:, end:] -= errors @ upper[start:end, end:]
+    delta = (new - w) if scale is None else (new - w) * scale
+    return delta.masked_scatter_(used, -weight.double()[used]), used  # exact zeros, after the scale too
+
+
+def _adaptive_mask(score: torch.Tensor, chosen: torch.Tensor, fixed: torch.Tensor, group: int | None) -> torch.Tensor:
+    """Per cell (the block, or each row's group of `group` columns), as many pruned as `chosen` has there: `fixed`
+    first, then the lowest scores, ties by row-major order."""
+    rows, width = score.shape
+    cells = (1, rows * width) if group is None else (rows * width // group, group)
+    score = score.masked_fill(fixed.to(torch.bool), float("-inf")).reshape(cells)
+    quota = chosen.reshape(cells).sum(dim=1, keepdim=True)
+    rank = torch.argsort(torch.argsort(score, dim=1, stable=True), dim=1)  # each entry's place in its cell's order
+    return (rank < quota).reshape(rows, width)

@@ -145,6 +145,7 @@ class Pruner:
                 max_sparsity=cfg.max_layer_sparsity,
                 saliency=cfg.saliency,
                 obc_rounds=cfg.obc_rounds,
+                obc_solver=cfg.obc_solver,
             )
             self.current_target = sub_target
         check_same_on_all_ranks(self.masks.digest(), "pruning masks")

@@ -27,7 +27,7 @@ from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
 from ..model.blocks import from_row_blocks, row_blocks
 from .masks import MaskSet
-from .obc import obc_saliency, obc_solve
+from .obc import obc_saliency, obc_solve, sweep_compensation
 from .patterns import MaskPattern, parse_mask_type, select_pruned
 from .schedule import recomputation_targets
 
@@ -187,6 +187,7 @@ def prune_step(
     max_sparsity: float = 1.0,
     saliency: str = "obs",
     obc_rounds: int = 1,
+    obc_solver: str = "exact",
 ) -> dict[str, dict[str, float | int]]:
     """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation
     (block | independent | none | obc: the row-wise OBC of `obc.py`, with its own saliency), as the recipe
@@ -237,7 +238,10 @@ def prune_step(
     def updates() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # (name, new weight, new keep) per layer
         if compensation == "obc":
             rows = _row_models(provider, names)
-            new_weights, new_keep = _obc_rounds(weights, old_keep, rows, broken, diags, select, target, obc_rounds)
+            group = pattern.m  # N:M: the sweep chooses inside each group of M (None: unstructured)
+            new_weights, new_keep = _obc_rounds(
+                weights, old_keep, rows, broken, diags, select, target, obc_rounds, obc_solver, group
+            )
             for n in names:
                 yield n, new_weights.pop(n), new_keep.pop(n)
             return
@@ -277,11 +281,16 @@ def _obc_rounds(
     select,
     target: float,
     rounds: int,
+    solver: str = "exact",
+    group: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Row-wise OBC in `rounds` sub-steps (equal in log-density, as `recomputation_targets`): each ranks the kept
     weights by ρ = w²/(2 [(H_i)_KK⁻¹]_jj) on the weights as the previous round compensated them, prunes to its
     sub-target and compensates every row jointly; one Cholesky per row and round gives both the update and the next
-    round's diagonal. Layers with non-finite curvature rank by w²/(2 diag Q) and are only zeroed."""
+    round's diagonal. `solver: sweep` ranks by the saliency of the weights as they are (ρ with nothing pruned, the
+    pruned ones at zero), which fixes each layer's count and each block's (group's) count, and then
+    `sweep_compensation` chooses inside the blocks as it reaches them: one factor per layer, no per-row solve.
+    Layers with non-finite curvature rank by w²/(2 diag Q) and are only zeroed."""
     total = sum(k.numel() for k in keep.values())
     current = min(target, sum(int((~k).sum()) for k in keep.values()) / total)
     sub_targets = recomputation_targets(current, target, rounds)
@@ -292,16 +301,20 @@ def _obc_rounds(
             if n in broken:
                 scores[n] = obs_saliency(w, diags[n])
             elif inverse_diag[n] is None:
-                scores[n] = obc_saliency(w, rows[n], keep[n])
+                scores[n] = obc_saliency(w, rows[n], None if solver == "sweep" else keep[n])
             else:
                 scores[n] = torch.where(keep[n], w.double().square() / (2 * inverse_diag[n]), 0.0)
-        keep = select(scores, keep, sub_target)  # empties `scores`
+        before, keep = keep, select(scores, keep, sub_target)  # empties `scores`
         last = i == len(sub_targets) - 1
         for n, w in weights.items():
             if n in broken:
                 weights[n] = w.masked_fill(~keep[n], 0)
                 continue
-            delta, inverse_diag[n] = obc_solve(w, rows[n], keep[n], inverse_diag=not last)
+            if solver == "sweep":
+                delta, pruned = sweep_compensation(w, rows[n], ~keep[n], fixed=~before[n], group=group)
+                keep[n] = ~pruned
+            else:
+                delta, inverse_diag[n] = obc_solve(w, rows[n], keep[n], inverse_diag=not last)
             weights[n] = _checked(n, w, delta, keep[n], "obc")
     return weights, keep
 

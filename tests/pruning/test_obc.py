@@ -10,7 +10,7 @@ from fls_hf.curvature import KFACConfig, KFACProvider, RowModel
 from fls_hf.errors import CurvatureError, RecipeError
 from fls_hf.model import adapter_for
 from fls_hf.pruning import MaskSet, Pruner, prune_step
-from fls_hf.pruning.obc import obc_compensation, obc_saliency
+from fls_hf.pruning.obc import obc_compensation, obc_saliency, sweep_compensation
 
 from helpers import MLP, tiny_bert, token_batches
 
@@ -98,6 +98,41 @@ def test_a_column_scaled_row_model_is_solved_exactly():
         assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-7)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_sweep_is_the_exact_obs_update_when_the_pruned_weights_come_first(scaled, monkeypatch):
+    """With one G_ii for every row (so G_ii (Ā + λI) is the exact row Hessian) and each row's pruned weights before
+    its kept ones, the sequential sweep is the exact joint OBS update, across lazy-batch boundaries too."""
+    from fls_hf.pruning import obc
+
+    monkeypatch.setattr(obc, "_SWEEP_BLOCK", 3)
+    w, a_bar, _, _, model = row_problem(rows=4, cols=7, seed=6)
+    scale = torch.rand(4, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    model = RowModel(model.basis, model.eigenvalues, torch.full((4,), 0.7, dtype=torch.float64), GAMMA)
+    if scaled:
+        model = RowModel(model.basis, model.eigenvalues, model.row_weight, GAMMA, scale)
+    pruned = torch.arange(7)[None, :] < torch.tensor([[0], [2], [4], [6]])  # 0, 2, 4, 6 leading columns
+    delta, used = sweep_compensation(w, model, pruned)
+    assert torch.equal(used, pruned)
+    sweep = w + delta
+    exact = w + obc_compensation(w, model, pruned)
+    assert torch.all(sweep[pruned] == 0)
+    torch.testing.assert_close(sweep, exact, rtol=1e-7, atol=1e-9)
+
+
+def test_sweep_with_interleaved_masks_zeroes_exactly_and_never_beats_the_exact_rule():
+    """Pruned weights anywhere: exact zeros, finite, and a loss (under the row Hessians) no lower than the exact
+    joint optimum's — the sweep only compensates columns after each pruned one."""
+    w, a_bar, _, pruned, model = row_problem(rows=5, cols=7, seed=8)
+    row_weight = torch.full((5,), 0.7, dtype=torch.float64)
+    model = RowModel(model.basis, model.eigenvalues, row_weight, GAMMA)
+    m = full_hessian(a_bar, row_weight)
+    sweep = sweep_compensation(w, model, pruned)[0].reshape(-1)
+    exact = (obc_compensation(w, model, pruned) + w).reshape(-1) - w.reshape(-1)
+    assert torch.all((w.reshape(-1) + sweep)[pruned.reshape(-1)] == 0) and torch.isfinite(sweep).all()
+    assert float(sweep @ m @ sweep) >= float(exact @ m @ exact) * (1 - 1e-12)
+    assert float(sweep @ m @ sweep) < float(w.reshape(-1)[pruned.reshape(-1)] @ w.reshape(-1)[pruned.reshape(-1)]) * 1e3
+
+
 def test_chunks_do_not_change_the_result(monkeypatch):
     from fls_hf.pruning import obc
 
@@ -155,8 +190,17 @@ def test_the_package_default_is_kfac_with_row_wise_obc_and_auto_falls_back_to_bl
         assert Pruner(tiny_bert(), {"pruning": {"method": method}}).compensation == "block"
 
 
-@pytest.mark.parametrize("pattern, scope", [("unstructured", True), ("unstructured", False), ("2:4", True)])
-def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(pattern, scope):
+@pytest.mark.parametrize(
+    "pattern, scope, solver",
+    [
+        ("unstructured", True, "exact"),
+        ("unstructured", False, "exact"),
+        ("2:4", True, "exact"),
+        ("unstructured", True, "sweep"),
+        ("2:4", False, "sweep"),
+    ],
+)
+def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(pattern, scope, solver):
     model = tiny_bert()
     pruner = Pruner(
         model,
@@ -167,6 +211,8 @@ def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(p
                 "final_sparsity": 0.5,
                 "mask_type": pattern,
                 "global_sparsity": scope,
+                "obc_solver": solver,
+                "obc_rounds": 2,
             },
             "curvature": {"num_examples": 8},
         },
