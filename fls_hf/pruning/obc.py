@@ -207,7 +207,8 @@ def sweep_compensation(
             counts are kept: each block of columns (each row's group of `group` columns for N:M) prunes as many weights
             as `pruned` has there, `fixed` first, the others chosen when the sweep reaches the block by
             ρ = G_ii w² / (2 U_jj²) on the weights as the earlier blocks left them (SparseGPT's adaptive mask), ties
-            by row-major order.
+            by row-major order (c_i = G_ii + γ / mean diag(Ā + λI) in place of G_ii, so that rows the Fisher barely
+            sees are ranked by the damping, as in the exact rule).
         group: M of an N:M pattern (blocks of the sweep are whole groups).
 
     Returns:
@@ -222,13 +223,16 @@ def sweep_compensation(
     if not bool((eigenvalues > 0).all()):
         raise ValueError("sweep_compensation: Ā + λI is singular (λ = 0 and a zero eigenvalue of Ā)")
     upper = torch.linalg.cholesky((model.basis / eigenvalues) @ model.basis.T, upper=True)
+    # the adaptive mask ranks row i as c_i (Ā + λI) with c_i = G_ii + γ / mean diag(Ā + λI): a row the Fisher barely
+    # sees keeps the damping's γ w² / 2 instead of looking free (which once put half an output layer among the pruned)
+    row_scale = model.row_weight + model.damping / float(eigenvalues.mean())
     width = _SWEEP_BLOCK if group is None else max(1, _SWEEP_BLOCK // group) * group
     new, used = w.clone(), pruned.to(torch.bool).clone()
     for start in range(0, cols, width):
         end = min(start + width, cols)
         block, u_block = new[:, start:end], upper[start:end, start:end]
         if fixed is not None:
-            score = model.row_weight[:, None] * block.square() / (2 * u_block.diagonal().square())[None, :]
+            score = row_scale[:, None] * block.square() / (2 * u_block.diagonal().square())[None, :]
             used[:, start:end] = _adaptive_mask(score, used[:, start:end], fixed[:, start:end], group)
         errors = torch.zeros(rows, end - start, dtype=w.dtype, device=w.device)
         for j in range(end - start):
