@@ -87,7 +87,7 @@ RULES = {
         },
     },
     "kfac + block OBS (B = 32)": {
-        "pruning": {"method": "kfac", "obs_block_size": 32},
+        "pruning": {"method": "kfac", "compensation": "block", "obs_block_size": 32},
         "curvature": {"num_examples": 4096, "damping_mode": "absolute"},
     },
 }
