@@ -129,12 +129,8 @@ def test_push_to_hub_uploads_a_complete_pruned_folder(tmp_path, fake_hub, capsys
             "pruning.end_step=2",
             "pruning.update_frequency=1",
             "pruning.final_sparsity=0.6",
-            "curvature.warmup_steps=2",
-            "curvature.refinement_steps=1",
             "curvature.num_batches=1",
-            "curvature.init_examples=8",
-            "curvature.block_size=8",
-            "pruning.obs_block_size=8",
+            "curvature.num_examples=8",
         ]
     )
     assert fake_hub.repos == ["someone/tiny-pruned"]
