@@ -4,7 +4,7 @@ A GPT-2 built from a small config (its linears are transformers' Conv1D) is trai
 embedded movie-review snippets with a character-level vocabulary (no tokenizer download), then a copy
 is pruned one-shot with `fls_hf.oneshot` for each pattern; perplexity is measured on held-out snippets.
 
-    python examples/oneshot_causal_lm.py                # ~2 minutes on 2 CPU cores (measured 1 min 41 s)
+    python examples/oneshot_causal_lm.py                # ~3 minutes on 2 CPU cores (measured 3 min 9 s)
     python examples/oneshot_causal_lm.py --train_steps 50 --recipe_args curvature.damping=1e-3
 """
 
