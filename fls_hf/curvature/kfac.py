@@ -155,15 +155,16 @@ class KFACProvider(CurvatureProvider):
         u_g, inverse_eigen = self._eigen.get(name, (None, None))
         return rows.basis.float(), u_g, rows.spectrum().float() if inverse_eigen is None else inverse_eigen
 
-    def _row_mix(self, name: str) -> torch.Tensor:
-        """(U_G ⊙ U_G) D: (rows, cols), how each row weighs Ā's eigendirections."""
-        _, u_g, inverse_eigen = self._factors(name)
-        return inverse_eigen if u_g is None else u_g.square() @ inverse_eigen
+    def _row_mix(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_A, (U_G ⊙ U_G) D): Ā's basis and how each row (rows, cols) weighs its eigendirections, fp32."""
+        u_a, u_g, inverse_eigen = self._factors(name)
+        return u_a, inverse_eigen if u_g is None else u_g.square() @ inverse_eigen
 
     def diag(self, name: str) -> torch.Tensor:
         if name not in self._rows:
             return torch.full(self.layers[name].shape, 1.0 / self.damping, device=self.device(name))
-        return self._row_mix(name) @ self._rows[name].basis.float().square().T
+        u_a, mix = self._row_mix(name)
+        return mix @ u_a.square().T
 
     def matvec(self, name: str, vector: torch.Tensor) -> torch.Tensor:
         if name not in self._rows:
@@ -182,7 +183,7 @@ class KFACProvider(CurvatureProvider):
         if name not in self._rows:
             return super().blocks(name, block_size)
         rows, cols = self.layers[name].shape
-        u_a, mix = self._rows[name].basis.float(), self._row_mix(name)
+        u_a, mix = self._row_mix(name)
         nblocks = -(-cols // block_size)
         padded = torch.zeros(nblocks * block_size, cols, device=u_a.device, dtype=u_a.dtype)
         padded[:cols] = u_a

@@ -56,14 +56,6 @@ def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
             )
 
 
-def _leaf_input(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: with every parameter frozen, the first targeted layer's input needs grad for δ to reach it
-    (a detached leaf, so the caller's tensor is not touched); later inputs already depend on it."""
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and not args[0].requires_grad:
-        return (args[0].detach().requires_grad_(True), *args[1:])
-    return None
-
-
 def kronecker_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -110,35 +102,30 @@ def kronecker_statistics(
 
     bar = example_progress(max_examples, "K-FAC statistics")
     _check_supported(layers)
-    pre_hooks = [a.module.register_forward_pre_hook(_leaf_input) for a in layers.values()]
-    try:
-        with (
-            curvature_mode(model, double_backward=False),
-            torch.enable_grad(),
-            requires_grad(model.parameters(), False),  # no weight gradient, no input saved for one
-            layer_hooks(layers, on_forward),
-            bar,
-        ):
-            for batch in batches:
-                if examples >= max_examples:
-                    break
-                current["batch"] = batch
-                logits = logits_of(model(**model_inputs(batch, device))).float()
-                n = logits.shape[0]
-                if labels == "empirical":
-                    targets = fisher_targets(batch, logits, labels, likelihood, None)
-                    loss = example_losses(batch, logits, targets, likelihood, shift).sum()
-                else:  # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
-                    targets = likelihood.sample(logits.detach(), generator=generator)
-                    loss = likelihood.nll(logits, targets, valid_rows(batch, logits)) * n
-                if loss.requires_grad:  # δ = ∂loss/∂output, taken by the output hooks as the backward passes
-                    loss.backward()
-                del logits, targets, loss
-                examples += n
-                bar.update(n)
-    finally:
-        for handle in pre_hooks:
-            handle.remove()
+    with (
+        curvature_mode(model, double_backward=False),
+        torch.enable_grad(),
+        requires_grad(model.parameters(), False),  # no weight gradient, no input saved for one
+        layer_hooks(layers, on_forward, leaf_inputs=True),  # δ reaches the first layer too
+        bar,
+    ):
+        for batch in batches:
+            if examples >= max_examples:
+                break
+            current["batch"] = batch
+            logits = logits_of(model(**model_inputs(batch, device))).float()
+            n = logits.shape[0]
+            if labels == "empirical":
+                targets = fisher_targets(batch, logits, labels, likelihood, None)
+                loss = example_losses(batch, logits, targets, likelihood, shift).sum()
+            else:  # Σ_n nll_n (sequence outputs: nll_n is the example's loss; token outputs: per-token mean × n)
+                targets = likelihood.sample(logits.detach(), generator=generator)
+                loss = likelihood.nll(logits, targets, valid_rows(batch, logits)) * n
+            if loss.requires_grad:  # δ = ∂loss/∂output, taken by the output hooks as the backward passes
+                loss.backward()
+            del logits, targets, loss
+            examples += n
+            bar.update(n)
     if examples == 0:
         raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
     if any(count == 0 for count in tokens.values()):

@@ -73,8 +73,7 @@ def obc_solve(
         # zeros are the same there, so solve there and map back (δW = S δW', [(H_i)_KK⁻¹]_jj = s_ij² [·]'_jj)
         scale, keep = model.column_scale, keep.to(torch.bool)
         delta, diagonal = obc_solve(weight.double() / scale, model.unscaled(), keep, inverse_diag=inverse_diag)
-        delta = (delta * scale).masked_scatter_(~keep, -weight.double()[~keep])  # exact zeros after the scale
-        return delta, None if diagonal is None else diagonal * scale.square()
+        return _scaled_back(delta, scale, weight, ~keep), None if diagonal is None else diagonal * scale.square()
     w = weight.double()
     keep = keep.to(torch.bool)
     pruned_w = torch.where(keep, 0.0, w)
@@ -240,8 +239,13 @@ def sweep_compensation(
             block[:, j:] -= error[:, None] * u_block[j, j:][None, :]
             errors[:, j] = error
         new[:, end:] -= errors @ upper[start:end, end:]
-    delta = (new - w) if scale is None else (new - w) * scale
-    return delta.masked_scatter_(used, -weight.double()[used]), used  # exact zeros, after the scale too
+    return _scaled_back(new - w, scale, weight, used), used
+
+
+def _scaled_back(delta: torch.Tensor, scale: torch.Tensor | None, weight: torch.Tensor, pruned: torch.Tensor):
+    """δW from a solve in the coordinates W ⊘ S (S None: the identity), with (W + δW) exactly 0 on `pruned`."""
+    delta = delta if scale is None else delta * scale
+    return delta.masked_scatter_(pruned, -weight.double()[pruned])
 
 
 def _adaptive_mask(score: torch.Tensor, chosen: torch.Tensor, fixed: torch.Tensor, group: int | None) -> torch.Tensor:
