@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .distributed import is_main_process, rank
+from .distributed import is_main_process, rank_seed
 from .errors import DistributedError, PruningStateError
 from .export.artifacts import write_pruning_artifacts
 from .fisher.calibration import CalibrationStream, SeededBatches
@@ -81,7 +81,7 @@ class FishLegPruningCallback(TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
             return SeededBatches(
-                dataset, train_dataloader.collate_fn, args.per_device_train_batch_size, args.seed + 7919 * rank()
+                dataset, train_dataloader.collate_fn, args.per_device_train_batch_size, rank_seed(args.seed)
             )
         return CalibrationStream(train_dataloader)  # iterable datasets: resume is not bit-exact
 
@@ -175,8 +175,12 @@ class FishLegPruningCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save and self.pruner is not None:
-            self.pruner.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_DIR)
+        if self.pruner is None:
+            return
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_DIR
+        if args.should_save:
+            self.pruner.save(directory)
+        self.pruner.save_rank_rng(directory)  # every rank, as the Trainer saves its own rng_state_{rank}
 
     def on_train_end(self, args, state, control, model: nn.Module = None, **kwargs):
         if self.pruner is None:

@@ -16,6 +16,16 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank_seed(seed: int) -> int:
+    """`seed` made distinct per data-parallel rank (rank 0 keeps it): ranks draw their own calibration batches,
+    sampled labels and u, and all-reduce what they estimate, so their decisions still agree."""
+    return seed + 7919 * rank()
+
+
 def is_main_process() -> bool:
     return rank() == 0
 

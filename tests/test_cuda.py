@@ -1,10 +1,10 @@
 """The CUDA paths, run on a GPU when there is one (skipped elsewhere: CI and the CPU machines have none).
 
 - One-shot pruning on CUDA agrees with the same work on CPU for every method and Q structure, and so do
-  diagonal-Q aux steps (block and Kronecker aux steps amplify rounding, see their test), up to float
-  rounding: a CUDA-vs-CPU difference may be no larger than what a 1e-6 relative perturbation of the
-  weights (a few fp32 ulps) causes on CPU. Label and u sampling use CPU generators, so both devices
-  see the same random draws.
+  diagonal-Q aux steps (block and Kronecker aux steps amplify rounding, see their test): a CUDA-vs-CPU
+  difference may be no larger than what CPU runs differ by under a 1e-6 relative perturbation of the
+  weights (a few fp32 ulps: another accumulation order) or under another `curvature.seed` (sampled labels
+  and u are drawn by a generator on the layers' device, so the GPU draws other numbers than the CPU).
 - Mixed-precision training on CUDA (fp16 with its GradScaler, bf16 autocast) reaches the exact target
   with finite weights; the pruner's masks and curvature live on the GPU.
 - A step the fp16 GradScaler skips neither prunes nor refines; its target is reached at the next
@@ -45,7 +45,7 @@ ONESHOT_CURVATURE = {
 }
 
 
-def oneshot_recipe(variant: str) -> dict:
+def oneshot_recipe(variant: str, seed: int = 0) -> dict:
     method = variant.split("-")[0]
     compensation = "none" if variant in ("fishleg-diagonal", "fishleg-kronecker") else "block"
     return {
@@ -56,7 +56,7 @@ def oneshot_recipe(variant: str) -> dict:
             "compensation": compensation,
             "recomputations": 2,
         },
-        "curvature": {"damping": 1e-3, "num_batches": 2, **ONESHOT_CURVATURE[variant]},
+        "curvature": {"damping": 1e-3, "num_batches": 2, "seed": seed, **ONESHOT_CURVATURE[variant]},
     }
 
 
@@ -84,22 +84,39 @@ def mask_mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> i
 def test_oneshot_on_cuda_matches_cpu(variant):
     recipe = oneshot_recipe(variant)
     batches = token_batches(n_batches=4, batch_size=4)  # CPU tensors: the GPU run must move them itself
-    models = {"cpu": tiny_bert(), "cuda": tiny_bert().to(CUDA), "cpu, perturbed": perturbed_bert()}
-    reports = {where: oneshot(model, batches, recipe) for where, model in models.items()}
+    runs = {
+        "cpu": (tiny_bert(), recipe),
+        "cuda": (tiny_bert().to(CUDA), recipe),
+        "cpu, perturbed": (perturbed_bert(), recipe),
+        "cpu, seed 1": (tiny_bert(), oneshot_recipe(variant, seed=1)),
+    }
+    reports = {where: oneshot(model, batches, r) for where, (model, r) in runs.items()}
     assert {r.zeros for r in reports.values()} == {round(0.7 * reports["cpu"].numel)}
-    weights = {where: targeted(model, recipe) for where, model in models.items()}
+    weights = {where: targeted(model, recipe) for where, (model, _) in runs.items()}
     on_gpu = mask_mismatches(weights["cpu"], weights["cuda"])
     by_rounding = mask_mismatches(weights["cpu"], weights["cpu, perturbed"])
-    print(f"{variant}: mask entries differing from CPU: CUDA {on_gpu}, CPU with 1e-6-perturbed weights {by_rounding}")
+    by_draws = mask_mismatches(weights["cpu"], weights["cpu, seed 1"])
+    print(
+        f"{variant}: mask entries differing from CPU: CUDA {on_gpu}, CPU with 1e-6-perturbed weights "
+        f"{by_rounding}, CPU with another curvature seed {by_draws}"
+    )
     # Near-tied saliencies flip under any rounding. The Kronecker selection on this model is chaotic: relative
     # weight perturbations of 1e-7 / 3e-7 / 1e-6 flip 8 / 214 / 498 of its 4,096 mask entries on CPU.
-    assert on_gpu <= max(0.01 * reports["cpu"].numel, 3 * by_rounding)
-    if variant != "fishleg-kronecker":
-        for name, cpu_weight in weights["cpu"].items():
-            both_kept = (cpu_weight != 0) & (weights["cuda"][name] != 0)
+    assert on_gpu <= max(0.01 * reports["cpu"].numel, 3 * max(by_rounding, by_draws))
+    if variant == "fishleg-kronecker":
+        return
+    draws_move_weights = any(not torch.equal(weights["cpu, seed 1"][n], w) for n, w in weights["cpu"].items())
+    for name, cpu_weight in weights["cpu"].items():
+        both_kept = (cpu_weight != 0) & (weights["cuda"][name] != 0)
+        if not draws_move_weights:  # nothing random in this method: the devices must agree to rounding
             torch.testing.assert_close(
                 weights["cuda"][name][both_kept], cpu_weight[both_kept], rtol=1e-3, atol=1e-4, msg=name
             )
+            continue
+        other = (cpu_weight != 0) & (weights["cpu, seed 1"][name] != 0)
+        gpu_gap = (weights["cuda"][name] - cpu_weight)[both_kept].norm() / cpu_weight[both_kept].norm()
+        seed_gap = (weights["cpu, seed 1"][name] - cpu_weight)[other].norm() / cpu_weight[other].norm()
+        assert gpu_gap <= max(1e-4, 3 * seed_gap), (name, float(gpu_gap), float(seed_gap))
 
 
 def q_products(model, recipe) -> dict[str, torch.Tensor]:
@@ -126,7 +143,7 @@ def largest_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.T
     return max(float((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a)
 
 
-def test_aux_steps_on_cuda_track_cpu():
+def test_aux_steps_on_cuda_track_cpu_within_the_draws_noise():
     """Diagonal Q only: its aux steps are stable (a 1e-6 weight perturbation moves Q by ~2e-7 on CPU).
 
     block_diagonal and Kronecker aux steps amplify rounding: on CPU the same perturbation moves Q·p by 8 % and
@@ -140,13 +157,16 @@ def test_aux_steps_on_cuda_track_cpu():
     on_cpu = q_products(tiny_bert(), recipe)
     on_gpu = largest_relative_difference(on_cpu, q_products(tiny_bert().to(CUDA), recipe))
     by_rounding = largest_relative_difference(on_cpu, q_products(perturbed_bert(), recipe))
+    reseeded = {**recipe, "curvature": {**recipe["curvature"], "seed": 1}}
+    by_draws = largest_relative_difference(on_cpu, q_products(tiny_bert(), reseeded))
     print(
         f"diagonal: largest relative difference of Q·p or diag Q after 10 aux steps: CUDA {on_gpu:.2e}, "
-        f"CPU with 1e-6-perturbed weights {by_rounding:.2e}"
+        f"CPU with 1e-6-perturbed weights {by_rounding:.2e}, CPU with another curvature seed {by_draws:.2e}"
     )
-    # H200, session 4: log s differed by 1.8e-4 (relative), i.e. ~4e-4 in Q; a device bug (other u, labels or
-    # products) shows as O(1)
-    assert on_gpu <= max(1e-2, 10 * by_rounding)
+    # H200, session 4 (same draws on both devices): log s differed by 1.8e-4 (relative), i.e. ~4e-4 in Q. The GPU
+    # now draws its own u and labels, so it may differ as another seed does; a device bug (wrong products) shows
+    # as O(1)
+    assert on_gpu <= max(1e-2, 10 * by_rounding, 3 * by_draws)
 
 
 def classification_data(n=64, seq_len=8, seed=0) -> list[dict[str, torch.Tensor]]:

@@ -11,10 +11,10 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_prune.py"
 
 
-def launch(launcher: list[str], out: Path, method: str) -> list[dict]:
+def launch(launcher: list[str], out: Path, method: str, *extra: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [*launcher, str(SCRIPT), str(out), method], env=env, capture_output=True, text=True, timeout=300
+        [*launcher, str(SCRIPT), str(out), method, *extra], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -30,6 +30,23 @@ def test_two_rank_torchrun_has_identical_masks(tmp_path, method):
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["zeros"] == round(0.8 * ranks[0]["numel"])
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_two_rank_resume_continues_each_ranks_draws(tmp_path):
+    """Ranks draw their own sampled labels and u (rank-seeded) and save their own RNG state beside the checkpoint;
+    resuming from step 4 ends where the uninterrupted run did, on every rank."""
+    ranks = launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        tmp_path,
+        "fishleg",
+        "resume",
+    )
+    assert ranks[0]["rng_files"] == ["curvature_rng_rank0.safetensors", "curvature_rng_rank1.safetensors"]
+    assert ranks[0]["rng_hash"] != ranks[1]["rng_hash"]
+    assert ranks[0]["digest"] == ranks[1]["digest"] == ranks[0]["resumed_digest"] == ranks[1]["resumed_digest"]
+    for r in ranks:
+        assert r["resumed_checksum"] == pytest.approx(r["checksum"], rel=1e-9)
 
 
 @pytest.mark.distributed

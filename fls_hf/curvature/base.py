@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import rank_seed
 from ..errors import CurvatureError, RecipeError
 from ..fisher.likelihoods import Likelihood, likelihood_for
 from ..model.adapters import LayerAdapter
 from ..model.blocks import row_blocks
 from ..model.forward import unwrap
-from ..progress import log_main
+from ..progress import log_main, warn_main
 from .config import CurvatureConfig
 
 Batches = Iterable[Mapping[str, Any]]
@@ -91,7 +92,21 @@ class CurvatureProvider(ABC):
         self.config = config
         self.keep: dict[str, torch.Tensor] = {}
         self.likelihood = likelihood
-        self.generator = torch.Generator().manual_seed(config.seed)  # sampled labels / u, identical on every rank
+        self._generator: torch.Generator | None = None
+        self._saved_rng: torch.Tensor | None = None  # a loaded RNG state, applied when the generator is made
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The RNG of sampled labels and FishLeg's u, on the layers' device: draws happen where the tensors live
+        (no host draws or copies on a GPU). Seeded from `curvature.seed` and the data-parallel rank (ranks draw
+        their own labels and u and all-reduce what they estimate); one process on a CPU draws what it always drew."""
+        device = self.device(next(iter(self.layers))) if self.layers else torch.device("cpu")
+        if self._generator is None or self._generator.device != device:
+            self._generator = device_generator(device, rank_seed(self.config.seed))
+            if self._saved_rng is not None:
+                restore_rng(self._generator, self._saved_rng)
+                self._saved_rng = None
+        return self._generator
 
     @property
     def damping(self) -> float:
@@ -191,6 +206,14 @@ class CurvatureProvider(ABC):
     def load_state_meta(self, meta: Mapping[str, Any]) -> None:
         """Restore `state_meta()`; runs before the tensors are copied in."""
 
+    def rng_state(self) -> torch.Tensor:
+        """This rank's generator state (saved per rank: ranks draw differently)."""
+        return self.generator.get_state()
+
+    def load_rng_state(self, state: torch.Tensor | None) -> None:
+        """Continue from `state` (None: restart from the seed), applied when the generator is next made."""
+        self._generator, self._saved_rng = None, state
+
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": {**self.state_tensors(), "rng": self.generator.get_state()}, "meta": self.state_meta()}
 
@@ -212,7 +235,28 @@ class CurvatureProvider(ABC):
                 )
             tensor.copy_(tensors[key])
         if rng is not None:
-            self.generator.set_state(rng)
+            self.load_rng_state(rng)
+
+
+def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A generator on `device` seeded with `seed` (CUDA generators draw on the GPU: no host round trip)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def restore_rng(generator: torch.Generator, state: torch.Tensor) -> None:
+    """Continue `generator` from a saved state; a state of another device's generator (a CPU run resumed on a GPU,
+    or back) cannot continue there: the draws restart from the seed, with a warning."""
+    expected = generator.get_state().numel()
+    if state.numel() != expected:
+        warn_main(
+            "the curvature RNG state was saved on another kind of device (%d bytes, this %s generator takes %d): "
+            "sampled labels and u restart from `curvature.seed`",
+            state.numel(),
+            generator.device.type,
+            expected,
+        )
+        return
+    generator.set_state(state.to(torch.uint8).cpu())
 
 
 _CONFIGS: dict[str, type[CurvatureConfig]] = {}

@@ -26,12 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..curvature import provider_class_for
-from ..distributed import check_same_on_all_ranks
+from ..distributed import check_same_on_all_ranks, rank, world_size
 from ..errors import PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
 from ..model.forward import unwrap
 from ..model.targets import resolve_targets
-from ..progress import log_main
+from ..progress import log_main, logger
 from ..recipe import PruningRecipe, load_recipe
 from .masks import MaskSet
 from .patterns import parse_mask_type
@@ -41,6 +41,7 @@ from .surgeon import prune_step, rule_mismatch
 STATE_TENSORS = "fls_pruner.safetensors"
 STATE_META = "fls_pruner.json"
 STATE_VERSION = 1
+RANK_RNG = "curvature_rng_rank{rank}.safetensors"  # data-parallel runs: each rank's curvature RNG state
 
 
 class Pruner:
@@ -223,6 +224,31 @@ class Pruner:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
         (directory / STATE_META).write_text(json.dumps(meta, indent=1))
 
+    def save_rank_rng(self, directory: str | Path) -> None:
+        """This rank's curvature RNG state beside the pruner state, under data parallelism (ranks draw their own
+        labels and u; `save` holds the main process's only). Every rank calls it; one process writes nothing."""
+        if world_size() == 1:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"rng": self.provider.rng_state().cpu()}, str(directory / RANK_RNG.format(rank=rank())))
+
+    def _load_rank_rng(self, directory: Path) -> None:
+        path = directory / RANK_RNG.format(rank=rank())
+        if path.is_file():
+            try:
+                self.provider.load_rng_state(load_file(str(path))["rng"])
+            except (SafetensorError, KeyError, OSError) as exc:
+                raise PruningStateError(f"curvature RNG state {path} is unreadable or truncated: {exc}") from exc
+        elif rank() > 0:  # the main state holds rank 0's draws, not this rank's
+            logger.warning(
+                "fls_hf: no curvature RNG state for rank %d in %s (saved by another world size?): this rank's "
+                "sampled labels and u restart from its seed",
+                rank(),
+                directory,
+            )
+            self.provider.load_rng_state(None)
+
     def load(self, directory: str | Path) -> None:
         """Restore masks, curvature and schedule position; refuses missing, truncated or pickled state."""
         directory = Path(directory)
@@ -247,6 +273,8 @@ class Pruner:
         for name in self.layers:  # the curvature must keep learning on the surviving weights only
             self.provider.mask(name, self.masks.keep_matrix(name))
         self.provider.load_state_dict({"tensors": split["curvature"], "meta": meta.get("curvature", {})})
+        if world_size() > 1:
+            self._load_rank_rng(directory)
         self.current_target = float(meta.get("current_target", 0.0))
         self.history = list(meta.get("history", []))
         self.skipped_steps = int(meta.get("skipped_steps", 0))

@@ -112,3 +112,30 @@ def test_memory_estimate_covers_the_state(ready_provider):
     held = sum(t.numel() * t.element_size() for t in provider.state_tensors().values())
     assert provider.estimated_bytes() >= held
     assert provider.memory_bytes() >= held
+
+
+def test_generator_lives_on_the_layers_device_and_draws_as_a_seeded_cpu_generator():
+    _, _, layers = problem()
+    provider = provider_for("kfac", {"seed": 5}, layers)
+    assert provider.generator.device == next(iter(layers.values())).weight.device
+    expected = torch.Generator().manual_seed(5)
+    assert torch.equal(torch.randn(6, generator=provider.generator), torch.randn(6, generator=expected))
+
+
+def test_rng_state_continues_restarts_or_warns_on_another_devices_state(caplog):
+    _, _, layers = problem()
+    provider = provider_for("kfac", {"seed": 3}, layers)
+    torch.randn(4, generator=provider.generator)
+    saved = provider.rng_state().clone()
+    following = torch.randn(4, generator=provider.generator)
+    provider.load_rng_state(saved)  # continue where the state was taken
+    assert torch.equal(torch.randn(4, generator=provider.generator), following)
+    provider.load_rng_state(None)  # restart from the seed
+    assert torch.equal(
+        torch.randn(4, generator=provider.generator), torch.randn(4, generator=torch.Generator().manual_seed(3))
+    )
+    provider.load_rng_state(torch.zeros(16, dtype=torch.uint8))  # a CUDA (Philox) state: cannot continue on CPU
+    with caplog.at_level("WARNING", logger="fls_hf"):
+        first = torch.randn(4, generator=provider.generator)
+    assert "saved on another kind of device" in caplog.text
+    assert torch.equal(first, torch.randn(4, generator=torch.Generator().manual_seed(3)))

@@ -1,8 +1,12 @@
 """Run by tests/test_distributed.py under torchrun / accelerate launch: 2 CPU ranks (gloo) prune a tiny BERT.
 
-Each rank writes what it ended with (mask digest, sparsity, a weight checksum) to OUT/rank<r>.json.
+Each rank writes what it ended with (mask digest, sparsity, a weight checksum) to OUT/rank<r>.json. With a third
+argument `resume`, the run also saves every 4 steps, and a second Trainer resumes from step 4 to the same end:
+each rank adds what the resumed run ended with, the per-rank curvature RNG files of the checkpoint, and a hash of
+its own generator state (ranks draw their own labels and u).
 """
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ from helpers import tiny_bert  # noqa: E402
 from test_trainer import dataset, training_args  # noqa: E402
 
 out, method = Path(sys.argv[1]), sys.argv[2]
+resume = sys.argv[3:] == ["resume"]
 torch.set_num_threads(1)
 curvature = {"damping": 1e-3, "num_batches": 2}
 curvature.update(
@@ -38,26 +43,44 @@ recipe = {
     },
     "curvature": curvature,
 }
-trainer = FishLegPruningTrainer(
-    model=tiny_bert(),
-    recipe=recipe,
-    train_dataset=dataset(),
-    args=training_args(out / "run", max_steps=8, per_device_train_batch_size=2),
-)
-trainer.train()
+saving = {"save_strategy": "steps", "save_steps": 4} if resume else {}
+
+
+def run(checkpoint=None):
+    trainer = FishLegPruningTrainer(
+        model=tiny_bert(),
+        recipe=recipe,
+        train_dataset=dataset(),
+        args=training_args(out / "run", max_steps=8, per_device_train_batch_size=2, **saving),
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer
+
+
+def checksum(model):
+    return float(sum(p.double().sum() for p in model.parameters()))
+
+
+trainer = run()
 rank = dist.get_rank() if dist.is_initialized() else -1
 world = dist.get_world_size() if dist.is_initialized() else 1
 report = sparsity_report(trainer.model, trainer.recipe)
-checksum = float(sum(p.double().sum() for p in trainer.model.parameters()))
-(out / f"rank{rank}.json").write_text(
-    json.dumps(
-        {
-            "world": world,
-            "digest": trainer.pruner.masks.digest(),
-            "zeros": report.zeros,
-            "numel": report.numel,
-            "checksum": checksum,
-            "curvature_steps": getattr(trainer.pruner.provider, "steps_done", 0),
-        }
-    )
-)
+result = {
+    "world": world,
+    "digest": trainer.pruner.masks.digest(),
+    "zeros": report.zeros,
+    "numel": report.numel,
+    "checksum": checksum(trainer.model),
+    "curvature_steps": getattr(trainer.pruner.provider, "steps_done", 0),
+}
+if resume:
+    state = trainer.pruner.provider.rng_state()
+    result["rng_hash"] = hashlib.sha256(state.numpy().tobytes()).hexdigest()
+    checkpoint = out / "run" / "checkpoint-4"
+    result["rng_files"] = sorted(p.name for p in (checkpoint / "fls_pruner").glob("curvature_rng_*"))
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the checkpoint's listing before any rewrites it
+    resumed = run(str(checkpoint))
+    result["resumed_digest"] = resumed.pruner.masks.digest()
+    result["resumed_checksum"] = checksum(resumed.model)
+(out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -247,7 +247,8 @@ class FishLegProvider(CurvatureProvider):
     def _draw_u(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         keeps = {name: self._keep(name) for name in self.layers}
         if self.config.u_sampling == "gaussian":
-            return {n: torch.randn(k.shape, generator=self.generator).to(k.device) * k for n, k in keeps.items()}
+            g = self.generator  # on the layers' device: u never crosses the host
+            return {n: torch.randn(k.shape, generator=g, device=g.device).to(k.device) * k for n, k in keeps.items()}
         params = list(
             self._tangents({n: torch.zeros_like(k) for n, k in keeps.items()})
         )  # each layer's weight (and bias)

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...distributed import rank_seed
 from ...fisher.gradients import counted_gradients
 from ...fisher.kronecker import kronecker_statistics
 from ...fisher.likelihoods import Likelihood
 from ...fisher.statistics import block_fisher_inverse_, fisher_diagonal, identity_blocks
 from ...model.adapters import LayerAdapter
 from ...model.forward import model_device
+from ..base import device_generator
 from .config import FishLegConfig
 
 
@@ -111,7 +113,7 @@ def _fisher_start(inputs: WarmStartInputs, model: nn.Module, batches) -> list[st
         labels=config.init_labels,
         likelihood=inputs.likelihood,
         # a generator of its own, seeded afresh: every fisher start draws the same labels (as it always has)
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=device_generator(next(iter(inputs.layers.values())).weight.device, rank_seed(config.seed)),
         max_examples=config.init_examples,
         keep=inputs.keep,
         desc="Block Fisher",
