@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .distributed import is_main_process, rank_seed
@@ -40,11 +41,20 @@ from .recipe import PruningRecipe, load_recipe, schedule_over_run
 PRUNER_DIR = "fls_pruner"
 
 
-def refuse_sharded_training(args: TrainingArguments) -> None:
-    """FSDP and DeepSpeed ZeRO-3 shard parameters across ranks; masks and Q need whole weights."""
+def refuse_sharded_training(args: TrainingArguments, model: nn.Module | None) -> None:
+    """FSDP in the Trainer: refused where accelerate shards the model (the Trainer's checkpoints would need the
+    pruner state sharded), said once where it does not (on CPU accelerate runs FSDP settings unsharded). DeepSpeed
+    ZeRO-3 shards parameters its own way: refused."""
     if args.fsdp:
-        raise DistributedError(
-            "FSDP is not supported by fls_hf yet: run with DDP (`accelerate launch --multi_gpu`) instead"
+        if model is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+            raise DistributedError(
+                "FSDP in the Trainer is not supported by fls_hf yet (its checkpoints would need the pruner state "
+                'sharded): prune a `fully_shard`-ed model with `Pruner` in your own loop (README, "Under FSDP"), '
+                "or run the Trainer with DDP (`accelerate launch --multi_gpu`)"
+            )
+        warn_main(
+            "fls_hf: FSDP settings were given but the model is not sharded (accelerate shards on GPUs only; on CPU "
+            "it runs them as plain data parallelism): every rank holds and prunes whole weights, as under DDP"
         )
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -97,7 +107,7 @@ class FishLegPruningCallback(TrainerCallback):
         train_dataloader: Any = None,
         **kwargs: Any,
     ) -> None:
-        refuse_sharded_training(args)
+        refuse_sharded_training(args, model)
         self.recipe = schedule_over_run(self.recipe, state.max_steps)
         self.pruner = Pruner(model, self.recipe)
         self.batches = self._curvature_data(args, train_dataloader)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -53,3 +56,63 @@ def check_same_on_all_ranks(digest: str, what: str) -> None:
         raise DistributedError(
             f"{what} differ across ranks: " + ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests))
         )
+
+
+class ShardCounts:
+    """Integer counts over the ranks of an FSDP2 mesh, which each hold a block of rows of every targeted weight
+    (`fully_shard` shards dim 0): sums for the global selection, and what the lower ranks hold (ties break in
+    row-major order, where rank r's rows follow rank r − 1's). One small collective per call; every rank must make
+    the same calls in the same order.
+
+    Args:
+        group: the mesh's process group.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        # NCCL reduces device tensors only; gloo host ones
+        cuda = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+    def sum(self, values: list) -> list:
+        """Element-wise sums of `values` over the ranks (ints exactly; floats in float64)."""
+        if not values:
+            return []
+        exact = all(isinstance(v, int) for v in values)
+        t = torch.tensor(values, dtype=torch.int64 if exact else torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def before(self, value: int) -> int:
+        """Σ of `value` over the ranks below this one."""
+        gathered = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.size)]
+        dist.all_gather(gathered, torch.tensor([value], dtype=torch.int64, device=self.device), group=self.group)
+        return int(sum(int(g) for g in gathered[: self.rank]))
+
+
+def summed(counts: ShardCounts | None, values: list) -> list:
+    """`values` summed over the shards' ranks (unsharded: as they are)."""
+    return values if counts is None else counts.sum(values)
+
+
+def shard_counts(layers: Mapping[str, Any]) -> ShardCounts | None:
+    """The counts over the FSDP2 mesh when the targeted weights (adapters) are sharded by rows; None when they are
+    whole. Refuses mixed, differently meshed or otherwise sharded weights."""
+    sharded = [a for a in layers.values() if a.sharded]
+    if not sharded:
+        return None
+    whole = sorted(n for n, a in layers.items() if not a.sharded)
+    if whole:
+        raise DistributedError(
+            f"targeted layers are sharded (FSDP2) but `{whole[0]}` is not: `fully_shard` every block that holds a "
+            "targeted layer, or none"
+        )
+    mesh = sharded[0].weight.device_mesh
+    for adapter in sharded:
+        adapter.check_shardable()
+        if adapter.weight.device_mesh != mesh:
+            raise DistributedError(f"targeted layers are sharded over different meshes (e.g. `{adapter.name}`)")
+        adapter.row_range  # noqa: B018 — validates the shard's rows
+    return ShardCounts(mesh.get_group())

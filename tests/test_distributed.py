@@ -101,7 +101,31 @@ def test_diverging_masks_fail_loudly_on_every_rank(tmp_path):
     assert all("pruning masks differ across ranks" in results[r] for r in (0, 1)), results
 
 
-def test_fsdp_is_refused_before_training(tmp_path):
+def test_fsdp_settings_the_trainer_runs_unsharded_are_said_once_and_pruning_goes_on(tmp_path, caplog):
+    """On CPU accelerate runs FSDP settings as plain data parallelism (whole weights): one warning, then pruning."""
+    from transformers import TrainingArguments
+
+    from fls_hf import FishLegPruningCallback
+
+    from helpers import tiny_bert
+
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to=[])
+    callback = FishLegPruningCallback({"pruning": {"method": "magnitude"}})
+    with caplog.at_level("WARNING", logger="fls_hf"):
+        callback.on_train_begin(args, _State(), None, model=tiny_bert(), train_dataloader=None)
+    assert caplog.text.count("FSDP settings were given but the model is not sharded") == 1
+    assert callback.pruner is not None
+
+
+class _State:
+    global_step = 0
+    max_steps = 4
+
+
+def test_fsdp_sharded_model_in_the_trainer_is_refused_naming_the_supported_path(tmp_path):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, distribute_tensor
     from transformers import TrainingArguments
 
     from fls_hf import FishLegPruningCallback
@@ -109,5 +133,11 @@ def test_fsdp_is_refused_before_training(tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to=[])
     callback = FishLegPruningCallback({"pruning": {"method": "magnitude"}})
-    with pytest.raises(DistributedError, match="FSDP is not supported"):
-        callback.on_train_begin(args, None, None, model=None, train_dataloader=None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:  # one DTensor parameter on a one-process mesh, as accelerate's FSDP2 leaves the model's
+        model = torch.nn.Linear(2, 2)
+        model.weight = torch.nn.Parameter(distribute_tensor(torch.ones(2, 2), DeviceMesh("cpu", [0])))
+        with pytest.raises(DistributedError, match="prune a `fully_shard`-ed model with `Pruner`"):
+            callback.on_train_begin(args, _State(), None, model=model, train_dataloader=None)
+    finally:
+        dist.destroy_process_group()

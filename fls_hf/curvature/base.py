@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import rank_seed
+from ..distributed import ShardCounts, rank_seed
 from ..errors import CurvatureError, RecipeError
 from ..fisher.likelihoods import Likelihood, likelihood_for
 from ..model.adapters import LayerAdapter
@@ -47,6 +47,8 @@ class RowModel:
         row_weight: G_ii, (rows,) float64, non-negative (the output-side Fisher of each row).
         damping: γ ≥ 0; 0 only when Ā is positive definite (a learned Q's factors hold their damping).
         column_scale: S, (rows, cols) float64, positive; None: all ones.
+        row_weight_mean: mean G_ii over every row of the layer, where `row_weight` holds only some (an FSDP2
+            shard's); None: the mean of `row_weight`.
     """
 
     basis: torch.Tensor
@@ -54,6 +56,11 @@ class RowModel:
     row_weight: torch.Tensor
     damping: float
     column_scale: torch.Tensor | None = None
+    row_weight_mean: float | None = None
+
+    def mean_row_weight(self) -> float:
+        """Mean G_ii over the layer's rows (all shards)."""
+        return float(self.row_weight.mean()) if self.row_weight_mean is None else self.row_weight_mean
 
     def spectrum(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """1 / (G_ii λ_b + γ) for the given rows: (rows, cols), eigenvalues of (G_ii Ā + γI)⁻¹ (H_i⁻¹ if S = I)."""
@@ -65,7 +72,7 @@ class RowModel:
 
     def unscaled(self) -> RowModel:
         """The same model with S = I (the row problem in the coordinates W ⊘ S, where every row shares Ā)."""
-        return RowModel(self.basis, self.eigenvalues, self.row_weight, self.damping)
+        return RowModel(self.basis, self.eigenvalues, self.row_weight, self.damping, None, self.row_weight_mean)
 
     def inverse_diag(self) -> torch.Tensor:
         """[H_i⁻¹]_jj for every (i, j): (rows, cols)."""
@@ -92,6 +99,7 @@ class CurvatureProvider(ABC):
         self.config = config
         self.keep: dict[str, torch.Tensor] = {}
         self.likelihood = likelihood
+        self.shards: ShardCounts | None = None  # FSDP2 (set by the Pruner): layers hold this rank's rows
         self._generator: torch.Generator | None = None
         self._saved_rng: torch.Tensor | None = None  # a loaded RNG state, applied when the generator is made
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import summed
 from ..errors import CurvatureError
 from ..fisher.kronecker import kronecker_statistics
 from ..fisher.likelihoods import Likelihood
@@ -54,6 +55,12 @@ class KFACProvider(CurvatureProvider):
         self.config: KFACConfig = config
         limit = FULL_G_ROWS if config.max_full_g_rows is None else config.max_full_g_rows
         self.full_g = {n for n, a in self.layers.items() if a.shape[0] <= limit}
+        sharded = sorted(n for n in self.full_g if self.layers[n].sharded)
+        if sharded:  # a full G couples the rows that FSDP2 spreads over the ranks
+            raise CurvatureError(
+                f"K-FAC with a full G for `{sharded[0]}`, whose rows are sharded (FSDP2): under FSDP kfac keeps "
+                "diag G, so use `pruning.compensation: obc` (the default) or set `curvature.max_full_g_rows: 0`"
+            )
         narrow = sorted(set(self.layers) - self.full_g)
         if narrow and limit > 0:  # 0: diag G asked for everywhere (the row-wise OBC rule reads nothing more)
             warnings.warn(
@@ -106,7 +113,8 @@ class KFACProvider(CurvatureProvider):
             if not (torch.isfinite(a_bar).all() and torch.isfinite(g).all()):
                 raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")
             self.a_bar[name].copy_(a_bar[:-1, :-1])
-            self.g[name].copy_(g)
+            start, stop = self.layers[name].row_range  # FSDP2: this rank's rows of G (the statistics cover all)
+            self.g[name].copy_(g[start:stop] if g.dim() == 1 else g)
         self.estimated = True
         self._refresh()
         return {"damping": self.damping}
@@ -123,6 +131,7 @@ class KFACProvider(CurvatureProvider):
             g_diag = g.diagonal() if g.dim() == 2 else g
             total += float(g_diag.double().sum() * self.a_bar[name].double().diagonal().sum())
             count += g_diag.numel() * self.a_bar[name].shape[0]
+        total, count = summed(self.shards, [total, count])  # FSDP2: G's rows are spread over the ranks
         return total / count
 
     def _refresh(self) -> None:
@@ -137,6 +146,7 @@ class KFACProvider(CurvatureProvider):
                 )
             self._gamma = self.config.damping * scale
             log_main("K-FAC: γ = %.3g × mean Fisher diagonal %.3g = %.3g", self.config.damping, scale, self._gamma)
+        means = self._row_weight_means()
         for name in self.layers:
             a_bar, g = self.a_bar[name].double(), self.g[name].double()
             lam_a, u_a = torch.linalg.eigh(a_bar)
@@ -146,7 +156,15 @@ class KFACProvider(CurvatureProvider):
                 inverse_eigen = 1.0 / (lam_g.clamp_min(0)[:, None] * lam_a[None, :] + self.damping)
                 self._eigen[name] = (u_g.float(), inverse_eigen.float())
             row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
-            self._rows[name] = RowModel(u_a, lam_a, row_weight, self.damping)
+            self._rows[name] = RowModel(u_a, lam_a, row_weight, self.damping, row_weight_mean=means[name])
+
+    def _row_weight_means(self) -> dict[str, float | None]:
+        """FSDP2: mean G_ii over every rank's rows of each layer (one reduction); None where G is whole."""
+        if self.shards is None:
+            return dict.fromkeys(self.layers)
+        local = [v for n in self.layers for v in (float(self.g[n].clamp_min(0).double().sum()), self.g[n].numel())]
+        totals = self.shards.sum(local)
+        return {n: totals[2 * i] / max(totals[2 * i + 1], 1) for i, n in enumerate(self.layers)}
 
     # ----------------------------------------------------------------- queries
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

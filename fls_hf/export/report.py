@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..distributed import shard_counts, summed
 from ..model.forward import unwrap
 from ..model.targets import resolve_targets
 from ..pruning.patterns import parse_mask_type
@@ -107,16 +108,21 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
     pruning = recipe.pruning
     layers = resolve_targets(unwrap(model), pruning.targets, pruning.ignore)
     report = SparsityReport(target=pruning.final_sparsity, global_scope=pruning.global_sparsity)
-    for name, adapter in layers.items():
+    counts = []  # per layer: weights, zeros, rows breaking the pattern (FSDP2: this rank's rows, then summed)
+    for adapter in layers.values():
         matrix = adapter.weight_matrix()
+        counts += [matrix.numel(), int((matrix == 0).sum()), int(not _nm_ok(matrix, pruning.mask_type))]
+    counts = summed(shard_counts(layers), counts)
+    for i, (name, adapter) in enumerate(layers.items()):
+        numel, zeros, broken = counts[3 * i : 3 * i + 3]
         report.layers.append(
             LayerSparsity(
                 name=name,
                 shape=list(adapter.weight.shape),
-                numel=matrix.numel(),
-                zeros=int((matrix == 0).sum()),
+                numel=numel,
+                zeros=zeros,
                 pattern=pruning.mask_type,
-                pattern_ok=_nm_ok(matrix, pruning.mask_type),
+                pattern_ok=broken == 0,
             )
         )
     return report

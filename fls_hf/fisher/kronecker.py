@@ -83,7 +83,7 @@ def kronecker_statistics(
     sums = {
         n: [
             torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device),
-            torch.zeros((a.shape[0],) * (2 if n in full_g else 1), device=device),
+            torch.zeros((a.rows,) * (2 if n in full_g else 1), device=device),  # every row, also when sharded
         ]
         for n, a in layers.items()
     }

@@ -9,6 +9,9 @@ one adapter class and one line in `adapter_for`:
 
 A bias, when present, is never pruned; curvature structures that model it (the Kronecker one)
 append it as an extra input column.
+
+Under FSDP2 (`fully_shard`) a weight is a DTensor sharded along dim 0: each process holds a block of rows
+(`row_range`) and the adapter's matrix view, `shape` and `values` are that block's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from ..errors import UnsupportedModuleError
 
@@ -47,21 +51,63 @@ class LayerAdapter:
         return getattr(self.module, "bias", None)
 
     @property
+    def values(self) -> torch.Tensor:
+        """The weight values this process holds: the whole weight, or its FSDP2 shard (writable in place)."""
+        return local(self.weight)
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.weight, DTensor)
+
+    @property
     def shape(self) -> tuple[int, int]:
-        """(rows, cols) of the matrix view."""
-        w = self.weight
-        return w.shape[0], w[0].numel()
+        """(rows, cols) of the matrix view of the values this process holds."""
+        v = self.values
+        return v.shape[0], v[0].numel() if v.shape[0] else int(torch.Size(v.shape[1:]).numel())
+
+    @property
+    def rows(self) -> int:
+        """Rows of the whole weight's matrix view (all shards)."""
+        return self.weight.shape[0]
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """[start, stop) of this process's rows in the whole matrix (torch.chunk's blocks, as `Shard(0)` cuts)."""
+        if not self.sharded:
+            return 0, self.rows
+        self.check_shardable()
+        mesh = self.weight.device_mesh
+        chunk = -(-self.rows // mesh.size())
+        start = min(mesh.get_local_rank() * chunk, self.rows)
+        stop = start + self.values.shape[0]
+        if stop > self.rows or (stop < self.rows and stop - start != chunk):
+            raise UnsupportedModuleError(f"module `{self.name}`: its shard is not a torch.chunk block of rows")
+        return start, stop
+
+    def check_shardable(self) -> None:
+        """Raise unless the weight is whole or sharded by rows over a 1-D mesh (FSDP2's default)."""
+        if self.sharded and (self.weight.device_mesh.ndim != 1 or tuple(self.weight.placements) != (Shard(0),)):
+            raise UnsupportedModuleError(
+                f"module `{self.name}` is sharded as {tuple(self.weight.placements)} over a "
+                f"{self.weight.device_mesh.ndim}-D mesh; fls_hf prunes weights sharded by rows (Shard(0)) over a 1-D "
+                "mesh: `fully_shard` with its defaults"
+            )
 
     def to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """Weight-shaped tensor → (rows, cols) view (a view where possible)."""
         return tensor.reshape(tensor.shape[0], -1)
 
     def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        """(rows, cols) → weight-shaped tensor."""
-        return matrix.reshape(self.weight.shape)
+        """(rows, cols) → tensor in the shape of `values`."""
+        return matrix.reshape(self.values.shape)
 
     def weight_matrix(self) -> torch.Tensor:
-        return self.to_matrix(self.weight.detach())
+        return self.to_matrix(self.values.detach())
+
+
+def local(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of `tensor` this process holds (a DTensor's local shard; any other tensor as it is)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class Conv1DAdapter(LayerAdapter):
@@ -69,8 +115,19 @@ class Conv1DAdapter(LayerAdapter):
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows_in, cols_out = self.weight.shape
+        rows_in, cols_out = self.values.shape
         return cols_out, rows_in
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[1]
+
+    def check_shardable(self) -> None:
+        if self.sharded:  # Shard(0) of an (in, out) weight cuts the matrix view's columns
+            raise UnsupportedModuleError(
+                f"module `{self.name}` (transformers Conv1D) is sharded along its input dimension; fls_hf prunes "
+                "sharded weights by rows: leave it unsharded or add it to `pruning.ignore`"
+            )
 
     def to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t()

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from ..distributed import ShardCounts, summed
 from ..errors import PruningStateError
-from ..model.adapters import LayerAdapter
+from ..model.adapters import LayerAdapter, local
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit k of a byte holds element 7 − k
 
@@ -53,18 +54,19 @@ class MaskSet:
         if missing:
             raise PruningStateError(f"no mask given for module(s) {missing[:5]}")
         for name in layers:
-            if masks[name].shape != layers[name].weight.shape or masks[name].dtype != torch.bool:
+            if masks[name].shape != layers[name].values.shape or masks[name].dtype != torch.bool:
                 raise PruningStateError(
-                    f"mask for module `{name}` must be bool of the weight's shape {tuple(layers[name].weight.shape)}"
+                    f"mask for module `{name}` must be bool of the weight's shape {tuple(layers[name].values.shape)}"
                 )
         self._layers = {name: layers[name] for name in sorted(layers)}
         self._masks = {name: masks[name] for name in self._layers}
+        self.shards: ShardCounts | None = None  # FSDP2: each mask is this rank's rows; counts sum over the ranks
 
     @classmethod
     def dense(cls, layers: Mapping[str, LayerAdapter]) -> MaskSet:
         """All-True masks on each weight's device."""
         masks = {
-            name: torch.ones(adapter.weight.shape, dtype=torch.bool, device=adapter.weight.device)
+            name: torch.ones(adapter.values.shape, dtype=torch.bool, device=adapter.values.device)
             for name, adapter in layers.items()
         }
         return cls(layers, masks)
@@ -104,41 +106,49 @@ class MaskSet:
             )
         stored.copy_(adapter.from_matrix(keep_matrix.to(device=stored.device, dtype=torch.bool)))
 
-    def _pairs(self, layers: Mapping[str, LayerAdapter] | None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    def _pairs(self, layers: Mapping[str, LayerAdapter] | None) -> Iterator[tuple[str, torch.Tensor, LayerAdapter]]:
         layers = self._layers if layers is None else layers
         for name, mask in self._masks.items():
             if name not in layers:
                 raise PruningStateError(f"masked module `{name}` is not among the layers given")
-            yield name, mask, layers[name].weight
+            yield name, mask, layers[name]
 
     @torch.no_grad()
     def apply(self, layers: Mapping[str, LayerAdapter] | None = None) -> None:
         """Zero pruned weights in place (call after every `optimizer.step()`)."""
-        for _, mask, weight in self._pairs(layers):
-            weight.masked_fill_(mask.logical_not(), 0)
+        for _, mask, adapter in self._pairs(layers):
+            adapter.values.masked_fill_(mask.logical_not(), 0)
 
     @torch.no_grad()
     def zero_grads(self, layers: Mapping[str, LayerAdapter] | None = None) -> None:
         """Zero the gradient of pruned weights in place, where a gradient exists."""
-        for _, mask, weight in self._pairs(layers):
-            if weight.grad is not None:
-                weight.grad.masked_fill_(mask.logical_not(), 0)
+        for _, mask, adapter in self._pairs(layers):
+            grad = local(adapter.weight.grad)
+            if grad is not None:
+                grad.masked_fill_(mask.logical_not(), 0)
+
+    def _totals(self, name: str | None) -> tuple[int, int]:
+        """(weights, pruned) under the mask of `name` or all masks, over every shard (`shards`)."""
+        names = self.names if name is None else [name]
+        numel = sum(self.keep(n).numel() for n in names)
+        pruned = sum(int(self.keep(n).logical_not().sum()) for n in names)
+        numel, pruned = summed(self.shards, [numel, pruned])
+        return numel, pruned
 
     def numel(self, name: str | None = None) -> int:
         """Weights covered by the mask of `name`, or by all masks."""
-        names = self.names if name is None else [name]
-        return sum(self.keep(n).numel() for n in names)
+        return self._totals(name)[0]
 
     def num_pruned(self, name: str | None = None) -> int:
         """Pruned (False) entries in the mask of `name`, or in all masks."""
-        names = self.names if name is None else [name]
-        return sum(int(self.keep(n).logical_not().sum()) for n in names)
+        return self._totals(name)[1]
 
-    def sparsity(self, name: str) -> float:
-        return self.num_pruned(name) / max(self.numel(name), 1)
+    def sparsity(self, name: str | None = None) -> float:
+        numel, pruned = self._totals(name)
+        return pruned / max(numel, 1)
 
     def global_sparsity(self) -> float:
-        return self.num_pruned() / max(self.numel(), 1)
+        return self.sparsity()
 
     def state_dict(self) -> dict[str, Any]:
         """`{"tensors": {name: uint8 packed (CPU)}, "meta": {name: weight shape list}}`."""

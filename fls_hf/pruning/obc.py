@@ -216,7 +216,7 @@ def sweep_compensation(
     scale = model.column_scale
     w = weight.double() if scale is None else weight.double() / scale
     rows, cols = w.shape
-    mean_weight = float(model.row_weight.mean())
+    mean_weight = model.mean_row_weight()
     lam = model.damping / mean_weight if mean_weight > 0 else model.damping
     eigenvalues = model.eigenvalues + lam
     if not bool((eigenvalues > 0).all()):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import ShardCounts, summed
 from ..errors import PruningStateError, RecipeError
 from ..recipe import parse_mask_type as recipe_mask_type
 
@@ -83,6 +84,7 @@ def select_pruned(
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
     in_place: bool = False,
+    shards: ShardCounts | None = None,
 ) -> dict[str, torch.Tensor]:
     """New keep-masks with exactly round(target · numel) pruned weights.
 
@@ -99,6 +101,9 @@ def select_pruned(
         in_place: the caller hands its saliency tensors over (`saliency` must then be a mutable dict): they are
             turned into scores in place, `saliency` is emptied, and each is freed once its layer's mask is built,
             so no copy of them is made (also when an error is raised, `saliency` is left empty or partly consumed).
+        shards: FSDP2: every tensor here is this rank's block of rows of its layer; counts, thresholds and ties are
+            those of the whole layers (summed over the ranks, ties in row-major order across the blocks), so the
+            ranks' masks together are the unsharded selection's.
 
     Returns:
         module name → new bool (rows, cols) keep mask (fresh tensors; unless `in_place`, the inputs are not
@@ -120,12 +125,36 @@ def select_pruned(
     else:
         scores = {n: _scores(saliency[n], keep[n]) for n in names}
     eligible = {n: _eligible(pattern, n, scores[n], keep[n]) for n in names}
+    totals = _layer_totals(names, eligible, keep, shards)
     threshold = None  # the global walk's threshold score: where most layers' own walks stop too
     if global_scope:
-        counts, threshold = _global_allocation(scores, eligible, keep, target, min_sparsity, max_sparsity)
+        counts, threshold = _global_allocation(scores, eligible, totals, target, min_sparsity, max_sparsity, shards)
     else:
-        counts = {n: _layer_count(n, eligible[n], keep[n], target) for n in names}
-    return {n: _keep_all_but_lowest(scores.pop(n), eligible.pop(n), counts[n], threshold) for n in names}
+        counts = {n: _layer_count(n, totals[n], target) for n in names}
+    return {n: _keep_all_but_lowest(scores.pop(n), eligible.pop(n), counts[n], threshold, shards) for n in names}
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """A layer's weights, already-pruned weights and candidates (pattern-eligible or already pruned)."""
+
+    numel: int
+    already: int
+    eligible: int
+
+
+def _layer_totals(
+    names: list[str],
+    eligible: Mapping[str, torch.Tensor | None],
+    keep: Mapping[str, torch.Tensor],
+    shards: ShardCounts | None,
+) -> dict[str, _Totals]:
+    """Every layer's `_Totals`, over all shards (one reduction for all layers)."""
+    local = []
+    for n in names:
+        local += [keep[n].numel(), int((~keep[n].to(torch.bool)).sum()), _num_eligible(eligible[n], keep[n])]
+    flat = summed(shards, local)
+    return {n: _Totals(*flat[3 * i : 3 * i + 3]) for i, n in enumerate(names)}
 
 
 def _eligible(pattern: MaskPattern, name: str, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
@@ -170,30 +199,26 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def _layer_count(name: str, eligible: torch.Tensor | None, keep: torch.Tensor, target: float) -> int:
-    count = _round(target * keep.numel())
-    already = int((~keep.to(torch.bool)).sum())
+def _layer_count(name: str, totals: _Totals, target: float) -> int:
+    count, already = _round(target * totals.numel), totals.already
     if count < already:
         raise RecipeError(
             f"module `{name}` already has {already} pruned weights, more than target {target!r} allows ({count}); "
             "pruned weights never regrow, so targets must not decrease"
         )
-    if count > _num_eligible(eligible, keep):
+    if count > totals.eligible:
         raise RecipeError(f"module `{name}` cannot reach target {target!r}: its mask pattern leaves too few candidates")
     return count
 
 
-def _layer_bounds(
-    name: str, eligible: torch.Tensor | None, keep: torch.Tensor, min_sparsity: float, max_sparsity: float
-) -> tuple[int, int]:
+def _layer_bounds(name: str, totals: _Totals, min_sparsity: float, max_sparsity: float) -> tuple[int, int]:
     """[lo, hi] pruned count of one layer: already pruned and min bound ≤ count ≤ candidates and max bound.
 
     Bounds round outwards (floor / ceil) so that min ≤ target ≤ max is always feasible over all layers.
     """
-    numel = keep.numel()
-    already = int((~keep.to(torch.bool)).sum())
+    numel, already = totals.numel, totals.already
     lo = max(already, math.floor(min_sparsity * numel + _EPS))
-    hi = min(_num_eligible(eligible, keep), math.ceil(max_sparsity * numel - _EPS))
+    hi = min(totals.eligible, math.ceil(max_sparsity * numel - _EPS))
     if lo > hi:
         raise RecipeError(
             f"module `{name}` cannot satisfy its bounds: it needs at least {lo} pruned weights (already pruned "
@@ -206,10 +231,11 @@ def _layer_bounds(
 def _global_allocation(
     scores: dict[str, torch.Tensor],
     eligible: dict[str, torch.Tensor | None],
-    keep: Mapping[str, torch.Tensor],
+    totals: Mapping[str, _Totals],
     target: float,
     min_sparsity: float,
     max_sparsity: float,
+    shards: ShardCounts | None = None,
 ) -> tuple[dict[str, int], float | None]:
     """Per-layer pruned counts summing exactly to round(target · total), within per-layer bounds, and the
     walk's threshold score v* (None when the walk takes no step).
@@ -228,8 +254,8 @@ def _global_allocation(
     """
     names = list(scores)
     min_sparsity = min(min_sparsity, target)
-    bounds = [_layer_bounds(n, eligible[n], keep[n], min_sparsity, max_sparsity) for n in names]
-    total = _round(target * sum(keep[n].numel() for n in names))
+    bounds = [_layer_bounds(n, totals[n], min_sparsity, max_sparsity) for n in names]
+    total = _round(target * sum(totals[n].numel for n in names))
     lo_sum, hi_sum = sum(b[0] for b in bounds), sum(b[1] for b in bounds)
     if not lo_sum <= total <= hi_sum:
         raise RecipeError(
@@ -244,7 +270,7 @@ def _global_allocation(
     if total == lo_sum:  # the walk stops before its first step
         return dict(zip(names, clip([0] * len(names)))), None
     layers = [(scores[n], eligible[n]) for n in names]
-    threshold, below, at = _lowest_threshold(dtype, layers, lambda raw: sum(clip(raw)) >= total)
+    threshold, below, at = _lowest_threshold(dtype, layers, lambda raw: sum(clip(raw)) >= total, shards)
     counts, passed = clip(below), clip(at)
     reached = sum(counts)  # < total: the walk just before the ties at the threshold
     for i in range(len(names)):  # the ties, layer by layer in name order, up to the step reaching total
@@ -260,7 +286,10 @@ _NARROW = 16  # a layer's scores inside the bisection's bracket are copied out o
 
 
 def _lowest_threshold(
-    dtype: torch.dtype, layers: list[tuple[torch.Tensor, torch.Tensor | None]], reaches
+    dtype: torch.dtype,
+    layers: list[tuple[torch.Tensor, torch.Tensor | None]],
+    reaches,
+    shards: ShardCounts | None = None,
 ) -> tuple[float, list[int], list[int]]:
     """Smallest non-NaN value v of float `dtype` with reaches(le(v)), where le(v)[i] counts the eligible scores ≤ v
     of layer i = (scores, eligible or None for all), compared in `dtype`; `reaches` is nondecreasing and true at
@@ -270,7 +299,8 @@ def _lowest_threshold(
     for v ≥ 0, minus the magnitude bits for v < 0 (so −0.0 and +0.0 share key 0, as they compare equal);
     one step per bit of `dtype`. Each layer's counts at the bracket's two ends are kept (the count < v is the
     count ≤ the key below v's); once at most 1/_NARROW of the scores a layer scans lie inside the bracket, those
-    are copied out and later steps scan only them (`_Scan`), so most steps touch few scores.
+    are copied out and later steps scan only them (`_Scan`), so most steps touch few scores. With `shards`, the
+    counts are summed over the ranks (one reduction per step); each rank narrows its own scans on its own counts.
     """
     bits = torch.finfo(dtype).bits
     ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]
@@ -282,18 +312,20 @@ def _lowest_threshold(
     inf = int(torch.tensor(math.inf, dtype=dtype).view(ints))
     scans = [_Scan(scores, eligible, dtype) for scores, eligible in layers]
     low, high = -inf - 1, inf  # reaches(le(value(low))) is false (below −inf), reaches(le(value(high))) true
-    at_low, at_high = [0] * len(scans), [scan.count_le(math.inf) for scan in scans]
+    at_low, at_high = [0] * len(scans), [scan.count_le(math.inf) for scan in scans]  # this rank's counts
+    all_low, all_high = [0] * len(scans), summed(shards, at_high)  # summed over the ranks
     while high - low > 1:
         mid = (low + high) // 2
         at_mid = [scan.count_le(value(mid)) for scan in scans]
-        if reaches(at_mid):
-            high, at_high = mid, at_mid
+        all_mid = summed(shards, at_mid)
+        if reaches(all_mid):
+            high, at_high, all_high = mid, at_mid, all_mid
         else:
-            low, at_low = mid, at_mid
+            low, at_low, all_low = mid, at_mid, all_mid
         low_value, high_value = None if low < -inf else value(low), value(high)  # once per step, not per layer
         for scan, a, b in zip(scans, at_low, at_high):
             scan.narrow(low_value, high_value, a, b)
-    return value(high), at_low, at_high
+    return value(high), all_low, all_high
 
 
 class _Scan:
@@ -326,7 +358,11 @@ class _Scan:
 
 
 def _keep_all_but_lowest(
-    scores: torch.Tensor, eligible: torch.Tensor | None, count: int, threshold: float | None = None
+    scores: torch.Tensor,
+    eligible: torch.Tensor | None,
+    count: int,
+    threshold: float | None = None,
+    shards: ShardCounts | None = None,
 ) -> torch.Tensor:
     """bool (rows, cols) keep mask pruning the `count` lowest-scoring eligible weights (eligible None: all), ties
     by row-major index: the first `count` of a stable ascending sort of the eligible scores.
@@ -335,6 +371,8 @@ def _keep_all_but_lowest(
     those are every eligible score < v and then the ties at v in row-major order. v is `threshold` (the global
     walk's) when it brackets `count` so, else the count-th lowest eligible score (`_lowest_threshold`); a per-row
     count of the ties finds the row where the last pruned tie lies. Memory: three bool temporaries of the layer.
+    With `shards`, `scores` is this rank's rows and `count` the whole layer's: the counts below and at v are summed
+    over the ranks, and the ties to prune go to the lowest rows, so first to the lower ranks.
     """
     matrix = scores.reshape(scores.shape[0] if scores.dim() > 1 else 1, -1)
     eligible = None if eligible is None else eligible.reshape(matrix.shape)
@@ -347,14 +385,19 @@ def _keep_all_but_lowest(
     below = ties = None
     if threshold is not None:
         below, ties = split(threshold)
-        n_below = int(torch.count_nonzero(below))
-        if not n_below <= count <= n_below + int(torch.count_nonzero(ties)):
+        n_below, n_ties = summed(shards, [int(torch.count_nonzero(below)), int(torch.count_nonzero(ties))])
+        if not n_below <= count <= n_below + n_ties:
             below = ties = None
     if below is None:
-        threshold, (n_below,), _ = _lowest_threshold(matrix.dtype, [(matrix, eligible)], lambda c: c[0] >= count)
+        threshold, (n_below,), _ = _lowest_threshold(
+            matrix.dtype, [(matrix, eligible)], lambda c: c[0] >= count, shards
+        )
         below, ties = split(threshold)
     keep = below.logical_not_()
     rest = count - n_below  # ties to prune, the first in row-major order
+    if shards is not None:  # this rank's share: what the lower ranks' ties leave
+        local_ties = int(torch.count_nonzero(ties))
+        rest = min(max(rest - shards.before(local_ties), 0), local_ties)
     if rest:
         ends = ties.sum(dim=1).cumsum(0)  # ties up to the end of each row
         row = int(torch.searchsorted(ends, rest))  # the row holding the last of them

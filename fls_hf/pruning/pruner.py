@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..curvature import provider_class_for
-from ..distributed import check_same_on_all_ranks, rank, world_size
-from ..errors import PruningStateError, RecipeError
+from ..distributed import ShardCounts, check_same_on_all_ranks, rank, shard_counts, world_size
+from ..errors import DistributedError, PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
+from ..model.adapters import LayerAdapter, local
 from ..model.forward import unwrap
 from ..model.targets import resolve_targets
 from ..progress import log_main, logger
@@ -61,6 +62,7 @@ class Pruner:
                 f"recipe keys `pruning.targets` / `pruning.ignore` leave no supported layer in "
                 f"{type(unwrap(model)).__name__}"
             )
+        self.shards = _shards_for(self.layers, cfg.method)  # FSDP2: None when the weights are whole
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
@@ -100,7 +102,9 @@ class Pruner:
         mismatch = rule_mismatch(self.provider.coupled_block, cfg.saliency, self.compensation)
         if mismatch:
             warnings.warn(f"recipe with `pruning.method` = {cfg.method!r}: {mismatch}", UserWarning, stacklevel=3)
+        self.provider.shards = self.shards
         self.masks = MaskSet.dense(self.layers)
+        self.masks.shards = self.shards
         self._adopted = False
         self.current_target = 0.0
         self.skipped_steps = 0  # optimizer updates dropped for non-finite gradients (see `non_finite_grads`)
@@ -147,9 +151,11 @@ class Pruner:
                 saliency=cfg.saliency,
                 obc_rounds=cfg.obc_rounds,
                 obc_solver=cfg.obc_solver,
+                shards=self.shards,
             )
             self.current_target = sub_target
-        check_same_on_all_ranks(self.masks.digest(), "pruning masks")
+        if self.shards is None:  # sharded: each rank holds other rows, chosen by counts over all of them
+            check_same_on_all_ranks(self.masks.digest(), "pruning masks")
         self.history.append({"target": target, "sparsity": self.masks.global_sparsity()})
         log_main("fls_hf: pruned to %.2f %% (target %.2f %%)", 100 * self.masks.global_sparsity(), 100 * target)
 
@@ -182,13 +188,15 @@ class Pruner:
         """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""
         names, finite = [], []
         for name, adapter in self.layers.items():
-            grads = [p.grad for p in (adapter.weight, adapter.bias) if p is not None and p.grad is not None]
+            grads = [local(p.grad) for p in (adapter.weight, adapter.bias) if p is not None and p.grad is not None]
             if grads:
                 names.append(name)
                 finite.append(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if not finite:
             return []
         flags = torch.stack([f.to(finite[0].device) for f in finite]).tolist()
+        if self.shards is not None:  # a bad value in any rank's rows is the layer's
+            flags = [bad == 0 for bad in self.shards.sum([int(not ok) for ok in flags])]
         return [name for name, ok in zip(names, flags) if not ok]
 
     def logs(self) -> dict[str, float]:
@@ -218,11 +226,19 @@ class Pruner:
         return tensors, meta
 
     def save(self, directory: str | Path) -> None:
+        self._refuse_sharded_state("save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state_dict()
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
         (directory / STATE_META).write_text(json.dumps(meta, indent=1))
+
+    def _refuse_sharded_state(self, verb: str) -> None:
+        if self.shards is not None:
+            raise DistributedError(
+                f"cannot {verb} pruner state under FSDP yet (each rank holds other rows of the masks); save the "
+                "model's full state dict (exact zeros) and prune again, or run without sharding to checkpoint"
+            )
 
     def save_rank_rng(self, directory: str | Path) -> None:
         """This rank's curvature RNG state beside the pruner state, under data parallelism (ranks draw their own
@@ -251,6 +267,7 @@ class Pruner:
 
     def load(self, directory: str | Path) -> None:
         """Restore masks, curvature and schedule position; refuses missing, truncated or pickled state."""
+        self._refuse_sharded_state("load")
         directory = Path(directory)
         tensor_file, meta_file = directory / STATE_TENSORS, directory / STATE_META
         if not tensor_file.is_file() or not meta_file.is_file():
@@ -279,6 +296,20 @@ class Pruner:
         self.history = list(meta.get("history", []))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self.enforce_masks()
+
+
+SHARDABLE_METHODS = ("magnitude", "kfac")  # every rule they use is row-wise (kfac: diag G, Ā all-reduced)
+
+
+def _shards_for(layers: Mapping[str, LayerAdapter], method: str) -> ShardCounts | None:
+    """`shard_counts` of the targeted layers, refusing methods that need whole weights under FSDP."""
+    shards = shard_counts(layers)
+    if shards is not None and method not in SHARDABLE_METHODS:
+        raise DistributedError(
+            f"`pruning.method: {method}` needs whole weights (per-example gradients or Fisher products of the "
+            f"weights), which FSDP shards; under FSDP use {' or '.join(SHARDABLE_METHODS)} (kfac: row-wise OBC)"
+        )
+    return shards
 
 
 def _refuse_non_finite(curvature: Mapping[str, torch.Tensor], directory: Path) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..curvature.base import CurvatureProvider, RowModel
+from ..distributed import ShardCounts, summed
 from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
 from ..model.blocks import from_row_blocks, row_blocks
@@ -188,6 +189,7 @@ def prune_step(
     saliency: str = "obs",
     obc_rounds: int = 1,
     obc_solver: str = "exact",
+    shards: ShardCounts | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Prune every layer to `target` (see `select_pruned`) with `saliency` (obs | obd) and compensation
     (block | independent | none | obc: the row-wise OBC of `obc.py`, with its own saliency), as the recipe
@@ -202,6 +204,9 @@ def prune_step(
     those of layers with non-finite curvature only). Except with OBC, which solves every layer before writing any,
     layers are compensated and written one at a time: selection errors come before any write, but an error while
     compensating a layer leaves the layers before it written.
+
+    FSDP2 (`shards`): every layer's weight, mask and curvature are this rank's rows; the row-wise rules (magnitude,
+    OBS with a diagonal Q, row-wise OBC) work on them as they are, and the selection counts over all ranks.
 
     Returns:
         module name → {"sparsity": layer sparsity after the step, "pruned_now": weights pruned now}.
@@ -233,6 +238,7 @@ def prune_step(
             min_sparsity=min_sparsity,
             max_sparsity=max_sparsity,
             in_place=True,
+            shards=shards,
         )
 
     def updates() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # (name, new weight, new keep) per layer
@@ -240,7 +246,7 @@ def prune_step(
             rows = _row_models(provider, names)
             group = pattern.m  # N:M: the sweep chooses inside each group of M (None: unstructured)
             new_weights, new_keep = _obc_rounds(
-                weights, old_keep, rows, broken, diags, select, target, obc_rounds, obc_solver, group
+                weights, old_keep, rows, broken, diags, select, target, obc_rounds, obc_solver, group, shards
             )
             for n in names:
                 yield n, new_weights.pop(n), new_keep.pop(n)
@@ -283,6 +289,7 @@ def _obc_rounds(
     rounds: int,
     solver: str = "exact",
     group: int | None = None,
+    shards: ShardCounts | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Row-wise OBC in `rounds` sub-steps (equal in log-density, as `recomputation_targets`): each ranks the kept
     weights by ρ = w²/(2 [(H_i)_KK⁻¹]_jj) on the weights as the previous round compensated them, prunes to its
@@ -291,8 +298,8 @@ def _obc_rounds(
     pruned ones at zero), which fixes each layer's count and each block's (group's) count, and then
     `sweep_compensation` chooses inside the blocks as it reaches them: one factor per layer, no per-row solve.
     Layers with non-finite curvature rank by w²/(2 diag Q) and are only zeroed."""
-    total = sum(k.numel() for k in keep.values())
-    current = min(target, sum(int((~k).sum()) for k in keep.values()) / total)
+    total, pruned = summed(shards, [sum(k.numel() for k in keep.values()), sum(int((~k).sum()) for k in keep.values())])
+    current = min(target, pruned / total)
     sub_targets = recomputation_targets(current, target, rounds)
     inverse_diag: dict[str, torch.Tensor | None] = dict.fromkeys(weights)
     for i, sub_target in enumerate(sub_targets):
@@ -388,4 +395,4 @@ def _checked(name: str, weight: torch.Tensor, delta: torch.Tensor, keep: torch.T
 @torch.no_grad()
 def _write(adapter: LayerAdapter, matrix: torch.Tensor) -> None:
     """Copy a (rows, cols) matrix into the module weight in place, in the weight's dtype."""
-    adapter.weight.copy_(adapter.from_matrix(matrix.to(adapter.weight.dtype)))
+    adapter.values.copy_(adapter.from_matrix(matrix.to(adapter.values.dtype)))

@@ -118,6 +118,7 @@ def test_the_pruner_reads_only_the_provider_interface():
         "layers",
         "config",
         "keep",
+        "shards",  # instance attributes set in CurvatureProvider.__init__
     }
     from fls_hf.pruning import surgeon
 

@@ -14,24 +14,33 @@ from fls_hf.pruning import patterns
 from fls_hf.pruning.patterns import _global_allocation, _layer_bounds, _round, _scores, select_pruned
 
 
-def _global_counts(*args) -> dict[str, int]:
+def _totals(scores, eligible, keep: Mapping[str, torch.Tensor]):
+    return patterns._layer_totals(list(scores), eligible, keep, None)
+
+
+def _global_counts(scores, eligible, keep, *rest) -> dict[str, int]:
     """The per-layer counts of the global allocation (its threshold dropped)."""
-    return _global_allocation(*args)[0]
+    return _global_allocation(scores, eligible, _totals(scores, eligible, keep), *rest)[0]
 
 
-def _walk(
+def _walk(scores, eligible, keep, *rest) -> dict[str, int]:
+    return _walk_totals(scores, eligible, _totals(scores, eligible, keep), *rest)
+
+
+def _walk_totals(
     scores: dict[str, torch.Tensor],
     eligible: dict[str, torch.Tensor],
-    keep: Mapping[str, torch.Tensor],
+    totals: Mapping[str, "patterns._Totals"],
     target: float,
     min_sparsity: float,
     max_sparsity: float,
+    shards=None,
 ) -> dict[str, int]:
     """The definition, walked literally: every eligible weight as (score, layer, row-major index) in Python's sort,
     one step at a time, each raising its layer's raw count, until Σ clip(raw, lo, hi) reaches the target count."""
     names = list(scores)
-    bounds = [_layer_bounds(n, eligible[n], keep[n], min(min_sparsity, target), max_sparsity) for n in names]
-    total = _round(target * sum(keep[n].numel() for n in names))
+    bounds = [_layer_bounds(n, totals[n], min(min_sparsity, target), max_sparsity) for n in names]
+    total = _round(target * sum(totals[n].numel for n in names))
     if not sum(lo for lo, _ in bounds) <= total <= sum(hi for _, hi in bounds):
         raise RecipeError(f"global target sparsity {target!r} needs {total} pruned weights")
     walk = sorted(
@@ -128,7 +137,9 @@ def test_select_pruned_equals_the_literal_walk(mask_type, monkeypatch):
         kwargs = dict(global_scope=True, min_sparsity=rng.random() * 0.3, max_sparsity=0.5 + rng.random() * 0.5)
         got = outcome(select_pruned, *args, **kwargs)
         with monkeypatch.context() as patch:
-            patch.setattr(patterns, "_global_allocation", lambda *case: (_walk(*case), None))  # no threshold hint
+            patch.setattr(
+                patterns, "_global_allocation", lambda *case: (_walk_totals(*case), None)
+            )  # no threshold hint
             expected = outcome(select_pruned, *args, **kwargs)
         if isinstance(expected, str):
             assert got == expected, f"seed {seed}"

@@ -1,0 +1,143 @@
+"""Run by tests/test_fsdp.py under torchrun: 2 CPU ranks (gloo) prune a tiny BERT sharded with FSDP2.
+
+Every targeted weight is a DTensor sharded by rows (`fully_shard` over a 1-D CPU mesh); odd shapes (hidden 15,
+intermediate 21) give the ranks unequal row blocks (N:M cases: hidden 16, intermediate 32). For each case the same
+pruning runs on a plain (unsharded) copy in each process, from the same weights, batches and seeds, through the
+public API (`Pruner`, `oneshot`), and rank 0 writes OUT/fsdp.json with, per case: the pruned count against the exact
+target, the mask entries where the sharded run differs from the plain one, the largest weight difference, the
+sparsity report's count, and for the gradual case the logits of the gathered full state dict loaded into a plain
+model against the sharded model's own.
+"""
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+from fls_hf import load_recipe, oneshot, sparsity_report  # noqa: E402
+from fls_hf.errors import DistributedError  # noqa: E402
+from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
+from fls_hf.pruning.pruner import Pruner  # noqa: E402
+
+from helpers import tiny_bert, token_batches  # noqa: E402
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # the same forward on both
+ODD = {**NO_DROPOUT, "num_labels": 3, "hidden_size": 15, "num_attention_heads": 3, "intermediate_size": 21}
+EVEN = {**NO_DROPOUT, "num_labels": 3, "hidden_size": 16, "intermediate_size": 32}
+BATCHES = token_batches(n_batches=4, batch_size=4, num_labels=3)  # the same on every rank
+TARGETS = {"targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"], "ignore": ["classifier"]}
+
+
+def sharded(model):
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def recipe(method, sparsity, **pruning):
+    curvature = {"num_examples": 16, "num_batches": 4, "damping": 1e-2} if method == "kfac" else {}
+    return {"pruning": {"method": method, "final_sparsity": sparsity, **TARGETS, **pruning}, "curvature": curvature}
+
+
+def full_weights(model) -> dict:
+    """Every parameter whole (DTensors gathered), on every rank."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def compare(plain, shard, targets, cfg) -> dict:
+    """Pruned counts, mask mismatches and weight differences of the targeted layers (sharded gathered vs plain)."""
+    pw, sw = plain.state_dict(), full_weights(shard)
+    names = [n + ".weight" for n in Pruner(plain, cfg).layers]
+    zeros = sum(int((sw[n] == 0).sum()) for n in names)
+    numel = sum(sw[n].numel() for n in names)
+    return {
+        "zeros": zeros,
+        "target_zeros": round(cfg["pruning"]["final_sparsity"] * numel),
+        "plain_zeros": sum(int((pw[n] == 0).sum()) for n in names),
+        "mismatches": sum(int(((pw[n] == 0) != (sw[n] == 0)).sum()) for n in names),
+        "max_weight_difference": max(float((pw[n] - sw[n]).abs().max()) for n in names),
+        "report_zeros": sparsity_report(shard, load_recipe(cfg)).zeros,
+    }
+
+
+def coarse(model):
+    """Weights rounded to 0.005 (init std 0.02): many tied saliencies, which break by row-major order across ranks."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((p * 200).round() / 200)
+    return model
+
+
+def oneshot_case(cfg, shape=ODD, prepare=lambda m: m) -> dict:
+    plain, shard = prepare(tiny_bert(**shape)), sharded(prepare(tiny_bert(**shape)))
+    oneshot(plain, BATCHES, cfg)
+    oneshot(shard, BATCHES, cfg)
+    return compare(plain, shard, None, cfg)
+
+
+def train(model, cfg, steps=8):
+    """A small training loop around the public pruner API (what the Trainer callback does per step)."""
+    pruner = Pruner(model, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stream = CalibrationStream(itertools.cycle(BATCHES))
+    pruner.on_step(model, 0, stream)
+    for step, batch in zip(range(1, steps + 1), itertools.cycle(BATCHES)):
+        model(**batch).loss.backward()
+        pruner.zero_pruned_grads()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.enforce_masks()
+        pruner.on_step(model, step, stream)
+    return pruner
+
+
+def gradual_case(cfg) -> dict:
+    plain, shard = tiny_bert(**ODD), sharded(tiny_bert(**ODD))
+    train(plain, cfg)
+    pruner = train(shard, cfg)
+    result = compare(plain, shard, None, cfg)
+    result["sparsity"] = pruner.masks.global_sparsity()
+    reloaded = tiny_bert(**ODD)  # the gathered full state dict in a plain model: what save_pretrained writes
+    reloaded.load_state_dict(full_weights(shard))
+    batch = {k: v for k, v in BATCHES[0].items() if k != "labels"}
+    with torch.no_grad():
+        result["reload_logit_difference"] = float((reloaded(**batch).logits - shard(**batch).logits).abs().max())
+    try:
+        pruner.save(out / "state")
+    except DistributedError as exc:
+        result["save_refused"] = str(exc)
+    return result
+
+
+CASES = {
+    "magnitude-global-70": lambda: oneshot_case(recipe("magnitude", 0.7)),
+    "magnitude-per-layer-60": lambda: oneshot_case(recipe("magnitude", 0.6, global_sparsity=False)),
+    "magnitude-ties-55": lambda: oneshot_case(recipe("magnitude", 0.55), prepare=coarse),
+    "magnitude-2:4": lambda: oneshot_case(recipe("magnitude", 0.5, mask_type="2:4"), EVEN),
+    "kfac-obc-60": lambda: oneshot_case(recipe("kfac", 0.6, obc_rounds=2)),
+    "kfac-obc-sweep-2:4": lambda: oneshot_case(recipe("kfac", 0.5, mask_type="2:4", obc_solver="sweep"), EVEN),
+    "kfac-obc-gradual-80": lambda: gradual_case(
+        recipe("kfac", 0.8, init_sparsity=0.3, start_step=0, end_step=6, update_frequency=2)
+    ),
+}
+results = {name: case() for name, case in CASES.items()}
+try:
+    Pruner(sharded(tiny_bert(**ODD)), recipe("block_fisher", 0.5))
+except DistributedError as exc:
+    results["refused"] = str(exc)
+if dist.get_rank() == 0:
+    (out / "fsdp.json").write_text(json.dumps(results, indent=1))
+dist.destroy_process_group()
