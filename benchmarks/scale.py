@@ -33,7 +33,8 @@ warm-up first on CUDA; timed: the training-step reference), frees the gradients,
   magnitude's peak growth 13.9 B per targeted weight by default, 16.0 with it; after it, 5.3 with it). On CUDA:
   `torch.cuda.max_memory_allocated` − `memory_allocated` at the start,
   peak stats reset just before `oneshot`.
-- bytes of growth per targeted weight; the model's bytes (parameters + buffers); peak − model.
+- bytes of growth per targeted weight (sharded: per weight the rank holds); the model's bytes (parameters +
+  buffers); peak − model.
 - wall and CPU seconds (`time.process_time`, all threads) of the whole `oneshot` call.
 - per phase (cheap: fls_hf functions wrapped in the child by name, fls_hf code unchanged; nested phases count
   only their own time, and each phase's peak is the highest memory reached inside it): `setup` (Pruner: targets,
@@ -56,10 +57,16 @@ Shapes (`--shape`; each child prints its counts):
 
 Calibration defaults 8 batches × 4 sequences × 512 tokens (the issue's), `--quick`: 2 × 2 × 32.
 
+`--world_size N` (issue 19): each child runs as N CPU processes (torchrun, gloo) holding the model sharded with FSDP2
+(`fully_shard` on every decoder layer and the root, weights sharded by rows), every rank on the same calibration
+batches; one row per rank, with its own peak growth and `curvature_bytes` / `mask_bytes` (the pruner's curvature
+state and masks on that rank). Methods: magnitude and kfac-obc (fls-diagonal needs whole weights: refused).
+
     python -m benchmarks.scale --quick                                   # CI smoke run, seconds
     python -m benchmarks.scale --shape small --methods magnitude,fls-diagonal --batches 2 --seq_len 128 --threads 1
     python -m benchmarks.scale --shape llama-250m                        # issue 18's CPU acceptance (2 threads)
     python -m benchmarks.scale --shape tinyllama-1.1b --device cuda --threads 8 --timeout 300   # one H200, < 8 min
+    python -m benchmarks.scale --shape small --methods magnitude,kfac-obc --world_size 2 --threads 1   # FSDP2, 2 ranks
 
 The issue's acceptance: on CPU, peak RSS growth ≤ 12 bytes per targeted weight for magnitude and ≤ 24 for
 fls-diagonal, exact sparsity; on the GPU (TinyLlama shape), peak ≤ model + 2 GiB for magnitude and ≤ model + 6 GiB
@@ -402,9 +409,12 @@ def run_method(method: str, args) -> dict:
     from transformers import LlamaForCausalLM
 
     from fls_hf import oneshot
+    from fls_hf.distributed import summed
+    from fls_hf.model.adapters import local
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    mesh = sharding_mesh(args)
     config = llama_config(args.shape, args.seq_len)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -413,6 +423,8 @@ def run_method(method: str, args) -> dict:
     model.eval()
     build_seconds = time.perf_counter() - start
     sizes = counts(model)
+    if mesh is not None:
+        shard(model, mesh)
     print(
         f"{method}: {args.shape}, {sizes['parameters'] / 1e6:.1f} M parameters, "
         f"{sizes['targeted_weights'] / 1e6:.1f} M targeted in {sizes['targeted_layers']} projections, model "
@@ -428,11 +440,18 @@ def run_method(method: str, args) -> dict:
     meter = Meter(device, progress=Path(args.child_output + ".partial") if args.child_output else None)
     instrument(meter)
     meter.start()
-    oneshot(model, batches, cfg)
+    with kept_pruner() as pruners:
+        oneshot(model, batches, cfg)
     measured = meter.stop()
-    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    zeros = sum(int((local(m.weight) == 0).sum()) for m in layers.values())
+    if mesh is not None:
+        zeros = summed(pruners[0].shards, [zeros])[0]
     row = {
         "method": method,
+        "world_size": args.world_size,
+        "rank": 0 if mesh is None else mesh.get_rank(),
+        "curvature_bytes": pruners[0].provider.memory_bytes(),
+        "mask_bytes": sum(pruners[0].masks.keep(n).numel() for n in pruners[0].masks),
         "recipe": cfg,
         **sizes,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -445,8 +464,10 @@ def run_method(method: str, args) -> dict:
         "sparsity": zeros / total,
         **measured,
     }
-    row["peak_growth_bytes_per_weight"] = row["peak_growth_bytes"] / total
-    row["growth_over_prior_peak_bytes_per_weight"] = row["growth_over_prior_peak_bytes"] / total
+    held = sum(local(m.weight).numel() for m in layers.values())  # this rank's targeted weights (sharded: its rows)
+    row["local_targeted_weights"] = held
+    row["peak_growth_bytes_per_weight"] = row["peak_growth_bytes"] / held
+    row["growth_over_prior_peak_bytes_per_weight"] = row["growth_over_prior_peak_bytes"] / held
     statistics = measured["phases"].get("statistics")
     if statistics:  # each example's statistics pass against one training forward + backward per example
         examples = args.batches * args.batch_size
@@ -455,16 +476,62 @@ def run_method(method: str, args) -> dict:
     return row
 
 
+def sharding_mesh(args):
+    """A 1-D CPU mesh over the torchrun processes with `--world_size` > 1; None otherwise."""
+    if args.world_size == 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo")
+    return init_device_mesh("cpu", (args.world_size,))
+
+
+def shard(model, mesh) -> None:
+    """FSDP2 as users apply it to a Llama: every decoder layer, then the root (weights sharded by rows)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+@contextmanager
+def kept_pruner():
+    """The Pruner that `oneshot` builds, kept for its state's bytes (fls_hf unchanged: its module name rebound)."""
+    import importlib
+
+    entry = importlib.import_module("fls_hf.oneshot")  # the module (the package's `oneshot` is the function)
+
+    made, original = [], entry.Pruner
+
+    class Kept(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    entry.Pruner = Kept
+    try:
+        yield made
+    finally:
+        entry.Pruner = original
+
+
 # ----------------------------------------------------------------------------- parent: every method
 def child_command(method: str, args, out: Path) -> list[str]:
-    command = [sys.executable, "-m", "benchmarks.scale", "--child", method, "--child_output", str(out)]
-    for key in ("shape", "batches", "batch_size", "seq_len", "device", "threads", "seed"):
+    launcher = [sys.executable, "-m", "benchmarks.scale"]
+    if args.world_size > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+        launcher += [str(args.world_size), "-m", "benchmarks.scale"]
+    command = [*launcher, "--child", method, "--child_output", str(out)]
+    for key in ("shape", "batches", "batch_size", "seq_len", "device", "threads", "seed", "world_size"):
         command += [f"--{key}", str(getattr(args, key))]
     return command
 
 
-def run_child(method: str, args) -> dict:
-    """One method in a fresh interpreter; a row with `error` when it fails, is killed or runs past `--timeout`."""
+def run_child(method: str, args) -> list[dict]:
+    """One method in a fresh interpreter (one per rank); rows, or one with `error` when it fails, is killed or runs
+    past `--timeout`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
@@ -474,15 +541,20 @@ def run_child(method: str, args) -> dict:
         except subprocess.TimeoutExpired:
             error = f"timed out after {args.timeout:g} s (--timeout)"
         else:
-            if done.returncode == 0 and out.is_file():
-                return json.loads(out.read_text())
+            outs = [out] if args.world_size == 1 else [child_file(out, r) for r in range(args.world_size)]
+            if done.returncode == 0 and all(o.is_file() for o in outs):
+                return [json.loads(o.read_text()) for o in outs]
             signal = f" (signal {-done.returncode}; 9: killed, e.g. out of memory)" if done.returncode < 0 else ""
             error = f"exit status {done.returncode}{signal}"
         row = {"method": method, "error": error}
         if partial.is_file():  # the oneshot phases it finished, with their times and peaks
             row["partial"] = json.loads(partial.read_text())
             row["error"] += f", in oneshot phase {row['partial']['in_phase']}"
-        return row
+        return [row]
+
+
+def child_file(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
 
 
 def bound(row: dict, device: str) -> str:
@@ -506,22 +578,24 @@ def markdown(report: dict) -> str:
     settings = report["settings"]
     unit = "GPU allocated" if settings["device"] == "cuda" else "RSS"
     lines = [
-        f"| method | peak {unit} growth | B / targeted weight | over prior peak, B / w | peak − model | oneshot s "
-        "| CPU s | statistics s | curvature s | selection s | saliency+update s | zeros = 50 % | issue 18 bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | peak {unit} growth | B / targeted weight | over prior peak, B / w | peak − model | curvature "
+        "| oneshot s | CPU s | statistics s | curvature s | selection s | saliency+update s | zeros = 50 % "
+        "| issue 18 bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         if "error" in row:
-            lines.append(f"| {row['method']} | {row['error']} |" + " |" * 11)
+            lines.append(f"| {row['method']} | {row['error']} |" + " |" * 12)
             continue
         phases = row["phases"]
         times = [f"{phases[p]['seconds']:.1f}" if p in phases else "–" for p in PHASE_COLUMNS]
         cells = [
-            row["method"],
+            row["method"] + (f" (rank {row['rank']} of {row['world_size']})" if row.get("world_size", 1) > 1 else ""),
             f"{row['peak_growth_bytes'] / GIB:.2f} GiB",
             f"{row['peak_growth_bytes_per_weight']:.2f}",
             f"{row['growth_over_prior_peak_bytes_per_weight']:.2f}",
             f"{(row['peak_bytes'] - row['model_bytes']) / GIB:.2f} GiB",
+            f"{row['curvature_bytes'] / GIB:.3f} GiB" if "curvature_bytes" in row else "–",
             f"{row['wall_seconds']:.1f}",
             f"{row['cpu_seconds']:.1f}",
             *times,
@@ -546,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each child (default 2; quick 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per method before its child is ended")
+    parser.add_argument("--world_size", type=int, default=1, help="CPU processes holding the model sharded (FSDP2)")
     parser.add_argument("--output", default=None, help="default benchmarks/results/scale_<shape>_<device>.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child_output", default=None, help=argparse.SUPPRESS)
@@ -570,7 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         row = run_method(args.child, args)
-        Path(args.child_output).write_text(json.dumps(row, indent=1) + "\n")
+        out = Path(args.child_output) if args.world_size == 1 else child_file(Path(args.child_output), row["rank"])
+        out.write_text(json.dumps(row, indent=1) + "\n")
         return
     device = args.device.partition(":")[0]
     settings = {
@@ -587,6 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device,
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "world_size": args.world_size,
         "seed": args.seed,
         "timeout": args.timeout,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
@@ -597,11 +674,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} threads, methods {', '.join(args.methods)} (each in a fresh process)",
         flush=True,
     )
-    out = Path(args.output) if args.output else RESULTS / f"scale_{args.shape}_{device}.json"
+    sharded = "" if args.world_size == 1 else f"_fsdp{args.world_size}"
+    out = Path(args.output) if args.output else RESULTS / f"scale_{args.shape}_{device}{sharded}.json"
     report = {"settings": settings, "rows": []}
     for method in args.methods:
-        row = run_child(method, args)
-        report["rows"].append(row)
+        rows = run_child(method, args)
+        report["rows"].extend(rows)
+        row = rows[0]
         if "error" not in row and "parameters" not in settings:  # sizes and versions, as the children saw them
             settings.update({key: row[key] for key in MODEL_KEYS})
         out.write_text(json.dumps(report, indent=1) + "\n")

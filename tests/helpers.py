@@ -73,8 +73,8 @@ def mlp_problem(n_batches: int = 3):
     return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
 
 
-def run_quick_study(study: str, out, timeout: int = 600):
-    """`python -m benchmarks.<study> --quick --output out` from the repository root, progress bars off.
+def run_quick_study(study: str, out, timeout: int = 600, *extra: str):
+    """`python -m benchmarks.<study> --quick --output out [extra]` from the repository root, progress bars off.
 
     Returns (the JSON report, the finished process); a non-zero exit fails with the tails of its output."""
     import json
@@ -84,7 +84,7 @@ def run_quick_study(study: str, out, timeout: int = 600):
 
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out)],
+        [sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out), *extra],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,

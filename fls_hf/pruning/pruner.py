@@ -42,6 +42,7 @@ from .surgeon import prune_step, rule_mismatch
 STATE_TENSORS = "fls_pruner.safetensors"
 STATE_META = "fls_pruner.json"
 STATE_VERSION = 1
+SHARD_TENSORS, SHARD_META = "fls_pruner.rank{rank}.safetensors", "fls_pruner.rank{rank}.json"  # FSDP: per rank
 RANK_RNG = "curvature_rng_rank{rank}.safetensors"  # data-parallel runs: each rank's curvature RNG state
 
 
@@ -226,18 +227,34 @@ class Pruner:
         return tensors, meta
 
     def save(self, directory: str | Path) -> None:
-        self._refuse_sharded_state("save")
+        """Masks, curvature and schedule position as safetensors + JSON. Under FSDP every rank must call it: each
+        writes its own rows (`fls_pruner.rank{r}.*`), as distributed checkpoints do."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state_dict()
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
-        (directory / STATE_META).write_text(json.dumps(meta, indent=1))
-
-    def _refuse_sharded_state(self, verb: str) -> None:
         if self.shards is not None:
-            raise DistributedError(
-                f"cannot {verb} pruner state under FSDP yet (each rank holds other rows of the masks); save the "
-                "model's full state dict (exact zeros) and prune again, or run without sharding to checkpoint"
+            meta["shard"] = {"rank": self.shards.rank, "world_size": self.shards.size}
+        tensor_file, meta_file = self._state_files(directory)
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tensor_file))
+        meta_file.write_text(json.dumps(meta, indent=1))
+
+    def _state_files(self, directory: Path) -> tuple[Path, Path]:
+        if self.shards is None:
+            return directory / STATE_TENSORS, directory / STATE_META
+        rank = self.shards.rank
+        return directory / SHARD_TENSORS.format(rank=rank), directory / SHARD_META.format(rank=rank)
+
+    def _check_shard(self, meta: Mapping[str, Any], directory: Path) -> None:
+        """The state must hold this rank's rows of the same number of shards (re-sharding is not supported)."""
+        saved = meta.get("shard")
+        here = None if self.shards is None else {"rank": self.shards.rank, "world_size": self.shards.size}
+        if saved != here:
+            raise PruningStateError(
+                f"pruner state in {directory} was saved "
+                + (f"as rank {saved['rank']} of {saved['world_size']} FSDP shards" if saved else "unsharded")
+                + " but is loaded "
+                + (f"as rank {here['rank']} of {here['world_size']}" if here else "unsharded")
+                + ": load it with the sharding it was saved with"
             )
 
     def save_rank_rng(self, directory: str | Path) -> None:
@@ -267,11 +284,19 @@ class Pruner:
 
     def load(self, directory: str | Path) -> None:
         """Restore masks, curvature and schedule position; refuses missing, truncated or pickled state."""
-        self._refuse_sharded_state("load")
         directory = Path(directory)
-        tensor_file, meta_file = directory / STATE_TENSORS, directory / STATE_META
+        tensor_file, meta_file = self._state_files(directory)
         if not tensor_file.is_file() or not meta_file.is_file():
-            raise PruningStateError(f"no pruner state in {directory}: expected {STATE_TENSORS} and {STATE_META}")
+            shards = sorted(p.name for p in directory.glob(SHARD_META.format(rank="*")))
+            held = (
+                f"; it holds FSDP-sharded state ({len(shards)} rank file(s): {shards[0]}, ...), which loads only "
+                "under the sharding it was saved with"
+                if shards and self.shards is None
+                else ""
+            )
+            raise PruningStateError(
+                f"no pruner state in {directory}: expected {tensor_file.name} and {meta_file.name}{held}"
+            )
         try:
             tensors = load_file(str(tensor_file))
             meta = json.loads(meta_file.read_text())
@@ -281,6 +306,7 @@ class Pruner:
             raise PruningStateError(
                 f"pruner state version {meta.get('version')!r} in {directory}; expected {STATE_VERSION}"
             )
+        self._check_shard(meta, directory)
         split = {"masks": {}, "curvature": {}}
         for key, value in tensors.items():
             section, _, rest = key.partition("/")
@@ -290,7 +316,7 @@ class Pruner:
         for name in self.layers:  # the curvature must keep learning on the surviving weights only
             self.provider.mask(name, self.masks.keep_matrix(name))
         self.provider.load_state_dict({"tensors": split["curvature"], "meta": meta.get("curvature", {})})
-        if world_size() > 1:
+        if world_size() > 1 and self.shards is None:  # sharded state holds this rank's generator itself
             self._load_rank_rng(directory)
         self.current_target = float(meta.get("current_target", 0.0))
         self.history = list(meta.get("history", []))

@@ -30,3 +30,30 @@ def test_quick_run_measures_every_method_at_exactly_half_the_targeted_weights(tm
     assert rows["kfac-obc"]["recipe"]["pruning"]["compensation"] == "obc"
     assert rows["fls-diagonal"]["recipe"]["curvature"]["warmup_steps"] == 0
     assert "| kfac-obc |" in done.stdout and report["table"] in done.stdout
+
+
+def test_quick_fsdp_run_gives_each_rank_its_rows_and_less_curvature_than_one_process(tmp_path):
+    """`--world_size 2` (issue 19): two CPU ranks hold the model sharded by rows; each rank's row reports its own
+    memory, and its curvature (diag G rows) and masks are smaller than one process's, at the exact global target."""
+    single, _ = run_quick_study("scale", tmp_path / "one.json", 300, "--methods", "kfac-obc")
+    sharded, done = run_quick_study(
+        "scale", tmp_path / "two.json", 300, "--methods", "magnitude,kfac-obc", "--world_size", "2"
+    )
+    assert sharded["settings"]["world_size"] == 2
+    rows = sharded["rows"]
+    assert sorted((r["method"], r["rank"]) for r in rows) == [
+        ("kfac-obc", 0),
+        ("kfac-obc", 1),
+        ("magnitude", 0),
+        ("magnitude", 1),
+    ]
+    whole = single["rows"][0]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["zeros"] == row["expected_zeros"] == round(0.5 * row["targeted_weights"])
+        assert row["local_targeted_weights"] < row["targeted_weights"]
+        assert row["mask_bytes"] == row["local_targeted_weights"]
+    kfac = [r for r in rows if r["method"] == "kfac-obc"]
+    assert sum(r["mask_bytes"] for r in kfac) == whole["mask_bytes"]
+    assert all(r["curvature_bytes"] < whole["curvature_bytes"] for r in kfac)  # Ā replicated, G's rows split
+    assert "(rank 1 of 2)" in done.stdout

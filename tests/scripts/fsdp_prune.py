@@ -5,8 +5,9 @@ intermediate 21) give the ranks unequal row blocks (N:M cases: hidden 16, interm
 pruning runs on a plain (unsharded) copy in each process, from the same weights, batches and seeds, through the
 public API (`Pruner`, `oneshot`), and rank 0 writes OUT/fsdp.json with, per case: the pruned count against the exact
 target, the mask entries where the sharded run differs from the plain one, the largest weight difference, the
-sparsity report's count, and for the gradual case the logits of the gathered full state dict loaded into a plain
-model against the sharded model's own.
+sparsity report's count; for the gradual case also the logits of the gathered full state dict loaded into a plain
+model against the sharded model's own, and a run resumed from the step-4 checkpoint (pruner state saved by every
+rank, weights gathered) against the uninterrupted one.
 """
 
 import itertools
@@ -18,12 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from fls_hf import load_recipe, oneshot, sparsity_report  # noqa: E402
-from fls_hf.errors import DistributedError  # noqa: E402
+from fls_hf.errors import DistributedError, PruningStateError  # noqa: E402
 from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
 from fls_hf.pruning.pruner import Pruner  # noqa: E402
 
@@ -88,26 +94,36 @@ def oneshot_case(cfg, shape=ODD, prepare=lambda m: m) -> dict:
     return compare(plain, shard, None, cfg)
 
 
-def train(model, cfg, steps=8):
-    """A small training loop around the public pruner API (what the Trainer callback does per step)."""
-    pruner = Pruner(model, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stream = CalibrationStream(itertools.cycle(BATCHES))
-    pruner.on_step(model, 0, stream)
-    for step, batch in zip(range(1, steps + 1), itertools.cycle(BATCHES)):
-        model(**batch).loss.backward()
+def train(model, cfg, steps=8, start=0, pruner=None, save=None):
+    """A small training loop around the public pruner API (what the Trainer callback does per step). Plain SGD
+    (no optimizer state) and batches fixed by the step, so a run resumed from a checkpoint can continue exactly;
+    `save` (step, directory): the pruner state and the gathered weights after that step."""
+    pruner = pruner or Pruner(model, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def stream(step):  # the calibration batches of a step: fixed by the step, so a resumed run takes the same
+        return CalibrationStream(itertools.islice(itertools.cycle(BATCHES), step, None))
+
+    if start == 0:
+        pruner.on_step(model, 0, stream(0))
+    for step in range(start + 1, steps + 1):
+        model(**BATCHES[step % len(BATCHES)]).loss.backward()
         pruner.zero_pruned_grads()
         optimizer.step()
         optimizer.zero_grad()
         pruner.enforce_masks()
-        pruner.on_step(model, step, stream)
+        pruner.on_step(model, step, stream(step))
+        if save is not None and step == save[0]:
+            pruner.save(save[1])
+            save_file(full_weights(model), str(save[1] / f"weights.rank{dist.get_rank()}.safetensors"))
     return pruner
 
 
 def gradual_case(cfg) -> dict:
     plain, shard = tiny_bert(**ODD), sharded(tiny_bert(**ODD))
     train(plain, cfg)
-    pruner = train(shard, cfg)
+    checkpoint = out / "checkpoint"
+    pruner = train(shard, cfg, save=(4, checkpoint))
     result = compare(plain, shard, None, cfg)
     result["sparsity"] = pruner.masks.global_sparsity()
     reloaded = tiny_bert(**ODD)  # the gathered full state dict in a plain model: what save_pretrained writes
@@ -115,10 +131,20 @@ def gradual_case(cfg) -> dict:
     batch = {k: v for k, v in BATCHES[0].items() if k != "labels"}
     with torch.no_grad():
         result["reload_logit_difference"] = float((reloaded(**batch).logits - shard(**batch).logits).abs().max())
+    # "killed" after step 4: a fresh sharded model from the step-4 weights and pruner state runs steps 5-8
+    resumed = sharded(tiny_bert(**ODD))
+    weights = load_file(str(checkpoint / f"weights.rank{dist.get_rank()}.safetensors"))
+    set_model_state_dict(resumed, weights, options=StateDictOptions(full_state_dict=True))
+    resumed_pruner = Pruner(resumed, cfg)
+    resumed_pruner.load(checkpoint)
+    train(resumed, cfg, start=4, pruner=resumed_pruner)
+    final, again = full_weights(shard), full_weights(resumed)
+    result["resume_max_weight_difference"] = max(float((final[k] - again[k]).abs().max()) for k in final)
+    result["resume_same_masks"] = all(torch.equal(final[k] == 0, again[k] == 0) for k in final)
     try:
-        pruner.save(out / "state")
-    except DistributedError as exc:
-        result["save_refused"] = str(exc)
+        Pruner(tiny_bert(**ODD), cfg).load(checkpoint)  # this rank's rows, loaded unsharded
+    except PruningStateError as exc:
+        result["unsharded_load_refused"] = str(exc)
     return result
 
 
