@@ -20,12 +20,19 @@ def launch(launcher: list[str], out: Path, method: str, *extra: str) -> list[dic
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def fishleg_ranks(tmp_path_factory) -> list[dict]:
+    """FishLeg under torchrun, saving every 4 steps, then resumed from step 4 (one launch for the two tests)."""
+    return launch(TORCHRUN, tmp_path_factory.mktemp("ddp"), "fishleg", "resume")
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["fishleg", "block_fisher"])
-def test_two_rank_torchrun_has_identical_masks(tmp_path, method):
-    ranks = launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path, method
-    )
+def test_two_rank_torchrun_has_identical_masks(tmp_path, method, request):
+    ranks = request.getfixturevalue("fishleg_ranks") if method == "fishleg" else launch(TORCHRUN, tmp_path, method)
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["zeros"] == round(0.8 * ranks[0]["numel"])
@@ -33,15 +40,10 @@ def test_two_rank_torchrun_has_identical_masks(tmp_path, method):
 
 
 @pytest.mark.distributed
-def test_two_rank_resume_continues_each_ranks_draws(tmp_path):
+def test_two_rank_resume_continues_each_ranks_draws(fishleg_ranks):
     """Ranks draw their own sampled labels and u (rank-seeded) and save their own RNG state beside the checkpoint;
     resuming from step 4 ends where the uninterrupted run did, on every rank."""
-    ranks = launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-        tmp_path,
-        "fishleg",
-        "resume",
-    )
+    ranks = fishleg_ranks
     assert ranks[0]["rng_files"] == ["curvature_rng_rank0.safetensors", "curvature_rng_rank1.safetensors"]
     assert ranks[0]["rng_hash"] != ranks[1]["rng_hash"]
     assert ranks[0]["digest"] == ranks[1]["digest"] == ranks[0]["resumed_digest"] == ranks[1]["resumed_digest"]
