@@ -250,6 +250,10 @@ METHODS = {
     ),
     # the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal (≈ 4.4e-7 on this checkpoint)
     "kfac-obc-r4-rel": method("kfac", {"num_examples": 512, "damping": 1e-2}, compensation="obc", obc_rounds=4),
+    # the same with 1,024 calibration examples: oBERT's budget (GRADS per-example gradients)
+    "kfac-obc-r4-rel-1024": method(
+        "kfac", {"num_examples": 1024, "num_batches": 128, "damping": 1e-2}, compensation="obc", obc_rounds=4
+    ),
     # the sweep solver (SparseGPT's column sweep with adaptive masks, one factor per layer; issue 18's cost)
     "kfac-obc-sweep-r4-rel": method(
         "kfac", {"num_examples": 512, "damping": 1e-2}, compensation="obc", obc_rounds=4, obc_solver="sweep"

@@ -91,14 +91,14 @@ def test_oneshot_default_recipe_row_is_the_shipped_yaml_aimed_at_the_harness_lay
     }
 
 
-def test_shipped_oneshot_recipe_is_the_measured_kfac_obc_r4_rel_row():
-    """The one-shot recipe follows the B2 measurements: its settings are those of the `kfac-obc-r4-rel` rows (the
-    harness fills num_batches = 64 for every method; recipe defaults fill the rest)."""
+def test_shipped_oneshot_recipe_is_the_measured_kfac_obc_r4_rel_1024_row():
+    """The one-shot recipe follows the B2 measurements: its settings are those of the `kfac-obc-r4-rel-1024` rows
+    (recipe defaults fill the rest)."""
     from benchmarks import oneshot_minilm
     from fls_hf import load_recipe
 
     schedule = {"init_sparsity", "final_sparsity", "start_step", "end_step", "update_frequency", "inter_func"}
-    measured = oneshot_minilm.resolve("kfac-obc-r4-rel")
+    measured = oneshot_minilm.resolve("kfac-obc-r4-rel-1024")
     measured["curvature"].setdefault("num_batches", 64)
     a, b = load_recipe(measured).to_dict(), load_recipe(oneshot_minilm.default_recipe()).to_dict()
     assert a["curvature"] == b["curvature"]
