@@ -408,9 +408,7 @@ def run_method(method: str, args) -> dict:
     import transformers
     from transformers import LlamaForCausalLM
 
-    from fls_hf import oneshot
-    from fls_hf.distributed import summed
-    from fls_hf.model.adapters import local
+    from fls_hf import load_recipe, oneshot, sparsity_report
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -443,9 +441,7 @@ def run_method(method: str, args) -> dict:
     with kept_pruner() as pruners:
         oneshot(model, batches, cfg)
     measured = meter.stop()
-    zeros = sum(int((local(m.weight) == 0).sum()) for m in layers.values())
-    if mesh is not None:
-        zeros = summed(pruners[0].shards, [zeros])[0]
+    zeros = sparsity_report(model, load_recipe(cfg)).zeros  # summed over the ranks when sharded
     row = {
         "method": method,
         "world_size": args.world_size,
@@ -464,10 +460,10 @@ def run_method(method: str, args) -> dict:
         "sparsity": zeros / total,
         **measured,
     }
-    held = sum(local(m.weight).numel() for m in layers.values())  # this rank's targeted weights (sharded: its rows)
-    row["local_targeted_weights"] = held
-    row["peak_growth_bytes_per_weight"] = row["peak_growth_bytes"] / held
-    row["growth_over_prior_peak_bytes_per_weight"] = row["growth_over_prior_peak_bytes"] / held
+    local = sum(held(m.weight) for m in layers.values())  # this rank's targeted weights (sharded: its rows)
+    row["local_targeted_weights"] = local
+    row["peak_growth_bytes_per_weight"] = row["peak_growth_bytes"] / local
+    row["growth_over_prior_peak_bytes_per_weight"] = row["growth_over_prior_peak_bytes"] / local
     statistics = measured["phases"].get("statistics")
     if statistics:  # each example's statistics pass against one training forward + backward per example
         examples = args.batches * args.batch_size
@@ -498,23 +494,27 @@ def shard(model, mesh) -> None:
 
 @contextmanager
 def kept_pruner():
-    """The Pruner that `oneshot` builds, kept for its state's bytes (fls_hf unchanged: its module name rebound)."""
-    import importlib
+    """The Pruner that `oneshot` builds, kept for its state's bytes (its __init__ wrapped, as `instrument` does)."""
+    from fls_hf.pruning import pruner
 
-    entry = importlib.import_module("fls_hf.oneshot")  # the module (the package's `oneshot` is the function)
+    made, original = [], pruner.Pruner.__init__
 
-    made, original = [], entry.Pruner
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
 
-    class Kept(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    entry.Pruner = Kept
+    pruner.Pruner.__init__ = init
     try:
         yield made
     finally:
-        entry.Pruner = original
+        pruner.Pruner.__init__ = original
+
+
+def held(weight) -> int:
+    """Elements of `weight` this process holds (a DTensor's local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return (weight.to_local() if isinstance(weight, DTensor) else weight).numel()
 
 
 # ----------------------------------------------------------------------------- parent: every method

@@ -198,10 +198,10 @@ def test_text_classification_example_on_embedded_minilm(tmp_path):
         "pruning.final_sparsity=0.5",
         "curvature.num_batches=1",
         "curvature.num_examples=16",
-        # the recipe's row-wise OBC factorises a (kept cols)² system per row: minutes per step on MiniLM's
-        # 1,536-wide layers with one thread; it is tested on small models (tests/pruning/test_obc.py)
-        "pruning.compensation=block",
-        "pruning.obs_block_size=8",
+        # the recipe's exact row-wise OBC factorises a (kept cols)² system per row: minutes per step on MiniLM's
+        # 1,536-wide layers with one thread (tested on small models, tests/pruning/test_obc.py); the sweep solver
+        # factorises one per layer
+        "pruning.obc_solver=sweep",
     ]
     env = {
         **os.environ,
@@ -232,7 +232,7 @@ def test_text_classification_example_on_embedded_minilm(tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers, no fls_hf
     recipe = load_recipe(out / "recipe.yaml")
-    assert recipe.pruning.final_sparsity == 0.5 and recipe.pruning.obs_block_size == 8
+    assert recipe.pruning.final_sparsity == 0.5 and recipe.pruning.obc_solver == "sweep"
     assert recipe.pruning.method == "kfac" and recipe.curvature.num_examples == 16
     assert model.config.id2label == {0: "negative", 1: "positive"}
     achieved = targeted_sparsity(model)
