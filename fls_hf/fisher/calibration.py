@@ -34,6 +34,11 @@ class CalibrationStream:
                 return next(self._iterator)
             except StopIteration:
                 self._iterator = None
+        if iter(self.source) is self.source:  # an iterator, not an iterable: it cannot start over
+            raise RecipeError(
+                "calibration batches ran out: they came from a one-pass iterator, which curvature passes cannot "
+                "re-iterate; pass a DataLoader or a list of batches"
+            )
         raise RecipeError("empty calibration dataloader: it yielded no batch; curvature needs data")
 
     def take(self, n: int) -> list[Batch]:

@@ -5,9 +5,9 @@ intermediate 21) give the ranks unequal row blocks (N:M cases: hidden 16, interm
 pruning runs on a plain (unsharded) copy in each process, from the same weights, batches and seeds, through the
 public API (`Pruner`, `oneshot`), and rank 0 writes OUT/fsdp.json with, per case: the pruned count against the exact
 target, the mask entries where the sharded run differs from the plain one, the largest weight difference, the
-sparsity report's count; for the gradual case also the logits of the gathered full state dict loaded into a plain
-model against the sharded model's own, and a run resumed from the step-4 checkpoint (pruner state saved by every
-rank, weights gathered) against the uninterrupted one.
+sparsity report's count; for the gradual case also the logits of the gathered full state dict, saved with
+`save_pretrained` and loaded by plain `from_pretrained`, against the sharded model's own, and a run resumed from
+the step-4 checkpoint (pruner state saved by every rank, weights gathered) against the uninterrupted one.
 """
 
 import itertools
@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 )
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
+from transformers import BertForSequenceClassification  # noqa: E402
 
 from fls_hf import load_recipe, oneshot, sparsity_report  # noqa: E402
 from fls_hf.errors import DistributedError, PruningStateError  # noqa: E402
@@ -126,8 +127,12 @@ def gradual_case(cfg) -> dict:
     pruner = train(shard, cfg, save=(4, checkpoint))
     result = compare(plain, shard, None, cfg)
     result["sparsity"] = pruner.masks.global_sparsity()
-    reloaded = tiny_bert(**ODD)  # the gathered full state dict in a plain model: what save_pretrained writes
-    reloaded.load_state_dict(full_weights(shard))
+    # the gathered full state dict written with save_pretrained, read back by plain transformers
+    saved, full = out / "saved", full_weights(shard)  # gathered on every rank, written by rank 0
+    if dist.get_rank() == 0:
+        tiny_bert(**ODD).save_pretrained(saved, state_dict=full)
+    dist.barrier()
+    reloaded = BertForSequenceClassification.from_pretrained(saved)
     batch = {k: v for k, v in BATCHES[0].items() if k != "labels"}
     with torch.no_grad():
         result["reload_logit_difference"] = float((reloaded(**batch).logits - shard(**batch).logits).abs().max())
