@@ -223,7 +223,7 @@ class CurvatureProvider(ABC):
         self._generator, self._saved_rng = None, state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tensors": {**self.state_tensors(), "rng": self.generator.get_state()}, "meta": self.state_meta()}
+        return {"tensors": {**self.state_tensors(), "rng": self.rng_state()}, "meta": self.state_meta()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         tensors = dict(state.get("tensors", {}))

@@ -233,7 +233,7 @@ class Pruner:
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state_dict()
         if self.shards is not None:
-            meta["shard"] = {"rank": self.shards.rank, "world_size": self.shards.size}
+            meta["shard"] = self._shard_meta()
         tensor_file, meta_file = self._state_files(directory)
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tensor_file))
         meta_file.write_text(json.dumps(meta, indent=1))
@@ -244,10 +244,13 @@ class Pruner:
         rank = self.shards.rank
         return directory / SHARD_TENSORS.format(rank=rank), directory / SHARD_META.format(rank=rank)
 
+    def _shard_meta(self) -> dict[str, int] | None:
+        """Which rows this pruner's state holds: rank r of N FSDP shards; None when unsharded."""
+        return None if self.shards is None else {"rank": self.shards.rank, "world_size": self.shards.size}
+
     def _check_shard(self, meta: Mapping[str, Any], directory: Path) -> None:
         """The state must hold this rank's rows of the same number of shards (re-sharding is not supported)."""
-        saved = meta.get("shard")
-        here = None if self.shards is None else {"rank": self.shards.rank, "world_size": self.shards.size}
+        saved, here = meta.get("shard"), self._shard_meta()
         if saved != here:
             raise PruningStateError(
                 f"pruner state in {directory} was saved "
