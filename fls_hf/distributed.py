@@ -46,6 +46,15 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def reduce_mean_(tensor: torch.Tensor, dst: int) -> None:
+    """Average `tensor` over the ranks into global rank `dst` in place; the other ranks' copies are left partial."""
+    if not is_distributed():
+        return
+    dist.reduce(tensor, dst=dst)
+    if rank() == dst:
+        tensor /= dist.get_world_size()
+
+
 def check_same_on_all_ranks(digest: str, what: str) -> None:
     """Fail loudly when `digest` (e.g. a mask hash) differs between ranks."""
     if not is_distributed():
@@ -84,6 +93,30 @@ class ShardCounts:
         t = torch.tensor(values, dtype=torch.int64 if exact else torch.float64, device=self.device)
         dist.all_reduce(t, group=self.group)
         return t.tolist()
+
+    def global_rank(self, group_rank: int) -> int:
+        """The process's rank in the default group, for collectives over the whole world."""
+        return dist.get_global_rank(self.group, group_rank)
+
+    def owners(self, sizes: Mapping[str, int]) -> dict[str, int]:
+        """A rank (of the mesh) for each named item, balancing the sizes: largest first, each to the least loaded
+        rank (lowest on ties). The same on every rank: it depends on the names and sizes only."""
+        load = [0] * self.size
+        owners: dict[str, int] = {}
+        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+            owner = min(range(self.size), key=lambda r: (load[r], r))
+            owners[name] = owner
+            load[owner] += sizes[name]
+        return owners
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
+        """Copy `tensors` from mesh rank `src` to every rank in place (same shapes, dtypes and memory layouts
+        everywhere: row- or column-major, as LAPACK returns eigenvectors; collectives move storage, not strides)."""
+        for t in tensors:
+            if not t.is_contiguous() and not t.mT.is_contiguous():
+                raise ValueError(f"broadcast_ takes row- or column-major tensors; got strides {t.stride()}")
+            buffer = t if t.is_contiguous() else t.mT
+            dist.broadcast(buffer, src=self.global_rank(src), group=self.group)
 
     def before(self, value: int) -> int:
         """Σ of `value` over the ranks below this one."""

@@ -54,4 +54,9 @@ def test_sharded_gradual_run_resumes_exactly_gathers_to_a_plain_model_and_refuse
     assert row["reload_logit_difference"] < 1e-5  # save_pretrained of the gathered state → plain from_pretrained
     assert row["resume_same_masks"] and row["resume_max_weight_difference"] == 0.0  # killed at step 4, resumed
     assert "holds FSDP-sharded state (2 rank file(s)" in row["unsharded_load_refused"]
+    # Ā (and its eigenbasis) sharded by layers: every layer's on one rank, each rank holding about half the bytes
+    assert (
+        sum(row["a_bar_layers"]) == row["plain_a_bar_layers"] and max(row["a_bar_layers"]) < row["plain_a_bar_layers"]
+    )
+    assert max(row["curvature_bytes"]) < 0.6 * row["plain_curvature_bytes"]
     assert "needs whole weights" in fsdp_results["refused"] and "magnitude or kfac" in fsdp_results["refused"]

@@ -17,7 +17,7 @@ The magnitude provider (Q = I/γ) is the simplest implementation and doubles as 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +171,11 @@ class CurvatureProvider(ABC):
     def holds_row_model(cls, config: CurvatureConfig) -> bool:
         """Whether a provider built from `config` has `row_model`s (known before building it: `compensation: auto`)."""
         return False
+
+    def visit(self, names: Iterable[str]) -> Iterator[str]:
+        """`names` in order, each layer's curvature readable during its turn: a provider that spreads layers over the
+        FSDP ranks (K-FAC's Ā) gathers one there. Every rank must run the same loop to its end."""
+        yield from names
 
     def mask(self, name: str, keep: torch.Tensor) -> None:
         """Restrict Q to the surviving weights of layer `name` (`keep`: bool, (rows, cols))."""

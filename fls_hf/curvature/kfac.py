@@ -21,13 +21,13 @@ the pruned model at the next `ready`, and the OBC solve keeps pruned weights at 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..distributed import summed
+from ..distributed import ShardCounts
 from ..errors import CurvatureError
 from ..fisher.kronecker import kronecker_statistics
 from ..fisher.likelihoods import Likelihood
@@ -73,10 +73,12 @@ class KFACProvider(CurvatureProvider):
             "K-FAC curvature",
             "lower `curvature.max_full_g_rows` (wide layers keep diag G) or target fewer layers with `pruning.targets`",
         )
-        self.a_bar: dict[str, torch.Tensor] = {}
+        self.a_bar: dict[str, torch.Tensor] = {}  # FSDP2: the layers this rank owns only (`shards`)
         self.g: dict[str, torch.Tensor] = {}
         self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # full-G layers: (U_G, D), fp32
-        self._rows: dict[str, RowModel] = {}
+        self._rows: dict[str, RowModel] = {}  # FSDP2: owned layers, and the one being visited
+        self._row_weight_mean: dict[str, float | None] = {}
+        self._owners: dict[str, int] | None = None
         self.estimated = False
         self._gamma = config.damping  # γ of Q = I/γ until the first estimate; relative mode re-sets it there
         for name, adapter in self.layers.items():
@@ -84,6 +86,27 @@ class KFACProvider(CurvatureProvider):
             device = adapter.weight.device
             self.a_bar[name] = torch.zeros(cols, cols, device=device)
             self.g[name] = torch.zeros((rows, rows) if name in self.full_g else (rows,), device=device)
+
+    @property
+    def shards(self) -> ShardCounts | None:
+        return self._shards
+
+    @shards.setter
+    def shards(self, shards: ShardCounts | None) -> None:
+        """FSDP2: besides G's rows, Ā is sharded by layers — each rank keeps the Ā (and its eigenbasis) of the layers
+        it owns, about 1 / world size of them by bytes, and broadcasts one while the ranks visit it (`visit`)."""
+        self._shards = shards
+        if shards is None:
+            self._owners = None
+            return
+        self._owners = shards.owners({n: a.shape[1] ** 2 for n, a in self.layers.items()})
+        for name in self.layers:
+            if not self._owns(name):
+                self.a_bar.pop(name, None)
+                self._rows.pop(name, None)
+
+    def _owns(self, name: str) -> bool:
+        return self._owners is None or self._owners[name] == self._shards.rank
 
     def estimated_bytes(self) -> int:
         """Per layer: Ā and G (fp32), Ā's eigenbasis (fp64, the row model's); a full G's eigenbasis and Q's spectrum
@@ -108,11 +131,18 @@ class KFACProvider(CurvatureProvider):
             max_examples=self.config.num_examples,
             full_g=self.full_g,
             labels=self.config.fisher_labels,
+            owners=None if self._owners is None else {n: self._shards.global_rank(r) for n, r in self._owners.items()},
         )
-        for name, (a_bar, g) in stats.items():
-            if not (torch.isfinite(a_bar).all() and torch.isfinite(g).all()):
+        finite = [
+            bool(torch.isfinite(g).all()) and (a is None or bool(torch.isfinite(a).all())) for a, g in stats.values()
+        ]
+        if self._shards is not None:  # Ā is checked where it is kept
+            finite = [bad == 0 for bad in self._shards.sum([int(not ok) for ok in finite])]
+        for (name, (a_bar, g)), ok in zip(stats.items(), finite):
+            if not ok:
                 raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")
-            self.a_bar[name].copy_(a_bar[:-1, :-1])
+            if a_bar is not None:
+                self.a_bar[name].copy_(a_bar[:-1, :-1])
             start, stop = self.layers[name].row_range  # FSDP2: this rank's rows of G (the statistics cover all)
             self.g[name].copy_(g[start:stop] if g.dim() == 1 else g)
         self.estimated = True
@@ -124,21 +154,24 @@ class KFACProvider(CurvatureProvider):
         """γ of the current estimate (`damping_mode: relative`: scaled by the mean K-FAC Fisher diagonal)."""
         return self._gamma
 
-    def _scale(self) -> float:
-        """mean over every targeted weight of diag(G ⊗ Ā) = Σ_l tr G_l tr Ā_l / Σ_l rows_l cols_l."""
-        total = count = 0.0
-        for name, g in self.g.items():
-            g_diag = g.diagonal() if g.dim() == 2 else g
-            total += float(g_diag.double().sum() * self.a_bar[name].double().diagonal().sum())
-            count += g_diag.numel() * self.a_bar[name].shape[0]
-        total, count = summed(self.shards, [total, count])  # FSDP2: G's rows are spread over the ranks
-        return total / count
+    def _traces(self) -> tuple[list[float], list[float]]:
+        """Per layer (in `layers` order) Σ_i G_ii over every rank's rows and tr Ā, in float64 (one reduction)."""
+        g_sums = [float((g.diagonal() if g.dim() == 2 else g).double().sum()) for g in self.g.values()]
+        a_traces = [float(self.a_bar[n].double().diagonal().sum()) if n in self.a_bar else 0.0 for n in self.layers]
+        if self._shards is None:
+            return g_sums, a_traces
+        totals = self._shards.sum(g_sums + a_traces)  # an unowned Ā adds 0: its owner's trace
+        return totals[: len(g_sums)], totals[len(g_sums) :]
 
     def _refresh(self) -> None:
-        """γ; eigenbases of Ā and G (Q's exact damping) and the row models (Ā's basis, diag G, γ)."""
+        """γ; eigenbases of Ā (owned ones under FSDP2) and G (Q's exact damping) and the row models (Ā's basis,
+        diag G, γ)."""
+        g_sums, a_traces = self._traces()
         self._gamma = self.config.damping
         if self.config.damping_mode == "relative":  # both callers run it on estimated statistics
-            scale = self._scale()
+            # mean over every targeted weight of diag(G ⊗ Ā) = Σ_l tr G_l tr Ā_l / Σ_l rows_l cols_l
+            count = sum(a.rows * a.shape[1] for a in self.layers.values())
+            scale = sum(g * a for g, a in zip(g_sums, a_traces)) / count
             if not scale > 0:
                 raise CurvatureError(
                     "K-FAC statistics are all zero (no output gradient reached the targeted layers), so "
@@ -146,32 +179,63 @@ class KFACProvider(CurvatureProvider):
                 )
             self._gamma = self.config.damping * scale
             log_main("K-FAC: γ = %.3g × mean Fisher diagonal %.3g = %.3g", self.config.damping, scale, self._gamma)
-        means = self._row_weight_means()
-        for name in self.layers:
-            a_bar, g = self.a_bar[name].double(), self.g[name].double()
-            lam_a, u_a = torch.linalg.eigh(a_bar)
+        for (name, adapter), g_sum in zip(self.layers.items(), g_sums):
+            # FSDP2: the mean G_ii over every rank's rows (the sweep's); whole layers take their own
+            self._row_weight_mean[name] = None if self._shards is None else g_sum / adapter.rows
+            if not self._owns(name):
+                continue
+            lam_a, u_a = torch.linalg.eigh(self.a_bar[name].double())
+            u_a = u_a.mT.contiguous().mT  # column-major (LAPACK's already): what `visit` broadcasts into
             lam_a = lam_a.clamp_min(0)
+            g = self.g[name].double()
             if g.dim() == 2:  # G's eigenbasis and Q's spectrum, kept: a full G is not the row model's diag G
                 lam_g, u_g = torch.linalg.eigh(g)
                 inverse_eigen = 1.0 / (lam_g.clamp_min(0)[:, None] * lam_a[None, :] + self.damping)
                 self._eigen[name] = (u_g.float(), inverse_eigen.float())
-            row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
-            self._rows[name] = RowModel(u_a, lam_a, row_weight, self.damping, row_weight_mean=means[name])
+            self._rows[name] = self._row_model_of(name, u_a, lam_a)
 
-    def _row_weight_means(self) -> dict[str, float | None]:
-        """FSDP2: mean G_ii over every rank's rows of each layer (one reduction); None where G is whole."""
-        if self.shards is None:
-            return dict.fromkeys(self.layers)
-        local = [v for n in self.layers for v in (float(self.g[n].clamp_min(0).double().sum()), self.g[n].numel())]
-        totals = self.shards.sum(local)
-        return {n: totals[2 * i] / max(totals[2 * i + 1], 1) for i, n in enumerate(self.layers)}
+    def _row_model_of(self, name: str, basis: torch.Tensor, eigenvalues: torch.Tensor) -> RowModel:
+        g = self.g[name].double()
+        row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
+        return RowModel(basis, eigenvalues, row_weight, self.damping, row_weight_mean=self._row_weight_mean[name])
+
+    def visit(self, names: Iterable[str]) -> Iterator[str]:
+        """FSDP2: before each layer's turn its owner broadcasts Ā's eigenbasis, and the other ranks build the layer's
+        row model for their rows, dropped when the loop moves on (one layer's basis held beyond the owned ones).
+        Every rank must run the same loop to its end."""
+        for name in names:
+            if self._owners is None or not self.estimated:
+                yield name
+                continue
+            if self._owns(name):
+                self._shards.broadcast_([self._rows[name].basis, self._rows[name].eigenvalues], self._owners[name])
+                yield name
+                continue
+            cols = self.layers[name].shape[1]
+            # column-major, as `eigh` gives the owner: the same layout takes the same BLAS paths (same rounding)
+            basis = torch.empty(cols, cols, dtype=torch.float64, device=self.g[name].device).mT
+            eigenvalues = torch.empty(cols, dtype=torch.float64, device=basis.device)
+            self._shards.broadcast_([basis, eigenvalues], self._owners[name])
+            self._rows[name] = self._row_model_of(name, basis, eigenvalues)
+            try:
+                yield name
+            finally:
+                del self._rows[name]
 
     # ----------------------------------------------------------------- queries
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(U_A, U_G or None for diag G, D = 1 ⊘ (λ_G λ_Aᵀ + γ)) in fp32; a diag G's D is the row model's spectrum."""
-        rows = self._rows[name]
+        rows = self._resident(name)
         u_g, inverse_eigen = self._eigen.get(name, (None, None))
         return rows.basis.float(), u_g, rows.spectrum().float() if inverse_eigen is None else inverse_eigen
+
+    def _resident(self, name: str) -> RowModel:
+        if name not in self._rows:
+            raise CurvatureError(
+                f"K-FAC curvature of `{name}` is held by FSDP rank {(self._owners or {}).get(name)}: read it inside "
+                "`provider.visit`"
+            )
+        return self._rows[name]
 
     def _row_mix(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_A, (U_G ⊙ U_G) D): Ā's basis and how each row (rows, cols) weighs its eigendirections, fp32."""
@@ -179,13 +243,13 @@ class KFACProvider(CurvatureProvider):
         return u_a, inverse_eigen if u_g is None else u_g.square() @ inverse_eigen
 
     def diag(self, name: str) -> torch.Tensor:
-        if name not in self._rows:
+        if not self.estimated:
             return torch.full(self.layers[name].shape, 1.0 / self.damping, device=self.device(name))
         u_a, mix = self._row_mix(name)
         return mix @ u_a.square().T
 
     def matvec(self, name: str, vector: torch.Tensor) -> torch.Tensor:
-        if name not in self._rows:
+        if not self.estimated:
             return vector / self.damping
         u_a, u_g, inverse_eigen = self._factors(name)
         v = vector.to(u_a.dtype) @ u_a
@@ -198,7 +262,7 @@ class KFACProvider(CurvatureProvider):
 
     def blocks(self, name: str, block_size: int) -> torch.Tensor:
         """Exact entries Q[(i, j), (i, k)] = Σ_b U_A[j, b] U_A[k, b] C[i, b], C = (U_G ⊙ U_G) D, per row block."""
-        if name not in self._rows:
+        if not self.estimated:
             return super().blocks(name, block_size)
         rows, cols = self.layers[name].shape
         u_a, mix = self._row_mix(name)
@@ -214,11 +278,17 @@ class KFACProvider(CurvatureProvider):
         return torch.cat(parts).reshape(rows * nblocks, block_size, block_size)
 
     def row_model(self, name: str) -> RowModel | None:
-        return self._rows.get(name)
+        return self._resident(name) if self.estimated else None
 
     @classmethod
     def holds_row_model(cls, config: KFACConfig) -> bool:
         return True
+
+    def memory_bytes(self) -> int:
+        """The state tensors and what is derived from them: Ā's eigenbases (float64) and a full G's."""
+        derived = [t for m in self._rows.values() for t in (m.basis, m.eigenvalues)]
+        derived += [t for pair in self._eigen.values() for t in pair]
+        return super().memory_bytes() + sum(t.numel() * t.element_size() for t in derived)
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:

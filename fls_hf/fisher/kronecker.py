@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_mean_
+from ..distributed import all_reduce_mean_, rank, reduce_mean_
 from ..errors import CurvatureError
 from ..model.adapters import Conv1DAdapter, LayerAdapter
 from ..model.forward import (
@@ -66,12 +66,15 @@ def kronecker_statistics(
     max_examples: int = 256,
     full_g: Container[str] = (),
     labels: str = "sampled",
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name → (Ā: (cols+1, cols+1), G), averaged over up to `max_examples` examples.
+    owners: Mapping[str, int] | None = None,
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """name → (Ā: (cols+1, cols+1), G), averaged over up to `max_examples` examples (and over the data-parallel
+    ranks' examples).
 
     G is diag G: (rows,), or the full G: (rows, rows) for the layers named in `full_g`. `labels`: `sampled` draws
     the output gradients' labels from the model (true Fisher); `empirical` uses the batch's `labels` (as oBERT's
-    empirical Fisher; causal LMs: logits[:, :-1] against labels[:, 1:]).
+    empirical Fisher; causal LMs: logits[:, :-1] against labels[:, 1:]). `owners` (FSDP2, Ā sharded by layers): the
+    global rank that keeps each layer's Ā; it alone receives the average, the others get None and free theirs.
 
     Memory: each layer's ā āᵀ is added up in its forward hook and δ δᵀ in a hook on its output's gradient, with
     every parameter frozen, so the pass holds no layer input, output gradient or weight gradient beyond what
@@ -133,12 +136,16 @@ def kronecker_statistics(
             "calibration batches hold no real token (every `attention_mask` entry is 0): K-FAC statistics "
             "(`curvature.init: kfac`) need unpadded tokens"
         )
-    flat = [t for pair in sums.values() for t in pair]
-    scale = [s for name in sums for s in (1.0 / tokens[name], 1.0 / examples)]
-    for t, s in zip(flat, scale):
-        t.mul_(s)
-    all_reduce_mean_(flat)
-    return {name: (pair[0], pair[1]) for name, pair in sums.items()}
+    for name, (a_bar, g) in sums.items():
+        a_bar.mul_(1.0 / tokens[name])
+        g.mul_(1.0 / examples)
+    if owners is None:
+        all_reduce_mean_([t for pair in sums.values() for t in pair])
+        return {name: (pair[0], pair[1]) for name, pair in sums.items()}
+    all_reduce_mean_([g for _, g in sums.values()])
+    for name, (a_bar, _) in sums.items():  # one layer at a time: no flat copy of every Ā
+        reduce_mean_(a_bar, owners[name])
+    return {name: (a_bar if owners[name] == rank() else None, g) for name, (a_bar, g) in sums.items()}
 
 
 def _add_output_gradient(total: torch.Tensor, grad: torch.Tensor, conv: bool) -> None:

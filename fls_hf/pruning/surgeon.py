@@ -218,7 +218,7 @@ def prune_step(
     broken: set[str] = set()
     diags: dict[str, torch.Tensor] = {}  # diag Q of the broken layers only
     saliencies: dict[str, torch.Tensor] = {}  # fresh tensors, handed to the selection to become scores in place
-    for n in names:
+    for n in provider.visit(names):
         diag = provider.diag(n)
         if _non_finite_curvature(n, diag):
             broken.add(n)
@@ -243,16 +243,15 @@ def prune_step(
 
     def updates() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:  # (name, new weight, new keep) per layer
         if compensation == "obc":
-            rows = _row_models(provider, names)
             group = pattern.m  # N:M: the sweep chooses inside each group of M (None: unstructured)
             new_weights, new_keep = _obc_rounds(
-                weights, old_keep, rows, broken, diags, select, target, obc_rounds, obc_solver, group, shards
+                weights, old_keep, provider, broken, diags, select, target, obc_rounds, obc_solver, group, shards
             )
             for n in names:
                 yield n, new_weights.pop(n), new_keep.pop(n)
             return
         new_keep = select(saliencies, old_keep, target)
-        for n in names:
+        for n in provider.visit(names):
             keep = new_keep.pop(n)
             rule = "none" if n in broken else compensation
             yield n, _compensated(provider, n, weights[n], keep, old_keep[n] & ~keep, rule, block_size), keep
@@ -267,21 +266,21 @@ def prune_step(
     return report
 
 
-def _row_models(provider: CurvatureProvider, names: list[str]) -> dict[str, RowModel]:
-    models = {n: provider.row_model(n) for n in names}
-    missing = [n for n, m in models.items() if m is None]
-    if missing:
+def _row_model(provider: CurvatureProvider, name: str) -> RowModel:
+    """The layer's row model (read during its turn of `provider.visit`)."""
+    model = provider.row_model(name)
+    if model is None:
         raise CurvatureError(
             f"`pruning.compensation: obc` needs a row-wise curvature model, which {type(provider).__name__} does not "
-            f"hold for `{missing[0]}`: use `pruning.method: kfac`, or another compensation"
+            f"hold for `{name}`: use `pruning.method: kfac`, or another compensation"
         )
-    return models
+    return model
 
 
 def _obc_rounds(
     weights: dict[str, torch.Tensor],
     keep: dict[str, torch.Tensor],
-    rows: Mapping[str, RowModel],
+    provider: CurvatureProvider,
     broken: set[str],
     diags: Mapping[str, torch.Tensor],
     select,
@@ -304,24 +303,27 @@ def _obc_rounds(
     inverse_diag: dict[str, torch.Tensor | None] = dict.fromkeys(weights)
     for i, sub_target in enumerate(sub_targets):
         scores = {}
-        for n, w in weights.items():
+        for n in provider.visit(list(weights)):
+            w = weights[n]
             if n in broken:
                 scores[n] = obs_saliency(w, diags[n])
             elif inverse_diag[n] is None:
-                scores[n] = obc_saliency(w, rows[n], None if solver == "sweep" else keep[n])
+                scores[n] = obc_saliency(w, _row_model(provider, n), None if solver == "sweep" else keep[n])
             else:
                 scores[n] = torch.where(keep[n], w.double().square() / (2 * inverse_diag[n]), 0.0)
         before, keep = keep, select(scores, keep, sub_target)  # empties `scores`
         last = i == len(sub_targets) - 1
-        for n, w in weights.items():
+        for n in provider.visit(list(weights)):
+            w = weights[n]
             if n in broken:
                 weights[n] = w.masked_fill(~keep[n], 0)
                 continue
+            rows = _row_model(provider, n)
             if solver == "sweep":
-                delta, pruned = sweep_compensation(w, rows[n], ~keep[n], fixed=~before[n], group=group)
+                delta, pruned = sweep_compensation(w, rows, ~keep[n], fixed=~before[n], group=group)
                 keep[n] = ~pruned
             else:
-                delta, inverse_diag[n] = obc_solve(w, rows[n], keep[n], inverse_diag=not last)
+                delta, inverse_diag[n] = obc_solve(w, rows, keep[n], inverse_diag=not last)
             weights[n] = _checked(n, w, delta, keep[n], "obc")
     return weights, keep
 

@@ -122,11 +122,19 @@ def train(model, cfg, steps=8, start=0, pruner=None, save=None):
 
 def gradual_case(cfg) -> dict:
     plain, shard = tiny_bert(**ODD), sharded(tiny_bert(**ODD))
-    train(plain, cfg)
+    plain_pruner = train(plain, cfg)
     checkpoint = out / "checkpoint"
     pruner = train(shard, cfg, save=(4, checkpoint))
     result = compare(plain, shard, None, cfg)
     result["sparsity"] = pruner.masks.global_sparsity()
+    # Ā sharded by layers: each rank's curvature bytes (Ā, its eigenbasis, its rows of G) against the whole
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (len(pruner.provider.a_bar), pruner.provider.memory_bytes()))
+    result["a_bar_layers"], result["curvature_bytes"] = [p[0] for p in per_rank], [p[1] for p in per_rank]
+    result["plain_a_bar_layers"], result["plain_curvature_bytes"] = (
+        len(plain_pruner.layers),
+        plain_pruner.provider.memory_bytes(),
+    )
     # the gathered full state dict written with save_pretrained, read back by plain transformers
     saved, full = out / "saved", full_weights(shard)  # gathered on every rank, written by rank 0
     if dist.get_rank() == 0:
