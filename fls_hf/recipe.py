@@ -52,6 +52,8 @@ INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
 OBC_SOLVERS = ("exact", "sweep")
+STRUCTURES = ("neurons",)  # `pruning.mask_type` values that remove whole structures (issue 20)
+STRUCTURE_METHODS = ("kfac", "magnitude")  # group OBS on the consumer's K-FAC statistics | column norms
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
 PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
 _SCIENTIFIC = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -70,9 +72,12 @@ class PruningConfig:
         ignore (`list[str]`, defaults to `['classifier', 're:.*pooler.*', 'lm_head', 'score']`):
             Module names or `re:` regexes never pruned (task heads by default).
         mask_type (`str`, defaults to `'unstructured'`):
-            unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4").
+            unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or neurons: remove whole FFN
+            neurons (method kfac: group OBS; magnitude: column norms) of every FFN block (BERT and Llama families;
+            `targets` are ignored); the sparsities are then shares of neurons.
         global_sparsity (`bool`, defaults to `True`):
-            Rank saliencies across all targeted layers (true) or within each layer (false).
+            Rank saliencies across all targeted layers (true) or within each layer (false); with neurons: one
+            threshold over all blocks, or the same share in every block (keeps one width, so the model shrinks).
         init_sparsity (`float`, defaults to `0.0`):
             Sparsity reached at `start_step`, in [0, 1).
         final_sparsity (`float`, defaults to `0.5`):
@@ -252,7 +257,16 @@ class PruningConfig:
             self._require(name, getattr(self, name) in allowed, f"is not allowed: expected one of {', '.join(allowed)}")
         self._require("method", bool(self.method), "is empty: expected a registered curvature method")
         n_of_m = parse_mask_type(self.mask_type)
-        self.mask_type = "unstructured" if n_of_m is None else f"{n_of_m[0]}:{n_of_m[1]}"
+        if self.mask_type.strip().lower() in STRUCTURES:
+            self.mask_type = self.mask_type.strip().lower()
+            self._require(
+                "method",
+                self.method in STRUCTURE_METHODS,
+                f"is not allowed with `pruning.mask_type: {self.mask_type}`: expected one of "
+                f"{', '.join(STRUCTURE_METHODS)}",
+            )
+        else:
+            self.mask_type = "unstructured" if n_of_m is None else f"{n_of_m[0]}:{n_of_m[1]}"
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name):
                 self._require(
@@ -260,6 +274,11 @@ class PruningConfig:
                     _valid_pattern(pattern),
                     f"has {pattern!r}, which is neither a module name nor a valid `re:` regular expression",
                 )
+
+    @property
+    def structure(self) -> str | None:
+        """The structure removed whole (`neurons`: FFN neurons), None when weights are pruned one by one."""
+        return self.mask_type if self.mask_type in STRUCTURES else None
 
     @property
     def n_of_m(self) -> tuple[int, int] | None:
@@ -388,14 +407,15 @@ def parse_mask_type(value: Any) -> tuple[int, int] | None:
         # YAML 1.1 (PyYAML) reads an unquoted N:M as a base-60 integer: 2:4 → 124, 4:8 → 248
         hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
         raise RecipeError(
-            f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M"'
+            f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M", neurons'
         )
-    if value.strip().lower() == "unstructured":
+    if value.strip().lower() in ("unstructured", *STRUCTURES):  # a structure's weights follow no N:M pattern
         return None
     match = _N_OF_M.fullmatch(value)
     if match is None:
         raise RecipeError(
-            f'recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "N:M" such as "2:4"'
+            f"recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "
+            '"N:M" such as "2:4", neurons'
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n < m:

@@ -8,7 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides) -> BertForSequenceClassification:
@@ -31,6 +38,29 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(
         GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
     )
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """Llama family: gate / up / down MLP, grouped-query attention (4 heads over 2 KV heads)."""
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
+
+
+def causal_batches(**kwargs) -> list[dict]:
+    """`token_batches` with next-token labels (padding ignored)."""
+    return [
+        {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in token_batches(**kwargs)
+    ]
 
 
 def token_batches(

@@ -41,7 +41,7 @@ from transformers import AutoConfig
 from ..errors import FlsError, PruningStateError
 from ..model.adapters import LayerAdapter
 from ..model.forward import unwrap
-from ..model.targets import resolve_targets
+from ..model.structures import pruned_layers
 from ..pruning.masks import pack_bits, unpack_bits
 from ..recipe import PruningRecipe, load_recipe
 
@@ -64,7 +64,7 @@ def _targeted_keys(model: nn.Module, recipe_or_layers: RecipeOrLayers) -> list[s
         names = list(recipe_or_layers)
     else:
         recipe = recipe_or_layers if isinstance(recipe_or_layers, PruningRecipe) else load_recipe(recipe_or_layers)
-        names = list(resolve_targets(model, recipe.pruning.targets, recipe.pruning.ignore))
+        names = list(pruned_layers(model, recipe.pruning))
     return [f"{name}.weight" for name in names]
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..distributed import shard_counts, summed
 from ..model.forward import unwrap
-from ..model.targets import resolve_targets
+from ..model.structures import pruned_layers
 from ..pruning.patterns import parse_mask_type
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
         >>> print(sparsity_report(model, load_recipe("recipes/gradual-unstructured-90.yaml")))
     """
     pruning = recipe.pruning
-    layers = resolve_targets(unwrap(model), pruning.targets, pruning.ignore)
+    layers = pruned_layers(unwrap(model), pruning)
     report = SparsityReport(target=pruning.final_sparsity, global_scope=pruning.global_sparsity)
     counts = []  # per layer: weights, zeros, rows breaking the pattern (FSDP2: this rank's rows, then summed)
     for adapter in layers.values():

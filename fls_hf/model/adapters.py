@@ -104,6 +104,11 @@ class LayerAdapter:
     def weight_matrix(self) -> torch.Tensor:
         return self.to_matrix(self.values.detach())
 
+    @torch.no_grad()
+    def write_matrix(self, matrix: torch.Tensor) -> None:
+        """Copy a (rows, cols) matrix into the weight in place, in the weight's dtype."""
+        self.values.copy_(self.from_matrix(matrix.to(self.values.dtype)))
+
 
 def local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """The part of `tensor` this process holds (a DTensor's local shard; any other tensor as it is)."""

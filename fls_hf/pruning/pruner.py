@@ -31,10 +31,11 @@ from ..errors import DistributedError, PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
 from ..model.adapters import LayerAdapter, local
 from ..model.forward import unwrap
-from ..model.targets import resolve_targets
+from ..model.structures import pruned_layers, structure_blocks
 from ..progress import log_main, logger
 from ..recipe import PruningRecipe, load_recipe
 from .masks import MaskSet
+from .neurons import prune_neurons
 from .patterns import parse_mask_type
 from .schedule import SparsitySchedule, recomputation_targets
 from .surgeon import prune_step, rule_mismatch
@@ -57,13 +58,19 @@ class Pruner:
     def __init__(self, model: nn.Module, recipe: PruningRecipe | Mapping[str, Any] | str | Path) -> None:
         self.recipe = recipe if isinstance(recipe, PruningRecipe) else load_recipe(recipe)  # parsed once, upstream
         cfg = self.recipe.pruning
-        self.layers = resolve_targets(unwrap(model), cfg.targets, cfg.ignore)
+        self.blocks = structure_blocks(unwrap(model), cfg.structure)  # FFN neurons: every block's layers
+        self.layers = pruned_layers(unwrap(model), cfg)
         if not self.layers:
             raise RecipeError(
                 f"recipe keys `pruning.targets` / `pruning.ignore` leave no supported layer in "
                 f"{type(unwrap(model)).__name__}"
             )
         self.shards = _shards_for(self.layers, cfg.method)  # FSDP2: None when the weights are whole
+        if self.shards is not None and self.blocks:
+            raise DistributedError(
+                "recipe key `pruning.mask_type` = 'neurons' is not supported under FSDP yet (a neuron's cost sums over "
+                "every rank's rows): prune neurons unsharded (DDP or one process), or use unstructured / N:M masks"
+            )
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
@@ -99,8 +106,13 @@ class Pruner:
             )
         # `auto`: the rule that fits the curvature (issue 17): row-wise OBC where there is a row model
         self.compensation = cfg.compensation if cfg.compensation != "auto" else ("obc" if has_rows else "block")
-        self.provider = provider_class(self.layers, self.recipe.curvature.for_rule(self.compensation))
-        mismatch = rule_mismatch(self.provider.coupled_block, cfg.saliency, self.compensation)
+        if self.blocks:  # group OBS reads the consumers' row models only (diag G, Ā)
+            self.compensation = "group"
+            consumers = {b.consumer: self.layers[b.consumer] for b in self.blocks}
+            self.provider = provider_class(consumers, self.recipe.curvature.for_rule("obc"))
+        else:
+            self.provider = provider_class(self.layers, self.recipe.curvature.for_rule(self.compensation))
+        mismatch = not self.blocks and rule_mismatch(self.provider.coupled_block, cfg.saliency, self.compensation)
         if mismatch:
             warnings.warn(f"recipe with `pruning.method` = {cfg.method!r}: {mismatch}", UserWarning, stacklevel=3)
         self.provider.shards = self.shards
@@ -138,6 +150,20 @@ class Pruner:
         cfg = self.recipe.pruning
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
             self._ready_curvature(model, stream)
+            if self.blocks:
+                prune_neurons(
+                    self.provider,
+                    self.layers,
+                    self.masks,
+                    self.blocks,
+                    sub_target,
+                    rule=cfg.method,
+                    global_scope=cfg.global_sparsity,
+                    damping=self.recipe.curvature.damping,
+                    max_sparsity=cfg.max_layer_sparsity,
+                )
+                self.current_target = sub_target
+                continue
             prune_step(
                 self.provider,
                 self.layers,

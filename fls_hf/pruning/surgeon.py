@@ -259,7 +259,7 @@ def prune_step(
     report: dict[str, dict[str, float | int]] = {}
     for n, new_weight, new_keep in updates():
         pruned_now = int((old_keep[n] & ~new_keep).sum())
-        _write(layers[n], new_weight)
+        layers[n].write_matrix(new_weight)
         masks.set(n, new_keep)
         provider.mask(n, masks.keep_matrix(n))
         report[n] = {"sparsity": masks.sparsity(n), "pruned_now": pruned_now}
@@ -392,9 +392,3 @@ def _checked(name: str, weight: torch.Tensor, delta: torch.Tensor, keep: torch.T
         )
         return plain
     return new_weight
-
-
-@torch.no_grad()
-def _write(adapter: LayerAdapter, matrix: torch.Tensor) -> None:
-    """Copy a (rows, cols) matrix into the module weight in place, in the weight's dtype."""
-    adapter.values.copy_(adapter.from_matrix(matrix.to(adapter.values.dtype)))

@@ -1,0 +1,159 @@
+"""Group OBS for structures: remove whole input columns of a layer (FFN neurons, attention heads) and compensate.
+
+A structure is a group P of input columns of a consumer layer W (rows × cols): an FFN neuron is one column of the
+down projection, an attention head its `head_dim` columns of the output projection. With the Kronecker Fisher
+diag(G) ⊗ (Ā + λI) of W (the K-FAC input factor Ā damped by λ, the output-side Fisher G_ii weighting each row),
+every row shares H⁻¹ = (Ā + λI)⁻¹, and removing P is OBS over the group (ZipLM; OBC for structures):
+
+    cost(P) = ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP,        δW = −W_P [H⁻¹_PP]⁻¹ H⁻¹_P,:      ((W + δW)_:,P = 0).
+
+The update does not depend on G (every row has the same H⁻¹ up to its scale G_ii); the cost does, in loss units,
+so one threshold ranks groups across layers. Removing groups one at a time (`group_removal_curve`: the cheapest
+group, then downdate H⁻¹ ← H⁻¹ − H⁻¹_:,P [H⁻¹_PP]⁻¹ H⁻¹_P,: and update W) is greedy OBS; the final update for a
+removed set equals the joint OBS update over their union from the original H⁻¹ (`group_compensation`), so the
+curve is computed once and the chosen prefix is applied in one solve. The layers that produce P's inputs (the
+up / gate rows of a neuron, the q / k / v rows of a head) are removed with no compensation of their own.
+Pure tensor maths in float64, no transformers imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CurvatureError
+
+
+@dataclass(frozen=True)
+class GroupCurve:
+    """One layer's greedy removal: `order[k]` is the (k+1)-th group removed, `costs[k]` the loss it added.
+
+    Args:
+        order: (n,) int64 group indices.
+        costs: (n,) float64, loss units (½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP at the time of removal).
+    """
+
+    order: torch.Tensor
+    costs: torch.Tensor
+
+
+def damped_inverse(a_bar: torch.Tensor, damping: float) -> torch.Tensor:
+    """H⁻¹ = (Ā + λI)⁻¹ with λ = `damping` × mean diag Ā (relative, as SparseGPT's dampening): (cols, cols) float64."""
+    a = a_bar.double()
+    scale = float(a.diagonal().mean())
+    if not scale > 0:
+        raise CurvatureError("the layer's input statistics Ā are zero: no structure can be ranked on them")
+    h = a + damping * scale * torch.eye(len(a), dtype=a.dtype, device=a.device)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise CurvatureError(f"Ā + λI is not positive definite (λ = {damping} × mean diag Ā); raise the damping")
+    return torch.cholesky_inverse(factor)
+
+
+def _grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Columns (…, cols) as (…, n, group_size)."""
+    return matrix.reshape(*matrix.shape[:-1], -1, group_size)
+
+
+def group_costs(weight: torch.Tensor, row_weight: torch.Tensor, h_inv: torch.Tensor, group_size: int) -> torch.Tensor:
+    """cost(P) = ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP for every group of `group_size` consecutive columns: (n,)."""
+    w = _grouped(weight.double(), group_size)  # (rows, n, g)
+    n = w.shape[1]
+    index = torch.arange(n * group_size, device=h_inv.device).view(n, group_size)
+    blocks = h_inv[index[:, :, None], index[:, None, :]]  # (n, g, g) diagonal blocks H⁻¹_PP
+    if group_size == 1:
+        return 0.5 * (row_weight.double()[:, None] * w[..., 0].square()).sum(0) / blocks[:, 0, 0]
+    solved = torch.linalg.solve(blocks[None], w.unsqueeze(-1)).squeeze(-1)  # [H⁻¹_PP]⁻¹ w_iP, (rows, n, g)
+    return 0.5 * torch.einsum("i,ing,ing->n", row_weight.double(), w, solved)
+
+
+def group_compensation(
+    weight: torch.Tensor, h_inv: torch.Tensor, removed: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """W + δW for removing the groups `removed` jointly: δW = −W_P [H⁻¹_PP]⁻¹ H⁻¹_P,:, with W_:,P = 0 exactly.
+
+    Args:
+        weight: (rows, cols) W.
+        h_inv: (cols, cols) (Ā + λI)⁻¹ (`damped_inverse`).
+        removed: (k,) int64 indices of groups.
+
+    Returns:
+        (rows, cols) float64.
+    """
+    w = weight.double()
+    if removed.numel() == 0:
+        return w.clone()
+    columns = (removed[:, None] * group_size + torch.arange(group_size, device=removed.device)).reshape(-1)
+    block = h_inv[columns][:, columns]
+    coefficients = torch.linalg.solve(block, w[:, columns].T).T  # W_P [H⁻¹_PP]⁻¹, (rows, |P|)
+    new = w - coefficients @ h_inv[columns]
+    new[:, columns] = 0.0
+    return new
+
+
+def group_removal_curve(
+    weight: torch.Tensor,
+    row_weight: torch.Tensor,
+    h_inv: torch.Tensor,
+    group_size: int = 1,
+    count: int | None = None,
+) -> GroupCurve:
+    """Greedy group OBS: remove the cheapest group, update W and downdate H⁻¹, `count` times (default: all but one).
+
+    Args:
+        weight: (rows, cols) W, cols a multiple of `group_size`.
+        row_weight: (rows,) G_ii ≥ 0.
+        h_inv: (cols, cols) (Ā + λI)⁻¹.
+    """
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"{cols} columns do not split into groups of {group_size}")
+    n = cols // group_size
+    count = n - 1 if count is None else count
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot remove {count} of {n} groups")
+    w, h, g = weight.double().clone(), h_inv.double().clone(), row_weight.double()
+    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    order, costs = [], []
+    for _ in range(count):
+        cost = torch.where(alive, group_costs(w, g, _safe(h, alive, group_size), group_size), torch.inf)
+        best = int(torch.argmin(cost))  # first minimum: lowest index on ties
+        order.append(best)
+        costs.append(float(cost[best]))
+        columns = torch.arange(best * group_size, (best + 1) * group_size, device=w.device)
+        block_inv = torch.linalg.inv(h[columns][:, columns])
+        w = w - (w[:, columns] @ block_inv) @ h[columns]
+        w[:, columns] = 0.0
+        h = h - h[:, columns] @ block_inv @ h[columns]
+        alive[best] = False
+    device = weight.device
+    return GroupCurve(torch.tensor(order, dtype=torch.int64, device=device), torch.tensor(costs, dtype=torch.float64))
+
+
+def _safe(h_inv: torch.Tensor, alive: torch.Tensor, group_size: int) -> torch.Tensor:
+    """H⁻¹ with the removed groups' diagonal blocks set to the identity (they are zero after downdates; their cost is
+    masked to inf, but the batched solve must stay finite)."""
+    dead = (~alive).repeat_interleave(group_size)
+    if not dead.any():
+        return h_inv
+    out = h_inv.clone()
+    out[dead, dead] = 1.0
+    return out
+
+
+def allocate(curves: dict[str, GroupCurve], total: int) -> dict[str, int]:
+    """How many groups to remove from each layer: the `total` cheapest greedy steps over all layers, each layer's
+    taken as a prefix (its costs made non-decreasing by a running maximum first), ties to the earlier layer name and
+    step."""
+    entries = []
+    for name in sorted(curves):
+        running = torch.cummax(curves[name].costs, 0).values.tolist()
+        entries += [(cost, name, k) for k, cost in enumerate(running)]
+    available = len(entries)
+    if not 0 <= total <= available:
+        raise ValueError(f"cannot remove {total} groups: the curves hold {available}")
+    counts = dict.fromkeys(curves, 0)
+    for _, name, _ in sorted(entries)[:total]:
+        counts[name] += 1
+    return counts

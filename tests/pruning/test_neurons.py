@@ -1,0 +1,95 @@
+"""FFN neurons removed whole (`pruning.mask_type: neurons`, issue 20) through the public one-shot API."""
+
+import pytest
+import torch
+
+from fls_hf import load_recipe, oneshot
+from fls_hf.errors import RecipeError
+from fls_hf.model.structures import ffn_blocks, live_neurons, shrink_ffn
+from fls_hf.pruning.pruner import Pruner
+
+from helpers import causal_batches, tiny_bert, tiny_llama, token_batches
+
+
+def recipe(method="kfac", share=0.5, **pruning):
+    return {
+        "pruning": {"method": method, "mask_type": "neurons", "final_sparsity": share, **pruning},
+        "curvature": {"num_examples": 16, "num_batches": 4} if method == "kfac" else {},
+    }
+
+
+def removed(model) -> dict[str, int]:
+    return {b.prefix: int((~live_neurons(model, b)).sum()) for b in ffn_blocks(model)}
+
+
+def output_error(model, dense, batches) -> float:
+    """Mean squared change of the logits against the dense model on the calibration batches."""
+    model.eval(), dense.eval()
+    with torch.no_grad():
+        return sum(
+            float((model(**b).logits - dense(**b).logits).square().mean()) for b in batches for b in [_inputs(b)]
+        )
+
+
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.parametrize("global_sparsity", [True, False])
+def test_oneshot_removes_the_share_of_neurons_and_their_producer_rows(global_sparsity):
+    model = tiny_bert(intermediate_size=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    oneshot(model, token_batches(), recipe(share=0.5, global_sparsity=global_sparsity))
+    counts = removed(model)
+    assert sum(counts.values()) == 40
+    if not global_sparsity:
+        assert set(counts.values()) == {20}
+    for block in ffn_blocks(model):
+        gone = ~live_neurons(model, block)
+        for producer in block.producers:  # the neuron's input rows are zero too (its bias is left: unread)
+            assert bool((model.get_submodule(producer).weight[gone] == 0).all())
+            assert bool((model.get_submodule(producer).weight[~gone] != 0).any(dim=1).all())
+
+
+def test_group_obs_changes_the_outputs_less_than_column_magnitude():
+    settings = dict(intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batches = token_batches(n_batches=4, batch_size=8)
+    dense = tiny_bert(**settings)
+    errors = {}
+    for method in ("kfac", "magnitude"):
+        model = tiny_bert(**settings)
+        oneshot(model, batches, recipe(method, share=0.5))
+        errors[method] = output_error(model, dense, batches)
+    assert errors["kfac"] < 0.5 * errors["magnitude"]
+
+
+def test_uniform_llama_shrinks_to_half_width_with_the_same_logits(tmp_path):
+    model = tiny_llama(intermediate_size=32)
+    batches = causal_batches()
+    oneshot(model, batches, recipe(share=0.5, global_sparsity=False))
+    model.eval()
+    with torch.no_grad():
+        masked = model(**_inputs(batches[0])).logits
+    assert shrink_ffn(model)["intermediate_size"] == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_inputs(batches[0])).logits, masked, rtol=0, atol=1e-5)
+
+
+def test_a_gradual_schedule_keeps_earlier_neurons_removed():
+    model = tiny_bert(intermediate_size=40)
+    pruner = Pruner(model, recipe(share=0.6))
+    pruner.prune_to(model, 0.3, token_batches())
+    first = {b.prefix: ~live_neurons(model, b) for b in ffn_blocks(model)}
+    assert sum(int(g.sum()) for g in first.values()) == 24
+    pruner.prune_to(model, 0.6, token_batches(seed=1))
+    for block in ffn_blocks(model):
+        assert bool((~live_neurons(model, block))[first[block.prefix]].all())
+    assert sum(removed(model).values()) == 48
+
+
+def test_neurons_need_a_supported_method_and_model():
+    with pytest.raises(RecipeError, match="`pruning.method`.*expected one of kfac, magnitude"):
+        load_recipe(recipe("diagonal_fisher"))
+    from helpers import MLP
+
+    with pytest.raises(RecipeError, match="no FFN block"):
+        Pruner(MLP(), recipe())
