@@ -72,6 +72,13 @@ METHODS = {
     "fls-obc-sweep-rel": minilm.recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="sweep"
     ),
+    # issue 20, `--mask_type neurons`: FFN neurons by group OBS (kfac) or column norm (magnitude); `-uniform` removes the
+    # same share in every block (one width: the saved model shrinks), the others allocate by one global threshold
+    "fls-obc-rel-uniform": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, global_sparsity=False),
+    "gmp-uniform": minilm.recipe("magnitude", {}, compensation="none", global_sparsity=False),
+    # first-order Taylor importance (Molchanov et al. 2019) from 8 batches of 32 (the kfac rows' 256 examples)
+    "taylor": minilm.recipe("taylor", {"num_batches": 8}),
+    "taylor-uniform": minilm.recipe("taylor", {"num_batches": 8}, global_sparsity=False),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
@@ -161,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Gradual pruning of the fine-tuned MiniLM during fine-tuning")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--mask_type", default="unstructured", help="unstructured | N:M, e.g. 2:4")
+    parser.add_argument("--mask_type", default="unstructured", help="unstructured | N:M, e.g. 2:4 | neurons")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=32)

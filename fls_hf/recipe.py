@@ -53,7 +53,8 @@ COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
 OBC_SOLVERS = ("exact", "sweep")
 STRUCTURES = ("neurons",)  # `pruning.mask_type` values that remove whole structures (issue 20)
-STRUCTURE_METHODS = ("kfac", "magnitude")  # group OBS on the consumer's K-FAC statistics | column norms
+STRUCTURE_METHODS = ("kfac", "magnitude", "taylor")  # group OBS (K-FAC statistics) | column norms | first-order
+STRUCTURE_ONLY_METHODS = ("taylor",)  # rank structures only: they hold no inverse Fisher for single weights
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
 PRUNING_STEPS_PER_RUN = 10  # ... in about this many pruning steps
 _SCIENTIFIC = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -267,6 +268,11 @@ class PruningConfig:
             )
         else:
             self.mask_type = "unstructured" if n_of_m is None else f"{n_of_m[0]}:{n_of_m[1]}"
+            self._require(
+                "method",
+                self.method not in STRUCTURE_ONLY_METHODS,
+                "ranks structures only: use it with `pruning.mask_type: neurons`",
+            )
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name):
                 self._require(

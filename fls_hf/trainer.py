@@ -18,6 +18,9 @@ from .errors import RecipeError
 from .export.artifacts import write_pruning_artifacts, write_training_args
 from .export.card import write_model_card
 from .export.report import sparsity_report
+from .model.forward import unwrap
+from .model.structures import save_shrunk
+from .progress import log_main
 from .pruning.pruner import Pruner
 from .recipe import PruningRecipe, load_recipe, parse_overrides
 
@@ -86,8 +89,13 @@ class FishLegPruningTrainer(Trainer):
             self.pruner.enforce_masks()
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            write_pruning_artifacts(self.model, self.recipe, output_dir or self.args.output_dir)
-            write_training_args(self.args, output_dir or self.args.output_dir)
+            directory = output_dir or self.args.output_dir
+            if self.recipe.pruning.structure == "neurons" and not _internal_call:  # checkpoints stay resumable
+                model = unwrap(self.model)
+                width = save_shrunk(model, directory)["intermediate_size"]
+                log_main("fls_hf: saved shrunk, FFN width %d of %d", width, model.config.intermediate_size)
+            write_pruning_artifacts(self.model, self.recipe, directory)
+            write_training_args(self.args, directory)
 
     def create_model_card(
         self,

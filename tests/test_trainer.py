@@ -306,3 +306,35 @@ def test_gradual_kfac_obc_in_the_trainer_reaches_the_target_with_rounds_and_resu
         assert torch.all(adapter.weight_matrix()[~trainer.pruner.masks.keep_matrix(name)] == 0)
     resumed, again = run(tmp_path / "a", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
     assert again.pruner.masks.digest() == trainer.pruner.masks.digest()
+
+
+def test_gradual_neuron_pruning_in_the_trainer_saves_a_smaller_model_plain_transformers_loads(tmp_path):
+    """`pruning.mask_type: neurons`: every block loses the same share of FFN neurons along the schedule; `save_model`
+    writes the shrunk model (config.intermediate_size halved) with the trained model's logits."""
+    recipe = {
+        "pruning": {
+            "method": "kfac",
+            "mask_type": "neurons",
+            "global_sparsity": False,
+            "init_sparsity": 0.25,
+            "final_sparsity": 0.5,
+            "start_step": 0,
+            "end_step": 8,
+            "update_frequency": 4,
+        },
+        "curvature": {"num_examples": 8, "num_batches": 2},
+    }
+    model = tiny_bert()
+    trainer = FishLegPruningTrainer(model=model, args=training_args(tmp_path), recipe=recipe, train_dataset=dataset())
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert model.config.intermediate_size == 32  # the trained model keeps its shapes
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    assert reloaded.config.intermediate_size == 16
+    assert reloaded.bert.encoder.layer[1].output.dense.weight.shape == (16, 16)
+    batch = {k: torch.tensor(v) for k, v in dataset(4, seed=2)[:4].items() if k != "labels"}
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+    assert sparsity_report(model, trainer.recipe).global_sparsity == pytest.approx(0.5)

@@ -2,7 +2,8 @@
 
 A method is a config dataclass plus a provider class, registered under its recipe name
 (`pruning.method`): magnitude (Q = I/γ), diagonal_fisher (OBD), block_fisher (oBERT), kfac
-((G ⊗ Ā + γI)⁻¹ with the row model OBC uses) and fishleg.
+((G ⊗ Ā + γI)⁻¹ with the row model OBC uses), fishleg, and taylor (first-order importance of
+structures, a baseline for `mask_type: neurons`).
 `register_curvature` adds a method of your own.
 """
 
@@ -21,12 +22,14 @@ from .fishleg import FishLegConfig, FishLegProvider
 from .gradient_fisher import GradientFisherProvider
 from .kfac import KFACProvider
 from .magnitude import MagnitudeProvider
+from .taylor import TaylorProvider
 
 register_curvature("fishleg", FishLegProvider)
 register_curvature("magnitude", MagnitudeProvider)
 register_curvature("diagonal_fisher", DiagonalFisherProvider)
 register_curvature("block_fisher", BlockFisherProvider)
 register_curvature("kfac", KFACProvider)
+register_curvature("taylor", TaylorProvider)
 
 __all__ = [
     "BlockFisherConfig",
@@ -43,6 +46,7 @@ __all__ = [
     "KFACProvider",
     "MagnitudeProvider",
     "RowModel",
+    "TaylorProvider",
     "config_class_for",
     "provider_class_for",
     "register_curvature",

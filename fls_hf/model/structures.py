@@ -80,6 +80,24 @@ def live_neurons(model: nn.Module, block: FFNBlock) -> torch.Tensor:
     return dict(model.named_modules())[block.consumer].weight.detach().ne(0).any(dim=0)
 
 
+def _kept(model: nn.Module) -> tuple[list[FFNBlock], dict[str, torch.Tensor], dict[str, int], int]:
+    """Blocks, the neurons each keeps (its live ones, then the first dead ones as zero padding up to the common width,
+    in their original order), its live count, and the common width (the largest live count)."""
+    blocks = ffn_blocks(model)
+    if not blocks:
+        raise RecipeError(f"{type(model).__name__} has no FFN block fls_hf can shrink (BERT or Llama families)")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "intermediate_size"):
+        raise RecipeError(f"{type(model).__name__} has no `config.intermediate_size` to shrink")
+    live = {b.prefix: live_neurons(model, b) for b in blocks}
+    width = max(max(int(mask.sum()) for mask in live.values()), 1)
+    kept = {}
+    for prefix, mask in live.items():
+        padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
+        kept[prefix] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
+    return blocks, kept, {p: int(m.sum()) for p, m in live.items()}, width
+
+
 @torch.no_grad()
 def shrink_ffn(model: nn.Module) -> dict[str, int]:
     """Remove every FFN neuron whose consumer column is zero, in place, keeping one width for all blocks (the
@@ -89,25 +107,45 @@ def shrink_ffn(model: nn.Module) -> dict[str, int]:
     Returns:
         block prefix → live neurons, and "intermediate_size" → the new width.
     """
-    blocks = ffn_blocks(model)
-    if not blocks:
-        raise RecipeError(f"{type(model).__name__} has no FFN block fls_hf can shrink (BERT or Llama families)")
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "intermediate_size"):
-        raise RecipeError(f"{type(model).__name__} has no `config.intermediate_size` to shrink")
-    live = {b.prefix: live_neurons(model, b) for b in blocks}
-    width = max(max(int(mask.sum()) for mask in live.values()), 1)
+    blocks, kept, live, width = _kept(model)
     modules = dict(model.named_modules())
     for block in blocks:
-        mask = live[block.prefix]
-        # the live neurons, then the first dead ones as padding up to the common width, in their original order
-        padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
-        index = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
+        index = kept[block.prefix]
         for name in block.producers:
             _replace(model, name, _rows_of(modules[name], index))
         _replace(model, block.consumer, _columns_of(modules[block.consumer], index))
-    config.intermediate_size = width
-    return {**{prefix: int(mask.sum()) for prefix, mask in live.items()}, "intermediate_size": width}
+    model.config.intermediate_size = width
+    return {**live, "intermediate_size": width}
+
+
+@torch.no_grad()
+def shrunk_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The state dict `shrink_ffn` would leave, without touching `model` (only the FFN tensors are new; a training
+    run keeps its parameters and optimizer state). Returns (state dict, `shrink_ffn`'s report)."""
+    blocks, kept, live, width = _kept(model)
+    state = dict(model.state_dict())
+    for block in blocks:
+        index = kept[block.prefix]
+        for name in block.producers:
+            for key in (f"{name}.weight", f"{name}.bias"):
+                if key in state:
+                    state[key] = state[key][index.to(state[key].device)].clone()
+        key = f"{block.consumer}.weight"
+        state[key] = state[key][:, index.to(state[key].device)].clone()
+    return state, {**live, "intermediate_size": width}
+
+
+def save_shrunk(model: nn.Module, directory: str, **save_kwargs) -> dict[str, int]:
+    """`save_pretrained` of the shrunk model (`shrunk_state_dict`, `config.intermediate_size` set to the new width)
+    without changing `model`; loads with plain `from_pretrained`. Returns the shrink report."""
+    state, report = shrunk_state_dict(model)
+    original = model.config.intermediate_size
+    model.config.intermediate_size = report["intermediate_size"]
+    try:
+        model.save_pretrained(directory, state_dict=state, **save_kwargs)
+    finally:
+        model.config.intermediate_size = original
+    return report
 
 
 def _rows_of(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:

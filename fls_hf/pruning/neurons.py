@@ -5,9 +5,11 @@ Rules (`pruning.method`):
   per block, one threshold in loss units across blocks (or the same count in every block), the consumer's
   surviving columns compensated jointly;
 - magnitude: the neurons whose consumer column has the smallest ‖W_:,j‖² (the magnitude-of-group baseline), no
-  compensation.
+  compensation;
+- taylor: the smallest first-order importance E_batches[(Σ_i g_ij w_ij)²] (`curvature/taylor.py`), no compensation.
 Neurons removed by earlier steps stay removed (their columns are masked); λ is `damping` × mean diag Ā over the
-live neurons. Producers' rows are masked with no compensation (their neuron is gone).
+live neurons. Producers' rows are masked with no compensation (their neuron is gone). A block's curve runs to what it
+could receive (all that is wanted, within the cap), in at most `GREEDY_STEPS` steps.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ..model.adapters import LayerAdapter
 from ..model.structures import FFNBlock
 from .masks import MaskSet
 from .structured import GroupCurve, allocate, damped_inverse, group_compensation, group_removal_curve
+
+GREEDY_STEPS = 128  # greedy steps per block and pruning step at most: larger removals go in joint chunks
 
 
 def removed_neurons(masks: MaskSet, block: FFNBlock) -> torch.Tensor:
@@ -60,12 +64,14 @@ def prune_neurons(
     for consumer in provider.visit([b.consumer for b in blocks]):
         block = by_consumer[consumer]
         alive = torch.nonzero(~dead[block.prefix]).flatten()
-        count = max(cap[block.prefix] - (width[block.prefix] - len(alive)), 0)
-        if not global_scope:
-            count = wanted[block.prefix]
+        room = max(cap[block.prefix] - (width[block.prefix] - len(alive)), 0)
+        count = min(room, max(wanted, 0)) if global_scope else wanted[block.prefix]  # no block takes more than all
         w = layers[consumer].weight_matrix().double()[:, alive]
-        if rule == "magnitude":
-            costs = w.square().sum(0)
+        if rule in ("magnitude", "taylor"):
+            if rule == "magnitude":
+                costs = w.square().sum(0)
+            else:
+                costs = provider.column_importance(consumer)[alive.to(w.device)]
             order = torch.sort(costs, stable=True).indices[:count]
             curves[block.prefix] = GroupCurve(order, costs[order].cpu())
             continue
@@ -77,7 +83,8 @@ def prune_neurons(
             )
         a_bar = model.a_bar()[alive][:, alive]
         inverses[block.prefix] = damped_inverse(a_bar, damping)
-        curves[block.prefix] = group_removal_curve(w, model.row_weight, inverses[block.prefix], 1, count)
+        chunk = -(-count // GREEDY_STEPS) if count else 1
+        curves[block.prefix] = group_removal_curve(w, model.row_weight, inverses[block.prefix], 1, count, chunk)
     if global_scope:
         if wanted > sum(len(c.order) for c in curves.values()):
             raise CurvatureError(

@@ -56,16 +56,28 @@ def _grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
     return matrix.reshape(*matrix.shape[:-1], -1, group_size)
 
 
-def group_costs(weight: torch.Tensor, row_weight: torch.Tensor, h_inv: torch.Tensor, group_size: int) -> torch.Tensor:
-    """cost(P) = ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP for every group of `group_size` consecutive columns: (n,)."""
+def group_costs(
+    weight: torch.Tensor,
+    row_weight: torch.Tensor,
+    h_inv: torch.Tensor,
+    group_size: int,
+    alive: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """cost(P) = ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP for every group of `group_size` consecutive columns: (n,); inf for
+    the groups not `alive` (removed: their block of H⁻¹ is zero after the downdates)."""
     w = _grouped(weight.double(), group_size)  # (rows, n, g)
     n = w.shape[1]
     index = torch.arange(n * group_size, device=h_inv.device).view(n, group_size)
     blocks = h_inv[index[:, :, None], index[:, None, :]]  # (n, g, g) diagonal blocks H⁻¹_PP
+    if alive is not None:  # removed groups: the identity, so the batched solve stays finite
+        eye = torch.eye(group_size, dtype=blocks.dtype, device=blocks.device)
+        blocks = torch.where(alive[:, None, None], blocks, eye)
     if group_size == 1:
-        return 0.5 * (row_weight.double()[:, None] * w[..., 0].square()).sum(0) / blocks[:, 0, 0]
-    solved = torch.linalg.solve(blocks[None], w.unsqueeze(-1)).squeeze(-1)  # [H⁻¹_PP]⁻¹ w_iP, (rows, n, g)
-    return 0.5 * torch.einsum("i,ing,ing->n", row_weight.double(), w, solved)
+        costs = 0.5 * (row_weight.double() @ w[..., 0].square()) / blocks[:, 0, 0]
+    else:
+        solved = torch.linalg.solve(blocks[None], w.unsqueeze(-1)).squeeze(-1)  # [H⁻¹_PP]⁻¹ w_iP, (rows, n, g)
+        costs = 0.5 * torch.einsum("i,ing,ing->n", row_weight.double(), w, solved)
+    return costs if alive is None else torch.where(alive, costs, torch.inf)
 
 
 def group_compensation(
@@ -98,8 +110,11 @@ def group_removal_curve(
     h_inv: torch.Tensor,
     group_size: int = 1,
     count: int | None = None,
+    chunk: int = 1,
 ) -> GroupCurve:
-    """Greedy group OBS: remove the cheapest group, update W and downdate H⁻¹, `count` times (default: all but one).
+    """Greedy group OBS: remove the cheapest group, update W and downdate H⁻¹, until `count` groups are gone (default:
+    all but one). `chunk` > 1 removes that many of the currently cheapest groups per step, jointly (their update and
+    joint cost are exact OBS; each gets an equal share of the joint cost): `chunk` × fewer steps, each O(cols²).
 
     Args:
         weight: (rows, cols) W, cols a multiple of `group_size`.
@@ -111,35 +126,30 @@ def group_removal_curve(
         raise ValueError(f"{cols} columns do not split into groups of {group_size}")
     n = cols // group_size
     count = n - 1 if count is None else count
-    if not 0 <= count <= n:
-        raise ValueError(f"cannot remove {count} of {n} groups")
+    if not 0 <= count <= n or chunk < 1:
+        raise ValueError(f"cannot remove {count} of {n} groups in chunks of {chunk}")
     w, h, g = weight.double().clone(), h_inv.double().clone(), row_weight.double()
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
-    order, costs = [], []
-    for _ in range(count):
-        cost = torch.where(alive, group_costs(w, g, _safe(h, alive, group_size), group_size), torch.inf)
-        best = int(torch.argmin(cost))  # first minimum: lowest index on ties
-        order.append(best)
-        costs.append(float(cost[best]))
-        columns = torch.arange(best * group_size, (best + 1) * group_size, device=w.device)
+    order: list[int] = []
+    costs: list[float] = []
+    offsets = torch.arange(group_size, device=w.device)
+    while len(order) < count:
+        cost = group_costs(w, g, h, group_size, alive)
+        take = min(chunk, count - len(order))
+        # the cheapest `take` groups, lowest index first on ties (a stable sort of the costs)
+        chosen = torch.sort(cost, stable=True).indices[:take]
+        columns = (chosen[:, None] * group_size + offsets).reshape(-1)
         block_inv = torch.linalg.inv(h[columns][:, columns])
-        w = w - (w[:, columns] @ block_inv) @ h[columns]
+        coefficients = w[:, columns] @ block_inv  # W_P [H⁻¹_PP]⁻¹
+        joint = float(cost[chosen[0]]) if take == 1 else 0.5 * float((g @ (coefficients * w[:, columns])).sum())
+        order += chosen.tolist()
+        costs += [joint / take] * take
+        w = w - coefficients @ h[columns]
         w[:, columns] = 0.0
         h = h - h[:, columns] @ block_inv @ h[columns]
-        alive[best] = False
+        alive[chosen] = False
     device = weight.device
     return GroupCurve(torch.tensor(order, dtype=torch.int64, device=device), torch.tensor(costs, dtype=torch.float64))
-
-
-def _safe(h_inv: torch.Tensor, alive: torch.Tensor, group_size: int) -> torch.Tensor:
-    """H⁻¹ with the removed groups' diagonal blocks set to the identity (they are zero after downdates; their cost is
-    masked to inf, but the batched solve must stay finite)."""
-    dead = (~alive).repeat_interleave(group_size)
-    if not dead.any():
-        return h_inv
-    out = h_inv.clone()
-    out[dead, dead] = 1.0
-    return out
 
 
 def allocate(curves: dict[str, GroupCurve], total: int) -> dict[str, int]:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fls_hf.errors import RecipeError
-from fls_hf.model.structures import ffn_blocks, live_neurons, shrink_ffn
+from fls_hf.model.structures import ffn_blocks, live_neurons, save_shrunk, shrink_ffn
 
 from helpers import MLP, causal_batches, tiny_bert, tiny_llama, token_batches
 
@@ -62,3 +62,24 @@ def test_shrink_refuses_models_without_ffn_blocks():
 def test_causal_batches_label_real_tokens():
     batch = causal_batches(n_batches=1)[0]
     assert bool((batch["labels"][batch["attention_mask"] == 0] == -100).all())
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_save_shrunk_leaves_the_model_alone_and_reloads_with_the_same_logits(tmp_path, family):
+    model = (tiny_bert() if family == "bert" else tiny_llama()).eval()
+    blocks = ffn_blocks(model)
+    width = model.config.intermediate_size
+    for block in blocks:
+        _kill(model, block, list(range(0, width, 2)))
+    batch = {k: v for k, v in token_batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**batch).logits
+    report = save_shrunk(model, tmp_path)
+    assert report["intermediate_size"] == width // 2
+    assert model.config.intermediate_size == width  # the live model keeps its shapes (training goes on)
+    assert model.get_submodule(blocks[0].consumer).weight.shape[1] == width
+    auto = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(tmp_path).eval()
+    assert reloaded.config.intermediate_size == width // 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, before, rtol=0, atol=1e-6)

@@ -93,3 +93,26 @@ def test_neurons_need_a_supported_method_and_model():
 
     with pytest.raises(RecipeError, match="no FFN block"):
         Pruner(MLP(), recipe())
+
+
+def test_taylor_importance_is_the_batch_mean_of_squared_gradient_times_weight():
+    model = tiny_bert(intermediate_size=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batches = token_batches(n_batches=3)
+    pruner = Pruner(model, recipe("taylor"))
+    pruner.provider.ready(model, batches)
+    consumer = ffn_blocks(model)[1].consumer
+    weight = model.get_submodule(consumer).weight
+    expected = torch.zeros(40, dtype=torch.float64)
+    model.eval()
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()  # the mean cross-entropy of the batch: the same loss
+        expected += (weight.grad * weight.detach()).double().sum(0).square()
+    torch.testing.assert_close(pruner.provider.column_importance(consumer), expected / 3, rtol=1e-5, atol=1e-12)
+    oneshot(model, batches, recipe("taylor", share=0.5, global_sparsity=False))
+    assert set(removed(model).values()) == {20}
+
+
+def test_taylor_ranks_structures_only():
+    with pytest.raises(RecipeError, match="ranks structures only"):
+        load_recipe({"pruning": {"method": "taylor", "final_sparsity": 0.5}})

@@ -116,3 +116,16 @@ def test_zero_statistics_and_bad_shapes_are_refused():
     w, g, a_bar = layer()
     with pytest.raises(ValueError, match="groups of 4"):
         group_removal_curve(w, g, damped_inverse(a_bar, DAMPING), group_size=4)
+
+
+def test_chunked_greedy_steps_are_joint_obs_over_each_chunk():
+    """`chunk` groups per step: the removed set's update is still the joint OBS update over the union, and the costs
+    add up to its joint loss."""
+    w, g, a_bar = layer(rows=4, groups=9, seed=4)
+    h_inv = damped_inverse(a_bar, DAMPING)
+    curve = group_removal_curve(w, g, h_inv, count=7, chunk=3)  # steps of 3, 3, 1
+    assert len(curve.order) == len(set(curve.order.tolist())) == 7
+    cost, new = exact_obs(w, g, a_bar, sorted(curve.order.tolist()))
+    assert float(curve.costs.sum()) == pytest.approx(cost, rel=1e-8)
+    torch.testing.assert_close(group_compensation(w, h_inv, curve.order, 1), new, rtol=1e-8, atol=1e-10)
+    assert torch.equal(curve.costs[:3], curve.costs[:1].expand(3))  # one chunk: equal shares
