@@ -72,8 +72,8 @@ METHODS = {
     "fls-obc-sweep-rel": minilm.recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="sweep"
     ),
-    # issue 20, `--mask_type neurons`: FFN neurons by group OBS (kfac) or column norm (magnitude); `-uniform` removes the
-    # same share in every block (one width: the saved model shrinks), the others allocate by one global threshold
+    # issue 20, `--mask_type neurons`: FFN neurons by group OBS (kfac) or column norm (magnitude); `-uniform` removes
+    # the same share in every block (one width: the saved model shrinks), the others allocate by one global threshold
     "fls-obc-rel-uniform": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, global_sparsity=False),
     "gmp-uniform": minilm.recipe("magnitude", {}, compensation="none", global_sparsity=False),
     # first-order Taylor importance (Molchanov et al. 2019) from 8 batches of 32 (the kfac rows' 256 examples)

@@ -52,7 +52,7 @@ INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
 OBC_SOLVERS = ("exact", "sweep")
-STRUCTURES = ("neurons",)  # `pruning.mask_type` values that remove whole structures (issue 20)
+STRUCTURES = ("neurons", "heads")  # `pruning.mask_type` values that remove whole structures (issue 20)
 STRUCTURE_METHODS = ("kfac", "magnitude", "taylor")  # group OBS (K-FAC statistics) | column norms | first-order
 STRUCTURE_ONLY_METHODS = ("taylor",)  # rank structures only: they hold no inverse Fisher for single weights
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
@@ -74,8 +74,9 @@ class PruningConfig:
             Module names or `re:` regexes never pruned (task heads by default).
         mask_type (`str`, defaults to `'unstructured'`):
             unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or neurons: remove whole FFN
-            neurons (method kfac: group OBS; magnitude: column norms) of every FFN block (BERT and Llama families;
-            `targets` are ignored); the sparsities are then shares of neurons.
+            neurons, or heads: remove whole FFN neurons / attention heads (grouped-query attention: a KV head with
+            its query heads) of every block (BERT and Llama families; `targets` are ignored) — method kfac: group
+            OBS, magnitude: group norms, taylor: first-order importance; the sparsities are then shares of them.
         global_sparsity (`bool`, defaults to `True`):
             Rank saliencies across all targeted layers (true) or within each layer (false); with neurons: one
             threshold over all blocks, or the same share in every block (keeps one width, so the model shrinks).
@@ -271,7 +272,7 @@ class PruningConfig:
             self._require(
                 "method",
                 self.method not in STRUCTURE_ONLY_METHODS,
-                "ranks structures only: use it with `pruning.mask_type: neurons`",
+                "ranks structures only: use it with `pruning.mask_type: neurons` or `heads`",
             )
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name):
@@ -283,7 +284,7 @@ class PruningConfig:
 
     @property
     def structure(self) -> str | None:
-        """The structure removed whole (`neurons`: FFN neurons), None when weights are pruned one by one."""
+        """The structure removed whole (neurons: FFN neurons, heads: attention heads), None for single weights."""
         return self.mask_type if self.mask_type in STRUCTURES else None
 
     @property
@@ -413,7 +414,8 @@ def parse_mask_type(value: Any) -> tuple[int, int] | None:
         # YAML 1.1 (PyYAML) reads an unquoted N:M as a base-60 integer: 2:4 → 124, 4:8 → 248
         hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
         raise RecipeError(
-            f'recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "N:M", neurons'
+            f"recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "
+            '"N:M", neurons, heads'
         )
     if value.strip().lower() in ("unstructured", *STRUCTURES):  # a structure's weights follow no N:M pattern
         return None
@@ -421,7 +423,7 @@ def parse_mask_type(value: Any) -> tuple[int, int] | None:
     if match is None:
         raise RecipeError(
             f"recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "
-            '"N:M" such as "2:4", neurons'
+            '"N:M" such as "2:4", neurons, heads'
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n < m:

@@ -90,10 +90,10 @@ class FishLegPruningTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             directory = output_dir or self.args.output_dir
-            if self.recipe.pruning.structure == "neurons" and not _internal_call:  # checkpoints stay resumable
-                model = unwrap(self.model)
-                width = save_shrunk(model, directory)["intermediate_size"]
-                log_main("fls_hf: saved shrunk, FFN width %d of %d", width, model.config.intermediate_size)
+            structure = self.recipe.pruning.structure
+            if structure is not None and not _internal_call:  # checkpoints stay resumable
+                shrunk = save_shrunk(unwrap(self.model), directory, structure)
+                log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
             write_pruning_artifacts(self.model, self.recipe, directory)
             write_training_args(self.args, directory)
 

@@ -1,9 +1,15 @@
-"""Structures of a transformer that can be removed whole: FFN neurons (issue 20). No maths here.
+"""Structures of a transformer that can be removed whole: FFN neurons and attention heads (issue 20). No maths here.
 
-An FFN block maps x → down(act(up(x)) [⊙ gate(x)]): neuron j is row j of every producer (up, gate) and column j
-of the consumer (down). A neuron whose consumer column is zero adds nothing to the block's output, whatever its
-producers hold, so removing it from all three layers is exact; `shrink_ffn` does that and rewrites
-`config.intermediate_size`, so the model loads with plain `from_pretrained`.
+A structure is a group of input columns of a consumer layer and the matching output rows of its producers:
+- an FFN neuron j of x → down(act(up(x)) [⊙ gate(x)]) is column j of down and row j of up (and gate);
+- an attention head group is the `head_dim` columns per query head of the output projection o, the matching rows of
+  q and the rows of the key / value head they read (grouped-query attention: a KV head and its query heads go
+  together; BERT: one head).
+Whatever its producers hold, a group whose consumer columns are zero adds nothing to the output, so removing it from
+every layer of the block is exact. `shrink` does that and rewrites the config (`intermediate_size`; Llama's
+`num_attention_heads` / `num_key_value_heads`, `head_dim` kept), so the model loads with plain `from_pretrained`.
+BERT's attention derives its head size from hidden_size / num_attention_heads, so its heads cannot shrink that way:
+they stay in the saved model as zeros.
 """
 
 from __future__ import annotations
@@ -22,47 +28,123 @@ FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("intermediate.dense",), "output.dense"),  # BERT family (BertLayer, RobertaLayer, …)
     (("gate_proj", "up_proj"), "down_proj"),  # Llama family (LlamaMLP, MistralMLP, Qwen2MLP, …)
 )
+# (attention module holding the head sizes, (q, k, v), o, whether plain transformers can load it shrunk)
+ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, str, str], str, bool], ...] = (
+    (
+        "attention.self",
+        ("attention.self.query", "attention.self.key", "attention.self.value"),
+        "attention.output.dense",
+        False,
+    ),  # fmt: skip
+    ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True),
+)
+STRUCTURE_KINDS = ("neurons", "heads")
 
 
 @dataclass(frozen=True)
-class FFNBlock:
-    """Module names of one FFN block: `producers` make the neurons (output rows), `consumer` reads them (columns)."""
+class StructureBlock:
+    """Module names of one block and how its groups lie in them: group g is columns [g·columns, (g+1)·columns) of the
+    consumer and rows [g·r, (g+1)·r) of each producer, r its entry of `producer_rows`.
 
+    Args:
+        kind: neurons | heads.
+        prefix: the block's module name.
+        producers: modules whose output rows make the groups (up / gate; q / k / v).
+        consumer: the module whose input columns read them (down; o).
+        producer_rows: rows per group in each producer.
+        columns: consumer columns per group.
+        groups: how many groups the block has.
+        heads_per_group: query heads per group (heads; 1 for neurons).
+        shrinkable: whether plain transformers can load the block with fewer groups.
+    """
+
+    kind: str
     prefix: str
     producers: tuple[str, ...]
     consumer: str
+    producer_rows: tuple[int, ...]
+    columns: int
+    groups: int
+    heads_per_group: int = 1
+    shrinkable: bool = True
 
     @property
     def modules(self) -> tuple[str, ...]:
         return (*self.producers, self.consumer)
 
+    def config_sizes(self, groups: int) -> dict[str, int]:
+        """The config entries of a model whose blocks of this kind keep `groups` groups."""
+        if self.kind == "neurons":
+            return {"intermediate_size": groups}
+        return {"num_key_value_heads": groups, "num_attention_heads": groups * self.heads_per_group}
 
-def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+
+def _child(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
     """Every FFN block of `model` in module order (BERT and Llama families); each block's Linear layers agree on the
     number of neurons."""
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
         for producers, consumer in FFN_LAYOUTS:
-            names = [f"{prefix}.{child}" if prefix else child for child in (*producers, consumer)]
+            names = [_child(prefix, child) for child in (*producers, consumer)]
             if not all(isinstance(modules.get(n), nn.Linear) for n in names):
                 continue
             width = modules[names[-1]].in_features
             if any(modules[n].out_features != width for n in names[:-1]):
                 continue
-            blocks.append(FFNBlock(prefix, tuple(names[:-1]), names[-1]))
+            blocks.append(
+                StructureBlock("neurons", prefix, tuple(names[:-1]), names[-1], (1,) * len(producers), 1, width)
+            )
     return blocks
 
 
-def structure_blocks(model: nn.Module, structure: str | None) -> list[FFNBlock]:
-    """The FFN blocks whose neurons `pruning.mask_type: neurons` removes; [] for weight masks (`structure` None)."""
+def attention_blocks(model: nn.Module) -> list[StructureBlock]:
+    """Every attention block of `model` in module order (BERT and Llama families): its groups are KV heads with
+    their query heads (one head each without grouped-query attention)."""
+    modules = dict(model.named_modules())
+    blocks = []
+    for prefix in modules:
+        for holder, producers, consumer, shrinkable in ATTENTION_LAYOUTS:
+            names = [_child(prefix, child) for child in (*producers, consumer)]
+            attention = modules.get(_child(prefix, holder))
+            if attention is None or not all(isinstance(modules.get(n), nn.Linear) for n in names):
+                continue
+            head_dim = getattr(attention, "head_dim", getattr(attention, "attention_head_size", None))
+            per_group = getattr(attention, "num_key_value_groups", 1)
+            q, k, v, o = (modules[n] for n in names)
+            if head_dim is None or k.out_features % head_dim or k.out_features != v.out_features:
+                continue
+            groups = k.out_features // head_dim
+            if q.out_features != groups * per_group * head_dim or o.in_features != q.out_features:
+                continue
+            rows = (per_group * head_dim, head_dim, head_dim)
+            blocks.append(
+                StructureBlock(
+                    "heads", prefix, tuple(names[:3]), names[3], rows, rows[0], groups, per_group, shrinkable
+                )
+            )
+    return blocks
+
+
+def structure_blocks(model: nn.Module, structure: str | None) -> list[StructureBlock]:
+    """The blocks whose groups `pruning.mask_type` (neurons | heads) removes; [] for weight masks (`structure` None)."""
     if structure is None:
         return []
-    blocks = ffn_blocks(model)
+    blocks = ffn_blocks(model) if structure == "neurons" else attention_blocks(model)
     if not blocks:
+        known = (
+            "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj"
+            if structure == "neurons"
+            else "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
+            "self_attn.q_proj / k_proj / v_proj → o_proj"
+        )
         raise RecipeError(
-            f"recipe key `pruning.mask_type` = {structure!r}: {type(model).__name__} has no FFN block fls_hf knows "
-            "(BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj)"
+            f"recipe key `pruning.mask_type` = {structure!r}: {type(model).__name__} has no block fls_hf knows "
+            f"({known})"
         )
     return blocks
 
@@ -75,76 +157,115 @@ def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
     return resolve_targets(model, pruning.targets, pruning.ignore)
 
 
-def live_neurons(model: nn.Module, block: FFNBlock) -> torch.Tensor:
-    """bool (neurons,): True where the consumer's column holds a non-zero weight."""
-    return dict(model.named_modules())[block.consumer].weight.detach().ne(0).any(dim=0)
+def live_groups(model: nn.Module, block: StructureBlock) -> torch.Tensor:
+    """bool (groups,): True where the group's consumer columns hold a non-zero weight."""
+    weight = model.get_submodule(block.consumer).weight.detach()
+    return weight.ne(0).reshape(weight.shape[0], -1, block.columns).any(dim=(0, 2))  # the groups it has now
 
 
-def _kept(model: nn.Module) -> tuple[list[FFNBlock], dict[str, torch.Tensor], dict[str, int], int]:
-    """Blocks, the neurons each keeps (its live ones, then the first dead ones as zero padding up to the common width,
-    in their original order), its live count, and the common width (the largest live count)."""
-    blocks = ffn_blocks(model)
-    if not blocks:
-        raise RecipeError(f"{type(model).__name__} has no FFN block fls_hf can shrink (BERT or Llama families)")
+def group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
+    """Row (or column) indices of the given groups, `size` consecutive ones per group."""
+    return (groups[:, None] * size + torch.arange(size, device=groups.device)).reshape(-1)
+
+
+def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock], dict[str, torch.Tensor], dict]:
+    """The shrinkable blocks of `kinds`, the groups each keeps (its live ones, then the first dead ones as zero
+    padding up to the kind's common width, in their original order), and the report: live groups per block and the
+    config entries of the new widths."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "intermediate_size"):
-        raise RecipeError(f"{type(model).__name__} has no `config.intermediate_size` to shrink")
-    live = {b.prefix: live_neurons(model, b) for b in blocks}
-    width = max(max(int(mask.sum()) for mask in live.values()), 1)
-    kept = {}
-    for prefix, mask in live.items():
-        padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
-        kept[prefix] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
-    return blocks, kept, {p: int(m.sum()) for p, m in live.items()}, width
+    if config is None:
+        raise RecipeError(f"{type(model).__name__} has no `config` to shrink")
+    blocks = [b for kind in kinds for b in (ffn_blocks(model) if kind == "neurons" else attention_blocks(model))]
+    blocks = [b for b in blocks if b.shrinkable and all(hasattr(config, key) for key in b.config_sizes(1))]
+    if not blocks:
+        raise RecipeError(
+            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT or Llama families, "
+            "heads: Llama family)"
+        )
+    live = {b.prefix + "/" + b.kind: live_groups(model, b) for b in blocks}
+    kept, report = {}, {}
+    for kind in kinds:
+        of_kind = [b for b in blocks if b.kind == kind]
+        if not of_kind:
+            continue
+        width = max(max(int(live[f"{b.prefix}/{kind}"].sum()) for b in of_kind), 1)
+        for block in of_kind:
+            mask = live[f"{block.prefix}/{kind}"]
+            padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
+            kept[f"{block.prefix}/{kind}"] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
+            report[f"{block.prefix}/{kind}"] = int(mask.sum())
+        report.update(of_kind[0].config_sizes(width))
+    return blocks, kept, report
+
+
+def _kinds(kinds: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    kinds = STRUCTURE_KINDS if kinds is None else (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [k for k in kinds if k not in STRUCTURE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown structure {unknown[0]!r}; expected {', '.join(STRUCTURE_KINDS)}")
+    return kinds
 
 
 @torch.no_grad()
-def shrink_ffn(model: nn.Module) -> dict[str, int]:
-    """Remove every FFN neuron whose consumer column is zero, in place, keeping one width for all blocks (the
-    largest live count; narrower blocks keep some dead neurons as zero padding) and setting
-    `config.intermediate_size` to it. Exact: the outputs do not change.
+def shrink(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> dict[str, int]:
+    """Remove every group (FFN neuron, attention head group) whose consumer columns are zero, in place, keeping one
+    width per kind for all blocks (the largest live count; narrower blocks keep some dead groups as zero padding),
+    and set the config to it. Exact: the outputs do not change. Blocks plain transformers cannot load shrunk (BERT's
+    heads) are left as they are.
 
     Returns:
-        block prefix → live neurons, and "intermediate_size" → the new width.
+        "<block prefix>/<kind>" → live groups, and the config entries set.
     """
-    blocks, kept, live, width = _kept(model)
-    modules = dict(model.named_modules())
+    blocks, kept, report = _kept(model, _kinds(kinds))
     for block in blocks:
-        index = kept[block.prefix]
-        for name in block.producers:
-            _replace(model, name, _rows_of(modules[name], index))
-        _replace(model, block.consumer, _columns_of(modules[block.consumer], index))
-    model.config.intermediate_size = width
-    return {**live, "intermediate_size": width}
+        index = kept[f"{block.prefix}/{block.kind}"]
+        for name, rows in zip(block.producers, block.producer_rows):
+            _replace(model, name, _rows_of(model.get_submodule(name), group_rows(index, rows)))
+        consumer = model.get_submodule(block.consumer)
+        _replace(model, block.consumer, _columns_of(consumer, group_rows(index, block.columns)))
+    for key, value in report.items():
+        if "/" not in key:
+            setattr(model.config, key, value)
+    return report
+
+
+def shrink_ffn(model: nn.Module) -> dict[str, int]:
+    """`shrink` of the FFN neurons only."""
+    return shrink(model, "neurons")
 
 
 @torch.no_grad()
-def shrunk_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The state dict `shrink_ffn` would leave, without touching `model` (only the FFN tensors are new; a training
-    run keeps its parameters and optimizer state). Returns (state dict, `shrink_ffn`'s report)."""
-    blocks, kept, live, width = _kept(model)
+def shrunk_state_dict(
+    model: nn.Module, kinds: str | tuple[str, ...] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The state dict `shrink` would leave, without touching `model` (only the shrunk tensors are new; a training
+    run keeps its parameters and optimizer state). Returns (state dict, `shrink`'s report)."""
+    blocks, kept, report = _kept(model, _kinds(kinds))
     state = dict(model.state_dict())
     for block in blocks:
-        index = kept[block.prefix]
-        for name in block.producers:
+        index = kept[f"{block.prefix}/{block.kind}"]
+        for name, rows in zip(block.producers, block.producer_rows):
             for key in (f"{name}.weight", f"{name}.bias"):
                 if key in state:
-                    state[key] = state[key][index.to(state[key].device)].clone()
+                    state[key] = state[key][group_rows(index, rows).to(state[key].device)].clone()
         key = f"{block.consumer}.weight"
-        state[key] = state[key][:, index.to(state[key].device)].clone()
-    return state, {**live, "intermediate_size": width}
+        state[key] = state[key][:, group_rows(index, block.columns).to(state[key].device)].clone()
+    return state, report
 
 
-def save_shrunk(model: nn.Module, directory: str, **save_kwargs) -> dict[str, int]:
-    """`save_pretrained` of the shrunk model (`shrunk_state_dict`, `config.intermediate_size` set to the new width)
-    without changing `model`; loads with plain `from_pretrained`. Returns the shrink report."""
-    state, report = shrunk_state_dict(model)
-    original = model.config.intermediate_size
-    model.config.intermediate_size = report["intermediate_size"]
+def save_shrunk(model: nn.Module, directory: str, kinds: str | tuple[str, ...] | None = None) -> dict[str, int]:
+    """`save_pretrained` of the shrunk model (`shrunk_state_dict`, the config set to the new widths) without
+    changing `model`; loads with plain `from_pretrained`. Returns the shrink report."""
+    state, report = shrunk_state_dict(model, kinds)
+    sizes = {k: v for k, v in report.items() if "/" not in k}
+    original = {k: getattr(model.config, k) for k in sizes}
+    for key, value in sizes.items():
+        setattr(model.config, key, value)
     try:
-        model.save_pretrained(directory, state_dict=state, **save_kwargs)
+        model.save_pretrained(directory, state_dict=state)
     finally:
-        model.config.intermediate_size = original
+        for key, value in original.items():
+            setattr(model.config, key, value)
     return report
 
 

@@ -34,8 +34,8 @@ from ..model.forward import unwrap
 from ..model.structures import pruned_layers, structure_blocks
 from ..progress import log_main, logger
 from ..recipe import PruningRecipe, load_recipe
+from .groups import prune_groups
 from .masks import MaskSet
-from .neurons import prune_neurons
 from .patterns import parse_mask_type
 from .schedule import SparsitySchedule, recomputation_targets
 from .surgeon import prune_step, rule_mismatch
@@ -58,7 +58,7 @@ class Pruner:
     def __init__(self, model: nn.Module, recipe: PruningRecipe | Mapping[str, Any] | str | Path) -> None:
         self.recipe = recipe if isinstance(recipe, PruningRecipe) else load_recipe(recipe)  # parsed once, upstream
         cfg = self.recipe.pruning
-        self.blocks = structure_blocks(unwrap(model), cfg.structure)  # FFN neurons: every block's layers
+        self.blocks = structure_blocks(unwrap(model), cfg.structure)  # neurons / heads: every block's layers
         self.layers = pruned_layers(unwrap(model), cfg)
         if not self.layers:
             raise RecipeError(
@@ -68,8 +68,9 @@ class Pruner:
         self.shards = _shards_for(self.layers, cfg.method)  # FSDP2: None when the weights are whole
         if self.shards is not None and self.blocks:
             raise DistributedError(
-                "recipe key `pruning.mask_type` = 'neurons' is not supported under FSDP yet (a neuron's cost sums over "
-                "every rank's rows): prune neurons unsharded (DDP or one process), or use unstructured / N:M masks"
+                f"recipe key `pruning.mask_type` = {cfg.mask_type!r} is not supported under FSDP yet (a group's cost "
+                "sums over every rank's rows): prune structures unsharded (DDP or one process), or use unstructured / "
+                "N:M masks"
             )
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
@@ -151,7 +152,7 @@ class Pruner:
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
             self._ready_curvature(model, stream)
             if self.blocks:
-                prune_neurons(
+                prune_groups(
                     self.provider,
                     self.layers,
                     self.masks,

@@ -1,12 +1,12 @@
-"""FFN blocks found in BERT and Llama models, and `shrink_ffn` (issue 20): removing neurons whose consumer column
-is zero gives the same outputs, and the shrunk model round-trips through plain `from_pretrained`."""
+"""FFN and attention blocks found in BERT and Llama models, and `shrink` (issue 20): removing neurons / heads whose
+consumer columns are zero gives the same outputs, and the shrunk model round-trips through plain `from_pretrained`."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fls_hf.errors import RecipeError
-from fls_hf.model.structures import ffn_blocks, live_neurons, save_shrunk, shrink_ffn
+from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, save_shrunk, shrink, shrink_ffn
 
 from helpers import MLP, causal_batches, tiny_bert, tiny_llama, token_batches
 
@@ -39,9 +39,9 @@ def test_shrink_removes_dead_neurons_exactly_and_reloads_with_plain_transformers
         before = model(**batch).logits
     report = shrink_ffn(model)
     assert report["intermediate_size"] == width - 2 == model.config.intermediate_size
-    assert report[blocks[0].prefix] == width - 5 and report[blocks[1].prefix] == width - 2
+    assert report[blocks[0].prefix + "/neurons"] == width - 5 and report[blocks[1].prefix + "/neurons"] == width - 2
     assert model.get_submodule(blocks[0].consumer).weight.shape[1] == width - 2
-    assert int((~live_neurons(model, blocks[0])).sum()) == 3  # zero padding up to the common width
+    assert int((~live_groups(model, blocks[0])).sum()) == 3  # zero padding up to the common width
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-6)
     model.save_pretrained(tmp_path)
@@ -55,8 +55,10 @@ def test_shrink_removes_dead_neurons_exactly_and_reloads_with_plain_transformers
 
 
 def test_shrink_refuses_models_without_ffn_blocks():
-    with pytest.raises(RecipeError, match="no FFN block"):
+    with pytest.raises(RecipeError, match="has no `config` to shrink"):
         shrink_ffn(MLP())
+    with pytest.raises(RecipeError, match="no block fls_hf can shrink"):  # BERT's heads: head size from the config
+        shrink(tiny_bert(), "heads")
 
 
 def test_causal_batches_label_real_tokens():
@@ -83,3 +85,36 @@ def test_save_shrunk_leaves_the_model_alone_and_reloads_with_the_same_logits(tmp
     assert reloaded.config.intermediate_size == width // 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, before, rtol=0, atol=1e-6)
+
+
+def test_attention_blocks_group_kv_heads_with_their_query_heads():
+    bert = attention_blocks(tiny_bert())  # 2 heads of 8
+    assert [b.prefix for b in bert] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert bert[0].consumer == "bert.encoder.layer.0.attention.output.dense"
+    assert (bert[0].groups, bert[0].columns, bert[0].producer_rows, bert[0].shrinkable) == (2, 8, (8, 8, 8), False)
+    llama = attention_blocks(tiny_llama())  # 4 query heads of 4 over 2 KV heads
+    assert llama[0].producers == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert (llama[0].groups, llama[0].columns, llama[0].producer_rows, llama[0].heads_per_group) == (2, 8, (8, 4, 4), 2)
+    assert llama[0].config_sizes(1) == {"num_key_value_heads": 1, "num_attention_heads": 2}
+
+
+def test_llama_heads_shrink_by_kv_group_and_reload_with_the_same_logits(tmp_path):
+    model = tiny_llama().eval()
+    blocks = attention_blocks(model)
+    with torch.no_grad():
+        for block in blocks:  # the second KV group (query heads 2, 3) of every layer
+            model.get_submodule(block.consumer).weight[:, 8:] = 0
+    batch = {k: v for k, v in token_batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**batch).logits
+    report = save_shrunk(model, tmp_path, "heads")
+    assert report["num_key_value_heads"] == 1 and report["num_attention_heads"] == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.model.layers[0].self_attn.q_proj.weight.shape == (8, 16)
+    assert reloaded.model.layers[0].self_attn.k_proj.weight.shape == (4, 16)
+    assert reloaded.config.head_dim == 4
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, before, rtol=0, atol=1e-6)
+    shrink(model, "heads")  # in place: the live model runs shrunk too
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-6)

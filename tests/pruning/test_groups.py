@@ -1,25 +1,26 @@
-"""FFN neurons removed whole (`pruning.mask_type: neurons`, issue 20) through the public one-shot API."""
+"""FFN neurons and attention heads removed whole (`pruning.mask_type: neurons | heads`, issue 20) through the public
+one-shot API."""
 
 import pytest
 import torch
 
 from fls_hf import load_recipe, oneshot
 from fls_hf.errors import RecipeError
-from fls_hf.model.structures import ffn_blocks, live_neurons, shrink_ffn
+from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, shrink, shrink_ffn
 from fls_hf.pruning.pruner import Pruner
 
 from helpers import causal_batches, tiny_bert, tiny_llama, token_batches
 
 
-def recipe(method="kfac", share=0.5, **pruning):
+def recipe(method="kfac", share=0.5, mask_type="neurons", **pruning):
     return {
-        "pruning": {"method": method, "mask_type": "neurons", "final_sparsity": share, **pruning},
+        "pruning": {"method": method, "mask_type": mask_type, "final_sparsity": share, **pruning},
         "curvature": {"num_examples": 16, "num_batches": 4} if method == "kfac" else {},
     }
 
 
 def removed(model) -> dict[str, int]:
-    return {b.prefix: int((~live_neurons(model, b)).sum()) for b in ffn_blocks(model)}
+    return {b.prefix: int((~live_groups(model, b)).sum()) for b in ffn_blocks(model)}
 
 
 def output_error(model, dense, batches) -> float:
@@ -44,7 +45,7 @@ def test_oneshot_removes_the_share_of_neurons_and_their_producer_rows(global_spa
     if not global_sparsity:
         assert set(counts.values()) == {20}
     for block in ffn_blocks(model):
-        gone = ~live_neurons(model, block)
+        gone = ~live_groups(model, block)
         for producer in block.producers:  # the neuron's input rows are zero too (its bias is left: unread)
             assert bool((model.get_submodule(producer).weight[gone] == 0).all())
             assert bool((model.get_submodule(producer).weight[~gone] != 0).any(dim=1).all())
@@ -78,11 +79,11 @@ def test_a_gradual_schedule_keeps_earlier_neurons_removed():
     model = tiny_bert(intermediate_size=40)
     pruner = Pruner(model, recipe(share=0.6))
     pruner.prune_to(model, 0.3, token_batches())
-    first = {b.prefix: ~live_neurons(model, b) for b in ffn_blocks(model)}
+    first = {b.prefix: ~live_groups(model, b) for b in ffn_blocks(model)}
     assert sum(int(g.sum()) for g in first.values()) == 24
     pruner.prune_to(model, 0.6, token_batches(seed=1))
     for block in ffn_blocks(model):
-        assert bool((~live_neurons(model, block))[first[block.prefix]].all())
+        assert bool((~live_groups(model, block))[first[block.prefix]].all())
     assert sum(removed(model).values()) == 48
 
 
@@ -91,7 +92,7 @@ def test_neurons_need_a_supported_method_and_model():
         load_recipe(recipe("diagonal_fisher"))
     from helpers import MLP
 
-    with pytest.raises(RecipeError, match="no FFN block"):
+    with pytest.raises(RecipeError, match="has no block fls_hf knows"):
         Pruner(MLP(), recipe())
 
 
@@ -108,7 +109,7 @@ def test_taylor_importance_is_the_batch_mean_of_squared_gradient_times_weight():
         model.zero_grad()
         model(**batch).loss.backward()  # the mean cross-entropy of the batch: the same loss
         expected += (weight.grad * weight.detach()).double().sum(0).square()
-    torch.testing.assert_close(pruner.provider.column_importance(consumer), expected / 3, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(pruner.provider.group_importance(consumer, 1), expected / 3, rtol=1e-5, atol=1e-12)
     oneshot(model, batches, recipe("taylor", share=0.5, global_sparsity=False))
     assert set(removed(model).values()) == {20}
 
@@ -116,3 +117,34 @@ def test_taylor_importance_is_the_batch_mean_of_squared_gradient_times_weight():
 def test_taylor_ranks_structures_only():
     with pytest.raises(RecipeError, match="ranks structures only"):
         load_recipe({"pruning": {"method": "taylor", "final_sparsity": 0.5}})
+
+
+@pytest.mark.parametrize("method", ["kfac", "magnitude", "taylor"])
+def test_llama_heads_pruned_by_kv_group_shrink_with_the_same_logits(method):
+    model = tiny_llama(num_attention_heads=8, num_key_value_heads=4, head_dim=2)  # 4 groups of 2 query heads
+    batches = causal_batches()
+    oneshot(model, batches, recipe(method, share=0.5, mask_type="heads", global_sparsity=False))
+    for block in attention_blocks(model):
+        gone = ~live_groups(model, block)
+        assert int(gone.sum()) == 2
+        q = model.get_submodule(block.producers[0]).weight.reshape(4, 4, -1)  # (groups, 2 heads × 2 dims, hidden)
+        assert bool((q[gone] == 0).all()) and bool((q[~gone] != 0).any())
+    model.eval()
+    with torch.no_grad():
+        masked = model(**_inputs(batches[0])).logits
+    assert shrink(model, "heads")["num_key_value_heads"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_inputs(batches[0])).logits, masked, rtol=0, atol=1e-5)
+
+
+def test_bert_heads_by_group_obs_beat_head_magnitude_in_output_error():
+    settings = dict(hidden_size=32, num_attention_heads=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batches = token_batches(n_batches=4, batch_size=8)
+    dense = tiny_bert(**settings)
+    errors = {}
+    for method in ("kfac", "magnitude"):
+        model = tiny_bert(**settings)
+        oneshot(model, batches, recipe(method, share=0.5, mask_type="heads"))
+        assert sum(int((~live_groups(model, b)).sum()) for b in attention_blocks(model)) == 8
+        errors[method] = output_error(model, dense, batches)
+    assert errors["kfac"] < errors["magnitude"]
