@@ -30,8 +30,9 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
+from fls_hf import shrink
 from fls_hf.data import default_model_path
-from fls_hf.model.structures import attention_blocks, ffn_blocks, shrink
+from fls_hf.model import attention_blocks, ffn_blocks
 
 from .common.paths import RESULTS
 from .scale import llama_config
