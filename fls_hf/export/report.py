@@ -12,7 +12,7 @@ from torch import nn
 
 from ..distributed import shard_counts, summed
 from ..model.forward import unwrap
-from ..model.structures import pruned_layers
+from ..model.structures import live_groups, pruned_layers, structure_blocks
 from ..pruning.patterns import parse_mask_type
 
 if TYPE_CHECKING:
@@ -38,12 +38,24 @@ class LayerSparsity:
 
 
 @dataclass
+class GroupSparsity:
+    """Removed groups (FFN neurons, attention heads) of one block, for `pruning.mask_type: neurons | heads`."""
+
+    block: str
+    kind: str
+    groups: int
+    removed: int
+
+
+@dataclass
 class SparsityReport:
-    """Achieved sparsity per targeted layer and over all of them, against the recipe's target."""
+    """Achieved sparsity per targeted layer and over all of them, against the recipe's target; for structure
+    recipes also the groups removed per block."""
 
     target: float
     global_scope: bool
     layers: list[LayerSparsity] = field(default_factory=list)
+    structures: list[GroupSparsity] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -65,6 +77,7 @@ class SparsityReport:
             "parameters_targeted": self.numel,
             "parameters_kept": self.numel - self.zeros,
             "layers": [{**asdict(layer), "sparsity": layer.sparsity, "kept": layer.kept} for layer in self.layers],
+            **({"structures": [asdict(group) for group in self.structures]} if self.structures else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -82,6 +95,11 @@ class SparsityReport:
             f"| **all targeted** | | | **{100 * self.global_sparsity:.2f} %** (target {100 * self.target:.2f} %) | "
             f"{self.numel - self.zeros:,} / {self.numel:,} |"
         )
+        if self.structures:
+            lines += ["", "| block | removed / groups |", "|---|---|"]
+            lines += [f"| `{g.block}` | {g.removed} / {g.groups} {g.kind} |" for g in self.structures]
+            removed, groups = sum(g.removed for g in self.structures), sum(g.groups for g in self.structures)
+            lines.append(f"| **all blocks** | **{removed} / {groups}** ({100 * removed / max(groups, 1):.2f} %) |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -113,6 +131,9 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
         matrix = adapter.weight_matrix()
         counts += [matrix.numel(), int((matrix == 0).sum()), int(not _nm_ok(matrix, pruning.mask_type))]
     counts = summed(shard_counts(layers), counts)
+    for block in structure_blocks(unwrap(model), pruning.structure):  # neurons / heads recipes
+        removed = int((~live_groups(unwrap(model), block)).sum())
+        report.structures.append(GroupSparsity(block.prefix, block.kind, block.groups, removed))
     for i, (name, adapter) in enumerate(layers.items()):
         numel, zeros, broken = counts[3 * i : 3 * i + 3]
         report.layers.append(

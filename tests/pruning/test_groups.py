@@ -4,7 +4,7 @@ one-shot API."""
 import pytest
 import torch
 
-from fls_hf import load_recipe, oneshot
+from fls_hf import load_recipe, oneshot, sparsity_report
 from fls_hf.errors import RecipeError
 from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, shrink, shrink_ffn
 from fls_hf.pruning.pruner import Pruner
@@ -148,3 +148,14 @@ def test_bert_heads_by_group_obs_beat_head_magnitude_in_output_error():
         assert sum(int((~live_groups(model, b)).sum()) for b in attention_blocks(model)) == 8
         errors[method] = output_error(model, dense, batches)
     assert errors["kfac"] < errors["magnitude"]
+
+
+def test_the_sparsity_report_counts_removed_groups_per_block():
+    model = tiny_bert(intermediate_size=40)
+    cfg = recipe("magnitude", share=0.25, global_sparsity=False)
+    oneshot(model, token_batches(), cfg)
+    report = sparsity_report(model, load_recipe(cfg))
+    assert [(g.kind, g.groups, g.removed) for g in report.structures] == [("neurons", 40, 10)] * 2
+    assert report.global_sparsity == pytest.approx(0.25)  # the blocks' weights: a share of whole rows / columns
+    assert "| **all blocks** | **20 / 80** (25.00 %) |" in report.to_markdown()
+    assert report.to_dict()["structures"][0]["block"] == "bert.encoder.layer.0"
