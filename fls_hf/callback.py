@@ -21,6 +21,7 @@ optimizer.step() → on_optimizer_step → lr step → zero_grad → global_step
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,26 @@ from .pruning.pruner import Pruner
 from .recipe import PruningRecipe, load_recipe, schedule_over_run
 
 PRUNER_DIR = "fls_pruner"
+TRAINER_FSDP_FLAG = "FLS_HF_TRAINER_FSDP"  # opt-in until the Trainer's FSDP path is verified on a GPU (issue 19)
 
 
 def refuse_sharded_training(args: TrainingArguments, model: nn.Module | None) -> None:
-    """FSDP in the Trainer: refused where accelerate shards the model (the Trainer's checkpoints would need the
-    pruner state sharded), said once where it does not (on CPU accelerate runs FSDP settings unsharded). DeepSpeed
-    ZeRO-3 shards parameters its own way: refused."""
+    """FSDP in the Trainer: where accelerate shards the model, refused unless `FLS_HF_TRAINER_FSDP=1` (the path is
+    built — every rank saves its rows of the pruner state, the reports sum over the shards — but not yet verified on
+    GPUs, where alone accelerate shards); said once where it does not shard (on CPU accelerate runs FSDP settings
+    unsharded). DeepSpeed ZeRO-3 shards parameters its own way: refused."""
     if args.fsdp:
         if model is not None and any(isinstance(p, DTensor) for p in model.parameters()):
-            raise DistributedError(
-                "FSDP in the Trainer is not supported by fls_hf yet (its checkpoints would need the pruner state "
-                'sharded): prune a `fully_shard`-ed model with `Pruner` in your own loop (README, "Under FSDP"), '
-                "or run the Trainer with DDP (`accelerate launch --multi_gpu`)"
+            if os.environ.get(TRAINER_FSDP_FLAG) != "1":
+                raise DistributedError(
+                    "FSDP in the Trainer is built in fls_hf but not yet verified on GPUs: set "
+                    f"{TRAINER_FSDP_FLAG}=1 to try it, prune a `fully_shard`-ed model with `Pruner` in your own loop "
+                    '(README, "Under FSDP"), or run the Trainer with DDP (`accelerate launch --multi_gpu`)'
+                )
+            warn_main(
+                "fls_hf: FSDP in the Trainer (%s=1): sharded pruning, not yet verified on GPUs", TRAINER_FSDP_FLAG
             )
+            return
         warn_main(
             "fls_hf: FSDP settings were given but the model is not sharded (accelerate shards on GPUs only; on CPU "
             "it runs them as plain data parallelism): every rank holds and prunes whole weights, as under DDP"
@@ -188,6 +196,9 @@ class FishLegPruningCallback(TrainerCallback):
         if self.pruner is None:
             return
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_DIR
+        if self.pruner.shards is not None:  # FSDP: every rank writes its rows (and its generator state)
+            self.pruner.save(directory)
+            return
         if args.should_save:
             self.pruner.save(directory)
         self.pruner.save_rank_rng(directory)  # every rank, as the Trainer saves its own rng_state_{rank}
@@ -203,8 +214,8 @@ class FishLegPruningCallback(TrainerCallback):
             )
         if is_main_process() and not self.merge_warned:
             self.merge_warned = warn_if_merge_densifies(model, self.pruner)
-        if args.should_save:
-            report = write_pruning_artifacts(model, self.recipe, args.output_dir)
+        if args.should_save or self.pruner.shards is not None:  # FSDP: the report sums over every rank's rows
+            report = write_pruning_artifacts(model, self.recipe, args.output_dir, write=args.should_save)
             log_main("fls_hf: final sparsity %.2f %%\n%s", 100 * report.global_sparsity, report.to_markdown())
 
 

@@ -88,14 +88,16 @@ class FishLegPruningTrainer(Trainer):
         if self.pruner is not None:
             self.pruner.enforce_masks()
         super().save_model(output_dir, _internal_call)
+        directory = output_dir or self.args.output_dir
+        sharded = self.pruner is not None and self.pruner.shards is not None
         if self.args.should_save:
-            directory = output_dir or self.args.output_dir
             structure = self.recipe.pruning.structure
             if structure is not None and not _internal_call:  # checkpoints stay resumable
                 shrunk = save_shrunk(unwrap(self.model), directory, structure)
                 log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
-            write_pruning_artifacts(self.model, self.recipe, directory)
             write_training_args(self.args, directory)
+        if self.args.should_save or sharded:  # FSDP: every rank takes part in the report
+            write_pruning_artifacts(self.model, self.recipe, directory, write=self.args.should_save)
 
     def create_model_card(
         self,

@@ -143,3 +143,40 @@ def test_fsdp_sharded_model_in_the_trainer_is_refused_naming_the_supported_path(
             callback.on_train_begin(args, _State(), None, model=model, train_dataloader=None)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_in_the_trainer_when_opted_in_saves_the_pruner_state_per_rank(tmp_path, monkeypatch, caplog):
+    """`FLS_HF_TRAINER_FSDP=1` (until verified on a GPU): the callback prunes the sharded model, `on_save` writes this
+    rank's rows of the pruner state, `on_train_end` writes the report from the sums over the shards."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainingArguments
+
+    from fls_hf import FishLegPruningCallback
+
+    from helpers import MLP
+
+    monkeypatch.setenv("FLS_HF_TRAINER_FSDP", "1")
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to=[])
+    callback = FishLegPruningCallback({"pruning": {"method": "magnitude", "final_sparsity": 0.5, "ignore": []}})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = MLP(sizes=(6, 8, 4))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        state = _State()
+        with caplog.at_level("WARNING", logger="fls_hf"):
+            callback.on_train_begin(args, state, None, model=model, train_dataloader=None)
+        assert "not yet verified on GPUs" in caplog.text and callback.pruner.shards is not None
+        state.global_step = 4
+        callback.on_step_end(args, state, None, model=model)  # the schedule's end: 50 %
+        callback.on_save(args, state, None)
+        saved = tmp_path / "checkpoint-4" / "fls_pruner"
+        assert json.loads((saved / "fls_pruner.rank0.json").read_text())["shard"] == {"rank": 0, "world_size": 1}
+        callback.on_train_end(args, state, None, model=model)
+        report = json.loads((tmp_path / "sparsity_report.json").read_text())
+        assert report["global_sparsity"] == pytest.approx(0.5, abs=0.02)
+    finally:
+        dist.destroy_process_group()

@@ -16,13 +16,17 @@ REPORT_FILE = "sparsity_report.json"
 TRAINING_ARGS_FILE = "training_args.json"
 
 
-def write_pruning_artifacts(model: nn.Module, recipe: PruningRecipe, output_dir: str | Path) -> SparsityReport:
-    """Write the recipe and the exact sparsity report next to a saved model; returns the report."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    recipe.save(output_dir / RECIPE_FILE)
+def write_pruning_artifacts(
+    model: nn.Module, recipe: PruningRecipe, output_dir: str | Path, *, write: bool = True
+) -> SparsityReport:
+    """Write the recipe and the exact sparsity report next to a saved model; returns the report. Under FSDP every
+    rank must call it (the report sums over the shards), with `write` on the one that saves."""
     report = sparsity_report(model, recipe)
-    report.save(output_dir / REPORT_FILE)
+    if write:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save(output_dir / RECIPE_FILE)
+        report.save(output_dir / REPORT_FILE)
     return report
 
 
