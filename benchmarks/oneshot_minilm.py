@@ -276,6 +276,16 @@ METHODS = {
         obc_rounds=4,
     ),
 }
+# issue 20: whole FFN neurons / attention heads, the same share in every block (`--sparsities` are shares of them),
+# 512 calibration examples each: group OBS (kfac, true- and empirical-label statistics), group magnitude, Taylor
+for _kind in ("neurons", "heads"):
+    _structure = {"mask_type": _kind, "global_sparsity": False}
+    METHODS[f"{_kind}-kfac"] = method("kfac", {"num_examples": 512, "damping": 1e-2}, **_structure)
+    METHODS[f"{_kind}-kfac-emp"] = method(
+        "kfac", {"num_examples": 512, "damping": 1e-2, "fisher_labels": "empirical"}, **_structure
+    )
+    METHODS[f"{_kind}-magnitude"] = method("magnitude", {}, **_structure)
+    METHODS[f"{_kind}-taylor"] = method("taylor", {}, **_structure)
 
 
 def resolve(name: str) -> dict:

@@ -25,13 +25,17 @@ class TaylorProvider(MagnitudeProvider):
 
     def __init__(self, layers, config, likelihood=None) -> None:
         super().__init__(layers, config, likelihood)
-        self.column_sums: dict[str, torch.Tensor] = {}
+        # per layer, one row of column sums per batch (`num_batches` rows; `seen` of them filled): the state
+        self.column_sums = {
+            n: torch.zeros(config.num_batches, a.shape[1], dtype=torch.float64, device=a.weight.device)
+            for n, a in self.layers.items()
+        }
+        self.seen = 0
 
     def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
         model = unwrap(model)
         device, likelihood, shift = model_device(model), self.likelihood_of(model), is_causal_lm(model)
         names = list(self.layers)
-        sums: list[list[torch.Tensor]] = [[] for _ in names]  # per layer, one (cols,) per batch
         seen = 0
         with curvature_mode(model, double_backward=False), torch.enable_grad():
             for batch in batches:
@@ -42,22 +46,31 @@ class TaylorProvider(MagnitudeProvider):
                 loss = example_losses(batch, logits, targets, likelihood, shift).mean()
                 weights = [self.layers[n].values for n in names]
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)  # .grad of the training is untouched
-                for per_batch, name, grad in zip(sums, names, grads):
+                for name, grad in zip(names, grads):
                     adapter = self.layers[name]
-                    product = 0.0 if grad is None else adapter.to_matrix(grad) * adapter.weight_matrix()
-                    per_batch.append(torch.zeros(adapter.shape[1], dtype=torch.float64, device=device) + product.sum(0))
+                    product = 0.0 if grad is None else (adapter.to_matrix(grad) * adapter.weight_matrix()).sum(0)
+                    self.column_sums[name][seen] = product
                 seen += 1
         if seen == 0:
             raise CurvatureError("empty calibration dataloader: Taylor importance needs at least one batch")
-        self.column_sums = {n: torch.stack(s) for n, s in zip(names, sums)}  # (batches, cols)
+        self.seen = seen
         return {}
 
     def group_importance(self, name: str, columns: int) -> torch.Tensor:
         """E_batches[(Σ_{i, j∈P} g_ij w_ij)²] for every group P of `columns` consecutive input columns of layer
         `name`: (cols / columns,) float64, averaged over the data-parallel ranks' batches."""
-        if name not in self.column_sums:
+        if self.seen == 0:
             raise CurvatureError(f"Taylor importance of `{name}` is asked before any calibration pass (`ready`)")
-        sums = self.column_sums[name]
-        importance = sums.reshape(len(sums), -1, columns).sum(-1).square().mean(0)
+        sums = self.column_sums[name][: self.seen]
+        importance = sums.reshape(self.seen, -1, columns).sum(-1).square().mean(0)
         all_reduce_mean_([importance])
         return importance
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{n}/column_sums": t for n, t in self.column_sums.items()}
+
+    def state_meta(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_meta(self, meta) -> None:
+        self.seen = int(meta.get("seen", 0))

@@ -110,6 +110,9 @@ def test_taylor_importance_is_the_batch_mean_of_squared_gradient_times_weight():
         model(**batch).loss.backward()  # the mean cross-entropy of the batch: the same loss
         expected += (weight.grad * weight.detach()).double().sum(0).square()
     torch.testing.assert_close(pruner.provider.group_importance(consumer, 1), expected / 3, rtol=1e-5, atol=1e-12)
+    adopted = Pruner(model, recipe("taylor"))  # the state (per-batch column sums) carries the importance
+    adopted.adopt_curvature(pruner.provider.state_dict())
+    assert torch.equal(adopted.provider.group_importance(consumer, 4), pruner.provider.group_importance(consumer, 4))
     oneshot(model, batches, recipe("taylor", share=0.5, global_sparsity=False))
     assert set(removed(model).values()) == {20}
 
