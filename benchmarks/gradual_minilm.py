@@ -157,6 +157,7 @@ def run_single(args) -> dict:
         "train_seconds": seconds,
         "train_cpu_seconds": cpu,
         "sparsity": pruner.masks.global_sparsity() if pruner else 0.0,
+        "layer_sparsity": {n: pruner.masks.sparsity(n) for n in pruner.masks} if pruner else {},
         "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "validation": minilm.accuracy(model, data["validation"]),
