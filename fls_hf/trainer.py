@@ -19,8 +19,8 @@ from .export.artifacts import write_pruning_artifacts, write_training_args
 from .export.card import write_model_card
 from .export.report import sparsity_report
 from .model.forward import unwrap
-from .model.structures import save_shrunk
-from .progress import log_main
+from .model.structures import save_shrunk, shrinkable_blocks
+from .progress import log_main, warn_main
 from .pruning.pruner import Pruner
 from .recipe import PruningRecipe, load_recipe, parse_overrides
 
@@ -93,8 +93,13 @@ class FishLegPruningTrainer(Trainer):
         if self.args.should_save:
             structure = self.recipe.pruning.structure
             if structure is not None and not _internal_call:  # checkpoints stay resumable
-                shrunk = save_shrunk(unwrap(self.model), directory, structure)
-                log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
+                if shrinkable_blocks(unwrap(self.model), structure):
+                    shrunk = save_shrunk(unwrap(self.model), directory, structure)
+                    log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
+                else:  # BERT's heads: transformers cannot load fewer of them
+                    warn_main(
+                        "fls_hf: the removed %s stay in the saved model as zeros (it cannot load fewer)", structure
+                    )
             write_training_args(self.args, directory)
         if self.args.should_save or sharded:  # FSDP: every rank takes part in the report
             write_pruning_artifacts(self.model, self.recipe, directory, write=self.args.should_save)

@@ -168,6 +168,16 @@ def group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size, device=groups.device)).reshape(-1)
 
 
+def shrinkable_blocks(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> list[StructureBlock]:
+    """The blocks of `kinds` that plain transformers can load with fewer groups (not BERT's heads), whose config
+    holds the entries `shrink` sets."""
+    config = getattr(model, "config", None)
+    blocks = [
+        b for kind in _kinds(kinds) for b in (ffn_blocks(model) if kind == "neurons" else attention_blocks(model))
+    ]
+    return [b for b in blocks if b.shrinkable and all(hasattr(config, key) for key in b.config_sizes(1))]
+
+
 def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock], dict[str, torch.Tensor], dict]:
     """The shrinkable blocks of `kinds`, the groups each keeps (its live ones, then the first dead ones as zero
     padding up to the kind's common width, in their original order), and the report: live groups per block and the
@@ -175,8 +185,7 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
     config = getattr(model, "config", None)
     if config is None:
         raise RecipeError(f"{type(model).__name__} has no `config` to shrink")
-    blocks = [b for kind in kinds for b in (ffn_blocks(model) if kind == "neurons" else attention_blocks(model))]
-    blocks = [b for b in blocks if b.shrinkable and all(hasattr(config, key) for key in b.config_sizes(1))]
+    blocks = shrinkable_blocks(model, kinds)
     if not blocks:
         raise RecipeError(
             f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT or Llama families, "
