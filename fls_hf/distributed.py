@@ -94,6 +94,10 @@ class ShardCounts:
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
+    def all_ok(self, flags: list[bool]) -> list[bool]:
+        """Each flag true on every rank (one reduction): a bad value in any rank's rows is the layer's."""
+        return [bad == 0 for bad in self.sum([int(not ok) for ok in flags])]
+
     def global_rank(self, group_rank: int) -> int:
         """The process's rank in the default group, for collectives over the whole world."""
         return dist.get_global_rank(self.group, group_rank)

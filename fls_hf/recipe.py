@@ -73,13 +73,13 @@ class PruningConfig:
         ignore (`list[str]`, defaults to `['classifier', 're:.*pooler.*', 'lm_head', 'score']`):
             Module names or `re:` regexes never pruned (task heads by default).
         mask_type (`str`, defaults to `'unstructured'`):
-            unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or neurons: remove whole FFN
-            neurons, or heads: remove whole FFN neurons / attention heads (grouped-query attention: a KV head with
-            its query heads) of every block (BERT and Llama families; `targets` are ignored) — method kfac: group
-            OBS, magnitude: group norms, taylor: first-order importance; the sparsities are then shares of them.
+            unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or neurons / heads: remove
+            whole FFN neurons / attention heads (grouped-query attention: a KV head with its query heads) of every
+            block (BERT and Llama families; `targets` are ignored) — method kfac: group OBS, magnitude: group norms,
+            taylor: first-order importance; the sparsities are then shares of them.
         global_sparsity (`bool`, defaults to `True`):
-            Rank saliencies across all targeted layers (true) or within each layer (false); with neurons: one
-            threshold over all blocks, or the same share in every block (keeps one width, so the model shrinks).
+            Rank saliencies across all targeted layers (true) or within each layer (false); with neurons / heads:
+            one threshold over all blocks, or the same share in every block (keeps one width, so the model shrinks).
         init_sparsity (`float`, defaults to `0.0`):
             Sparsity reached at `start_step`, in [0, 1).
         final_sparsity (`float`, defaults to `0.5`):

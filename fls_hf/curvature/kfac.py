@@ -137,7 +137,7 @@ class KFACProvider(CurvatureProvider):
             bool(torch.isfinite(g).all()) and (a is None or bool(torch.isfinite(a).all())) for a, g in stats.values()
         ]
         if self._shards is not None:  # Ā is checked where it is kept
-            finite = [bad == 0 for bad in self._shards.sum([int(not ok) for ok in finite])]
+            finite = self._shards.all_ok(finite)
         for (name, (a_bar, g)), ok in zip(stats.items(), finite):
             if not ok:
                 raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
-from ..fisher.gradients import example_losses, fisher_targets, is_causal_lm
-from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap
+from ..fisher.gradients import batch_losses
+from ..model.forward import curvature_mode, unwrap
 from .base import Batches
 from .magnitude import MagnitudeProvider
 
@@ -34,16 +34,14 @@ class TaylorProvider(MagnitudeProvider):
 
     def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
         model = unwrap(model)
-        device, likelihood, shift = model_device(model), self.likelihood_of(model), is_causal_lm(model)
+        likelihood = self.likelihood_of(model)
         names = list(self.layers)
         seen = 0
         with curvature_mode(model, double_backward=False), torch.enable_grad():
             for batch in batches:
                 if seen >= self.config.num_batches:
                     break
-                logits = logits_of(model(**model_inputs(batch, device))).float()
-                targets = fisher_targets(batch, logits, "empirical", likelihood, None)
-                loss = example_losses(batch, logits, targets, likelihood, shift).mean()
+                loss = batch_losses(model, batch, "empirical", likelihood, None)[1].mean()
                 weights = [self.layers[n].values for n in names]
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)  # .grad of the training is untouched
                 for name, grad in zip(names, grads):

@@ -110,6 +110,17 @@ def example_losses(
     )
 
 
+def batch_losses(
+    model: nn.Module, batch: Mapping[str, Any], mode: str, likelihood: Likelihood, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, ℓ_n) of one batch: the model's logits scored against `mode` labels (`fisher_targets`) by
+    `example_losses`, shifted for a causal LM's data labels."""
+    logits = logits_of(model(**model_inputs(batch, model_device(model)))).float()
+    targets = fisher_targets(batch, logits, mode, likelihood, generator)
+    shift = mode == "empirical" and is_causal_lm(model)
+    return targets, example_losses(batch, logits, targets, likelihood, shift)
+
+
 @contextlib.contextmanager
 def _capture(layers: Mapping[str, LayerAdapter], size: int) -> Iterator[tuple[dict[str, torch.Tensor], set[str]]]:
     """Hooks filling `sums[name]` (size, rows, cols) with Σ_t δ_n,tᵀ a_n,t; `misfits` lists layers to loop."""
@@ -165,9 +176,7 @@ def _batch_gradients(
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with curvature_mode(model), torch.enable_grad(), requires_grad((a.weight for a in layers.values()), True):
         with _capture({n: layers[n] for n in hookable}, size) as (sums, misfits):
-            logits = logits_of(model(**model_inputs(batch))).float()
-            targets = fisher_targets(batch, logits, mode, likelihood, generator)
-            losses = example_losses(batch, logits, targets, likelihood, shift)
+            targets, losses = batch_losses(model, batch, mode, likelihood, generator)
             if hookable and losses.requires_grad:
                 torch.autograd.grad(losses.sum(), [layers[n].weight for n in hookable], allow_unused=True)
         looped = [n for n in layers if n not in hookable or n in misfits]

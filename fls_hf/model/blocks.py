@@ -1,7 +1,8 @@
 """Row blocks: B consecutive weights of a row, the unit of block-diagonal curvature and joint OBS updates.
 
 A (rows, cols) matrix view is cut row by row into ceil(cols / B) blocks of B weights, zero-padded at the
-row end, so every block lies inside one row (one output unit).
+row end, so every block lies inside one row (one output unit). Groups: `size` consecutive rows or columns (an FFN
+neuron's one, a head's `head_dim` per query head), the unit of structured pruning.
 """
 
 from __future__ import annotations
@@ -39,3 +40,13 @@ def regroup_row_blocks(stored: torch.Tensor, shape: tuple[int, int], block_size:
     entries = stored.reshape(rows, -1, size, size)[:, which[:, :, None], offset[:, :, None], offset[:, None, :]]
     coupled = (which[:, :, None] == which[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     return (entries * coupled).reshape(-1, block_size, block_size)
+
+
+def group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of the rows (or columns) of the given groups, `size` consecutive ones per group, group by group."""
+    return (groups[:, None] * size + torch.arange(size, device=groups.device)).reshape(-1)
+
+
+def any_in_groups(matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """bool (cols / size,): whether any entry of each group of `size` consecutive columns of `matrix` is non-zero."""
+    return matrix.ne(0).reshape(matrix.shape[0], -1, size).any(dim=(0, 2))

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .adapters import LayerAdapter
+from .blocks import any_in_groups, group_rows
 from .targets import resolve_targets
 
 # (producers, consumer) child names of an FFN block, per family; the parent module is the block
@@ -158,14 +159,8 @@ def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
 
 
 def live_groups(model: nn.Module, block: StructureBlock) -> torch.Tensor:
-    """bool (groups,): True where the group's consumer columns hold a non-zero weight."""
-    weight = model.get_submodule(block.consumer).weight.detach()
-    return weight.ne(0).reshape(weight.shape[0], -1, block.columns).any(dim=(0, 2))  # the groups it has now
-
-
-def group_rows(groups: torch.Tensor, size: int) -> torch.Tensor:
-    """Row (or column) indices of the given groups, `size` consecutive ones per group."""
-    return (groups[:, None] * size + torch.arange(size, device=groups.device)).reshape(-1)
+    """bool (groups,): True where the group's consumer columns hold a non-zero weight (the groups it has now)."""
+    return any_in_groups(model.get_submodule(block.consumer).weight.detach(), block.columns)
 
 
 def shrinkable_blocks(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> list[StructureBlock]:

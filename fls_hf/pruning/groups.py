@@ -23,7 +23,8 @@ import torch
 from ..curvature.base import CurvatureProvider
 from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
-from ..model.structures import StructureBlock, group_rows
+from ..model.blocks import any_in_groups, group_rows
+from ..model.structures import StructureBlock
 from .masks import MaskSet
 from .structured import GroupCurve, allocate, damped_inverse, group_compensation, group_removal_curve
 
@@ -32,8 +33,7 @@ GREEDY_STEPS = 128  # greedy steps per block and pruning step at most: larger re
 
 def removed_groups(masks: MaskSet, block: StructureBlock) -> torch.Tensor:
     """bool (groups,): True where the consumer's mask holds no weight of the group's columns."""
-    keep = masks.keep_matrix(block.consumer)
-    return ~keep.reshape(keep.shape[0], block.groups, block.columns).any(dim=(0, 2))
+    return ~any_in_groups(masks.keep_matrix(block.consumer), block.columns)
 
 
 def prune_groups(

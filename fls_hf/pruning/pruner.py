@@ -223,8 +223,8 @@ class Pruner:
         if not finite:
             return []
         flags = torch.stack([f.to(finite[0].device) for f in finite]).tolist()
-        if self.shards is not None:  # a bad value in any rank's rows is the layer's
-            flags = [bad == 0 for bad in self.shards.sum([int(not ok) for ok in flags])]
+        if self.shards is not None:
+            flags = self.shards.all_ok(flags)
         return [name for name, ok in zip(names, flags) if not ok]
 
     def logs(self) -> dict[str, float]:

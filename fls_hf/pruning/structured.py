@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CurvatureError
+from ..model.blocks import group_rows
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def group_costs(
     the groups not `alive` (removed: their block of H⁻¹ is zero after the downdates)."""
     w = _grouped(weight.double(), group_size)  # (rows, n, g)
     n = w.shape[1]
-    index = torch.arange(n * group_size, device=h_inv.device).view(n, group_size)
+    index = group_rows(torch.arange(n, device=h_inv.device), group_size).view(n, group_size)
     blocks = h_inv[index[:, :, None], index[:, None, :]]  # (n, g, g) diagonal blocks H⁻¹_PP
     if alive is not None:  # removed groups: the identity, so the batched solve stays finite
         eye = torch.eye(group_size, dtype=blocks.dtype, device=blocks.device)
@@ -96,7 +97,7 @@ def group_compensation(
     w = weight.double()
     if removed.numel() == 0:
         return w.clone()
-    columns = (removed[:, None] * group_size + torch.arange(group_size, device=removed.device)).reshape(-1)
+    columns = group_rows(removed, group_size)
     block = h_inv[columns][:, columns]
     coefficients = torch.linalg.solve(block, w[:, columns].T).T  # W_P [H⁻¹_PP]⁻¹, (rows, |P|)
     new = w - coefficients @ h_inv[columns]
@@ -132,13 +133,12 @@ def group_removal_curve(
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
     order: list[int] = []
     costs: list[float] = []
-    offsets = torch.arange(group_size, device=w.device)
     while len(order) < count:
         cost = group_costs(w, g, h, group_size, alive)
         take = min(chunk, count - len(order))
         # the cheapest `take` groups, lowest index first on ties (a stable sort of the costs)
         chosen = torch.sort(cost, stable=True).indices[:take]
-        columns = (chosen[:, None] * group_size + offsets).reshape(-1)
+        columns = group_rows(chosen, group_size)
         block_inv = torch.linalg.inv(h[columns][:, columns])
         coefficients = w[:, columns] @ block_inv  # W_P [H⁻¹_PP]⁻¹
         joint = float(cost[chosen[0]]) if take == 1 else 0.5 * float((g @ (coefficients * w[:, columns])).sum())
