@@ -72,6 +72,20 @@ METHODS = {
     "fls-obc-sweep-rel": minilm.recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="sweep"
     ),
+    # issue 18: the exact solver's joint update, ranked without per-row solves (the sweep's ranking)
+    "fls-obc-joint-rel": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="joint"
+    ),
+    # issue 18: K-FAC statistics from the training steps before each pruning step (no pass after the first)
+    "fls-obc-joint-train-rel": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc", obc_solver="joint"
+    ),
+    "fls-obc-sweep-train-rel": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc", obc_solver="sweep"
+    ),
+    "fls-obc-train-rel": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc"
+    ),
     # issue 20, `--mask_type neurons`: FFN neurons by group OBS (kfac) or column norm (magnitude); `-uniform` removes
     # the same share in every block (one width: the saved model shrinks), the others allocate by one global threshold
     "fls-obc-rel-uniform": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, global_sparsity=False),

@@ -34,6 +34,7 @@ from .distributed import is_main_process, rank_seed
 from .errors import DistributedError, PruningStateError
 from .export.artifacts import write_pruning_artifacts
 from .fisher.calibration import CalibrationStream, SeededBatches
+from .model.forward import unwrap
 from .peft import warn_if_merge_densifies
 from .progress import log_main, warn_main
 from .pruning.pruner import Pruner
@@ -94,6 +95,7 @@ class FishLegPruningCallback(TrainerCallback):
         self.batches: SeededBatches | CalibrationStream | None = None
         self.merge_warned = False
         self._scale_before_step: float | None = None
+        self._dropped_update = False
 
     def _curvature_data(self, args: TrainingArguments, train_dataloader: Any) -> SeededBatches | CalibrationStream:
         dataset = getattr(train_dataloader, "dataset", None)
@@ -134,14 +136,40 @@ class FishLegPruningCallback(TrainerCallback):
             )
         else:
             self.pruner.on_step(model, 0, self.stream(0))
+        self._setup_training_statistics(args, model)
+
+    def _setup_training_statistics(self, args: TrainingArguments, model: nn.Module) -> None:
+        """`curvature.statistics: training`: the window is the optimizer steps that see `num_examples` examples
+        per rank; gradient checkpointing re-runs forwards inside the backward, so it takes passes instead."""
+        if self.pruner.training_statistics is None:
+            return
+        bare = unwrap(model)
+        checkpointing = getattr(bare, "is_activation_checkpointing", None)  # transformers ≥ 5.2x; older: the other
+        if checkpointing is None:
+            checkpointing = getattr(bare, "is_gradient_checkpointing", False)
+        if args.gradient_checkpointing or checkpointing:
+            warn_main(
+                "fls_hf: recipe key `curvature.statistics` = 'training' does not work with gradient checkpointing "
+                "(forwards re-run inside the backward); K-FAC statistics come from a pass before each pruning step"
+            )
+            self.pruner.training_statistics = None
+            return
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.pruner.statistics_window = -(-self.recipe.curvature.num_examples // per_step)
+
+    def on_step_begin(self, args, state, control, model: nn.Module = None, **kwargs):
+        stats = self.pruner.training_statistics
+        if stats is not None and self.pruner.collects_statistics(state.global_step + 1):
+            stats.attach(model)
 
     def on_pre_optimizer_step(self, args, state, control, model: nn.Module = None, optimizer: Any = None, **kwargs):
         self._scale_before_step = _loss_scale(optimizer)
+        self._dropped_update = False
         if not args.fp16:  # fp16's GradScaler skips non-finite steps itself, and needs the gradients to do so
-            self._drop_non_finite_update(model, state.global_step + 1)
+            self._dropped_update = self._drop_non_finite_update(model, state.global_step + 1)
         self.pruner.zero_pruned_grads()
 
-    def _drop_non_finite_update(self, model: nn.Module, step: int) -> None:
+    def _drop_non_finite_update(self, model: nn.Module, step: int) -> bool:
         """NaN / inf in a targeted layer's gradient: drop every gradient, so the optimizer skips this update.
 
         Optimizers skip parameters whose `.grad` is None (no momentum, no weight decay), so nothing
@@ -150,7 +178,7 @@ class FishLegPruningCallback(TrainerCallback):
         """
         bad = self.pruner.non_finite_grads()
         if not bad:
-            return
+            return False
         for param in model.parameters():
             param.grad = None
         self.pruner.skipped_steps += 1
@@ -163,14 +191,21 @@ class FishLegPruningCallback(TrainerCallback):
                 step,
                 count,
             )
+        return True
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.enforce_masks()
 
     def on_step_end(self, args, state, control, model: nn.Module = None, optimizer: Any = None, **kwargs):
-        if self._update_was_skipped(optimizer):
-            return
-        self.pruner.on_step(model, state.global_step, self.stream(state.global_step))
+        skipped = self._dropped_update or self._update_was_skipped(optimizer)
+        stats = self.pruner.training_statistics
+        if stats is not None and stats.attached:
+            stats.end_step(skipped=skipped, loss_scale=self._scale_before_step)
+        if not skipped:
+            self.pruner.on_step(model, state.global_step, self.stream(state.global_step))
+        if stats is not None and stats.attached and not self.pruner.collects_statistics(state.global_step + 1):
+            stats.detach()  # the window is over (a pruning step used it, or the schedule has none ahead)
+            stats.reset()
 
     def _update_was_skipped(self, optimizer: Any) -> bool:
         """Whether the fp16 GradScaler skipped this step's update (non-finite scaled gradients).

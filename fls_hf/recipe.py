@@ -51,7 +51,7 @@ SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
-OBC_SOLVERS = ("exact", "sweep")
+OBC_SOLVERS = ("exact", "joint", "sweep")
 STRUCTURES = ("neurons", "heads")  # `pruning.mask_type` values that remove whole structures (issue 20)
 STRUCTURE_METHODS = ("kfac", "magnitude", "taylor")  # group OBS (K-FAC statistics) | column norms | first-order
 STRUCTURE_ONLY_METHODS = ("taylor",)  # rank structures only: they hold no inverse Fisher for single weights
@@ -111,8 +111,10 @@ class PruningConfig:
             by their OBS saliency given the weights pruned so far (same curvature; more rounds: closer to greedy OBC).
         obc_solver (`str`, defaults to `'exact'`):
             With obc compensation: exact (each row's joint OBS optimum, one Cholesky of its kept coordinates per row
-            and round; ranks by the mask-aware saliency) | sweep (SparseGPT's sequential sweep over the columns with
-            one factor per layer, O(cols³ + rows·cols²); ranks by the saliency of the weights as they are).
+            and round; ranks by the mask-aware saliency) | joint (the same joint update, ranked by the saliency of
+            the weights as they are, from one eigenbasis per layer: no per-row solve for the ranking) | sweep
+            (SparseGPT's sequential sweep over the columns with one factor per layer, O(cols³ + rows·cols²); ranks as
+            joint).
         saliency (`str`, defaults to `'obs'`):
             obs: w²/(2 [Q]_ii), the optimal-brain-surgeon saliency | obd: ½ w² [Q_b⁻¹]_ii, the Fisher diagonal read
             off Q's blocks of obs_block_size (others held fixed).
@@ -203,7 +205,8 @@ class PruningConfig:
         metadata={
             "help": (
                 "With obc compensation: exact (each row's joint OBS optimum; a Cholesky of its kept coordinates per "
-                "row) | sweep (SparseGPT's column sweep, one factor per layer: O(cols³ + rows·cols²))."
+                "row) | joint (the same update, ranked without per-row solves) | sweep (SparseGPT's column sweep, one "
+                "factor per layer: O(cols³ + rows·cols²))."
             )
         },
     )

@@ -30,10 +30,14 @@ def fishleg_ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["fishleg", "block_fisher"])
+@pytest.mark.parametrize("method", ["fishleg", "block_fisher", "kfac-training"])
 def test_two_rank_torchrun_has_identical_masks(tmp_path, method, request):
+    """kfac-training: K-FAC statistics from each rank's training steps, averaged over the ranks (no pass after the
+    first pruning step)."""
     ranks = request.getfixturevalue("fishleg_ranks") if method == "fishleg" else launch(TORCHRUN, tmp_path, method)
     assert all(r["world"] == 2 for r in ranks)
+    if method == "kfac-training":
+        assert ranks[0]["training_statistics"] == ranks[1]["training_statistics"] == [0.0, 1.0, 1.0, 1.0]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["zeros"] == round(0.8 * ranks[0]["numel"])
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)

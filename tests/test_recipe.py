@@ -371,6 +371,18 @@ BAD_INPUTS = [
         r"`curvature\.fisher_labels` = 'expected'; allowed for `kfac`: sampled, empirical",
     ),
     (
+        "unknown statistics source",
+        {"pruning": {"method": "kfac"}, "curvature": {"statistics": "steps"}},
+        None,
+        r"`curvature\.statistics` = 'steps'; allowed: pass, training",
+    ),
+    (
+        "training statistics with absolute damping",
+        {"pruning": {"method": "kfac"}, "curvature": {"statistics": "training", "damping_mode": "absolute"}},
+        None,
+        r"`curvature\.statistics` = 'training' needs `curvature\.damping_mode: relative`",
+    ),
+    (
         "unknown damping mode",
         {"pruning": {"method": "kfac"}, "curvature": {"damping_mode": "loss"}},
         None,
@@ -392,7 +404,7 @@ BAD_INPUTS = [
         "unknown obc solver",
         {"pruning": {"method": "kfac", "obc_solver": "fast"}},
         None,
-        r"`pruning\.obc_solver` = 'fast' is not allowed: expected one of exact, sweep",
+        r"`pruning\.obc_solver` = 'fast' is not allowed: expected one of exact, joint, sweep",
     ),
     (
         "negative damping",
@@ -466,7 +478,7 @@ def test_every_bad_input_is_rejected():
         except RecipeError:
             rejected.append(case)
     assert rejected == [c[0] for c in BAD_INPUTS], f"accepted: {set(c[0] for c in BAD_INPUTS) - set(rejected)}"
-    assert len(rejected) == len(BAD_INPUTS) == 57
+    assert len(rejected) == len(BAD_INPUTS) == 59
 
 
 @pytest.mark.bad_input

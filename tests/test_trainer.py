@@ -308,6 +308,33 @@ def test_gradual_kfac_obc_in_the_trainer_reaches_the_target_with_rounds_and_resu
     assert again.pruner.masks.digest() == trainer.pruner.masks.digest()
 
 
+def test_kfac_statistics_from_the_training_steps_replace_the_passes_after_the_first(tmp_path):
+    """`curvature.statistics: training`: each pruning step after the first takes Ā and G from the two training steps
+    before it (8 examples at batch 4); the target is reached exactly and no hook stays on the model."""
+    recipe = {
+        "pruning": {
+            "method": "kfac",
+            "init_sparsity": 0.3,
+            "final_sparsity": 0.6,
+            "start_step": 0,
+            "end_step": 6,
+            "update_frequency": 3,
+        },
+        "curvature": {"num_batches": 2, "num_examples": 8, "statistics": "training"},
+    }
+    model = tiny_bert()
+    args = training_args(tmp_path, max_steps=8)
+    trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=dataset())
+    trainer.train()
+    assert trainer.pruner.statistics_window == 2
+    assert [h["training_statistics"] for h in trainer.pruner.history] == [0.0, 1.0, 1.0]
+    report = sparsity_report(model, trainer.recipe)
+    assert report.zeros == round(0.6 * report.numel)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not trainer.pruner.training_statistics.attached
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
 def test_gradual_neuron_pruning_in_the_trainer_saves_a_smaller_model_plain_transformers_loads(tmp_path):
     """`pruning.mask_type: neurons`: every block loses the same share of FFN neurons along the schedule; `save_model`
     writes the shrunk model (config.intermediate_size halved) with the trained model's logits."""

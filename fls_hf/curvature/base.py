@@ -27,6 +27,7 @@ from torch import nn
 from ..distributed import ShardCounts, rank_seed
 from ..errors import CurvatureError, RecipeError
 from ..fisher.likelihoods import Likelihood, likelihood_for
+from ..fisher.training import TrainingStatistics
 from ..model.adapters import LayerAdapter
 from ..model.blocks import row_blocks
 from ..model.forward import unwrap
@@ -129,6 +130,16 @@ class CurvatureProvider(ABC):
         """After optimizer step `step` when nothing was pruned; learned providers may refine (default: nothing)."""
         return {}
 
+    def training_statistics(self) -> TrainingStatistics | None:
+        """A collector of the statistics `ready` needs from the training steps themselves (`curvature.statistics:
+        training`), which the Trainer callback feeds; None (the default): `ready` always takes a pass."""
+        return None
+
+    def ready_from_training(self, stats: TrainingStatistics) -> dict[str, float] | None:
+        """`ready` from a completed collection window of `training_statistics()` instead of a pass; None when the
+        window cannot serve (the caller then runs `ready`). Every rank must call it (reductions)."""
+        raise NotImplementedError(f"{type(self).__name__} collects no statistics from the training steps")
+
     # ----------------------------------------------------------------- what the surgeon reads
     @abstractmethod
     def diag(self, name: str) -> torch.Tensor:
@@ -166,6 +177,12 @@ class CurvatureProvider(ABC):
     def row_model(self, name: str) -> RowModel | None:
         """The layer's row-wise OBS model, for `pruning.compensation: obc`; None when Q has no such form."""
         return None
+
+    def output_factor(self, name: str) -> torch.Tensor | None:
+        """The output-side Fisher G of a Kronecker model, (rows, rows) float64, or its diagonal (rows,) where only
+        that is kept (the row model's G_ii); None without a row model."""
+        model = self.row_model(name)
+        return None if model is None else model.row_weight
 
     @classmethod
     def holds_row_model(cls, config: CurvatureConfig) -> bool:

@@ -14,6 +14,7 @@ from ..fisher.gradients import FISHER_LABELS
 from ..fisher.likelihoods import LIKELIHOODS
 
 DAMPING_MODES = ("relative", "absolute")
+STATISTICS_SOURCES = ("pass", "training")  # kfac: where Ā and G come from
 FULL_G_ROWS = 4096  # kfac: widest layer keeping the full G where the rule reads Q's coupling across rows
 
 
@@ -152,9 +153,16 @@ class KFACConfig(CurvatureConfig):
         max_full_g_rows (`int | None`, defaults to `None`):
             Layers with at most this many rows keep the full output-side factor G (rows² floats); wider ones keep
             diag G (warned). None: 0 under `pruning.compensation: obc` (its row model reads only diag G), 4096 for
-            the rules that use Q's coupling across rows (block / independent compensation, OBD saliency).
+            the rules that use Q's coupling across rows (block / independent compensation, OBD saliency) and for
+            structures (group OBS's cost reads the full G of each consumer).
         fisher_labels (`str`, defaults to `'sampled'`):
             sampled (labels drawn from the model: true Fisher) | empirical (the batches' labels, as oBERT).
+        statistics (`str`, defaults to `'pass'`):
+            pass: a statistics pass over `num_examples` calibration examples before each pruning step | training
+            (in the Trainer): Ā and G from the training steps just before each pruning step — their forward and the
+            training loss's backward, so no extra pass; G is then the training loss's empirical Fisher and
+            `fisher_labels` is not read. Needs `damping_mode: relative` (the training loss's normalisation sets G's
+            scale). Pruning steps with too few training steps before them (the first) take a pass.
     """
 
     damping: float = field(
@@ -183,7 +191,7 @@ class KFACConfig(CurvatureConfig):
         metadata={
             "help": (
                 "Layers with at most this many rows keep the full G (rows² floats); wider ones keep diag G. None: 0 "
-                "under compensation obc (its row model reads diag G only), else 4096."
+                "under compensation obc (its row model reads diag G only), else 4096 (structures included)."
             )
         },
     )
@@ -194,8 +202,27 @@ class KFACConfig(CurvatureConfig):
         },
     )
 
+    statistics: str = field(
+        default="pass",
+        metadata={
+            "help": (
+                "pass: a statistics pass before each pruning step | training: Ā and G from the training steps just "
+                "before it (Trainer only; empirical Fisher; needs damping_mode relative)."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.statistics not in STATISTICS_SOURCES:
+            raise CurvatureError(
+                f"recipe key `curvature.statistics` = {self.statistics!r}; allowed: {', '.join(STATISTICS_SOURCES)}"
+            )
+        if self.statistics == "training" and self.damping_mode != "relative":
+            raise CurvatureError(
+                "recipe key `curvature.statistics` = 'training' needs `curvature.damping_mode: relative` (the "
+                f"training loss's normalisation sets G's scale); got damping_mode = {self.damping_mode!r}"
+            )
         if self.num_examples < 1:
             raise CurvatureError(f"recipe key `curvature.num_examples` = {self.num_examples!r} must be >= 1")
         if self.max_full_g_rows is not None and self.max_full_g_rows < 0:

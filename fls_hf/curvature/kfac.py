@@ -31,8 +31,9 @@ from ..distributed import ShardCounts
 from ..errors import CurvatureError
 from ..fisher.kronecker import kronecker_statistics
 from ..fisher.likelihoods import Likelihood
+from ..fisher.training import TrainingStatistics
 from ..model.adapters import LayerAdapter
-from ..progress import log_main
+from ..progress import log_main, warn_main
 from .base import Batches, CurvatureProvider, RowModel
 from .config import FULL_G_ROWS, KFACConfig
 
@@ -131,8 +132,33 @@ class KFACProvider(CurvatureProvider):
             max_examples=self.config.num_examples,
             full_g=self.full_g,
             labels=self.config.fisher_labels,
-            owners=None if self._owners is None else {n: self._shards.global_rank(r) for n, r in self._owners.items()},
+            owners=self.global_owners(),
         )
+        return self._ready_from(stats)
+
+    def training_statistics(self) -> TrainingStatistics | None:
+        return TrainingStatistics(self.layers, self.full_g) if self.config.statistics == "training" else None
+
+    def ready_from_training(self, stats: TrainingStatistics) -> dict[str, float] | None:
+        """Ā, G of the window (the training loss's empirical Fisher); None where no gradient reached a layer (frozen
+        inputs, e.g. a PEFT model's first layer), warned with its name."""
+        averaged = stats.averages(self.global_owners())  # the same on every rank: the decision is too
+        silent = [n for n, (_, g) in averaged.items() if not bool(g.any())]
+        if silent:
+            warn_main(
+                "fls_hf: no training-loss gradient reached `%s` (frozen inputs?); K-FAC statistics from a pass instead",
+                silent[0],
+            )
+            return None
+        return self._ready_from(averaged)
+
+    def global_owners(self) -> dict[str, int] | None:
+        """FSDP2: the global rank that keeps each layer's Ā (what `KroneckerSums.averages` reduces it to)."""
+        return None if self._owners is None else {n: self._shards.global_rank(r) for n, r in self._owners.items()}
+
+    def _ready_from(self, stats: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]) -> dict[str, float]:
+        """Ā, G given as averaged statistics (`KroneckerSums.averages`: from a pass, or from the training steps);
+        eigenbases; row models."""
         finite = [
             bool(torch.isfinite(g).all()) and (a is None or bool(torch.isfinite(a).all())) for a, g in stats.values()
         ]
@@ -279,6 +305,12 @@ class KFACProvider(CurvatureProvider):
 
     def row_model(self, name: str) -> RowModel | None:
         return self._resident(name) if self.estimated else None
+
+    def output_factor(self, name: str) -> torch.Tensor | None:
+        model = self.row_model(name)
+        if model is None or self.g[name].dim() == 1:
+            return None if model is None else model.row_weight
+        return self.g[name].double()
 
     @classmethod
     def holds_row_model(cls, config: KFACConfig) -> bool:

@@ -40,7 +40,7 @@ from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
 
-def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
+def check_supported(layers: Mapping[str, LayerAdapter]) -> None:
     """K-FAC's map a → W a + b holds for Linear, Conv1D and plain Conv2d layers only."""
     for name, adapter in layers.items():
         module = adapter.module
@@ -54,6 +54,72 @@ def _check_supported(layers: Mapping[str, LayerAdapter]) -> None:
             raise CurvatureError(
                 f"`curvature.init: kfac` supports Linear, Conv1D and Conv2d layers; `{name}` is {type(module).__name__}"
             )
+
+
+class KroneckerSums:
+    """Running K-FAC sums per layer: Σ ā āᵀ over real tokens and Σ δ δᵀ (or Σ δ², diag G) over every position, with
+    the token and example counts that turn them into Ā and G (`averages`).
+
+    `observe` is the body of a layer's forward hook: it adds the layer's input and registers a tensor hook on the
+    output that adds δ δᵀ as the backward passes. Shared by the statistics pass (`kronecker_statistics`) and the
+    collection from the training steps themselves (`fisher/training.py`).
+    """
+
+    def __init__(self, layers: Mapping[str, LayerAdapter], device: torch.device, full_g: Container[str] = ()):
+        self.a = {n: torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device) for n, a in layers.items()}
+        # every row, also when sharded
+        self.g = {n: torch.zeros((a.rows,) * (2 if n in full_g else 1), device=device) for n, a in layers.items()}
+        self.tokens = dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
+        self.examples = 0
+        self.device = device
+
+    def observe(self, batch: Mapping[str, Any], name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor):
+        """Add the layer's input rows (the batch's attention mask picks the real tokens); δ δᵀ follows in the
+        backward."""
+        conv = isinstance(module, nn.Conv2d)
+        a = _input_rows(module, a.detach())
+        mask = _token_mask(batch, a, self.device, conv=conv)
+        self.tokens[name] += float(mask.sum())
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
+        self.a[name] += a.T @ a
+        if output.requires_grad:
+            output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(self.g[name], grad, conv))
+
+    def add_(self, other: KroneckerSums, g_scale: float = 1.0) -> None:
+        """self += other, other's G sums scaled by `g_scale`."""
+        for name in self.a:
+            self.a[name] += other.a[name]
+            self.g[name].add_(other.g[name], alpha=g_scale)
+            self.tokens[name] += other.tokens[name]
+        self.examples += other.examples
+
+    def zero_(self) -> None:
+        for name in self.a:
+            self.a[name].zero_()
+            self.g[name].zero_()
+            self.tokens[name] = 0.0
+        self.examples = 0
+
+    def averages(self, owners: Mapping[str, int] | None = None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        """name → (Ā, G): the sums over the tokens / examples, averaged over the data-parallel ranks (in place: the
+        sums are spent). `owners` (FSDP2): Ā reaches its owner only (None elsewhere)."""
+        if self.examples == 0:
+            raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
+        if any(count == 0 for count in self.tokens.values()):
+            raise CurvatureError(
+                "calibration batches hold no real token (every `attention_mask` entry is 0): K-FAC statistics "
+                "(`curvature.init: kfac`) need unpadded tokens"
+            )
+        for name in self.a:
+            self.a[name].mul_(1.0 / self.tokens[name])
+            self.g[name].mul_(1.0 / self.examples)
+        if owners is None:
+            all_reduce_mean_([*self.a.values(), *self.g.values()])
+            return {name: (self.a[name], self.g[name]) for name in self.a}
+        all_reduce_mean_(list(self.g.values()))
+        for name, a_bar in self.a.items():  # one layer at a time: no flat copy of every Ā
+            reduce_mean_(a_bar, owners[name])
+        return {name: (self.a[name] if owners[name] == rank() else None, self.g[name]) for name in self.a}
 
 
 def kronecker_statistics(
@@ -83,28 +149,14 @@ def kronecker_statistics(
     model = unwrap(model)
     shift = labels == "empirical" and is_causal_lm(model)
     device = model_device(model)
-    sums = {
-        n: [
-            torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device),
-            torch.zeros((a.rows,) * (2 if n in full_g else 1), device=device),  # every row, also when sharded
-        ]
-        for n, a in layers.items()
-    }
-    examples, tokens = 0, dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
+    sums = KroneckerSums(layers, device, full_g)
     current: dict[str, Any] = {}  # the batch being passed (its attention mask picks the real tokens)
 
     def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
-        conv = isinstance(module, nn.Conv2d)
-        a = _input_rows(module, a.detach())
-        mask = _token_mask(current["batch"], a, device, conv=conv)
-        tokens[name] += float(mask.sum())
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
-        sums[name][0] += a.T @ a
-        if output.requires_grad:
-            output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(sums[name][1], grad, conv))
+        sums.observe(current["batch"], name, module, a, output)
 
     bar = example_progress(max_examples, "K-FAC statistics")
-    _check_supported(layers)
+    check_supported(layers)
     with (
         curvature_mode(model, double_backward=False),
         torch.enable_grad(),
@@ -113,7 +165,7 @@ def kronecker_statistics(
         bar,
     ):
         for batch in batches:
-            if examples >= max_examples:
+            if sums.examples >= max_examples:
                 break
             current["batch"] = batch
             logits = logits_of(model(**model_inputs(batch, device))).float()
@@ -127,25 +179,9 @@ def kronecker_statistics(
             if loss.requires_grad:  # δ = ∂loss/∂output, taken by the output hooks as the backward passes
                 loss.backward()
             del logits, targets, loss
-            examples += n
+            sums.examples += n
             bar.update(n)
-    if examples == 0:
-        raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
-    if any(count == 0 for count in tokens.values()):
-        raise CurvatureError(
-            "calibration batches hold no real token (every `attention_mask` entry is 0): K-FAC statistics "
-            "(`curvature.init: kfac`) need unpadded tokens"
-        )
-    for name, (a_bar, g) in sums.items():
-        a_bar.mul_(1.0 / tokens[name])
-        g.mul_(1.0 / examples)
-    if owners is None:
-        all_reduce_mean_([t for pair in sums.values() for t in pair])
-        return {name: (pair[0], pair[1]) for name, pair in sums.items()}
-    all_reduce_mean_([g for _, g in sums.values()])
-    for name, (a_bar, _) in sums.items():  # one layer at a time: no flat copy of every Ā
-        reduce_mean_(a_bar, owners[name])
-    return {name: (a_bar if owners[name] == rank() else None, g) for name, (a_bar, g) in sums.items()}
+    return sums.averages(owners)
 
 
 def _add_output_gradient(total: torch.Tensor, grad: torch.Tensor, conv: bool) -> None:

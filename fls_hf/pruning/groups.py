@@ -2,7 +2,8 @@
 of each block's consumer and the matching rows of its producers.
 
 Rules (`pruning.method`):
-- kfac: group OBS (`structured.py`) on the consumer's Kronecker Fisher diag(G) ⊗ (Ā + λI): a greedy removal curve
+- kfac: group OBS (`structured.py`) on the consumer's Kronecker Fisher G ⊗ (Ā + λI) (diag G where
+  `curvature.max_full_g_rows` is below the consumer's rows): a greedy removal curve
   per block, one threshold in loss units across blocks (or the same count in every block), the consumer's
   surviving columns compensated jointly;
 - magnitude: the groups whose consumer columns have the smallest Σ w² (the magnitude-of-group baseline), no
@@ -90,7 +91,7 @@ def prune_groups(
         inverses[block.prefix] = damped_inverse(model.a_bar()[index][:, index], damping)
         chunk = -(-count // GREEDY_STEPS) if count else 1
         curves[block.prefix] = group_removal_curve(
-            w, model.row_weight, inverses[block.prefix], block.columns, count, chunk
+            w, provider.output_factor(consumer), inverses[block.prefix], block.columns, count, chunk
         )
     if global_scope:
         if wanted > sum(len(c.order) for c in curves.values()):

@@ -107,16 +107,21 @@ class Pruner:
             )
         # `auto`: the rule that fits the curvature (issue 17): row-wise OBC where there is a row model
         self.compensation = cfg.compensation if cfg.compensation != "auto" else ("obc" if has_rows else "block")
-        if self.blocks:  # group OBS reads the consumers' row models only (diag G, Ā)
+        if self.blocks:  # group OBS reads the consumers' Kronecker factors only (G, Ā)
             self.compensation = "group"
             consumers = {b.consumer: self.layers[b.consumer] for b in self.blocks}
-            self.provider = provider_class(consumers, self.recipe.curvature.for_rule("obc"))
+            self.provider = provider_class(consumers, self.recipe.curvature.for_rule("group"))
         else:
             self.provider = provider_class(self.layers, self.recipe.curvature.for_rule(self.compensation))
         mismatch = not self.blocks and rule_mismatch(self.provider.coupled_block, cfg.saliency, self.compensation)
         if mismatch:
             warnings.warn(f"recipe with `pruning.method` = {cfg.method!r}: {mismatch}", UserWarning, stacklevel=3)
         self.provider.shards = self.shards
+        # `curvature.statistics: training`: the Trainer callback feeds K-FAC sums from the training steps before each
+        # pruning step (`statistics_window` of them); `_ready_curvature` uses them instead of a pass when complete
+        self.training_statistics = self.provider.training_statistics()
+        self.statistics_window = 0
+        self._from_training = False
         self.masks = MaskSet.dense(self.layers)
         self.masks.shards = self.shards
         self._adopted = False
@@ -131,7 +136,24 @@ class Pruner:
         if self._adopted:  # adopted from a pass made elsewhere for this very model state
             self._adopted = False
             return
+        stats = self.training_statistics
+        if stats is not None and self.statistics_window and stats.steps >= self.statistics_window:
+            diagnostics = self.provider.ready_from_training(stats)
+            stats.reset()
+            if diagnostics is not None:
+                self.last_diagnostics, self._from_training = diagnostics, True
+                return
+        if stats is not None:
+            stats.reset()  # an incomplete window (the first pruning step, a resume inside a window) is not used
         self.last_diagnostics = self.provider.ready(model, stream)
+
+    def collects_statistics(self, step: int) -> bool:
+        """Whether the training step that ends at optimizer step `step` feeds the next pruning step's K-FAC
+        statistics (`curvature.statistics: training`: the `statistics_window` steps up to a pruning step)."""
+        if self.training_statistics is None or not self.statistics_window:
+            return False
+        upcoming = [p for p in self.schedule.pruning_steps() if p >= step and self.schedule.target(p) > 0]
+        return bool(upcoming) and upcoming[0] - step < self.statistics_window
 
     def adopt_curvature(self, state: Mapping[str, Any]) -> None:
         """Use a provider state estimated on this model as it is now, instead of the next `ready`.
@@ -149,6 +171,7 @@ class Pruner:
         """Prune (curvature made ready before each of the `recomputations` stages) until the layers reach `target`."""
         stream = as_stream(batches)
         cfg = self.recipe.pruning
+        self._from_training = False
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
             self._ready_curvature(model, stream)
             if self.blocks:
@@ -184,7 +207,10 @@ class Pruner:
             self.current_target = sub_target
         if self.shards is None:  # sharded: each rank holds other rows, chosen by counts over all of them
             check_same_on_all_ranks(self.masks.digest(), "pruning masks")
-        self.history.append({"target": target, "sparsity": self.masks.global_sparsity()})
+        entry = {"target": target, "sparsity": self.masks.global_sparsity()}
+        if self.training_statistics is not None:  # 1: this step's first K-FAC estimate came from the training steps
+            entry["training_statistics"] = float(self._from_training)  # the step's (first) estimate
+        self.history.append(entry)
         log_main("fls_hf: pruned to %.2f %% (target %.2f %%)", 100 * self.masks.global_sparsity(), 100 * target)
 
     def on_step(self, model: nn.Module, step: int, stream: CalibrationStream) -> bool:

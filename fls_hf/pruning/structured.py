@@ -2,18 +2,20 @@
 
 A structure is a group P of input columns of a consumer layer W (rows × cols): an FFN neuron is one column of the
 down projection, an attention head its `head_dim` columns of the output projection. With the Kronecker Fisher
-diag(G) ⊗ (Ā + λI) of W (the K-FAC input factor Ā damped by λ, the output-side Fisher G_ii weighting each row),
-every row shares H⁻¹ = (Ā + λI)⁻¹, and removing P is OBS over the group (ZipLM; OBC for structures):
+G ⊗ (Ā + λI) of W (the K-FAC input factor Ā damped by λ, the output-side Fisher G), removing P from every row is
+OBS over the group (ZipLM; OBC for structures). H⁻¹ = G⁻¹ ⊗ (Ā + λI)⁻¹, so the block of H⁻¹ on the group is
+G⁻¹ ⊗ H⁻¹_PP with H⁻¹ = (Ā + λI)⁻¹ from here on, and
 
-    cost(P) = ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP,        δW = −W_P [H⁻¹_PP]⁻¹ H⁻¹_P,:      ((W + δW)_:,P = 0).
+    cost(P) = ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹),        δW = −W_P [H⁻¹_PP]⁻¹ H⁻¹_P,:      ((W + δW)_:,P = 0).
 
-The update does not depend on G (every row has the same H⁻¹ up to its scale G_ii); the cost does, in loss units,
-so one threshold ranks groups across layers. Removing groups one at a time (`group_removal_curve`: the cheapest
-group, then downdate H⁻¹ ← H⁻¹ − H⁻¹_:,P [H⁻¹_PP]⁻¹ H⁻¹_P,: and update W) is greedy OBS; the final update for a
-removed set equals the joint OBS update over their union from the original H⁻¹ (`group_compensation`), so the
-curve is computed once and the chosen prefix is applied in one solve. The layers that produce P's inputs (the
-up / gate rows of a neuron, the q / k / v rows of a head) are removed with no compensation of their own.
-Pure tensor maths in float64, no transformers imports.
+With diag G the cost is ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP; the full G also sees how the rows' outputs interact
+downstream (a column along a direction the next LayerNorm removes costs nothing). The update does not depend on G;
+the cost does, in loss units, so one threshold ranks groups across layers. Removing groups one at a time
+(`group_removal_curve`: the cheapest group, then downdate H⁻¹ ← H⁻¹ − H⁻¹_:,P [H⁻¹_PP]⁻¹ H⁻¹_P,: and update W) is
+greedy OBS; the final update for a removed set equals the joint OBS update over their union from the original H⁻¹
+(`group_compensation`), so the curve is computed once and the chosen prefix is applied in one solve. The layers that
+produce P's inputs (the up / gate rows of a neuron, the q / k / v rows of a head) are removed with no compensation
+of their own. Pure tensor maths in float64, no transformers imports.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class GroupCurve:
 
     Args:
         order: (n,) int64 group indices.
-        costs: (n,) float64, loss units (½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP at the time of removal).
+        costs: (n,) float64, loss units (½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹) at the time of removal).
     """
 
     order: torch.Tensor
@@ -57,15 +59,26 @@ def _grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
     return matrix.reshape(*matrix.shape[:-1], -1, group_size)
 
 
+def output_weighted(weight: torch.Tensor, output_factor: torch.Tensor) -> torch.Tensor:
+    """G W: `output_factor` is G (rows, rows) or its diagonal (rows,)."""
+    g = output_factor.double()
+    return g @ weight if g.dim() == 2 else g[:, None] * weight
+
+
 def group_costs(
     weight: torch.Tensor,
-    row_weight: torch.Tensor,
+    output_factor: torch.Tensor,
     h_inv: torch.Tensor,
     group_size: int,
     alive: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """cost(P) = ½ Σ_i G_ii w_iPᵀ [H⁻¹_PP]⁻¹ w_iP for every group of `group_size` consecutive columns: (n,); inf for
-    the groups not `alive` (removed: their block of H⁻¹ is zero after the downdates)."""
+    """cost(P) = ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹) for every group of `group_size` consecutive columns: (n,); inf for the
+    groups not `alive` (removed: their block of H⁻¹ is zero after the downdates).
+
+    Args:
+        output_factor: G, (rows, rows), or diag G, (rows,).
+    """
+    weighted = _grouped(output_weighted(weight.double(), output_factor), group_size)  # G W, (rows, n, g)
     w = _grouped(weight.double(), group_size)  # (rows, n, g)
     n = w.shape[1]
     index = group_rows(torch.arange(n, device=h_inv.device), group_size).view(n, group_size)
@@ -74,10 +87,10 @@ def group_costs(
         eye = torch.eye(group_size, dtype=blocks.dtype, device=blocks.device)
         blocks = torch.where(alive[:, None, None], blocks, eye)
     if group_size == 1:
-        costs = 0.5 * (row_weight.double() @ w[..., 0].square()) / blocks[:, 0, 0]
+        costs = 0.5 * (weighted[..., 0] * w[..., 0]).sum(dim=0) / blocks[:, 0, 0]
     else:
         solved = torch.linalg.solve(blocks[None], w.unsqueeze(-1)).squeeze(-1)  # [H⁻¹_PP]⁻¹ w_iP, (rows, n, g)
-        costs = 0.5 * torch.einsum("i,ing,ing->n", row_weight.double(), w, solved)
+        costs = 0.5 * torch.einsum("ing,ing->n", weighted, solved)
     return costs if alive is None else torch.where(alive, costs, torch.inf)
 
 
@@ -107,7 +120,7 @@ def group_compensation(
 
 def group_removal_curve(
     weight: torch.Tensor,
-    row_weight: torch.Tensor,
+    output_factor: torch.Tensor,
     h_inv: torch.Tensor,
     group_size: int = 1,
     count: int | None = None,
@@ -119,7 +132,7 @@ def group_removal_curve(
 
     Args:
         weight: (rows, cols) W, cols a multiple of `group_size`.
-        row_weight: (rows,) G_ii ≥ 0.
+        output_factor: G (rows, rows), positive semi-definite, or diag G (rows,) ≥ 0.
         h_inv: (cols, cols) (Ā + λI)⁻¹.
     """
     rows, cols = weight.shape
@@ -129,7 +142,7 @@ def group_removal_curve(
     count = n - 1 if count is None else count
     if not 0 <= count <= n or chunk < 1:
         raise ValueError(f"cannot remove {count} of {n} groups in chunks of {chunk}")
-    w, h, g = weight.double().clone(), h_inv.double().clone(), row_weight.double()
+    w, h, g = weight.double().clone(), h_inv.double().clone(), output_factor.double()
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
     order: list[int] = []
     costs: list[float] = []
@@ -141,7 +154,10 @@ def group_removal_curve(
         columns = group_rows(chosen, group_size)
         block_inv = torch.linalg.inv(h[columns][:, columns])
         coefficients = w[:, columns] @ block_inv  # W_P [H⁻¹_PP]⁻¹
-        joint = float(cost[chosen[0]]) if take == 1 else 0.5 * float((g @ (coefficients * w[:, columns])).sum())
+        if take == 1:
+            joint = float(cost[chosen[0]])
+        else:  # ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹)
+            joint = 0.5 * float((output_weighted(w[:, columns], g) * coefficients).sum())
         order += chosen.tolist()
         costs += [joint / take] * take
         w = w - coefficients @ h[columns]

@@ -296,6 +296,8 @@ def _obc_rounds(
     round's diagonal. `solver: sweep` ranks by the saliency of the weights as they are (ρ with nothing pruned, the
     pruned ones at zero), which fixes each layer's count and each block's (group's) count, and then
     `sweep_compensation` chooses inside the blocks as it reaches them: one factor per layer, no per-row solve.
+    `solver: joint` ranks as the sweep does (one eigenbasis per layer gives every ρ) and compensates every row
+    jointly as `exact` does: one Cholesky of the new kept set per row, none for the ranking.
     Layers with non-finite curvature rank by w²/(2 diag Q) and are only zeroed."""
     total, pruned = summed(shards, [sum(k.numel() for k in keep.values()), sum(int((~k).sum()) for k in keep.values())])
     current = min(target, pruned / total)
@@ -308,7 +310,7 @@ def _obc_rounds(
             if n in broken:
                 scores[n] = obs_saliency(w, diags[n])
             elif inverse_diag[n] is None:
-                scores[n] = obc_saliency(w, _row_model(provider, n), None if solver == "sweep" else keep[n])
+                scores[n] = obc_saliency(w, _row_model(provider, n), keep[n] if solver == "exact" else None)
             else:
                 scores[n] = torch.where(keep[n], w.double().square() / (2 * inverse_diag[n]), 0.0)
         before, keep = keep, select(scores, keep, sub_target)  # empties `scores`
@@ -323,7 +325,7 @@ def _obc_rounds(
                 delta, pruned = sweep_compensation(w, rows, ~keep[n], fixed=~before[n], group=group)
                 keep[n] = ~pruned
             else:
-                delta, inverse_diag[n] = obc_solve(w, rows, keep[n], inverse_diag=not last)
+                delta, inverse_diag[n] = obc_solve(w, rows, keep[n], inverse_diag=solver == "exact" and not last)
             weights[n] = _checked(n, w, delta, keep[n], "obc")
     return weights, keep
 

@@ -198,6 +198,8 @@ def test_the_package_default_is_kfac_with_row_wise_obc_and_auto_falls_back_to_bl
         ("2:4", True, "exact"),
         ("unstructured", True, "sweep"),
         ("2:4", False, "sweep"),
+        ("unstructured", True, "joint"),
+        ("2:4", True, "joint"),
     ],
 )
 def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(pattern, scope, solver):
@@ -367,9 +369,11 @@ def test_obc_saliency_with_pruned_weights_is_the_single_weight_obs_loss_given_th
         assert float(0.5 * d @ m @ d) == pytest.approx(float(saliency.reshape(-1)[q]), rel=1e-6)
 
 
-def test_obc_rounds_are_explicit_rounds_of_obs_on_the_full_row_hessian():
-    """Each round: rank survivors by w_q² / (2 [(M_KK)⁻¹]_qq) over both layers, prune the round's count, then the
-    exact constrained optimum; M = blockdiag over layers and rows of G_ii Ā + γI, built explicitly."""
+@pytest.mark.parametrize("solver", ["exact", "joint"])
+def test_obc_rounds_are_explicit_rounds_of_obs_on_the_full_row_hessian(solver):
+    """Each round: rank survivors by w_q² / (2 [(M_KK)⁻¹]_qq) over both layers (joint: [M⁻¹]_qq, the weights as they
+    are), prune the round's count, then the exact constrained optimum; M = blockdiag over layers and rows of
+    G_ii Ā + γI, built explicitly."""
     from fls_hf.pruning.schedule import recomputation_targets
 
     model = MLP((8, 6, 4))
@@ -386,11 +390,12 @@ def test_obc_rounds_are_explicit_rounds_of_obs_on_the_full_row_hessian():
     pruned = torch.zeros_like(w, dtype=torch.bool)
     for sub_target in recomputation_targets(0.0, 0.6, 3):
         kept = (~pruned).nonzero().squeeze(1)
-        inverse = torch.linalg.inv(m[kept][:, kept]).diagonal()
-        order = kept[torch.argsort(w[kept].square() / (2 * inverse))]
+        inverse = torch.linalg.inv(m[kept][:, kept] if solver == "exact" else m).diagonal()
+        order = kept[torch.argsort(w[kept].square() / (2 * (inverse if solver == "exact" else inverse[kept])))]
         pruned[order[: round(sub_target * len(w)) - int(pruned.sum())]] = True
         w = constrained_optimum(w[None], m, pruned[None])[0]
-    prune_step(provider, layers, MaskSet.dense(layers), 0.6, "unstructured", compensation="obc", obc_rounds=3)
+    masks = MaskSet.dense(layers)
+    prune_step(provider, layers, masks, 0.6, "unstructured", compensation="obc", obc_rounds=3, obc_solver=solver)
     got = torch.cat([a.weight_matrix().double().reshape(-1) for a in layers.values()])
     assert torch.equal(got == 0, pruned)
     torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-5)

@@ -29,11 +29,11 @@ def layer(rows=5, groups=6, group_size=1, seed=0):
 
 
 def exact_obs(w, g, a_bar, columns):
-    """Exact OBS removing every weight in `columns` (all rows) under H = blockdiag_i(G_ii (Ā + λI)):
-    (cost ½ w_Qᵀ [H⁻¹]_QQ⁻¹ w_Q, new W = W − H⁻¹[:, Q] [H⁻¹]_QQ⁻¹ w_Q)."""
+    """Exact OBS removing every weight in `columns` (all rows) under H = G ⊗ (Ā + λI) (G's diagonal `g` given:
+    blockdiag_i(G_ii (Ā + λI))): (cost ½ w_Qᵀ [H⁻¹]_QQ⁻¹ w_Q, new W = W − H⁻¹[:, Q] [H⁻¹]_QQ⁻¹ w_Q)."""
     rows, cols = w.shape
     damped = a_bar + DAMPING * a_bar.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
-    hessian = torch.block_diag(*[gi * damped for gi in g])
+    hessian = torch.kron(g if g.dim() == 2 else torch.diag(g), damped)  # row-major vec(W)
     h_inv = torch.linalg.inv(hessian)
     q = torch.tensor([i * cols + j for i in range(rows) for j in columns])
     wq = w.reshape(-1)[q]
@@ -53,6 +53,32 @@ def test_group_cost_and_update_equal_exact_obs_over_the_group(group_size):
         updated = group_compensation(w, h_inv, torch.tensor([p]), group_size)
         torch.testing.assert_close(updated, new, rtol=1e-9, atol=1e-12)
         assert bool((updated[:, columns] == 0).all())
+
+
+def full_g(rows, seed):
+    """A positive definite output-side factor with strong coupling between rows."""
+    m = torch.randn(rows, rows, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return m @ m.T / rows + 0.05 * torch.eye(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_full_output_factor_gives_exact_obs_under_the_kronecker_hessian(group_size):
+    """With the full G the group cost is exact OBS under G ⊗ (Ā + λI); the update is G's-free, so the same as with
+    diag G; the costs differ from diag G's (the rows' coupling counts)."""
+    w, _, a_bar = layer(group_size=group_size, seed=4)
+    g = full_g(len(w), seed=5)
+    h_inv = damped_inverse(a_bar, DAMPING)
+    costs = group_costs(w, g, h_inv, group_size)
+    for p in range(6):
+        columns = list(range(p * group_size, (p + 1) * group_size))
+        cost, new = exact_obs(w, g, a_bar, columns)
+        assert float(costs[p]) == pytest.approx(cost, rel=1e-9)
+        torch.testing.assert_close(group_compensation(w, h_inv, torch.tensor([p]), group_size), new)
+    assert not torch.allclose(costs, group_costs(w, g.diagonal(), h_inv, group_size), rtol=1e-3)
+    # greedy chunks of two: the joint cost of each chunk is exact too, and the steps add up to the union's cost
+    curve = group_removal_curve(w, g, h_inv, group_size, count=4, chunk=2)
+    columns = [j for p in curve.order.tolist() for j in range(p * group_size, (p + 1) * group_size)]
+    assert float(curve.costs.sum()) == pytest.approx(exact_obs(w, g, a_bar, sorted(columns))[0], rel=1e-8)
 
 
 @pytest.mark.parametrize("group_size", [1, 2])

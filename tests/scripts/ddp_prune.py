@@ -29,11 +29,12 @@ curvature.update(
     {
         "fishleg": {"warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3},
         "block_fisher": {"num_grads": 8, "block_size": 8},
+        "kfac-training": {"num_examples": 4, "statistics": "training"},  # each rank's two steps before a pruning step
     }[method]
 )
 recipe = {
     "pruning": {
-        "method": method,
+        "method": method.split("-")[0],
         "init_sparsity": 0.3,
         "final_sparsity": 0.8,
         "start_step": 0,
@@ -72,6 +73,7 @@ result = {
     "numel": report.numel,
     "checksum": checksum(trainer.model),
     "curvature_steps": getattr(trainer.pruner.provider, "steps_done", 0),
+    "training_statistics": [h.get("training_statistics") for h in trainer.pruner.history],
 }
 if resume:
     state = trainer.pruner.provider.rng_state()
