@@ -15,7 +15,7 @@ timeout 130 python -m benchmarks.scale --shape tinyllama-1.1b --device cuda --th
     --methods magnitude,fls-diagonal,kfac-obc --output "$OUT/scale_tinyllama-1.1b_cuda.json" > "$OUT/scale.log" 2>&1
 echo "scale rc $?" >> "$OUT/gpu.txt"
 timeout 120 python -m benchmarks.gradual_cost --shape bert-base --device cuda --bf16 \
-    --runs fine-tune,magnitude,shipped-90,shipped-90-sweep,shipped-90-64 \
+    --runs fine-tune,magnitude,shipped-90,shipped-90-exact,shipped-90-pass \
     --output "$OUT/gradual_cost_bert-base_cuda.json" > "$OUT/gradual_cost.log" 2>&1
 echo "gradual_cost rc $?" >> "$OUT/gpu.txt"
 timeout 30 python -m benchmarks.structured_latency --device cuda --dtype bfloat16 --repeats 20 \

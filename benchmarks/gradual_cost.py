@@ -10,8 +10,9 @@ are set). Runs (`--runs`, comma-separated):
 
 - `fine-tune`: `transformers.Trainer`, no pruning;
 - `magnitude`: GMP (`pruning.method: magnitude`, no compensation);
-- `shipped-90`: `recipes/gradual-unstructured-90.yaml` (kfac + row-wise OBC, exact solver, relative damping);
-- `shipped-90-sweep`: the same with `pruning.obc_solver: sweep`;
+- `shipped-90`: `recipes/gradual-unstructured-90.yaml` (kfac + row-wise OBC, relative damping);
+- `shipped-90-exact` / `-joint` / `-sweep`: the same with that `pruning.obc_solver`;
+- `shipped-90-pass` / `-training`: the same with that `curvature.statistics`;
 - `shipped-90-64`: the same with 64 K-FAC examples per pruning step instead of 256.
 
 Measured per run: wall and CPU seconds of `trainer.train()` (`time.process_time`, all threads), × the fine-tune's,
@@ -46,7 +47,15 @@ SHAPES = {
     "minilm": {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536, "num_attention_heads": 12},
     "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072, "num_attention_heads": 12},
 }
-RUNS = ("fine-tune", "magnitude", "shipped-90", "shipped-90-sweep", "shipped-90-64")
+VARIANTS = {  # shipped-90-<variant>: one setting of the shipped recipe changed
+    "exact": ("pruning", "obc_solver", "exact"),
+    "joint": ("pruning", "obc_solver", "joint"),
+    "sweep": ("pruning", "obc_solver", "sweep"),
+    "pass": ("curvature", "statistics", "pass"),
+    "training": ("curvature", "statistics", "training"),
+    "64": ("curvature", "num_examples", 64),
+}
+RUNS = ("fine-tune", "magnitude", "shipped-90", *(f"shipped-90-{v}" for v in VARIANTS))
 SHIPPED = REPO / "recipes" / "gradual-unstructured-90.yaml"
 
 
@@ -60,10 +69,9 @@ def recipe_for(run: str, steps: int) -> dict | None:
     if run == "magnitude":
         recipe["pruning"].update(method="magnitude", compensation="none")
         recipe["curvature"] = {}
-    elif run == "shipped-90-sweep":
-        recipe["pruning"]["obc_solver"] = "sweep"
-    elif run == "shipped-90-64":
-        recipe["curvature"]["num_examples"] = 64
+    elif run.removeprefix("shipped-90-") in VARIANTS:
+        section, key, value = VARIANTS[run.removeprefix("shipped-90-")]
+        recipe[section][key] = value
     elif run != "shipped-90":
         raise SystemExit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
     every = max(1, steps // 12)
