@@ -307,10 +307,8 @@ class KFACProvider(CurvatureProvider):
         return self._resident(name) if self.estimated else None
 
     def output_factor(self, name: str) -> torch.Tensor | None:
-        model = self.row_model(name)
-        if model is None or self.g[name].dim() == 1:
-            return None if model is None else model.row_weight
-        return self.g[name].double()
+        g = self.g[name]  # a full G where this layer keeps one, else the row model's diag G
+        return g.double() if self.estimated and g.dim() == 2 else super().output_factor(name)
 
     @classmethod
     def holds_row_model(cls, config: KFACConfig) -> bool:

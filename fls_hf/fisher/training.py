@@ -37,7 +37,7 @@ class TrainingStatistics:
         >>> stats.attach(model)                  # before the window's first training step
         >>> ...                                  # training forward / backward
         >>> stats.end_step(skipped=False, loss_scale=None)   # after each optimizer step of the window
-        >>> provider.ready_from(stats.averages()); stats.reset()
+        >>> provider.ready_from_training(stats); stats.reset()   # at the pruning step
     """
 
     def __init__(self, layers: Mapping[str, LayerAdapter], full_g: Container[str] = ()):

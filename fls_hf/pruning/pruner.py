@@ -137,14 +137,14 @@ class Pruner:
             self._adopted = False
             return
         stats = self.training_statistics
-        if stats is not None and self.statistics_window and stats.steps >= self.statistics_window:
-            diagnostics = self.provider.ready_from_training(stats)
+        if stats is not None:  # a complete window serves once; an incomplete one (the first pruning step, a resume
+            # inside a window) is dropped and the pass below takes its place
+            complete = self.statistics_window and stats.steps >= self.statistics_window
+            diagnostics = self.provider.ready_from_training(stats) if complete else None
             stats.reset()
             if diagnostics is not None:
                 self.last_diagnostics, self._from_training = diagnostics, True
                 return
-        if stats is not None:
-            stats.reset()  # an incomplete window (the first pruning step, a resume inside a window) is not used
         self.last_diagnostics = self.provider.ready(model, stream)
 
     def collects_statistics(self, step: int) -> bool:
@@ -209,7 +209,7 @@ class Pruner:
             check_same_on_all_ranks(self.masks.digest(), "pruning masks")
         entry = {"target": target, "sparsity": self.masks.global_sparsity()}
         if self.training_statistics is not None:  # 1: this step's first K-FAC estimate came from the training steps
-            entry["training_statistics"] = float(self._from_training)  # the step's (first) estimate
+            entry["training_statistics"] = float(self._from_training)
         self.history.append(entry)
         log_main("fls_hf: pruned to %.2f %% (target %.2f %%)", 100 * self.masks.global_sparsity(), 100 * target)
 
