@@ -435,7 +435,8 @@ def run_method(method: str, args) -> dict:
     layers = targeted(model)
     total = sizes["targeted_weights"]
     cfg = recipe(method, args.batches, args.batches * args.batch_size)
-    meter = Meter(device, progress=Path(args.child_output + ".partial") if args.child_output else None)
+    rank = 0 if mesh is None else mesh.get_rank()
+    meter = Meter(device, progress=partial_file(output_file(args, rank)) if args.child_output else None)
     instrument(meter)
     meter.start()
     with kept_pruner() as pruners:
@@ -445,7 +446,7 @@ def run_method(method: str, args) -> dict:
     row = {
         "method": method,
         "world_size": args.world_size,
-        "rank": 0 if mesh is None else mesh.get_rank(),
+        "rank": rank,
         "curvature_bytes": pruners[0].provider.memory_bytes(),
         "mask_bytes": sum(pruners[0].masks.keep(n).numel() for n in pruners[0].masks),
         "recipe": cfg,
@@ -481,6 +482,15 @@ def sharding_mesh(args):
 
     dist.init_process_group("gloo")
     return init_device_mesh("cpu", (args.world_size,))
+
+
+def close_process_group() -> None:
+    """Destroy the gloo group before the interpreter exits: left to interpreter teardown, its worker threads can
+    abort the process (SIGABRT, "terminate called without an active exception"), failing a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(model, mesh) -> None:
@@ -535,26 +545,44 @@ def run_child(method: str, args) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        partial = Path(str(out) + ".partial")
+        outs = [out] if args.world_size == 1 else [child_file(out, r) for r in range(args.world_size)]
         try:
             done = subprocess.run(child_command(method, args, out), cwd=REPO, env=env, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             error = f"timed out after {args.timeout:g} s (--timeout)"
         else:
-            outs = [out] if args.world_size == 1 else [child_file(out, r) for r in range(args.world_size)]
             if done.returncode == 0 and all(o.is_file() for o in outs):
                 return [json.loads(o.read_text()) for o in outs]
             signal = f" (signal {-done.returncode}; 9: killed, e.g. out of memory)" if done.returncode < 0 else ""
             error = f"exit status {done.returncode}{signal}"
-        row = {"method": method, "error": error}
-        if partial.is_file():  # the oneshot phases it finished, with their times and peaks
-            row["partial"] = json.loads(partial.read_text())
-            row["error"] += f", in oneshot phase {row['partial']['in_phase']}"
-        return [row]
+        return [failed_row(method, error, partial_file(outs[0]))]
+
+
+def failed_row(method: str, error: str, partial: Path) -> dict:
+    """A failed child's row: its error, and the oneshot phases it finished (rank 0's), with their times and peaks,
+    where it wrote them whole."""
+    row = {"method": method, "error": error}
+    try:
+        row["partial"] = json.loads(partial.read_text())
+    except (OSError, ValueError):  # none written, or cut off mid-write: the error alone
+        return row
+    row["error"] += f", in oneshot phase {row['partial']['in_phase']}"
+    return row
 
 
 def child_file(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+
+
+def output_file(args, rank: int) -> Path:
+    """Where a child (one rank of it) writes its row."""
+    out = Path(args.child_output)
+    return out if args.world_size == 1 else child_file(out, rank)
+
+
+def partial_file(out: Path) -> Path:
+    """The phases a child got through, rewritten at every boundary (one file per rank: ranks never share one)."""
+    return Path(str(out) + ".partial")
 
 
 def bound(row: dict, device: str) -> str:
@@ -644,9 +672,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        row = run_method(args.child, args)
-        out = Path(args.child_output) if args.world_size == 1 else child_file(Path(args.child_output), row["rank"])
-        out.write_text(json.dumps(row, indent=1) + "\n")
+        try:
+            row = run_method(args.child, args)
+            output_file(args, row["rank"]).write_text(json.dumps(row, indent=1) + "\n")
+        finally:
+            close_process_group()
         return
     device = args.device.partition(":")[0]
     settings = {

@@ -63,3 +63,37 @@ def test_quick_fsdp_run_gives_each_rank_its_rows_and_less_curvature_than_one_pro
     assert sum(r["mask_bytes"] for r in kfac) == whole["mask_bytes"]
     assert all(r["curvature_bytes"] < whole["curvature_bytes"] for r in kfac)  # Ā replicated, G's rows split
     assert "(rank 1 of 2)" in done.stdout
+
+
+def test_a_failed_child_keeps_its_error_when_its_progress_file_is_missing_or_cut_off(tmp_path):
+    """A child killed mid-write (or two ranks once sharing one file: the CI failure of 2026-12-01) must not crash the
+    parent: the row keeps the error, and the finished phases only when their file is whole."""
+    import json
+
+    from benchmarks.scale import Meter, failed_row, partial_file
+
+    out = tmp_path / "row.rank0.json"
+    assert failed_row("kfac-obc", "exit status -6", partial_file(out)) == {
+        "method": "kfac-obc",
+        "error": "exit status -6",
+    }
+    meter = Meter(torch_device("cpu"), progress=partial_file(out))
+    meter.start()
+    with meter.phase("statistics"):  # killed here
+        whole = partial_file(out).read_text()
+        row = failed_row("kfac-obc", "exit status -6", partial_file(out))
+    assert row["error"] == "exit status -6, in oneshot phase statistics"
+    assert row["partial"] == json.loads(whole) and "setup" in row["partial"]["phases"]
+    partial_file(out).write_text(whole + whole)  # what two writers left in one file
+    assert failed_row("kfac-obc", "exit status -6", partial_file(out)) == {
+        "method": "kfac-obc",
+        "error": "exit status -6",
+    }
+    partial_file(out).write_text(whole[: len(whole) // 2])
+    assert "partial" not in failed_row("kfac-obc", "exit status -6", partial_file(out))
+
+
+def torch_device(kind: str):
+    import torch
+
+    return torch.device(kind)
