@@ -86,3 +86,5 @@ if resume:
     result["resumed_digest"] = resumed.pruner.masks.digest()
     result["resumed_checksum"] = checksum(resumed.model)
 (out / f"rank{rank}.json").write_text(json.dumps(result))
+if dist.is_initialized():  # left to interpreter teardown, gloo's threads can abort a finished run (SIGABRT)
+    dist.destroy_process_group()

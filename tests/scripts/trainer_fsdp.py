@@ -117,3 +117,5 @@ if second.args.should_save:
     result["resume_same_masks"] = all(torch.equal(a[k], b[k]) for k in a)
     (OUT / "trainer_fsdp.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+if torch.distributed.is_initialized():  # left to interpreter teardown, gloo's threads can abort a finished run
+    torch.distributed.destroy_process_group()
