@@ -422,3 +422,43 @@ def test_primal_and_dual_forms_agree():
     torch.testing.assert_close(
         new, constrained_optimum(w, full_hessian(a_bar, row_weight), ~keep), rtol=1e-6, atol=1e-8
     )
+
+
+@pytest.mark.parametrize("solve_name", ["_primal_rows", "_dual_rows"])
+def test_compensation_from_float32_factors_is_refined_to_the_float64_optimum(solve_name):
+    """Compensation alone (no diagonal asked) factors in float32 and refines in float64: the result is the exact
+    optimum to float64-level accuracy, not float32's ~1e-4 relative (30 columns: the factors carry real rounding)."""
+    from fls_hf.pruning import obc
+
+    w, a_bar, row_weight, _, model = row_problem(rows=6, cols=30, seed=7)
+    keep = torch.rand(6, 30, generator=torch.Generator().manual_seed(8)) < 0.5
+    keep[:, 0], keep[:, 1] = True, False
+    coupling = (torch.where(keep, 0.0, w) @ model.a_bar()) * row_weight[:, None]
+    delta = -torch.where(keep, 0.0, w)
+    assert obc._refined_solve(coupling, model.a_bar(), model, torch.arange(6), keep) is not None  # no fallback
+    getattr(obc, solve_name)(w, coupling, model.a_bar(), model, torch.arange(6), keep, delta, None)
+    optimum = constrained_optimum(w, full_hessian(a_bar, row_weight), ~keep)
+    torch.testing.assert_close(w + delta, optimum, rtol=1e-9, atol=1e-11)
+
+
+def test_an_ill_conditioned_row_falls_back_to_float64_factors():
+    """Condition number ~1e12 (a tiny damping under a wide spectrum): float32 factors cannot serve, so the chunk is
+    solved in float64 and still reaches the explicit optimum."""
+    from fls_hf.pruning import obc
+
+    cols = 12
+    g = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(-11, 1, cols, dtype=torch.float64)
+    a_bar = (basis * eigenvalues) @ basis.T
+    row_weight = torch.ones(3, dtype=torch.float64)
+    model = RowModel(basis, eigenvalues, row_weight, 1e-12)
+    w = torch.randn(3, cols, generator=g, dtype=torch.float64)
+    keep = torch.ones(3, cols, dtype=torch.bool)
+    keep[:, :3] = False
+    coupling = (torch.where(keep, 0.0, w) @ a_bar) * row_weight[:, None]
+    assert obc._refined_solve(coupling, a_bar, model, torch.arange(3), keep) is None
+    new = w + obc_compensation(w, model, ~keep)
+    hessian = torch.block_diag(*[gi * a_bar for gi in row_weight]) + 1e-12 * torch.eye(3 * cols, dtype=torch.float64)
+    torch.testing.assert_close(new, constrained_optimum(w, hessian, ~keep), rtol=1e-5, atol=1e-7)
+    assert torch.all(new[~keep] == 0)
