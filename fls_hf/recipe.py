@@ -51,7 +51,7 @@ SECTIONS = ("pruning", "curvature")
 INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
-OBC_SOLVERS = ("exact", "joint", "sweep")
+OBC_SOLVERS = ("exact", "joint", "cg", "sweep")
 STRUCTURES = ("neurons", "heads")  # `pruning.mask_type` values that remove whole structures (issue 20)
 STRUCTURE_METHODS = ("kfac", "magnitude", "taylor")  # group OBS (K-FAC statistics) | column norms | first-order
 STRUCTURE_ONLY_METHODS = ("taylor",)  # rank structures only: they hold no inverse Fisher for single weights
@@ -112,7 +112,9 @@ class PruningConfig:
         obc_solver (`str`, defaults to `'exact'`):
             With obc compensation: exact (each row's joint OBS optimum, one Cholesky of its kept coordinates per row
             and round; ranks by the mask-aware saliency) | joint (the same joint update, ranked by the saliency of
-            the weights as they are, from one eigenbasis per layer: no per-row solve for the ranking) | sweep
+            the weights as they are, from one eigenbasis per layer: no per-row solve for the ranking) | cg (ranked as
+            joint; the update by preconditioned conjugate gradients on every row at once where cheaper than a
+            factorisation, to a loss within 1e-3 of the exact update's: 2–5× faster near 50 % sparsity) | sweep
             (SparseGPT's sequential sweep over the columns with one factor per layer, O(cols³ + rows·cols²); ranks as
             joint).
         saliency (`str`, defaults to `'obs'`):
@@ -205,7 +207,8 @@ class PruningConfig:
         metadata={
             "help": (
                 "With obc compensation: exact (each row's joint OBS optimum; a Cholesky of its kept coordinates per "
-                "row) | joint (the same update, ranked without per-row solves) | sweep (SparseGPT's column sweep, one "
+                "row) | joint (the same update, ranked without per-row solves) | cg (ranked as joint, the update by "
+                "conjugate gradients to a loss within 1e-3 of it) | sweep (SparseGPT's column sweep, one "
                 "factor per layer: O(cols³ + rows·cols²))."
             )
         },

@@ -404,7 +404,7 @@ BAD_INPUTS = [
         "unknown obc solver",
         {"pruning": {"method": "kfac", "obc_solver": "fast"}},
         None,
-        r"`pruning\.obc_solver` = 'fast' is not allowed: expected one of exact, joint, sweep",
+        r"`pruning\.obc_solver` = 'fast' is not allowed: expected one of exact, joint, cg, sweep",
     ),
     (
         "negative damping",

@@ -308,26 +308,39 @@ def test_gradual_kfac_obc_in_the_trainer_reaches_the_target_with_rounds_and_resu
     assert again.pruner.masks.digest() == trainer.pruner.masks.digest()
 
 
-def test_kfac_statistics_from_the_training_steps_replace_the_passes_after_the_first(tmp_path):
-    """`curvature.statistics: training`: each pruning step after the first takes Ā and G from the two training steps
-    before it (8 examples at batch 4); the target is reached exactly and no hook stays on the model."""
+@pytest.mark.parametrize(
+    ("num_examples", "end_step", "window", "from_training"),
+    [
+        (8, 6, 2, [0.0, 1.0, 1.0]),
+        # a last pruning step off the grid (7, one step after 6): served by that one step when it is half the window
+        (8, 7, 2, [0.0, 1.0, 1.0, 1.0]),
+        # ... and by a pass when it is less; steps 3 and 6 come 3 steps after the previous: 3 of 4 serve
+        (16, 7, 4, [0.0, 1.0, 1.0, 0.0]),
+    ],
+)
+def test_kfac_statistics_from_the_training_steps_replace_the_passes_after_the_first(
+    tmp_path, num_examples, end_step, window, from_training
+):
+    """`curvature.statistics: training`: each pruning step after the first takes Ā and G from the training steps
+    before it (`num_examples` at batch 4, or every step since the previous pruning step where the schedule spaces
+    them closer, down to half that); the target is reached exactly and no hook stays on the model."""
     recipe = {
         "pruning": {
             "method": "kfac",
             "init_sparsity": 0.3,
             "final_sparsity": 0.6,
             "start_step": 0,
-            "end_step": 6,
+            "end_step": end_step,
             "update_frequency": 3,
         },
-        "curvature": {"num_batches": 2, "num_examples": 8, "statistics": "training"},
+        "curvature": {"num_batches": 2, "num_examples": num_examples, "statistics": "training"},
     }
     model = tiny_bert()
     args = training_args(tmp_path, max_steps=8)
     trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=dataset())
     trainer.train()
-    assert trainer.pruner.statistics_window == 2
-    assert [h["training_statistics"] for h in trainer.pruner.history] == [0.0, 1.0, 1.0]
+    assert trainer.pruner.statistics_window == window
+    assert [h["training_statistics"] for h in trainer.pruner.history] == from_training
     report = sparsity_report(model, trainer.recipe)
     assert report.zeros == round(0.6 * report.numel)
     assert all(torch.isfinite(p).all() for p in model.parameters())

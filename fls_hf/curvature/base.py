@@ -50,6 +50,8 @@ class RowModel:
         column_scale: S, (rows, cols) float64, positive; None: all ones.
         row_weight_mean: mean G_ii over every row of the layer, where `row_weight` holds only some (an FSDP2
             shard's); None: the mean of `row_weight`.
+        matrix: Ā itself, where the provider holds it (any float dtype; its eigendecomposition is basis and
+            eigenvalues): `a_bar()` reads it instead of forming U diag(λ) Uᵀ, a cols³ product per call. None: formed.
     """
 
     basis: torch.Tensor
@@ -58,6 +60,7 @@ class RowModel:
     damping: float
     column_scale: torch.Tensor | None = None
     row_weight_mean: float | None = None
+    matrix: torch.Tensor | None = None
 
     def mean_row_weight(self) -> float:
         """Mean G_ii over the layer's rows (all shards)."""
@@ -69,11 +72,15 @@ class RowModel:
 
     def a_bar(self) -> torch.Tensor:
         """Ā = U diag(λ) Uᵀ: (cols, cols) float64."""
+        if self.matrix is not None:
+            return self.matrix.double()
         return (self.basis * self.eigenvalues) @ self.basis.T
 
     def unscaled(self) -> RowModel:
         """The same model with S = I (the row problem in the coordinates W ⊘ S, where every row shares Ā)."""
-        return RowModel(self.basis, self.eigenvalues, self.row_weight, self.damping, None, self.row_weight_mean)
+        return RowModel(
+            self.basis, self.eigenvalues, self.row_weight, self.damping, None, self.row_weight_mean, self.matrix
+        )
 
     def inverse_diag(self) -> torch.Tensor:
         """[H_i⁻¹]_jj for every (i, j): (rows, cols)."""

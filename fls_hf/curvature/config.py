@@ -162,7 +162,8 @@ class KFACConfig(CurvatureConfig):
             (in the Trainer): Ā and G from the training steps just before each pruning step — their forward and the
             training loss's backward, so no extra pass; G is then the training loss's empirical Fisher and
             `fisher_labels` is not read. Needs `damping_mode: relative` (the training loss's normalisation sets G's
-            scale). Pruning steps with too few training steps before them (the first) take a pass.
+            scale). A pruning step closer than the window to the previous one is served by every step since then
+            when those are at least half the window; pruning steps with fewer (the first) take a pass.
     """
 
     damping: float = field(

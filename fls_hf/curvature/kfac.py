@@ -218,31 +218,37 @@ class KFACProvider(CurvatureProvider):
                 lam_g, u_g = torch.linalg.eigh(g)
                 inverse_eigen = 1.0 / (lam_g.clamp_min(0)[:, None] * lam_a[None, :] + self.damping)
                 self._eigen[name] = (u_g.float(), inverse_eigen.float())
-            self._rows[name] = self._row_model_of(name, u_a, lam_a)
+            self._rows[name] = self._row_model_of(name, u_a, lam_a, self.a_bar[name])
 
-    def _row_model_of(self, name: str, basis: torch.Tensor, eigenvalues: torch.Tensor) -> RowModel:
+    def _row_model_of(
+        self, name: str, basis: torch.Tensor, eigenvalues: torch.Tensor, matrix: torch.Tensor | None = None
+    ) -> RowModel:
         g = self.g[name].double()
         row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
-        return RowModel(basis, eigenvalues, row_weight, self.damping, row_weight_mean=self._row_weight_mean[name])
+        return RowModel(
+            basis, eigenvalues, row_weight, self.damping, row_weight_mean=self._row_weight_mean[name], matrix=matrix
+        )
 
     def visit(self, names: Iterable[str]) -> Iterator[str]:
-        """FSDP2: before each layer's turn its owner broadcasts Ā's eigenbasis, and the other ranks build the layer's
-        row model for their rows, dropped when the loop moves on (one layer's basis held beyond the owned ones).
-        Every rank must run the same loop to its end."""
+        """FSDP2: before each layer's turn its owner broadcasts Ā and its eigenbasis, and the other ranks build the
+        layer's row model for their rows, dropped when the loop moves on (one layer's Ā and basis held beyond the
+        owned ones). Every rank must run the same loop to its end."""
         for name in names:
             if self._owners is None or not self.estimated:
                 yield name
                 continue
             if self._owns(name):
-                self._shards.broadcast_([self._rows[name].basis, self._rows[name].eigenvalues], self._owners[name])
+                rows = self._rows[name]
+                self._shards.broadcast_([rows.basis, rows.eigenvalues, rows.matrix], self._owners[name])
                 yield name
                 continue
             cols = self.layers[name].shape[1]
             # column-major, as `eigh` gives the owner: the same layout takes the same BLAS paths (same rounding)
             basis = torch.empty(cols, cols, dtype=torch.float64, device=self.g[name].device).mT
             eigenvalues = torch.empty(cols, dtype=torch.float64, device=basis.device)
-            self._shards.broadcast_([basis, eigenvalues], self._owners[name])
-            self._rows[name] = self._row_model_of(name, basis, eigenvalues)
+            a_bar = torch.empty(cols, cols, dtype=torch.float32, device=basis.device)  # OBC's products read Ā itself
+            self._shards.broadcast_([basis, eigenvalues, a_bar], self._owners[name])
+            self._rows[name] = self._row_model_of(name, basis, eigenvalues, a_bar)
             try:
                 yield name
             finally:

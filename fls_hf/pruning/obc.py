@@ -28,11 +28,13 @@ from __future__ import annotations
 import torch
 
 from ..curvature.base import RowModel
+from .conjugate_gradient import CG_EXPECTED_ITERATIONS, CG_FLOPS_PER_ITERATION, cg_rows
 
 _CHUNK_ELEMENTS = 2**23  # rows · |K|² float64 entries per batched factorisation (64 MiB; a few copies live at once)
 _SWEEP_BLOCK = 128  # columns per lazy batch of the sweep (SparseGPT's B)
 _REFINEMENTS = 4  # float64 refinement steps of a float32-factored solve before falling back to float64 factors
 _REFINED_RESIDUAL = 1e-10  # relative (to the row's largest right-hand side) residual a refined solve must reach
+_FACTOR_SLOWDOWN = 6.0  # batched Cholesky / triangular solves per flop against a GEMM's, CPU (`cg_rows` choice)
 
 
 def obc_saliency(weight: torch.Tensor, model: RowModel, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,9 +67,13 @@ def obc_compensation(weight: torch.Tensor, model: RowModel, pruned: torch.Tensor
 
 
 def obc_solve(
-    weight: torch.Tensor, model: RowModel, keep: torch.Tensor, *, inverse_diag: bool
+    weight: torch.Tensor, model: RowModel, keep: torch.Tensor, *, inverse_diag: bool, cg_tolerance: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """OBS compensation δW for the mask `keep`, and (if asked) [(H_i)_KK⁻¹]_jj on the kept coordinates.
+
+    `cg_tolerance` > 0 (compensation only): rows whose factorisation would cost more than conjugate gradients are
+    solved by them to that relative residual (`conjugate_gradient.cg_rows`), the others (and any that do not
+    converge) exactly.
 
     Returns:
         (δW, diagonal): (rows, cols) float64 each, (W + δW)_P = 0; the diagonal is 1 off K (never read there),
@@ -77,7 +83,9 @@ def obc_solve(
         # H_i = S_i⁻¹ (G_ii Ā + γI) S_i⁻¹: in the coordinates W ⊘ S every row shares Ā; the loss, the mask and the
         # zeros are the same there, so solve there and map back (δW = S δW', [(H_i)_KK⁻¹]_jj = s_ij² [·]'_jj)
         scale, keep = model.column_scale, keep.to(torch.bool)
-        delta, diagonal = obc_solve(weight.double() / scale, model.unscaled(), keep, inverse_diag=inverse_diag)
+        delta, diagonal = obc_solve(
+            weight.double() / scale, model.unscaled(), keep, inverse_diag=inverse_diag, cg_tolerance=cg_tolerance
+        )
         return _scaled_back(delta, scale, weight, ~keep), None if diagonal is None else diagonal * scale.square()
     w = weight.double()
     keep = keep.to(torch.bool)
@@ -103,6 +111,8 @@ def obc_solve(
     lost = cols - kept
     if diagonal is None:
         dual = lost.square() * cols + lost.pow(3) / 3 < kept.pow(3) / 3
+        if cg_tolerance > 0:
+            active = _by_conjugate_gradients(coupling, a_bar, model, keep, active, dual, cg_tolerance, delta)
     else:
         dual = cols * cols * lost + cols * lost.square() + lost.pow(3) / 3 < kept.pow(3)
     for use_dual in (True, False):
@@ -117,6 +127,24 @@ def obc_solve(
             solve = _dual_rows if use_dual else _primal_rows
             solve(w, coupling, a_bar, model, rows, keep[rows], delta, diagonal)
     return delta, diagonal
+
+
+def _by_conjugate_gradients(coupling, a_bar, model, keep, active, dual, tolerance, delta) -> torch.Tensor:
+    """Solve the active rows whose factorisation costs more than conjugate gradients' expected iterations by them
+    (into `delta`); returns the rows left for the factorisations. Batched factorisations run at about a third of
+    GEMM speed on CPU, which the comparison counts."""
+    cols = keep.shape[1]
+    kept = keep[active].sum(dim=1).double()
+    lost = cols - kept
+    factored = torch.where(dual[active], lost.square() * cols + lost.pow(3) / 3, kept.pow(3) / 3)
+    iterated = CG_EXPECTED_ITERATIONS * CG_FLOPS_PER_ITERATION * cols * cols
+    chosen = _FACTOR_SLOWDOWN * factored > iterated
+    rows = active[chosen]
+    if not len(rows):
+        return active
+    x, converged = cg_rows(coupling[rows], a_bar, model, rows, keep[rows], tolerance=tolerance)
+    delta[rows[converged]] += x[converged]
+    return torch.cat([active[~chosen], rows[~converged]])
 
 
 def _primal_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None:

@@ -121,6 +121,7 @@ class Pruner:
         # pruning step (`statistics_window` of them); `_ready_curvature` uses them instead of a pass when complete
         self.training_statistics = self.provider.training_statistics()
         self.statistics_window = 0
+        self._steps_since_pruning: int | None = None  # before the pruning step under way (None: the first one)
         self._from_training = False
         self.masks = MaskSet.dense(self.layers)
         self.masks.shards = self.shards
@@ -139,13 +140,23 @@ class Pruner:
         stats = self.training_statistics
         if stats is not None:  # a complete window serves once; an incomplete one (the first pruning step, a resume
             # inside a window) is dropped and the pass below takes its place
-            complete = self.statistics_window and stats.steps >= self.statistics_window
+            needed = self._window_needed()
+            complete = needed and stats.steps >= needed
             diagnostics = self.provider.ready_from_training(stats) if complete else None
             stats.reset()
             if diagnostics is not None:
                 self.last_diagnostics, self._from_training = diagnostics, True
                 return
         self.last_diagnostics = self.provider.ready(model, stream)
+
+    def _window_needed(self) -> int:
+        """Training steps a window must hold to serve this pruning step: `statistics_window`, or all the steps since
+        the previous pruning step where the schedule spaces them closer (e.g. a last step at an `end_step` off the
+        `update_frequency` grid) but no closer than half the window; 0: a pass."""
+        window, gap = self.statistics_window, self._steps_since_pruning
+        if gap is None or gap >= window:
+            return window
+        return gap if 2 * gap >= window else 0
 
     def collects_statistics(self, step: int) -> bool:
         """Whether the training step that ends at optimizer step `step` feeds the next pruning step's K-FAC
@@ -224,7 +235,12 @@ class Pruner:
             and target > self.current_target
             and (self.schedule.is_pruning_step(step) or step > self.schedule.end_step)
         ):
-            self.prune_to(model, target, stream)
+            earlier = [p for p in self.schedule.pruning_steps() if p < step]
+            self._steps_since_pruning = step - earlier[-1] if earlier else None
+            try:
+                self.prune_to(model, target, stream)
+            finally:
+                self._steps_since_pruning = None
             return True
         diagnostics = self.provider.on_optimizer_step(model, stream, step)
         if diagnostics:
@@ -240,15 +256,16 @@ class Pruner:
 
     def non_finite_grads(self) -> list[str]:
         """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""
-        names, finite = [], []
+        names, sums = [], []
         for name, adapter in self.layers.items():
             grads = [local(p.grad) for p in (adapter.weight, adapter.bias) if p is not None and p.grad is not None]
             if grads:
                 names.append(name)
-                finite.append(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        if not finite:
+                # NaN / inf reach the sum (inf − inf is NaN): one read of each gradient, no per-element flags
+                sums.append(sum(g.sum(dtype=torch.float32) for g in grads))
+        if not sums:
             return []
-        flags = torch.stack([f.to(finite[0].device) for f in finite]).tolist()
+        flags = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).tolist()
         if self.shards is not None:
             flags = self.shards.all_ok(flags)
         return [name for name, ok in zip(names, flags) if not ok]

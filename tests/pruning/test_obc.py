@@ -200,6 +200,7 @@ def test_the_package_default_is_kfac_with_row_wise_obc_and_auto_falls_back_to_bl
         ("2:4", False, "sweep"),
         ("unstructured", True, "joint"),
         ("2:4", True, "joint"),
+        ("unstructured", True, "cg"),
     ],
 )
 def test_prune_step_with_obc_reaches_the_exact_count_and_zeroes_what_it_prunes(pattern, scope, solver):
@@ -462,3 +463,59 @@ def test_an_ill_conditioned_row_falls_back_to_float64_factors():
     hessian = torch.block_diag(*[gi * a_bar for gi in row_weight]) + 1e-12 * torch.eye(3 * cols, dtype=torch.float64)
     torch.testing.assert_close(new, constrained_optimum(w, hessian, ~keep), rtol=1e-5, atol=1e-7)
     assert torch.all(new[~keep] == 0)
+
+
+def wide_row_problem(rows: int = 12, cols: int = 512, sparsity: float = 0.5, seed: int = 11):
+    """A layer wide enough that conjugate gradients undercut the factorisations at 50 %: Ā with a fat, decaying
+    spectrum (eigenvalues over four decades, as real activations give), G_ii over a decade, relative damping."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(1, -3, cols, dtype=torch.float64)
+    row_weight = torch.logspace(-0.5, 0.5, rows, dtype=torch.float64)
+    gamma = 1e-2 * float(row_weight.mean() * eigenvalues.mean())
+    model = RowModel(basis, eigenvalues, row_weight, gamma)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    keep = torch.rand(rows, cols, generator=g) >= sparsity
+    return w, keep, model
+
+
+def row_loss(delta: torch.Tensor, model: RowModel) -> float:
+    """½ Σ_i δ_iᵀ (G_ii Ā + γI) δ_i."""
+    quadratic = ((delta @ model.a_bar()) * delta).sum(dim=1) * model.row_weight + model.damping * delta.square().sum(1)
+    return 0.5 * float(quadratic.sum())
+
+
+def test_cg_rows_reach_the_exact_joint_update_within_their_tolerance():
+    """Preconditioned CG on every row at once: at the default tolerance the update's loss is within 1e-3 of the
+    exact update's (and far from no update); at a tight one it is the exact update to float32 accuracy. Nothing
+    moves off the kept set."""
+    from fls_hf.pruning.conjugate_gradient import cg_rows
+
+    w, keep, model = wide_row_problem()
+    pruned_w = torch.where(keep, 0.0, w)
+    coupling = (pruned_w @ model.a_bar()) * model.row_weight[:, None]
+    exact = obc_compensation(w, model, ~keep)
+    rows = torch.arange(len(w))
+    x, converged = cg_rows(coupling, model.a_bar(), model, rows, keep)
+    assert converged.all()
+    assert torch.all(x[~keep] == 0)
+    loss, optimum, untouched = row_loss(x - pruned_w, model), row_loss(exact, model), row_loss(-pruned_w, model)
+    assert optimum <= loss <= optimum * (1 + 1e-3) and untouched > 1.5 * optimum
+    tight, converged = cg_rows(coupling, model.a_bar(), model, rows, keep, tolerance=1e-5, max_iterations=400)
+    assert converged.all()
+    torch.testing.assert_close(tight - pruned_w, exact, rtol=0, atol=1e-4 * float(exact.abs().max()))
+
+
+def test_obc_solve_by_cg_keeps_the_pruned_zeros_exact_and_falls_back_to_the_factorisations():
+    """`cg_tolerance` (the `cg` solver): rows where CG is cheaper take it, (W + δW)_P = 0 exactly; rows that cannot
+    reach the tolerance (here: none can reach 1e-30 in float32) are solved exactly instead."""
+    from fls_hf.pruning import obc
+
+    w, keep, model = wide_row_problem()
+    exact, _ = obc.obc_solve(w, model, keep, inverse_diag=False)
+    by_cg, _ = obc.obc_solve(w, model, keep, inverse_diag=False, cg_tolerance=3e-3)
+    assert torch.all((w + by_cg)[~keep] == 0)
+    assert not torch.equal(by_cg, exact)  # CG took the rows: a different rounding of the same update
+    assert row_loss(by_cg, model) <= row_loss(exact, model) * (1 + 1e-3)
+    fallback, _ = obc.obc_solve(w, model, keep, inverse_diag=False, cg_tolerance=1e-30)
+    torch.testing.assert_close(fallback, exact, rtol=1e-9, atol=1e-12)
