@@ -210,7 +210,9 @@ class KFACProvider(CurvatureProvider):
             self._row_weight_mean[name] = None if self._shards is None else g_sum / adapter.rows
             if not self._owns(name):
                 continue
-            lam_a, u_a = torch.linalg.eigh(self.a_bar[name].double())
+            # in Ā's own float32 (its sums are float32: float64 would resolve only their rounding), then float64 for
+            # the surgeon's products; 2.7× faster at 1,536 columns on CPU, most of a pruning step's eigh time
+            lam_a, u_a = (t.double() for t in torch.linalg.eigh(self.a_bar[name]))
             u_a = u_a.mT.contiguous().mT  # column-major (LAPACK's already): what `visit` broadcasts into
             lam_a = lam_a.clamp_min(0)
             g = self.g[name].double()
