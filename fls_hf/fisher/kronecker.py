@@ -39,6 +39,8 @@ from .gradients import example_losses, fisher_targets, is_causal_lm
 from .hooks import layer_hooks
 from .likelihoods import Likelihood
 
+_GRAM_BLOCK = 384  # columns per block of Σ ā āᵀ's upper triangle (`_add_gram`): large enough to stay GEMM-bound
+
 
 def check_supported(layers: Mapping[str, LayerAdapter]) -> None:
     """K-FAC's map a → W a + b holds for Linear, Conv1D and plain Conv2d layers only."""
@@ -81,7 +83,7 @@ class KroneckerSums:
         mask = _token_mask(batch, a, self.device, conv=conv)
         self.tokens[name] += float(mask.sum())
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
-        self.a[name] += a.T @ a
+        _add_gram(self.a[name], a)
         if output.requires_grad:
             output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(self.g[name], grad, conv))
 
@@ -111,7 +113,8 @@ class KroneckerSums:
                 "(`curvature.init: kfac`) need unpadded tokens"
             )
         for name in self.a:
-            self.a[name].mul_(1.0 / self.tokens[name])
+            upper = self.a[name].triu()  # `_add_gram` filled the upper blocks: mirror them
+            self.a[name].copy_(upper + upper.triu(1).mT).mul_(1.0 / self.tokens[name])
             self.g[name].mul_(1.0 / self.examples)
         if owners is None:
             all_reduce_mean_([*self.a.values(), *self.g.values()])
@@ -120,6 +123,17 @@ class KroneckerSums:
         for name, a_bar in self.a.items():  # one layer at a time: no flat copy of every Ā
             reduce_mean_(a_bar, owners[name])
         return {name: (self.a[name] if owners[name] == rank() else None, self.g[name]) for name in self.a}
+
+
+def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += xᵀx on and above the diagonal in blocks of ~`_GRAM_BLOCK` columns, the rest left for `averages` to
+    mirror: with b blocks, (b + 1) / 2b of the full product (62 % for MiniLM's 1,537 FFN-out columns, the largest
+    share of the statistics' time)."""
+    cols = x.shape[1]
+    parts = max(1, cols // _GRAM_BLOCK)
+    edges = [round(i * cols / parts) for i in range(parts + 1)]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        total[start:stop, start:] += x[:, start:stop].T @ x[:, start:]  # in x's dtype (bf16 stays bf16), as before
 
 
 def kronecker_statistics(
