@@ -110,9 +110,11 @@ def obc_solve(
     cols, kept = w.shape[1], counts.double()
     lost = cols - kept
     if diagonal is None:
-        dual = lost.square() * cols + lost.pow(3) / 3 < kept.pow(3) / 3
+        dual_cost, primal_cost = lost.square() * cols + lost.pow(3) / 3, kept.pow(3) / 3
+        dual = dual_cost < primal_cost
         if cg_tolerance > 0:
-            active = _by_conjugate_gradients(coupling, a_bar, model, keep, active, dual, cg_tolerance, delta)
+            factored = torch.minimum(dual_cost, primal_cost)
+            active = _by_conjugate_gradients(coupling, a_bar, model, keep, active, factored, cg_tolerance, delta)
     else:
         dual = cols * cols * lost + cols * lost.square() + lost.pow(3) / 3 < kept.pow(3)
     for use_dual in (True, False):
@@ -129,16 +131,14 @@ def obc_solve(
     return delta, diagonal
 
 
-def _by_conjugate_gradients(coupling, a_bar, model, keep, active, dual, tolerance, delta) -> torch.Tensor:
-    """Solve the active rows whose factorisation costs more than conjugate gradients' expected iterations by them
-    (into `delta`); returns the rows left for the factorisations. Batched factorisations run at about a third of
-    GEMM speed on CPU, which the comparison counts."""
+def _by_conjugate_gradients(coupling, a_bar, model, keep, active, factored, tolerance, delta) -> torch.Tensor:
+    """Solve the active rows whose factorisation (`factored`: each row's flops in the cheaper exact form) costs more
+    than conjugate gradients' expected iterations by them (into `delta`); returns the rows left for the
+    factorisations. Batched factorisations run at about a sixth of GEMM speed on CPU (`_FACTOR_SLOWDOWN`), which the
+    comparison counts."""
     cols = keep.shape[1]
-    kept = keep[active].sum(dim=1).double()
-    lost = cols - kept
-    factored = torch.where(dual[active], lost.square() * cols + lost.pow(3) / 3, kept.pow(3) / 3)
     iterated = CG_EXPECTED_ITERATIONS * CG_FLOPS_PER_ITERATION * cols * cols
-    chosen = _FACTOR_SLOWDOWN * factored > iterated
+    chosen = _FACTOR_SLOWDOWN * factored[active] > iterated
     rows = active[chosen]
     if not len(rows):
         return active
