@@ -28,13 +28,14 @@ from __future__ import annotations
 import torch
 
 from ..curvature.base import RowModel
-from .conjugate_gradient import CG_EXPECTED_ITERATIONS, CG_FLOPS_PER_ITERATION, cg_rows
+from .conjugate_gradient import cg_row_flops, cg_rows
 
 _CHUNK_ELEMENTS = 2**23  # rows · |K|² float64 entries per batched factorisation (64 MiB; a few copies live at once)
 _SWEEP_BLOCK = 128  # columns per lazy batch of the sweep (SparseGPT's B)
 _REFINEMENTS = 4  # float64 refinement steps of a float32-factored solve before falling back to float64 factors
 _REFINED_RESIDUAL = 1e-10  # relative (to the row's largest right-hand side) residual a refined solve must reach
-_FACTOR_SLOWDOWN = 6.0  # batched Cholesky / triangular solves per flop against a GEMM's, CPU (`cg_rows` choice)
+_FACTOR_SLOWDOWN = 12.0  # batched Cholesky / triangular solves per flop against a GEMM's, CPU (`cg_rows` choice)
+_FACTOR_OVERHEAD = 60.0  # × cols² GEMM flops per factored row besides: the gather, the padding, the refinement
 
 
 def obc_saliency(weight: torch.Tensor, model: RowModel, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,11 +135,13 @@ def obc_solve(
 def _by_conjugate_gradients(coupling, a_bar, model, keep, active, factored, tolerance, delta) -> torch.Tensor:
     """Solve the active rows whose factorisation (`factored`: each row's flops in the cheaper exact form) costs more
     than conjugate gradients' expected iterations by them (into `delta`); returns the rows left for the
-    factorisations. Batched factorisations run at about a sixth of GEMM speed on CPU (`_FACTOR_SLOWDOWN`), which the
-    comparison counts."""
+    factorisations. In GEMM flops: batched factorisations run at about a twelfth of GEMM speed on CPU
+    (`_FACTOR_SLOWDOWN`), and a factored row pays ~60 cols² besides (`_FACTOR_OVERHEAD`), so rows of up to ~400
+    columns always iterate, and 1,536-column rows are factored above ~80 % sparsity. Fitted on MiniLM's B1 problems
+    on 2 CPU cores (AVX-512): this choice took 30 CPU-s where the earlier single-factor model took 53
+    and iterating every row 36."""
     cols = keep.shape[1]
-    iterated = CG_EXPECTED_ITERATIONS * CG_FLOPS_PER_ITERATION * cols * cols
-    chosen = _FACTOR_SLOWDOWN * factored[active] > iterated
+    chosen = _FACTOR_SLOWDOWN * factored[active] + _FACTOR_OVERHEAD * cols * cols > cg_row_flops(cols)
     rows = active[chosen]
     if not len(rows):
         return active
@@ -181,8 +184,7 @@ def _dual_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None:
     rhs = torch.where(real, torch.gather(w[rows], 1, index), 0.0)
     x = None
     if diagonal is None:  # float32 factors, refined in float64 (`_refined`)
-        basis_32 = basis_p.float()
-        factor = _factor_32((basis_32 * spectrum.float()[:, None, :]) @ basis_32.transpose(1, 2), real)
+        factor = _factor_32(_pruned_inverse(basis_p, spectrum, real, torch.float32))
         if factor is not None:
 
             def apply(x):  # H⁻¹_PP x in float64
@@ -192,16 +194,13 @@ def _dual_rows(w, coupling, a_bar, model, rows, keep, delta, diagonal) -> None:
 
             x = _refined(rhs, real, factor, apply)
     if x is None:  # (and always when the diagonal is asked for)
-        scaled = basis_p * spectrum[:, None, :]  # rows of U diag(1/(G_ii λ + γ)) at the pruned columns
-        system = scaled @ basis_p.transpose(1, 2)
-        system.diagonal(dim1=-2, dim2=-1).add_((~real).to(system.dtype))  # the identity on the padding
-        factor = _cholesky(system)
+        factor = _cholesky(_pruned_inverse(basis_p, spectrum, real, torch.float64))
         x = _cholesky_solve(rhs, factor)
     x = x.unsqueeze(-1)  # (c, p, 1)
     step = -((basis_p.transpose(1, 2) @ x).squeeze(-1) * spectrum) @ model.basis.T  # −H⁻¹[:, P] x
     delta[rows] = torch.where(pruned, delta[rows], step)  # (W + δW)_P = 0 exactly, as the caller set it
     if diagonal is not None:
-        columns = scaled @ model.basis.T  # H⁻¹[P, :]: (c, p, cols)
+        columns = (basis_p * spectrum[:, None, :]) @ model.basis.T  # H⁻¹[P, :]: (c, p, cols)
         reduced = torch.linalg.solve_triangular(factor, columns, upper=False)
         inverse = spectrum @ model.basis.square().T - reduced.square().sum(dim=1)
         diagonal[rows] = torch.where(pruned, 1.0, inverse)
@@ -264,14 +263,21 @@ def _kept_factor(
     system.diagonal(dim1=-2, dim2=-1).add_(torch.where(real, model.damping, 1.0).to(dtype))  # γI; identity on padding
     if dtype == torch.float64:
         return index, real, _cholesky(system)
-    return index, real, _factor_32(system, None)
+    return index, real, _factor_32(system)
 
 
-def _factor_32(system: torch.Tensor, padding_of: torch.Tensor | None) -> torch.Tensor | None:
-    """Lower float32 Cholesky factors of a batch; `padding_of` (bool (c, k), True on real entries): the identity is
-    added on the others first. None where rounding made a matrix indefinite (no jitter: float64 takes over)."""
-    if padding_of is not None:
-        system.diagonal(dim1=-2, dim2=-1).add_((~padding_of).to(system.dtype))
+def _pruned_inverse(basis_p: torch.Tensor, spectrum: torch.Tensor, real: torch.Tensor, dtype: torch.dtype):
+    """H⁻¹_PP = [U diag(1/(G_ii λ + γ)) Uᵀ]_PP per row in `dtype` from U's rows at the pruned columns (c, p, cols),
+    with the identity on the padding (`real` False)."""
+    basis = basis_p.to(dtype)
+    system = (basis * spectrum.to(dtype)[:, None, :]) @ basis.transpose(1, 2)
+    system.diagonal(dim1=-2, dim2=-1).add_((~real).to(dtype))
+    return system
+
+
+def _factor_32(system: torch.Tensor) -> torch.Tensor | None:
+    """Lower float32 Cholesky factors of a batch; None where rounding made a matrix indefinite (no jitter: float64
+    takes over)."""
     factor, info = torch.linalg.cholesky_ex(system)
     return None if bool((info != 0).any()) else factor
 

@@ -519,3 +519,35 @@ def test_obc_solve_by_cg_keeps_the_pruned_zeros_exact_and_falls_back_to_the_fact
     assert row_loss(by_cg, model) <= row_loss(exact, model) * (1 + 1e-3)
     fallback, _ = obc.obc_solve(w, model, keep, inverse_diag=False, cg_tolerance=1e-30)
     torch.testing.assert_close(fallback, exact, rtol=1e-9, atol=1e-12)
+
+
+def test_cg_rows_that_converge_early_leave_the_iteration_with_the_answer_they_had():
+    """Rows of mixed difficulty (10 / 50 / 90 % pruned, one with nothing pruned): once a quarter of them has
+    converged the others iterate alone; every row's result is that of the row solved by itself, and a row cut off by
+    `max_iterations` is flagged for the exact solve while the rows that had converged keep their answers."""
+    from fls_hf.pruning.conjugate_gradient import cg_rows
+
+    w, _, model = wide_row_problem(rows=12)
+    g = torch.Generator().manual_seed(5)
+    sparsity = torch.tensor([0.1] * 4 + [0.5] * 4 + [0.9] * 4)[:, None]
+    keep = torch.rand(w.shape, generator=g) >= sparsity
+    keep[2] = True  # nothing to compensate: done at x = 0
+    coupling = (torch.where(keep, 0.0, w) @ model.a_bar()) * model.row_weight[:, None]
+    rows = torch.arange(len(w))
+
+    def solve(index, **kwargs):
+        return cg_rows(coupling[index], model.a_bar(), model, rows[index], keep[index], **kwargs)
+
+    together, converged = solve(rows)
+    assert converged.all() and torch.all(together[2] == 0)
+    needed = []  # iterations each row takes by itself
+    for i in range(len(w)):
+        alone, _ = solve(rows[i : i + 1])
+        torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-5 * float(alone.abs().max()) + 1e-30)
+        needed.append(next(k for k in range(41) if bool(solve(rows[i : i + 1], max_iterations=k)[1])))
+    assert needed[2] == 0 and len(set(needed)) > 3  # the rows do leave at different iterations
+    limit = max(needed) - 1
+    cut_x, cut = solve(rows, max_iterations=limit)
+    assert [bool(c) for c in cut] == [n <= limit for n in needed]
+    for i in (i for i in range(len(w)) if needed[i] < limit):
+        torch.testing.assert_close(cut_x[i], together[i], rtol=0, atol=1e-5 * float(together[i].abs().max()) + 1e-30)
