@@ -82,8 +82,7 @@ class KroneckerSums:
         a = _input_rows(module, a.detach())
         mask = _token_mask(batch, a, self.device, conv=conv)
         self.tokens[name] += float(mask.sum())
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)[mask]
-        _add_gram(self.a[name], a)
+        _add_gram(self.a[name], a[mask])
         if output.requires_grad:
             output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(self.g[name], grad, conv))
 
@@ -126,14 +125,17 @@ class KroneckerSums:
 
 
 def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
-    """total += xᵀx on and above the diagonal in blocks of ~`_GRAM_BLOCK` columns, the rest left for `averages` to
-    mirror: with b blocks, (b + 1) / 2b of the full product (62 % for MiniLM's 1,537 FFN-out columns, the largest
-    share of the statistics' time)."""
+    """total += āᵀā for ā = [x, 1] (the appended 1 is the bias's input), on and above the diagonal in blocks of
+    ~`_GRAM_BLOCK` columns, the rest left for `averages` to mirror: with b blocks, (b + 1) / 2b of the full product
+    (62 % for MiniLM's 1,536 FFN-out columns, the largest share of the statistics' time). The 1's row and column are
+    x's column sums and the count, so x is never copied to append it."""
     cols = x.shape[1]
     parts = max(1, cols // _GRAM_BLOCK)
     edges = [round(i * cols / parts) for i in range(parts + 1)]
     for start, stop in zip(edges[:-1], edges[1:]):
-        total[start:stop, start:] += x[:, start:stop].T @ x[:, start:]  # in x's dtype (bf16 stays bf16), as before
+        total[start:stop, start:cols] += x[:, start:stop].T @ x[:, start:]  # in x's dtype (bf16 stays bf16)
+    total[:cols, cols] += x.sum(dim=0)
+    total[cols, cols] += x.shape[0]
 
 
 def kronecker_statistics(
