@@ -205,16 +205,21 @@ class KFACProvider(CurvatureProvider):
                 )
             self._gamma = self.config.damping * scale
             log_main("K-FAC: γ = %.3g × mean Fisher diagonal %.3g = %.3g", self.config.damping, scale, self._gamma)
+        last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (Ā, λ, U) of the last eigh
         for (name, adapter), g_sum in zip(self.layers.items(), g_sums):
             # FSDP2: the mean G_ii over every rank's rows (the sweep's); whole layers take their own
             self._row_weight_mean[name] = None if self._shards is None else g_sum / adapter.rows
             if not self._owns(name):
                 continue
-            # in Ā's own float32 (its sums are float32: float64 would resolve only their rounding), then float64 for
-            # the surgeon's products; 2.7× faster at 1,536 columns on CPU, most of a pruning step's eigh time
-            lam_a, u_a = (t.double() for t in torch.linalg.eigh(self.a_bar[name]))
-            u_a = u_a.mT.contiguous().mT  # column-major (LAPACK's already): what `visit` broadcasts into
-            lam_a = lam_a.clamp_min(0)
+            if last is not None and torch.equal(last[0], self.a_bar[name]):
+                _, lam_a, u_a = last  # query / key / value read one input: one eigh (read-only tensors, shared)
+            else:
+                # in Ā's own float32 (its sums are float32: float64 would resolve only their rounding), then float64
+                # for the surgeon's products; 2.7× faster at 1,536 columns on CPU, most of a pruning step's eigh time
+                lam_a, u_a = (t.double() for t in torch.linalg.eigh(self.a_bar[name]))
+                u_a = u_a.mT.contiguous().mT  # column-major (LAPACK's already): what `visit` broadcasts into
+                lam_a = lam_a.clamp_min(0)
+                last = (self.a_bar[name], lam_a, u_a)
             g = self.g[name].double()
             if g.dim() == 2:  # G's eigenbasis and Q's spectrum, kept: a full G is not the row model's diag G
                 lam_g, u_g = torch.linalg.eigh(g)
@@ -326,6 +331,7 @@ class KFACProvider(CurvatureProvider):
         """The state tensors and what is derived from them: Ā's eigenbases (float64) and a full G's."""
         derived = [t for m in self._rows.values() for t in (m.basis, m.eigenvalues)]
         derived += [t for pair in self._eigen.values() for t in pair]
+        derived = list({id(t): t for t in derived}.values())  # layers with one input share their eigenbasis
         return super().memory_bytes() + sum(t.numel() * t.element_size() for t in derived)
 
     # ----------------------------------------------------------------- state
