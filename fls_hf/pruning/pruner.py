@@ -121,7 +121,6 @@ class Pruner:
         # pruning step (`statistics_window` of them); `_ready_curvature` uses them instead of a pass when complete
         self.training_statistics = self.provider.training_statistics()
         self.statistics_window = 0
-        self._steps_since_pruning: int | None = None  # before the pruning step under way (None: the first one)
         self._from_training = False
         self.masks = MaskSet.dense(self.layers)
         self.masks.shards = self.shards
@@ -133,14 +132,14 @@ class Pruner:
         log_main("fls_hf: pruning %d layers with method %s", len(self.layers), cfg.method)
 
     # ------------------------------------------------------------------ curvature
-    def _ready_curvature(self, model: nn.Module, stream: CalibrationStream) -> None:
+    def _ready_curvature(self, model: nn.Module, stream: CalibrationStream, gap: int | None) -> None:
         if self._adopted:  # adopted from a pass made elsewhere for this very model state
             self._adopted = False
             return
         stats = self.training_statistics
         if stats is not None:  # a complete window serves once; an incomplete one (the first pruning step, a resume
             # inside a window) is dropped and the pass below takes its place
-            needed = self._window_needed()
+            needed = self._window_needed(gap)
             complete = needed and stats.steps >= needed
             diagnostics = self.provider.ready_from_training(stats) if complete else None
             stats.reset()
@@ -149,11 +148,11 @@ class Pruner:
                 return
         self.last_diagnostics = self.provider.ready(model, stream)
 
-    def _window_needed(self) -> int:
+    def _window_needed(self, gap: int | None) -> int:
         """Training steps a window must hold to serve this pruning step: `statistics_window`, or all the steps since
         the previous pruning step where the schedule spaces them closer (e.g. a last step at an `end_step` off the
         `update_frequency` grid) but no closer than half the window; 0: a pass."""
-        window, gap = self.statistics_window, self._steps_since_pruning
+        window = self.statistics_window
         if gap is None or gap >= window:
             return window
         return gap if 2 * gap >= window else 0
@@ -177,14 +176,23 @@ class Pruner:
 
     # ------------------------------------------------------------------ pruning
     def prune_to(
-        self, model: nn.Module, target: float, batches: Iterable[Mapping[str, Any]] | CalibrationStream
+        self,
+        model: nn.Module,
+        target: float,
+        batches: Iterable[Mapping[str, Any]] | CalibrationStream,
+        *,
+        steps_since_pruning: int | None = None,
     ) -> None:
-        """Prune (curvature made ready before each of the `recomputations` stages) until the layers reach `target`."""
+        """Prune (curvature made ready before each of the `recomputations` stages) until the layers reach `target`.
+
+        `steps_since_pruning`: optimizer steps since the previous pruning step (None: none before), which sizes the
+        training-statistics window that may serve this one (`_window_needed`; the Trainer's `on_step` passes it).
+        """
         stream = as_stream(batches)
         cfg = self.recipe.pruning
         self._from_training = False
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
-            self._ready_curvature(model, stream)
+            self._ready_curvature(model, stream, steps_since_pruning)
             if self.blocks:
                 prune_groups(
                     self.provider,
@@ -236,11 +244,7 @@ class Pruner:
             and (self.schedule.is_pruning_step(step) or step > self.schedule.end_step)
         ):
             earlier = [p for p in self.schedule.pruning_steps() if p < step]
-            self._steps_since_pruning = step - earlier[-1] if earlier else None
-            try:
-                self.prune_to(model, target, stream)
-            finally:
-                self._steps_since_pruning = None
+            self.prune_to(model, target, stream, steps_since_pruning=step - earlier[-1] if earlier else None)
             return True
         diagnostics = self.provider.on_optimizer_step(model, stream, step)
         if diagnostics:
