@@ -63,13 +63,19 @@ def cg_rows(
     mask = keep.to(dtype)
     tiny = torch.finfo(dtype).tiny
 
+    def operator(x):  # H_KK x for every row still iterated, x zero off K (reads the working set as compacted)
+        return ((x @ a) * weight + model.damping * x) * mask
+
+    def preconditioner(r):  # [H_i⁻¹]_KK r
+        return (((r @ basis) * spectrum) @ basis.T) * mask
+
     b = coupling.to(dtype) * mask
     solution = torch.zeros_like(b)
     converged = torch.zeros(len(b), dtype=torch.bool, device=b.device)
     place = torch.arange(len(b), device=b.device)  # the rows still iterated, as rows of `b`
     x = torch.zeros_like(b)
     r = b.clone()
-    z = (((r @ basis) * spectrum) @ basis.T) * mask  # the preconditioner [H_i⁻¹]_KK r
+    z = preconditioner(r)
     p = z.clone()
     rz = (r * z).sum(dim=1)
     stop = rz * tolerance**2  # rᵀM r shrinks as the squared residual
@@ -84,12 +90,12 @@ def cg_rows(
                 t[active] for t in (place, x, r, p, rz, stop, mask, spectrum, weight)
             )
             active = active[active]
-        hp = ((p @ a) * weight + model.damping * p) * mask  # H_KK p for every row at once, p zero off K
+        hp = operator(p)
         curvature = (p * hp).sum(dim=1)
         alpha = torch.where(active, rz / curvature.clamp_min(tiny), 0.0)[:, None]
         x += alpha * p
         r -= alpha * hp
-        z = (((r @ basis) * spectrum) @ basis.T) * mask
+        z = preconditioner(r)
         rz_next = (r * z).sum(dim=1)
         beta = torch.where(active, rz_next / rz.clamp_min(tiny), 0.0)[:, None]
         p = z + beta * p
