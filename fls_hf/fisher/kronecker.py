@@ -15,7 +15,6 @@ padding) is the same map at every output position, with a_t the input patch unde
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
@@ -75,27 +74,15 @@ class KroneckerSums:
         self.tokens = dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
         self.examples = 0
         self.device = device
-        # (weakref to the input, its version, the batch, its Gram, token count) of the last layer observed: layers
-        # fed the very same tensor (query / key / value) add one Gram instead of each computing it
-        self._last_input: tuple[Any, int, Any, torch.Tensor, float] | None = None
 
     def observe(self, batch: Mapping[str, Any], name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor):
         """Add the layer's input rows (the batch's attention mask picks the real tokens); δ δᵀ follows in the
         backward."""
         conv = isinstance(module, nn.Conv2d)
-        last = self._last_input
-        if not conv and last is not None and last[0]() is a and last[1] == a._version and last[2] is batch:
-            gram, count = last[3], last[4]  # query / key / value read the same input: one Gram for the three
-        else:
-            source = a
-            a = _input_rows(module, a.detach())
-            mask = _token_mask(batch, a, self.device, conv=conv)
-            count = float(mask.sum())
-            gram = torch.zeros_like(self.a[name])
-            _add_gram(gram, a[mask])
-            self._last_input = None if conv else (weakref.ref(source), source._version, batch, gram, count)
-        self.a[name] += gram
-        self.tokens[name] += count
+        a = _input_rows(module, a.detach())
+        mask = _token_mask(batch, a, self.device, conv=conv)
+        self.tokens[name] += float(mask.sum())
+        _add_gram(self.a[name], a[mask])
         if output.requires_grad:
             output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(self.g[name], grad, conv))
 
@@ -113,7 +100,6 @@ class KroneckerSums:
             self.g[name].zero_()
             self.tokens[name] = 0.0
         self.examples = 0
-        self._last_input = None
 
     def averages(self, owners: Mapping[str, int] | None = None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
         """name → (Ā, G): the sums over the tokens / examples, averaged over the data-parallel ranks (in place: the
