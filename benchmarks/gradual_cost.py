@@ -33,12 +33,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .common import children
 from .common.paths import REPO, RESULTS
 from .common.rows import finish_report
 
@@ -196,9 +196,9 @@ def main() -> None:
             command = [sys.executable, "-m", "benchmarks.gradual_cost", "--run", run, "--child_output", row_file.name]
             command += ["--shape", args.shape, "--steps", str(args.steps), "--device", args.device]
             command += (["--bf16"] if args.bf16 else []) + (["--threads", str(args.threads)] if args.threads else [])
-            done = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            row = json.loads(Path(row_file.name).read_text()) if done.returncode == 0 else None
-        row = row or {"run": run, "error": f"child exited with {done.returncode}"}
+            done = children.run_child(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            row = json.loads(Path(row_file.name).read_text()) if done.ok else None
+        row = row or {"run": run, "error": done.describe(), "stderr_tail": done.tail}
         report["rows"].append(row)
         print({k: v for k, v in row.items() if k != "recipe"}, flush=True)
     finish_report(report, out, markdown(report))

@@ -89,7 +89,6 @@ import os
 import platform
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +97,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from .common import children
 from .common.paths import REPO, RESULTS
 from .common.rows import finish_report
 
@@ -546,22 +546,16 @@ def run_child(method: str, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         outs = [out] if args.world_size == 1 else [child_file(out, r) for r in range(args.world_size)]
-        try:
-            done = subprocess.run(child_command(method, args, out), cwd=REPO, env=env, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {args.timeout:g} s (--timeout)"
-        else:
-            if done.returncode == 0 and all(o.is_file() for o in outs):
-                return [json.loads(o.read_text()) for o in outs]
-            signal = f" (signal {-done.returncode}; 9: killed, e.g. out of memory)" if done.returncode < 0 else ""
-            error = f"exit status {done.returncode}{signal}"
-        return [failed_row(method, error, partial_file(outs[0]))]
+        done = children.run_child(child_command(method, args, out), cwd=REPO, env=env, timeout=args.timeout)
+        if done.ok and all(o.is_file() for o in outs):
+            return [json.loads(o.read_text()) for o in outs]
+        return [failed_row(method, done.describe(args.timeout), partial_file(outs[0]), stderr_tail=done.tail)]
 
 
-def failed_row(method: str, error: str, partial: Path) -> dict:
-    """A failed child's row: its error, and the oneshot phases it finished (rank 0's), with their times and peaks,
-    where it wrote them whole."""
-    row = {"method": method, "error": error}
+def failed_row(method: str, error: str, partial: Path, stderr_tail: str = "") -> dict:
+    """A failed child's row: its error and the end of its stderr, and the oneshot phases it finished (rank 0's),
+    with their times and peaks, where it wrote them whole."""
+    row = {"method": method, "error": error} | ({"stderr_tail": stderr_tail} if stderr_tail else {})
     try:
         row["partial"] = json.loads(partial.read_text())
     except (OSError, ValueError):  # none written, or cut off mid-write: the error alone

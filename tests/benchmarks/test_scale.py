@@ -91,6 +91,8 @@ def test_a_failed_child_keeps_its_error_when_its_progress_file_is_missing_or_cut
     }
     partial_file(out).write_text(whole[: len(whole) // 2])
     assert "partial" not in failed_row("kfac-obc", "exit status -6", partial_file(out))
+    tail = "terminate called after throwing an instance of 'gloo::EnforceNotMet'\n"
+    assert failed_row("kfac-obc", "exit status -6", partial_file(out), stderr_tail=tail)["stderr_tail"] == tail
 
 
 def torch_device(kind: str):
