@@ -153,8 +153,9 @@ def test_non_finite_training_gradient_skips_the_update(tmp_path, caplog, clean_t
 
     # Where the Trainer's gradient-norm pass scales every gradient (clipping on; with clipping off, accelerate
     # < 1.16 ran it too) the fault has spread to all 12 targeted modules by the time the callback looks, and they
-    # are all named (4, then "8 more"); accelerate 1.16 leaves the gradients alone with clipping off, so the one
-    # faulty module alone is named.
+    # are all named (4, then "8 more"). With clipping off the Trainer still measures the norm, by
+    # `clip_grad_norm_(params, inf)`; accelerate 1.16's `_clip_grad_norm_dtensor_aware` skips the scaling for an
+    # infinite max_norm (read in its source), so the gradients stay as they were and the one faulty module is named.
     warnings = [r.getMessage() for r in caplog.records if r.name == "fls_hf" and r.levelno == logging.WARNING]
     spread = (
         f"{QUERY}, bert.encoder.layer.0.attention.self.value and 8 more at optimizer step {FAULT_STEP}; "
