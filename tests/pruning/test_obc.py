@@ -523,8 +523,9 @@ def test_obc_solve_by_cg_keeps_the_pruned_zeros_exact_and_falls_back_to_the_fact
 
 def test_cg_rows_that_converge_early_leave_the_iteration_with_the_answer_they_had():
     """Rows of mixed difficulty (10 / 50 / 90 % pruned, one with nothing pruned): once a quarter of them has
-    converged the others iterate alone; every row's result is that of the row solved by itself, and a row cut off by
-    `max_iterations` is flagged for the exact solve while the rows that had converged keep their answers."""
+    converged the others iterate alone; every row's result is that of the row solved by itself (to float32 rounding),
+    and a row cut off by `max_iterations` is flagged for the exact solve while the rows that had converged keep their
+    answers bit for bit."""
     from fls_hf.pruning.conjugate_gradient import cg_rows
 
     w, _, model = wide_row_problem(rows=12)
@@ -532,22 +533,30 @@ def test_cg_rows_that_converge_early_leave_the_iteration_with_the_answer_they_ha
     sparsity = torch.tensor([0.1] * 4 + [0.5] * 4 + [0.9] * 4)[:, None]
     keep = torch.rand(w.shape, generator=g) >= sparsity
     keep[2] = True  # nothing to compensate: done at x = 0
-    coupling = (torch.where(keep, 0.0, w) @ model.a_bar()) * model.row_weight[:, None]
+    pruned_w = torch.where(keep, 0.0, w)
+    coupling = (pruned_w @ model.a_bar()) * model.row_weight[:, None]
     rows = torch.arange(len(w))
 
     def solve(index, **kwargs):
         return cg_rows(coupling[index], model.a_bar(), model, rows[index], keep[index], **kwargs)
 
+    def loss_of_row(i, x):
+        delta = torch.zeros_like(w)
+        delta[i] = x - pruned_w[i]
+        return row_loss(delta, model)
+
     together, converged = solve(rows)
     assert converged.all() and torch.all(together[2] == 0)
-    needed = []  # iterations each row takes by itself
     for i in range(len(w)):
         alone, _ = solve(rows[i : i + 1])
-        torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-5 * float(alone.abs().max()) + 1e-30)
-        needed.append(next(k for k in range(41) if bool(solve(rows[i : i + 1], max_iterations=k)[1])))
-    assert needed[2] == 0 and len(set(needed)) > 3  # the rows do leave at different iterations
-    limit = max(needed) - 1
+        # float32 rounding differs with the batch (GEMM blocking): a row near its threshold may stop an iteration
+        # apart, a step far inside the tolerance (a misplaced row after compaction would be off by O(1))
+        torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-2 * float(alone.abs().max()) + 1e-30)
+        assert loss_of_row(i, together[i]) == pytest.approx(loss_of_row(i, alone[0]), rel=2e-4)
+    # the iteration at which each row converged among the others
+    needed = torch.stack([solve(rows, max_iterations=k)[1] for k in range(41)]).int().argmax(dim=0)
+    assert needed[2] == 0 and len(set(needed.tolist())) > 3  # the rows do leave at different iterations
+    limit = int(needed.max()) - 1
     cut_x, cut = solve(rows, max_iterations=limit)
-    assert [bool(c) for c in cut] == [n <= limit for n in needed]
-    for i in (i for i in range(len(w)) if needed[i] < limit):
-        torch.testing.assert_close(cut_x[i], together[i], rtol=0, atol=1e-5 * float(together[i].abs().max()) + 1e-30)
+    assert torch.equal(cut, needed <= limit)
+    assert all(torch.equal(cut_x[i], together[i]) for i in range(len(w)) if needed[i] <= limit)
