@@ -10,11 +10,10 @@ the rows converge in 5–11 iterations on average whatever their sparsity (MiniL
 
 Session 16 replaced the earlier preconditioner [H_i⁻¹]_KK (the whole row Hessian's inverse restricted to K, through
 Ā's eigenbasis: two cols² GEMMs per application, and it misses the Schur term that grows as K shrinks to half the
-row). Measured on the cg solver's layer problems dumped from one-shot MiniLM runs (2 CPU cores, AVX2), total CPU-s
-over the 36 layers, old / new / factorisations: 2:4 19.9 / 7.1 / 92.4; 50 % unstructured 17.4 / 7.4 / 82.7; 80 %
-12.8 / 5.0 / 31.2 — FFN-out (384 × 1,536) at 2:4 3.3–4.2 s → 0.8–1.0 s. The loss of each update is within
-1.2e-4 of the exact update's at the default tolerance (the old preconditioner at its own: within 4e-4); 2 rows of
-~20,700 (86 % kept) needed more than `max_iterations` and were factored.
+row). `benchmarks/cg_preconditioner` (every layer problem of one-shot MiniLM runs, 2 CPU cores, AVX2), CPU-s over
+the 36 layers, this / the old / the factorisations: 2:4 7.9 / 18.4 / 88.1, 50 % 9.3 / 17.1 / 75.6, 80 % 5.9 / 12.6 /
+28.0; each update's loss within 1e-4 of the exact update's at the default tolerance (the old one at its own:
+within 9.3e-4); 5 rows of 20,736 at 50 % needed more than `max_iterations` and are factored.
 
 The iteration stops per row when the preconditioned residual falls below `tolerance` × its start value; rows that do
 not get there in `max_iterations` are returned for the exact solve. All in float32 (the tolerance is far above its
@@ -56,12 +55,13 @@ def cg_row_flops(cols: int) -> float:
 class LowRankWoodbury:
     """M_i = (D_i + G_ii V_K Λ V_Kᵀ)⁻¹ on K: Ā's top `rank` eigenpairs (V, Λ) restricted to the kept columns, the
     rest of Ā by its diagonal (D_i = G_ii diag(Ā − V Λ Vᵀ) + γI), inverted by Woodbury with one rank × rank
-    matrix per row, I + S Vᵀ D⁻¹ V S (S = (G_ii Λ)^½: eigenvalues ≥ 1, safe in float32). Ā's few large eigenvalues
+    matrix per row, I + S Vᵀ D⁻¹ V S (S = (G_ii Λ)^½; its eigenvalues are ≥ 1). Ā's few large eigenvalues
     are what make H_KK ill-conditioned, and here they are restricted to K exactly, so the preconditioner keeps its
     quality at any |K|; an application costs ~4 rank × cols per row instead of 2 cols²."""
 
-    def __init__(self, model: RowModel, a_bar: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, rank: int):
+    def __init__(self, model: RowModel, a_bar: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor):
         dtype = mask.dtype
+        rank = woodbury_rank(len(a_bar))
         top = torch.argsort(model.eigenvalues, descending=True)[:rank]
         self.vectors = model.basis[:, top].to(dtype)  # (cols, rank)
         eigenvalues = model.eigenvalues[top].clamp_min(0.0)
@@ -81,7 +81,10 @@ class LowRankWoodbury:
             small += self.inverse_diag[:, start : start + step] @ (v[:, :, None] * v[:, None, :]).flatten(1)
         small = small.view(-1, rank, rank) * self.scale[:, :, None] * self.scale[:, None, :]
         small.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        self.small_inverse = torch.cholesky_inverse(torch.linalg.cholesky(small))  # (n, rank, rank)
+        factor, info = torch.linalg.cholesky_ex(small)
+        # (n, rank, rank); a row whose matrix float32 rounding made indefinite (eigenvalues ≥ 1 in exact arithmetic,
+        # so only without damping and with a huge spread) keeps the diagonal part alone: slower, still SPD
+        self.small_inverse = torch.where((info == 0)[:, None, None], torch.cholesky_inverse(factor), 0.0)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         y = r * self.inverse_diag
@@ -105,6 +108,7 @@ def cg_rows(
     *,
     tolerance: float = CG_TOLERANCE,
     max_iterations: int = CG_ITERATIONS,
+    preconditioner_class: type = LowRankWoodbury,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """δ_K ≈ (H_KK)⁻¹ (coupling)_K for the given rows of a layer, by preconditioned conjugate gradients.
 
@@ -114,6 +118,8 @@ def cg_rows(
         model: the layer's `RowModel` (S = I).
         rows: (n,) indices of the rows in the layer (their G_ii).
         keep: bool (n, cols), each row's kept set K.
+        preconditioner_class: built as (model, a_bar, rows, mask as float32), applied to (n', cols) residuals,
+            `select(index)` keeps the rows still iterated (`LowRankWoodbury`; benchmarks pass others).
 
     Returns:
         (x, converged): (n, cols) float64 δ, zero off K; bool (n,), False where `max_iterations` did not reach the
@@ -124,7 +130,7 @@ def cg_rows(
     weight = model.row_weight[rows].to(dtype)[:, None]
     mask = keep.to(dtype)
     tiny = torch.finfo(dtype).tiny
-    preconditioner = LowRankWoodbury(model, a_bar, rows, mask, woodbury_rank(len(a)))
+    preconditioner = preconditioner_class(model, a_bar, rows, mask)
 
     def operator(x):  # H_KK x for every row still iterated, x zero off K (reads the working set as compacted)
         return ((x @ a) * weight + model.damping * x) * mask

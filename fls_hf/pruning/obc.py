@@ -138,9 +138,8 @@ def _by_conjugate_gradients(coupling, a_bar, model, keep, active, factored, tole
     factorisations. In GEMM flops: batched factorisations run at about a twelfth of GEMM speed on CPU
     (`_FACTOR_SLOWDOWN`), and a factored row pays ~60 cols² besides (`_FACTOR_OVERHEAD`; both fitted on MiniLM's B1
     problems, 2 CPU cores, AVX-512). With the low-rank Woodbury preconditioner a row costs ~12 iterations of
-    ~2 cols², below the factorisations' fixed cost alone, so every MiniLM row iterates (measured on an AVX2 host: CG
-    faster on each of 108 dumped layer problems, 2:4 / 50 % / 80 %, by 1.7–13×); rows that do not converge are
-    factored."""
+    ~2 cols², below the factorisations' fixed cost alone, so every MiniLM row iterates (`benchmarks/cg_preconditioner`,
+    AVX2: 4.8–11× less CPU than factorising every row at 80 % / 50 % / 2:4); rows that do not converge are factored."""
     cols = keep.shape[1]
     chosen = _FACTOR_SLOWDOWN * factored[active] + _FACTOR_OVERHEAD * cols * cols > cg_row_flops(cols)
     rows = active[chosen]

@@ -105,3 +105,16 @@ def test_shipped_oneshot_recipe_is_the_measured_kfac_obc_r4_rel_1024_row():
     assert {k: v for k, v in a["pruning"].items() if k not in schedule} == {
         k: v for k, v in b["pruning"].items() if k not in schedule
     }
+
+
+def test_cg_preconditioner_quick_solves_the_layer_problems_three_ways(tmp_path):
+    report = run_quick("cg_preconditioner", tmp_path / "cg.json")
+    assert [entry["setting"] for entry in report["settings_measured"]] == ["2:4"]
+    for entry in report["settings_measured"]:
+        rows = {row["method"]: row for row in entry["rows"]}
+        assert set(rows) == {"woodbury", "restricted", "factorised"} and entry["layers"] == 2
+        assert all(row["cpu_seconds"] > 0 for row in rows.values())
+        # both iterations reach their tolerance: the update's loss within the solver's 1e-3 of the exact one's
+        assert -1e-9 <= rows["woodbury"]["loss_excess"] < 1e-3 and rows["woodbury"]["unconverged_rows"] == 0
+        assert -1e-9 <= rows["restricted"]["loss_excess"] < 1e-3
+    assert "| 2:4 | 2 |" in report["table"]
