@@ -94,8 +94,11 @@ def test_no_import_cycle():
 
 
 # benchmarks/scale.py is a profiler: in its own child process it wraps these internal modules' phase functions by
-# name to time them (fls_hf's code unchanged); it uses no internal name otherwise.
+# name to time them (fls_hf's code unchanged); it uses no internal name otherwise. benchmarks/cg_preconditioner.py
+# studies the cg solver itself: it records the layer problems `obc` hands to it and solves them three ways.
 PROFILED = {
+    ("cg_preconditioner.py", "fls_hf.pruning", "conjugate_gradient"),
+    ("cg_preconditioner.py", "fls_hf.pruning", "obc"),
     ("scale.py", "fls_hf.curvature", "kfac"),
     ("scale.py", "fls_hf.curvature.fishleg", "warm_start"),
     ("scale.py", "fls_hf.pruning", "pruner"),
