@@ -31,9 +31,8 @@ CG_ITERATIONS = 40  # per layer at most; rows not converged by then take the exa
 # a row's expected iterations to the tolerance, flat in the width as the rank grows with it (MiniLM, 384 and 1,536
 # columns, 20–80 % sparsity: 5–11 on average per layer, at most 23)
 CG_EXPECTED_ITERATIONS = 12
-WOODBURY_RANK_DIVISOR = (
-    24  # rank = cols / 24: 16 at 384 columns, 64 at 1,536 (MiniLM: the fastest of cols / 12, 24, 48)
-)
+# rank = cols / 24: 16 at 384 columns, 64 at 1,536 (on MiniLM's layers the fastest of cols / 12, 24 and 48)
+WOODBURY_RANK_DIVISOR = 24
 # wider layers (Llama's 4,096 / 11,008 columns): bounds the set-up (rows · cols · rank²) and the rank² floats kept
 # per row; not tuned there
 WOODBURY_MAX_RANK = 128
