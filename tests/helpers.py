@@ -103,6 +103,33 @@ def mlp_problem(n_batches: int = 3):
     return model, batches, {n: adapter_for(n, model[int(n)]) for n in ("0", "2")}
 
 
+def wide_row_problem(rows: int = 12, cols: int = 512, sparsity: float = 0.5, seed: int = 11):
+    """A layer wide enough that conjugate gradients undercut the factorisations at 50 %: Ā with a fat, decaying
+    spectrum (eigenvalues over four decades, as real activations give), G_ii over a decade, relative damping."""
+    from fls_hf.curvature import RowModel
+
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(1, -3, cols, dtype=torch.float64)
+    row_weight = torch.logspace(-0.5, 0.5, rows, dtype=torch.float64)
+    gamma = 1e-2 * float(row_weight.mean() * eigenvalues.mean())
+    model = RowModel(basis, eigenvalues, row_weight, gamma)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    keep = torch.rand(rows, cols, generator=g) >= sparsity
+    return w, keep, model
+
+
+def row_losses(delta: torch.Tensor, model) -> torch.Tensor:
+    """½ δ_iᵀ (G_ii Ā + γI) δ_i for each row i of δ: (rows,)."""
+    quadratic = ((delta @ model.a_bar()) * delta).sum(dim=1) * model.row_weight + model.damping * delta.square().sum(1)
+    return 0.5 * quadratic
+
+
+def row_loss(delta: torch.Tensor, model) -> float:
+    """½ Σ_i δ_iᵀ (G_ii Ā + γI) δ_i."""
+    return float(row_losses(delta, model).sum())
+
+
 def run_quick_study(study: str, out, timeout: int = 600, *extra: str):
     """`python -m benchmarks.<study> --quick --output out [extra]` from the repository root, progress bars off.
 

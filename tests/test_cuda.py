@@ -24,7 +24,7 @@ from fls_hf.compressed import load_compressed, save_compressed
 from fls_hf.fisher.calibration import CalibrationStream
 from fls_hf.pruning.pruner import Pruner
 
-from helpers import tiny_bert, token_batches
+from helpers import row_losses, tiny_bert, token_batches, wide_row_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -327,29 +327,21 @@ def test_compressed_checkpoint_of_cuda_model_loads_exactly(tmp_path):
 def test_cg_rows_on_cuda_reach_the_same_update_as_on_cpu():
     """The cg solver's iteration (low-rank Woodbury preconditioner, compaction of converged rows) on the GPU: every
     row converges and its update's loss is within the solver's 1e-3 of the CPU result's."""
-    from fls_hf.curvature.base import RowModel
+    import dataclasses
+
     from fls_hf.pruning.conjugate_gradient import cg_rows
 
-    g = torch.Generator().manual_seed(11)
-    cols, rows = 512, 12
-    basis, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
-    eigenvalues = torch.logspace(1, -3, cols, dtype=torch.float64)
-    row_weight = torch.logspace(-0.5, 0.5, rows, dtype=torch.float64)
-    model = RowModel(basis, eigenvalues, row_weight, 1e-2 * float(row_weight.mean() * eigenvalues.mean()))
-    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    keep = torch.rand(rows, cols, generator=g) >= torch.linspace(0.1, 0.9, rows)[:, None]
-    coupling = (torch.where(keep, 0.0, w) @ model.a_bar()) * row_weight[:, None]
-
-    def loss(x, m):
-        delta = x - torch.where(keep.to(x.device), 0.0, w.to(x.device))
-        quadratic = ((delta @ m.a_bar()) * delta).sum(dim=1) * m.row_weight + m.damping * delta.square().sum(dim=1)
-        return 0.5 * quadratic.cpu()
-
-    on_cpu, converged_cpu = cg_rows(coupling, model.a_bar(), model, torch.arange(rows), keep)
-    gpu_model = RowModel(basis.to(CUDA), eigenvalues.to(CUDA), row_weight.to(CUDA), model.damping)
-    on_gpu, converged_gpu = cg_rows(
-        coupling.to(CUDA), gpu_model.a_bar(), gpu_model, torch.arange(rows, device=CUDA), keep.to(CUDA)
+    w, keep, model = wide_row_problem(rows=12)
+    pruned_w = torch.where(keep, 0.0, w)
+    coupling = (pruned_w @ model.a_bar()) * model.row_weight[:, None]
+    rows = torch.arange(len(w))
+    on_cpu, converged_cpu = cg_rows(coupling, model.a_bar(), model, rows, keep)
+    gpu_model = dataclasses.replace(
+        model, basis=model.basis.to(CUDA), eigenvalues=model.eigenvalues.to(CUDA), row_weight=model.row_weight.to(CUDA)
     )
+    on_gpu, converged_gpu = cg_rows(coupling.to(CUDA), gpu_model.a_bar(), gpu_model, rows.to(CUDA), keep.to(CUDA))
     assert converged_cpu.all() and converged_gpu.all() and on_gpu.is_cuda
     assert torch.all(on_gpu.cpu()[~keep] == 0)
-    torch.testing.assert_close(loss(on_gpu, gpu_model), loss(on_cpu, model), rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        row_losses(on_gpu.cpu() - pruned_w, model), row_losses(on_cpu - pruned_w, model), rtol=1e-3, atol=0
+    )

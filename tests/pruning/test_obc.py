@@ -12,7 +12,7 @@ from fls_hf.model import adapter_for
 from fls_hf.pruning import MaskSet, Pruner, prune_step
 from fls_hf.pruning.obc import obc_compensation, obc_saliency, sweep_compensation
 
-from helpers import MLP, tiny_bert, token_batches
+from helpers import MLP, row_loss, tiny_bert, token_batches, wide_row_problem
 
 GAMMA = 1e-2
 
@@ -463,26 +463,6 @@ def test_an_ill_conditioned_row_falls_back_to_float64_factors():
     hessian = torch.block_diag(*[gi * a_bar for gi in row_weight]) + 1e-12 * torch.eye(3 * cols, dtype=torch.float64)
     torch.testing.assert_close(new, constrained_optimum(w, hessian, ~keep), rtol=1e-5, atol=1e-7)
     assert torch.all(new[~keep] == 0)
-
-
-def wide_row_problem(rows: int = 12, cols: int = 512, sparsity: float = 0.5, seed: int = 11):
-    """A layer wide enough that conjugate gradients undercut the factorisations at 50 %: Ā with a fat, decaying
-    spectrum (eigenvalues over four decades, as real activations give), G_ii over a decade, relative damping."""
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
-    eigenvalues = torch.logspace(1, -3, cols, dtype=torch.float64)
-    row_weight = torch.logspace(-0.5, 0.5, rows, dtype=torch.float64)
-    gamma = 1e-2 * float(row_weight.mean() * eigenvalues.mean())
-    model = RowModel(basis, eigenvalues, row_weight, gamma)
-    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    keep = torch.rand(rows, cols, generator=g) >= sparsity
-    return w, keep, model
-
-
-def row_loss(delta: torch.Tensor, model: RowModel) -> float:
-    """½ Σ_i δ_iᵀ (G_ii Ā + γI) δ_i."""
-    quadratic = ((delta @ model.a_bar()) * delta).sum(dim=1) * model.row_weight + model.damping * delta.square().sum(1)
-    return 0.5 * float(quadratic.sum())
 
 
 def test_cg_rows_reach_the_exact_joint_update_within_their_tolerance():
