@@ -549,7 +549,7 @@ def run_child(method: str, args) -> list[dict]:
         done = children.run_child(child_command(method, args, out), cwd=REPO, env=env, timeout=args.timeout)
         if done.ok and all(o.is_file() for o in outs):
             return [json.loads(o.read_text()) for o in outs]
-        return [failed_row(method, done.describe(args.timeout), partial_file(outs[0]), stderr_tail=done.tail)]
+        return [failed_row(method, done.describe(), partial_file(outs[0]), stderr_tail=done.tail)]
 
 
 def failed_row(method: str, error: str, partial: Path, stderr_tail: str = "") -> dict:

@@ -12,24 +12,29 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 
 TAIL_CHARACTERS = 2000  # about the last 20 lines: a traceback's end, or the abort message and the lines before it
 
 
+@dataclass(frozen=True)
 class Finished:
-    """How a child ended: `returncode` (negative: killed by that signal), or `timed_out`; and its stderr's tail."""
+    """How a child ended: `returncode` (negative: killed by that signal), or past its `timeout` (seconds, or None:
+    none given); and its stderr's tail."""
 
-    def __init__(self, returncode: int | None, timed_out: bool, tail: str):
-        self.returncode, self.timed_out, self.tail = returncode, timed_out, tail
+    returncode: int
+    timeout: float | None
+    timed_out: bool
+    tail: str
 
     @property
     def ok(self) -> bool:
         return not self.timed_out and self.returncode == 0
 
-    def describe(self, timeout: float | None = None) -> str:
+    def describe(self) -> str:
         """The error text of a failed child's row."""
         if self.timed_out:
-            return f"timed out after {timeout:g} s (--timeout)"
+            return f"timed out after {self.timeout:g} s (--timeout)"
         signal = f" (signal {-self.returncode}; 9: killed, e.g. out of memory)" if self.returncode < 0 else ""
         return f"exit status {self.returncode}{signal}"
 
@@ -59,4 +64,4 @@ def run_child(command: list[str], *, cwd, env=None, timeout: float | None = None
             child.kill()
             returncode, timed_out = child.wait(), True
         reader.join(timeout=10)  # the pipe closes with the child (and any grandchild holding it)
-    return Finished(returncode, timed_out, kept[0])
+    return Finished(returncode, timeout, timed_out, kept[0])

@@ -62,14 +62,12 @@ class LowRankWoodbury:
         dtype = mask.dtype
         rank = woodbury_rank(len(a_bar))
         top = torch.argsort(model.eigenvalues, descending=True)[:rank]
-        self.vectors = model.basis[:, top].to(dtype)  # (cols, rank)
-        eigenvalues = model.eigenvalues[top].clamp_min(0.0)
+        vectors, eigenvalues = model.basis[:, top], model.eigenvalues[top].clamp_min(0.0)  # (cols, rank), (rank,)
+        self.vectors = vectors.to(dtype)
         weight = model.row_weight[rows, None]
         diagonal = a_bar.diagonal().double()
         # the rest of Ā's diagonal, floored so that D stays positive without damping (γ = 0: a learned Q's factors)
-        residual = (diagonal - (model.basis[:, top].square() * eigenvalues).sum(dim=1)).clamp_min(
-            1e-6 * float(diagonal.mean())
-        )
+        residual = (diagonal - (vectors.square() * eigenvalues).sum(dim=1)).clamp_min(1e-6 * float(diagonal.mean()))
         self.inverse_diag = mask / (weight * residual + model.damping).to(dtype)  # D⁻¹ on K, 0 off it
         self.scale = (weight * eigenvalues).sqrt().to(dtype)  # (n, rank)
         # Vᵀ D_i⁻¹ V for every row as one GEMM with the rows of V's outer products, a chunk of columns at a time

@@ -21,7 +21,7 @@ def test_a_child_past_its_timeout_is_killed_and_says_so(tmp_path):
         timeout=3,
     )
     assert done.timed_out and not done.ok
-    assert done.describe(3) == "timed out after 3 s (--timeout)"
+    assert done.describe() == "timed out after 3 s (--timeout)"
     assert done.tail == "working\n"
 
 
