@@ -10,6 +10,11 @@ Every method runs in its own process, so peak memory (max RSS) is per method.
     python -m benchmarks.gradual_minilm --methods gmp,fls --sparsity 0.8 --seeds 0,1
     python -m benchmarks.gradual_minilm --methods fls --set damping=1e-4 --set aux_lr=1e-2   # a scan point
     python -m benchmarks.gradual_minilm --quick                           # smoke run: a few steps, tiny slices
+    python -m benchmarks.gradual_minilm --start pretrained --methods finetune,taylor-uniform --sparsity 0.5 \
+        --mask_type neurons                                               # prune while learning the task
+
+`--start pretrained` begins from the pre-trained MiniLM with a fresh head (drawn from the seed) instead of the
+cached task fine-tune: pruning then competes with learning the task, and `finetune` is its dense reference.
 
 `--set key=value` overrides a `curvature:` setting of every selected method, `--set fls.key=value` of one
 (values parsed as YAML, see benchmarks/common/overrides.py); such rows are named e.g. `fls[damping=0.0001]`,
@@ -132,7 +137,10 @@ def run_single(args) -> dict:
             "test": data["test"].select(range(64)),
         }
     dense_dir = minilm.QUICK_DENSE_DIR if args.quick else minilm.DENSE_DIR
-    model = minilm.dense_model(data, directory=dense_dir)
+    if args.start == "pretrained":  # the harder protocol: pruning competes with learning the task
+        model, checkpoint = minilm.pretrained_model(args.seed), "pretrained"
+    else:
+        model, checkpoint = minilm.dense_model(data, directory=dense_dir), minilm.checkpoint_id(dense_dir)
     steps = -(-len(data["train"]) // args.batch_size) * args.epochs
     training = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="gradual-"),
@@ -169,7 +177,7 @@ def run_single(args) -> dict:
     return {
         "method": row_name(args.method, parse_overrides(args.set, args.method)),
         "seed": args.seed,
-        "dense_checkpoint": minilm.checkpoint_id(dense_dir),
+        "dense_checkpoint": checkpoint,
         "recipe": recipe,
         "steps": steps,
         "train_seconds": seconds,
@@ -189,6 +197,12 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--mask_type", default="unstructured", help="unstructured | N:M, e.g. 2:4 | neurons")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument(
+        "--start",
+        choices=["finetuned", "pretrained"],
+        default="finetuned",
+        help="start from the cached task fine-tune (default) or from the pre-trained MiniLM with a fresh head",
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
@@ -215,11 +229,13 @@ def main() -> None:
         if args.quick
         else f"{round(100 * args.sparsity)}"
         + ("" if args.mask_type == "unstructured" else "_" + args.mask_type.replace(":", "of"))
+        + ("" if args.start == "finetuned" else "_" + args.start)
     )
     out = Path(args.output) if args.output else RESULTS / f"gradual_minilm_{tag}.json"
     report = {
         "settings": {
-            k: getattr(args, k) for k in ("sparsity", "mask_type", "epochs", "batch_size", "learning_rate", "quick")
+            k: getattr(args, k)
+            for k in ("sparsity", "mask_type", "start", "epochs", "batch_size", "learning_rate", "quick")
         },
         "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else [],
     }
@@ -240,6 +256,8 @@ def main() -> None:
                     str(args.sparsity),
                     "--mask_type",
                     args.mask_type,
+                    "--start",
+                    args.start,
                     "--epochs",
                     str(args.epochs),
                     "--batch_size",

@@ -20,6 +20,7 @@ from transformers import (
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from fls_hf.data import default_model_path, load_movie_snippets
@@ -113,6 +114,12 @@ def dense_model(data, *, epochs: float = 2.0, seed: int = 0, directory: Path = D
         model.save_pretrained(directory)
         (directory / "train_seconds.txt").write_text(f"{time.time() - start:.0f}\n")
     return AutoModelForSequenceClassification.from_pretrained(directory)
+
+
+def pretrained_model(seed: int = 0):
+    """The embedded pre-trained MiniLM with a fresh two-label head drawn from `seed` (B1's `--start pretrained`)."""
+    set_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
 
 
 def checkpoint_id(directory: Path = DENSE_DIR) -> str:
