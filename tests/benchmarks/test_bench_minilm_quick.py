@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_quick_study
 
@@ -118,3 +119,19 @@ def test_cg_preconditioner_quick_solves_the_layer_problems_three_ways(tmp_path):
         assert -1e-9 <= rows["woodbury"]["loss_excess"] < 1e-3 and rows["woodbury"]["unconverged_rows"] == 0
         assert -1e-9 <= rows["restricted"]["loss_excess"] < 1e-3
     assert "| 2:4 | 2 |" in report["table"]
+
+
+def test_pretrained_start_draws_the_head_from_the_seed_and_keeps_the_embedded_encoder():
+    """B1's `--start pretrained`: every method of one seed starts from the same fresh head; seeds differ."""
+    from safetensors.torch import load_file
+
+    from benchmarks.common import minilm
+    from fls_hf.data import default_model_path
+
+    first, again, other = (minilm.pretrained_model(seed) for seed in (0, 0, 1))
+    head = "classifier.weight"
+    assert torch.equal(first.state_dict()[head], again.state_dict()[head])
+    assert not torch.equal(first.state_dict()[head], other.state_dict()[head])
+    embedded = load_file(str(Path(default_model_path()) / "model.safetensors"))
+    name = next(n for n in embedded if n.endswith("encoder.layer.0.intermediate.dense.weight"))
+    assert torch.equal(first.bert.encoder.layer[0].intermediate.dense.weight, embedded[name])
