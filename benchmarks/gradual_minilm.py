@@ -98,6 +98,10 @@ METHODS = {
     # issue 20, `--mask_type neurons`: FFN neurons by group OBS (kfac) or column norm (magnitude); `-uniform` removes
     # the same share in every block (one width: the saved model shrinks), the others allocate by one global threshold
     "fls-obc-rel-uniform": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, global_sparsity=False),
+    # the same with the mean data-label gradient's first-order term in each group's cost (`curvature.first_order`)
+    "fls-obc-rel-uniform-fo": minilm.recipe(
+        "kfac", {"num_examples": 256, "damping": 1e-2, "first_order": True}, global_sparsity=False
+    ),
     "gmp-uniform": minilm.recipe("magnitude", {}, compensation="none", global_sparsity=False),
     # first-order Taylor importance (Molchanov et al. 2019) from 8 batches of 32 (the kfac rows' 256 examples)
     "taylor": minilm.recipe("taylor", {"num_batches": 8}),

@@ -344,6 +344,11 @@ class PruningRecipe:
                 f"recipe section `curvature` is a {type(self.curvature).__name__}, but `pruning.method` = "
                 f"{self.pruning.method!r} expects a {config_class.__name__}"
             )
+        if getattr(self.curvature, "first_order", False) and self.pruning.structure is None:
+            raise RecipeError(
+                "recipe key `curvature.first_order` = True adds a term to the cost of whole structures: use it with "
+                f"`pruning.mask_type: neurons` or `heads` (got {self.pruning.mask_type!r})"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> PruningRecipe:

@@ -185,6 +185,11 @@ class CurvatureProvider(ABC):
         """The layer's row-wise OBS model, for `pruning.compensation: obc`; None when Q has no such form."""
         return None
 
+    def mean_gradient(self, name: str) -> torch.Tensor | None:
+        """The mean data-label gradient of the layer's weight matrix (rows, cols) from the last `ready`, for group
+        OBS's first-order term; None where the provider takes none (`curvature.first_order` off)."""
+        return None
+
     def output_factor(self, name: str) -> torch.Tensor | None:
         """The output-side Fisher G of a Kronecker model, (rows, rows) float64, or its diagonal (rows,) where only
         that is kept (the row model's G_ii); None without a row model."""

@@ -164,6 +164,11 @@ class KFACConfig(CurvatureConfig):
             `fisher_labels` is not read. Needs `damping_mode: relative` (the training loss's normalisation sets G's
             scale). A pruning step closer than the window to the previous one is served by every step since then
             when those are at least half the window; pruning steps with fewer (the first) take a pass.
+        first_order (`bool`, defaults to `False`):
+            Structures (`pruning.mask_type: neurons | heads`): add the first-order term g·δW of the mean data-label
+            gradient g to each group's OBS cost, so a group the loss is pushing towards zero goes first. Costs a
+            pass over `num_examples` labelled calibration examples before each pruning step and one float32 copy
+            of the targeted weights; needs `statistics: pass`.
     """
 
     damping: float = field(
@@ -213,6 +218,16 @@ class KFACConfig(CurvatureConfig):
         },
     )
 
+    first_order: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Structures: add the mean data-label gradient's first-order term g·δW to each group's OBS cost (a "
+                "labelled pass before each pruning step; needs statistics pass)."
+            )
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.statistics not in STATISTICS_SOURCES:
@@ -223,6 +238,11 @@ class KFACConfig(CurvatureConfig):
             raise CurvatureError(
                 "recipe key `curvature.statistics` = 'training' needs `curvature.damping_mode: relative` (the "
                 f"training loss's normalisation sets G's scale); got damping_mode = {self.damping_mode!r}"
+            )
+        if self.first_order and self.statistics != "pass":
+            raise CurvatureError(
+                "recipe key `curvature.first_order` = True needs `curvature.statistics: pass` (its gradient comes from "
+                f"a labelled calibration pass); got statistics = {self.statistics!r}"
             )
         if self.num_examples < 1:
             raise CurvatureError(f"recipe key `curvature.num_examples` = {self.num_examples!r} must be >= 1")

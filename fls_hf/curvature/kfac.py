@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import ShardCounts
+from ..distributed import ShardCounts, all_reduce_mean_
 from ..errors import CurvatureError
+from ..fisher.gradients import data_gradients
 from ..fisher.kronecker import kronecker_statistics
 from ..fisher.likelihoods import Likelihood
 from ..fisher.training import TrainingStatistics
@@ -80,6 +81,7 @@ class KFACProvider(CurvatureProvider):
         self._rows: dict[str, RowModel] = {}  # FSDP2: owned layers, and the one being visited
         self._row_weight_mean: dict[str, float | None] = {}
         self._owners: dict[str, int] | None = None
+        self.gradients: dict[str, torch.Tensor] = {}  # `first_order`: the last pass's mean data-label gradients
         self.estimated = False
         self._gamma = config.damping  # γ of Q = I/γ until the first estimate; relative mode re-sets it there
         for name, adapter in self.layers.items():
@@ -111,13 +113,14 @@ class KFACProvider(CurvatureProvider):
 
     def estimated_bytes(self) -> int:
         """Per layer: Ā and G (fp32), Ā's eigenbasis (fp64, the row model's); a full G's eigenbasis and Q's spectrum
-        (fp32). Diag-G layers compute their spectrum when asked."""
+        (fp32); the mean gradient under `first_order` (fp32). Diag-G layers compute their spectrum when asked."""
         total = 0
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
             full = name in self.full_g
             total += 4 * (cols * cols + (rows * rows if full else rows)) + 8 * (cols * cols + cols + rows)
             total += 4 * (rows * rows + rows * cols) if full else 0
+            total += 4 * rows * cols if self.config.first_order else 0  # the mean gradient
         return total
 
     # ----------------------------------------------------------------- estimation
@@ -134,7 +137,31 @@ class KFACProvider(CurvatureProvider):
             labels=self.config.fisher_labels,
             owners=self.global_owners(),
         )
+        if self.config.first_order:
+            self._take_gradients(model, batches)
         return self._ready_from(stats)
+
+    def _take_gradients(self, model: nn.Module, batches: Batches) -> None:
+        """`first_order`: the mean data-label gradient over `num_examples` further calibration examples, averaged over
+        the data-parallel ranks."""
+        sharded = sorted(n for n, a in self.layers.items() if a.sharded)
+        if sharded:
+            raise CurvatureError(
+                f"`curvature.first_order` does not support layers sharded by FSDP2 (`{sharded[0]}`) yet; turn it off"
+            )
+        sums = {n: torch.zeros(a.shape, device=a.weight.device) for n, a in self.layers.items()}
+        examples, likelihood, limit = 0, self.likelihood_of(model), self.config.num_examples
+        for size, grads in data_gradients(model, batches, self.layers, likelihood, max_examples=limit):
+            for name, grad in grads.items():
+                sums[name].add_(grad, alpha=size)
+            examples += size
+        if examples == 0:
+            raise CurvatureError("empty calibration dataloader: `curvature.first_order` needs labelled examples")
+        means = [t.div_(examples) for t in sums.values()]
+        all_reduce_mean_(means)
+        if not all(bool(torch.isfinite(t).all()) for t in means):
+            raise CurvatureError("the mean data-label gradient is not finite; check the model's loss")
+        self.gradients = sums
 
     def training_statistics(self) -> TrainingStatistics | None:
         return TrainingStatistics(self.layers, self.full_g) if self.config.statistics == "training" else None
@@ -318,6 +345,9 @@ class KFACProvider(CurvatureProvider):
 
     def row_model(self, name: str) -> RowModel | None:
         return self._resident(name) if self.estimated else None
+
+    def mean_gradient(self, name: str) -> torch.Tensor | None:
+        return self.gradients.get(name)
 
     def output_factor(self, name: str) -> torch.Tensor | None:
         g = self.g[name]  # a full G where this layer keeps one, else the row model's diag G

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..distributed import all_reduce_mean_
 from ..errors import CurvatureError
-from ..fisher.gradients import batch_losses
-from ..model.forward import curvature_mode, unwrap
+from ..fisher.gradients import data_gradients
+from ..model.forward import unwrap
 from .base import Batches
 from .magnitude import MagnitudeProvider
 
@@ -33,22 +33,12 @@ class TaylorProvider(MagnitudeProvider):
         self.seen = 0
 
     def ready(self, model: nn.Module, batches: Batches) -> dict[str, float]:
-        model = unwrap(model)
-        likelihood = self.likelihood_of(model)
-        names = list(self.layers)
+        likelihood = self.likelihood_of(unwrap(model))
         seen = 0
-        with curvature_mode(model, double_backward=False), torch.enable_grad():
-            for batch in batches:
-                if seen >= self.config.num_batches:
-                    break
-                loss = batch_losses(model, batch, "empirical", likelihood, None)[1].mean()
-                weights = [self.layers[n].values for n in names]
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)  # .grad of the training is untouched
-                for name, grad in zip(names, grads):
-                    adapter = self.layers[name]
-                    product = 0.0 if grad is None else (adapter.to_matrix(grad) * adapter.weight_matrix()).sum(0)
-                    self.column_sums[name][seen] = product
-                seen += 1
+        for _, grads in data_gradients(model, batches, self.layers, likelihood, max_batches=self.config.num_batches):
+            for name, grad in grads.items():
+                self.column_sums[name][seen] = (grad * self.layers[name].weight_matrix()).sum(0)
+            seen += 1
         if seen == 0:
             raise CurvatureError("empty calibration dataloader: Taylor importance needs at least one batch")
         self.seen = seen

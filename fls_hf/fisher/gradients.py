@@ -121,6 +121,42 @@ def batch_losses(
     return targets, example_losses(batch, logits, targets, likelihood, shift)
 
 
+def data_gradients(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    layers: Mapping[str, LayerAdapter],
+    likelihood: Likelihood,
+    *,
+    max_batches: int | None = None,
+    max_examples: int | None = None,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Per batch, (examples, {name: ∂ mean_n ℓ_n / ∂W as (rows, cols)}) of the data-label loss, until `max_batches`
+    batches or `max_examples` examples are seen (needed for an endless stream). Iterate it to its end: the model is in
+    curvature mode meanwhile. `.grad` of the training is untouched; FSDP2 layers give their own rows."""
+    model = unwrap(model)
+    names = list(layers)
+    batches_seen = examples = 0
+    with curvature_mode(model, double_backward=False), torch.enable_grad():
+        for batch in batches:
+            if (max_batches is not None and batches_seen >= max_batches) or (
+                max_examples is not None and examples >= max_examples
+            ):
+                break
+            losses = batch_losses(model, batch, "empirical", likelihood, None)[1]
+            grads = torch.autograd.grad(losses.mean(), [layers[n].values for n in names], allow_unused=True)
+            batches_seen += 1
+            examples += len(losses)
+            yield (
+                len(losses),
+                {
+                    n: torch.zeros(layers[n].shape, device=layers[n].weight.device)
+                    if g is None
+                    else layers[n].to_matrix(g)
+                    for n, g in zip(names, grads)
+                },
+            )
+
+
 @contextlib.contextmanager
 def _capture(layers: Mapping[str, LayerAdapter], size: int) -> Iterator[tuple[dict[str, torch.Tensor], set[str]]]:
     """Hooks filling `sums[name]` (size, rows, cols) with Σ_t δ_n,tᵀ a_n,t; `misfits` lists layers to loop."""

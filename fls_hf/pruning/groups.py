@@ -90,8 +90,11 @@ def prune_groups(
         index = columns.to(model.basis.device)
         inverses[block.prefix] = damped_inverse(model.a_bar()[index][:, index], damping)
         chunk = -(-count // GREEDY_STEPS) if count else 1
+        gradient = provider.mean_gradient(consumer)
+        if gradient is not None:
+            gradient = gradient.double()[:, columns.to(gradient.device)]
         curves[block.prefix] = group_removal_curve(
-            w, provider.output_factor(consumer), inverses[block.prefix], block.columns, count, chunk
+            w, provider.output_factor(consumer), inverses[block.prefix], block.columns, count, chunk, gradient
         )
     if global_scope:
         if wanted > sum(len(c.order) for c in curves.values()):

@@ -15,7 +15,14 @@ the cost does, in loss units, so one threshold ranks groups across layers. Remov
 greedy OBS; the final update for a removed set equals the joint OBS update over their union from the original H⁻¹
 (`group_compensation`), so the curve is computed once and the chosen prefix is applied in one solve. The layers that
 produce P's inputs (the up / gate rows of a neuron, the q / k / v rows of a head) are removed with no compensation
-of their own. Pure tensor maths in float64, no transformers imports.
+of their own.
+
+With the mean data-label gradient g of W (`curvature.first_order`), the cost adds the first-order change of the
+loss under that same update, g·δW = −Σ_i (W_P [H⁻¹_PP]⁻¹)_i · (H⁻¹_P,: g_iᵀ): a group the loss is pushing towards
+zero costs less (movement pruning's signal, Sanh et al. 2020, inside OBS). The update stays the OBS one (no Newton
+step on the survivors: training makes that move), and the greedy curve carries the gradient along as the quadratic
+model does, g ← g + G δW (Ā + λI), so its costs sum to the model's loss change of the final weights. Pure tensor
+maths in float64, no transformers imports.
 """
 
 from __future__ import annotations
@@ -71,12 +78,14 @@ def group_costs(
     h_inv: torch.Tensor,
     group_size: int,
     alive: torch.Tensor | None = None,
+    gradient: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """cost(P) = ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹) for every group of `group_size` consecutive columns: (n,); inf for the
-    groups not `alive` (removed: their block of H⁻¹ is zero after the downdates).
+    """cost(P) = ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹) (+ g·δW with a `gradient`) for every group of `group_size` consecutive
+    columns: (n,); inf for the groups not `alive` (removed: their block of H⁻¹ is zero after the downdates).
 
     Args:
         output_factor: G, (rows, rows), or diag G, (rows,).
+        gradient: (rows, cols) mean gradient g of the loss w.r.t. W, or None (the quadratic cost alone).
     """
     weighted = _grouped(output_weighted(weight.double(), output_factor), group_size)  # G W, (rows, n, g)
     w = _grouped(weight.double(), group_size)  # (rows, n, g)
@@ -87,10 +96,12 @@ def group_costs(
         eye = torch.eye(group_size, dtype=blocks.dtype, device=blocks.device)
         blocks = torch.where(alive[:, None, None], blocks, eye)
     if group_size == 1:
-        costs = 0.5 * (weighted[..., 0] * w[..., 0]).sum(dim=0) / blocks[:, 0, 0]
+        solved = w / blocks[:, 0, 0, None]  # [H⁻¹_PP]⁻¹ w_iP, (rows, n, 1)
     else:
         solved = torch.linalg.solve(blocks[None], w.unsqueeze(-1)).squeeze(-1)  # [H⁻¹_PP]⁻¹ w_iP, (rows, n, g)
-        costs = 0.5 * torch.einsum("ing,ing->n", weighted, solved)
+    costs = 0.5 * torch.einsum("ing,ing->n", weighted, solved)
+    if gradient is not None:  # g·δW = −Σ_i solved_iP · (H⁻¹ g_i)_P
+        costs = costs - torch.einsum("ing,ing->n", _grouped(gradient.double() @ h_inv, group_size), solved)
     return costs if alive is None else torch.where(alive, costs, torch.inf)
 
 
@@ -125,6 +136,7 @@ def group_removal_curve(
     group_size: int = 1,
     count: int | None = None,
     chunk: int = 1,
+    gradient: torch.Tensor | None = None,
 ) -> GroupCurve:
     """Greedy group OBS: remove the cheapest group, update W and downdate H⁻¹, until `count` groups are gone (default:
     all but one). `chunk` > 1 removes that many of the currently cheapest groups per step, jointly (their update and
@@ -134,6 +146,7 @@ def group_removal_curve(
         weight: (rows, cols) W, cols a multiple of `group_size`.
         output_factor: G (rows, rows), positive semi-definite, or diag G (rows,) ≥ 0.
         h_inv: (cols, cols) (Ā + λI)⁻¹.
+        gradient: (rows, cols) mean loss gradient g at W, or None: the costs then add g·δW (`group_costs`).
     """
     rows, cols = weight.shape
     if cols % group_size:
@@ -143,11 +156,13 @@ def group_removal_curve(
     if not 0 <= count <= n or chunk < 1:
         raise ValueError(f"cannot remove {count} of {n} groups in chunks of {chunk}")
     w, h, g = weight.double().clone(), h_inv.double().clone(), output_factor.double()
+    grad = None if gradient is None else gradient.double().clone()
+    hessian = None if gradient is None else torch.linalg.inv(h)  # Ā + λI: carries the gradient along the moves
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
     order: list[int] = []
     costs: list[float] = []
     while len(order) < count:
-        cost = group_costs(w, g, h, group_size, alive)
+        cost = group_costs(w, g, h, group_size, alive, grad)
         take = min(chunk, count - len(order))
         # the cheapest `take` groups, lowest index first on ties (a stable sort of the costs)
         chosen = torch.sort(cost, stable=True).indices[:take]
@@ -156,12 +171,17 @@ def group_removal_curve(
         coefficients = w[:, columns] @ block_inv  # W_P [H⁻¹_PP]⁻¹
         if take == 1:
             joint = float(cost[chosen[0]])
-        else:  # ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹)
+        else:  # ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹) + g·δW
             joint = 0.5 * float((output_weighted(w[:, columns], g) * coefficients).sum())
+            if grad is not None:
+                joint -= float((coefficients * (grad @ h[:, columns])).sum())
         order += chosen.tolist()
         costs += [joint / take] * take
-        w = w - coefficients @ h[columns]
-        w[:, columns] = 0.0
+        move = -coefficients @ h[columns]
+        move[:, columns] = -w[:, columns]
+        w = w + move
+        if grad is not None:  # the quadratic model's gradient at the new weights
+            grad = grad + output_weighted(move, g) @ hessian
         h = h - h[:, columns] @ block_inv @ h[columns]
         alive[chosen] = False
     device = weight.device

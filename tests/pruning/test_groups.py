@@ -122,6 +122,43 @@ def test_taylor_ranks_structures_only():
         load_recipe({"pruning": {"method": "taylor", "final_sparsity": 0.5}})
 
 
+def test_first_order_takes_the_mean_data_gradient_and_changes_which_neurons_go():
+    """`curvature.first_order`: the provider's gradient is the mean loss gradient over `num_examples` examples (the
+    first 12 of the list: three batches of 4), and group OBS with it removes the same share, picking other neurons."""
+    settings = dict(intermediate_size=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batches = token_batches(n_batches=4)
+    model = tiny_bert(**settings)
+    first_order = recipe(share=0.5, global_sparsity=False)
+    first_order["curvature"].update(num_examples=12, first_order=True)
+    pruner = Pruner(model, first_order)
+    pruner.provider.ready(model, batches)
+    consumer = ffn_blocks(model)[0].consumer
+    weight = model.get_submodule(consumer).weight
+    model.eval()
+    model.zero_grad()
+    sum(model(**b).loss for b in batches[:3]).backward()
+    torch.testing.assert_close(pruner.provider.mean_gradient(consumer), weight.grad / 3, rtol=1e-5, atol=1e-9)
+    model.zero_grad()
+    oneshot(model, batches, first_order)
+    plain = tiny_bert(**settings)
+    oneshot(plain, batches, recipe(share=0.5, global_sparsity=False))
+    assert set(removed(model).values()) == {20} and set(removed(plain).values()) == {20}
+    blocks = ffn_blocks(model)
+    assert any(not torch.equal(live_groups(model, b), live_groups(plain, b)) for b in blocks)
+
+
+def test_first_order_is_for_structures_and_a_statistics_pass():
+    with pytest.raises(RecipeError, match="`curvature.first_order`.*mask_type: neurons"):
+        load_recipe({"pruning": {"method": "kfac", "final_sparsity": 0.5}, "curvature": {"first_order": True}})
+    with pytest.raises(RecipeError, match="`curvature.first_order`.*statistics: pass"):
+        load_recipe(
+            {
+                "pruning": {"method": "kfac", "mask_type": "neurons"},
+                "curvature": {"first_order": True, "statistics": "training"},
+            }
+        )
+
+
 @pytest.mark.parametrize("method", ["kfac", "magnitude", "taylor"])
 def test_llama_heads_pruned_by_kv_group_shrink_with_the_same_logits(method):
     model = tiny_llama(num_attention_heads=8, num_key_value_heads=4, head_dim=2)  # 4 groups of 2 query heads

@@ -150,3 +150,49 @@ def test_chunked_greedy_steps_are_joint_obs_over_each_chunk():
     assert float(curve.costs.sum()) == pytest.approx(cost, rel=1e-8)
     torch.testing.assert_close(group_compensation(w, h_inv, curve.order, 1), new, rtol=1e-8, atol=1e-10)
     assert torch.equal(curve.costs[:3], curve.costs[:1].expand(3))  # one chunk: equal shares
+
+
+def quadratic_change(w, new, gradient, g, a_bar):
+    """The quadratic model's loss change g·δW + ½ vec(δW)ᵀ (G ⊗ (Ā + λI)) vec(δW), explicit Kronecker matrix."""
+    cols = w.shape[1]
+    damped = a_bar + DAMPING * a_bar.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
+    hessian = torch.kron(g if g.dim() == 2 else torch.diag(g), damped)
+    move = (new - w).reshape(-1)
+    return float(gradient.reshape(-1) @ move + 0.5 * move @ hessian @ move)
+
+
+@pytest.mark.parametrize("output", ["diag", "full"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_first_order_costs_are_the_quadratic_models_change_under_the_obs_update(group_size, output):
+    """With a gradient g, each group's cost is g·δW + ½ δWᵀ H δW of its OBS update; a group whose gradient pulls it
+    towards zero gets cheaper, one pushed away dearer."""
+    w, g, a_bar = layer(group_size=group_size, seed=2)
+    g = g if output == "diag" else full_g(len(w), seed=6)
+    gradient = torch.randn(w.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    h_inv = damped_inverse(a_bar, DAMPING)
+    costs = group_costs(w, g, h_inv, group_size, gradient=gradient)
+    plain = group_costs(w, g, h_inv, group_size)
+    for p in range(6):
+        new = group_compensation(w, h_inv, torch.tensor([p]), group_size)
+        assert float(costs[p]) == pytest.approx(quadratic_change(w, new, gradient, g, a_bar), rel=1e-9, abs=1e-12)
+    columns = list(range(group_size))  # a gradient along W_P: zeroing W_P moves down it
+    towards = torch.zeros_like(w)
+    towards[:, columns] = w[:, columns]
+    assert float(group_costs(w, g, h_inv, group_size, gradient=towards)[0]) < float(plain[0])
+    assert float(group_costs(w, g, h_inv, group_size, gradient=-towards)[0]) > float(plain[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_first_order_greedy_costs_sum_to_the_models_change_of_the_final_weights(group_size, chunk):
+    """The curve carries the gradient along its moves (g ← g + G δW (Ā + λI)), so the step costs add up to the
+    quadratic model's change of the joint OBS weights over the removed union; the order differs from the plain one."""
+    w, _, a_bar = layer(group_size=group_size, seed=3)
+    g = full_g(len(w), seed=7)
+    gradient = 3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h_inv = damped_inverse(a_bar, DAMPING)
+    curve = group_removal_curve(w, g, h_inv, group_size, count=4, chunk=chunk, gradient=gradient)
+    final = group_compensation(w, h_inv, curve.order, group_size)
+    assert float(curve.costs.sum()) == pytest.approx(quadratic_change(w, final, gradient, g, a_bar), rel=1e-8)
+    plain = group_removal_curve(w, g, h_inv, group_size, count=4, chunk=chunk)
+    assert curve.order.tolist() != plain.order.tolist()
