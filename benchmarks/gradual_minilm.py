@@ -13,6 +13,7 @@ Every method runs in its own process, so peak memory (max RSS) is per method.
     python -m benchmarks.gradual_minilm --start pretrained --methods finetune,taylor-uniform --sparsity 0.5 \
         --mask_type neurons                                               # prune while learning the task
 
+`--window 0.2,0.8` prunes from 20 % to 80 % of the run instead (rows go to a file tagged `_window20-80`).
 `--start pretrained` begins from the pre-trained MiniLM with a fresh head (drawn from the seed) instead of the
 cached task fine-tune: pruning then competes with learning the task, and `finetune` is its dense reference.
 
@@ -111,18 +112,30 @@ METHODS = {
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
 
 
-def schedule(steps: int, sparsity: float, mask_type: str) -> dict:
-    """Prune from step 0 to 60 % of the run (7 pruning steps), recover for the last 40 %."""
-    end = max(int(0.6 * steps), 1)
+def schedule(steps: int, sparsity: float, mask_type: str, window: tuple[float, float] = (0.0, 0.6)) -> dict:
+    """Prune over the `window` of the run (default from step 0 to 60 %, 7 pruning steps), recover for the rest."""
+    start = int(window[0] * steps)
+    end = max(int(window[1] * steps), start + 1)
     return {
         "init_sparsity": min(0.3, sparsity),
         "final_sparsity": sparsity,
-        "start_step": 0,
+        "start_step": start,
         "end_step": end,
-        "update_frequency": max(end // 6, 1),
+        "update_frequency": max((end - start) // 6, 1),
         "inter_func": "cubic",
         "mask_type": mask_type,
     }
+
+
+def window(text: str) -> tuple[float, float]:
+    """`--window START,END`: the pruning window as fractions of the run, 0 <= START < END <= 1."""
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--window {text!r}: expected two fractions START,END, e.g. 0.2,0.8") from None
+    if not 0 <= start < end <= 1:
+        raise SystemExit(f"--window {text!r}: expected 0 <= START < END <= 1")
+    return start, end
 
 
 def cpu_seconds() -> float:
@@ -168,7 +181,7 @@ def run_single(args) -> dict:
     if recipe is None:
         trainer = Trainer(**common)
     else:
-        recipe["pruning"].update(schedule(steps, args.sparsity, args.mask_type))
+        recipe["pruning"].update(schedule(steps, args.sparsity, args.mask_type, window(args.window)))
         recipe["curvature"].setdefault("num_batches", 4)
         recipe["curvature"].update(parse_overrides(args.set, args.method))
         if args.quick:  # a smoke run exercises the pipeline, not the estimate
@@ -207,6 +220,9 @@ def main() -> None:
         default="finetuned",
         help="start from the cached task fine-tune (default) or from the pre-trained MiniLM with a fresh head",
     )
+    parser.add_argument(
+        "--window", default="0,0.6", help="pruning window START,END as fractions of the run (default 0,0.6)"
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
@@ -234,12 +250,17 @@ def main() -> None:
         else f"{round(100 * args.sparsity)}"
         + ("" if args.mask_type == "unstructured" else "_" + args.mask_type.replace(":", "of"))
         + ("" if args.start == "finetuned" else "_" + args.start)
+        + (
+            ""
+            if window(args.window) == (0.0, 0.6)
+            else "_window{:.0f}-{:.0f}".format(*(100 * v for v in window(args.window)))
+        )
     )
     out = Path(args.output) if args.output else RESULTS / f"gradual_minilm_{tag}.json"
     report = {
         "settings": {
             k: getattr(args, k)
-            for k in ("sparsity", "mask_type", "start", "epochs", "batch_size", "learning_rate", "quick")
+            for k in ("sparsity", "mask_type", "start", "window", "epochs", "batch_size", "learning_rate", "quick")
         },
         "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else [],
     }
@@ -262,6 +283,8 @@ def main() -> None:
                     args.mask_type,
                     "--start",
                     args.start,
+                    "--window",
+                    args.window,
                     "--epochs",
                     str(args.epochs),
                     "--batch_size",

@@ -135,3 +135,15 @@ def test_pretrained_start_draws_the_head_from_the_seed_and_keeps_the_embedded_en
     embedded = load_file(str(Path(default_model_path()) / "model.safetensors"))
     name = next(n for n in embedded if n.endswith("encoder.layer.0.intermediate.dense.weight"))
     assert torch.equal(first.bert.encoder.layer[0].intermediate.dense.weight, embedded[name])
+
+
+def test_gradual_window_places_the_seven_pruning_steps_inside_it():
+    from benchmarks.gradual_minilm import schedule, window
+
+    default = schedule(238, 0.5, "neurons")
+    assert (default["start_step"], default["end_step"], default["update_frequency"]) == (0, 142, 23)
+    late = schedule(238, 0.5, "neurons", window("0.2,0.8"))
+    assert (late["start_step"], late["end_step"], late["update_frequency"]) == (47, 190, 23)
+    for bad in ("0.8,0.2", "0.5", "a,b"):
+        with pytest.raises(SystemExit, match="--window"):
+            window(bad)
