@@ -147,3 +147,16 @@ def test_gradual_window_places_the_seven_pruning_steps_inside_it():
     for bad in ("0.8,0.2", "0.5", "a,b"):
         with pytest.raises(SystemExit, match="--window"):
             window(bad)
+
+
+def test_structured_first_order_quick_compares_two_draws_per_block(tmp_path):
+    report = run_quick("structured_first_order", tmp_path / "first_order.json")
+    assert list(report["states"]) == ["pretrained"]
+    rows = report["states"]["pretrained"]
+    assert [row["consumer"] for row in rows] == [f"bert.encoder.layer.{i}.output.dense" for i in range(6)]
+    for row in rows:
+        assert row["quadratic_median"] > 0 and row["first_order_std"] > 0
+        for key in ("split_half_quadratic", "split_half_first_order", "split_half_taylor", "quadratic_vs_taylor"):
+            assert -1.0 <= row[key] <= 1.0
+    # the quadratic costs of different draws rank the neurons alike (the last block's most of all)
+    assert rows[-1]["split_half_quadratic"] > 0.5
