@@ -168,7 +168,9 @@ class KFACConfig(CurvatureConfig):
             Structures (`pruning.mask_type: neurons | heads`): add the first-order term g·δW of the mean data-label
             gradient g to each group's OBS cost, so a group the loss is pushing towards zero goes first. Costs a
             pass over `num_examples` labelled calibration examples before each pruning step and one float32 copy
-            of the targeted weights; needs `statistics: pass`.
+            of the targeted weights; needs `statistics: pass`. Measured on MiniLM (benchmarks/README.md,
+            "Structured"): with 256 examples the term is hundreds of times the quadratic cost and mostly sampling
+            noise, and a gradual run lost 11.7 points; off unless you can afford many more examples.
     """
 
     damping: float = field(
