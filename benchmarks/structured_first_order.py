@@ -22,9 +22,8 @@ import tempfile
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from fls_hf.model.structures import ffn_blocks
-from fls_hf.pruning.pruner import Pruner
-from fls_hf.pruning.structured import damped_inverse, group_costs
+from fls_hf.model import ffn_blocks
+from fls_hf.pruning import Pruner, structured
 
 from .common import minilm
 from .common.paths import RESULTS
@@ -50,13 +49,13 @@ def scores(model, batches) -> dict[str, dict[str, torch.Tensor]]:
     for block in blocks:
         name = block.consumer
         w = model.get_submodule(name).weight.detach().double()
-        h_inv = damped_inverse(kfac.provider.row_model(name).a_bar(), DAMPING)
+        h_inv = structured.damped_inverse(kfac.provider.row_model(name).a_bar(), DAMPING)
         g = kfac.provider.output_factor(name)
-        quadratic = group_costs(w, g, h_inv, 1)
+        quadratic = structured.group_costs(w, g, h_inv, 1)
         gradient = kfac.provider.mean_gradient(name).double()
         out[name] = {
             "quadratic": quadratic,
-            "first_order": group_costs(w, g, h_inv, 1, gradient=gradient) - quadratic,
+            "first_order": structured.group_costs(w, g, h_inv, 1, gradient=gradient) - quadratic,
             "taylor": taylor.provider.group_importance(name, 1),
         }
     return out

@@ -103,6 +103,7 @@ PROFILED = {
     ("scale.py", "fls_hf.curvature.fishleg", "warm_start"),
     ("scale.py", "fls_hf.pruning", "pruner"),
     ("scale.py", "fls_hf.pruning", "surgeon"),
+    ("structured_first_order.py", "fls_hf.pruning", "structured"),
 }
 
 
