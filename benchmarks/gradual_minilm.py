@@ -112,7 +112,10 @@ METHODS = {
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
 
 
-def schedule(steps: int, sparsity: float, mask_type: str, window: tuple[float, float] = (0.0, 0.6)) -> dict:
+DEFAULT_WINDOW = (0.0, 0.6)  # prune from step 0 to 60 % of the run, recover for the last 40 %
+
+
+def schedule(steps: int, sparsity: float, mask_type: str, window: tuple[float, float] = DEFAULT_WINDOW) -> dict:
     """Prune over the `window` of the run (default from step 0 to 60 %, 7 pruning steps), recover for the rest."""
     start = int(window[0] * steps)
     end = max(int(window[1] * steps), start + 1)
@@ -244,6 +247,7 @@ def main() -> None:
         return
     if args.quick:
         args.methods, args.batch_size = "gmp,fls", 16
+    pruning_window = window(args.window)  # refused here, before any child starts, when malformed
     tag = (
         "quick"
         if args.quick
@@ -252,8 +256,8 @@ def main() -> None:
         + ("" if args.start == "finetuned" else "_" + args.start)
         + (
             ""
-            if window(args.window) == (0.0, 0.6)
-            else "_window{:.0f}-{:.0f}".format(*(100 * v for v in window(args.window)))
+            if pruning_window == DEFAULT_WINDOW
+            else "_window{:.0f}-{:.0f}".format(*(100 * v for v in pruning_window))
         )
     )
     out = Path(args.output) if args.output else RESULTS / f"gradual_minilm_{tag}.json"

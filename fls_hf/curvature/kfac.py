@@ -143,12 +143,7 @@ class KFACProvider(CurvatureProvider):
 
     def _take_gradients(self, model: nn.Module, batches: Batches) -> None:
         """`first_order`: the mean data-label gradient over `num_examples` further calibration examples, averaged over
-        the data-parallel ranks."""
-        sharded = sorted(n for n, a in self.layers.items() if a.sharded)
-        if sharded:
-            raise CurvatureError(
-                f"`curvature.first_order` does not support layers sharded by FSDP2 (`{sharded[0]}`) yet; turn it off"
-            )
+        the data-parallel ranks (structures, its only use, are refused under FSDP2 by the Pruner)."""
         sums = {n: torch.zeros(a.shape, device=a.weight.device) for n, a in self.layers.items()}
         examples, likelihood, limit = 0, self.likelihood_of(model), self.config.num_examples
         for size, grads in data_gradients(model, batches, self.layers, likelihood, max_examples=limit):
