@@ -74,9 +74,10 @@ class PruningConfig:
             Module names or `re:` regexes never pruned (task heads by default).
         mask_type (`str`, defaults to `'unstructured'`):
             unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or neurons / heads: remove
-            whole FFN neurons / attention heads (grouped-query attention: a KV head with its query heads) of every
-            block (BERT and Llama families; `targets` are ignored) — method kfac: group OBS, magnitude: group norms,
-            taylor: first-order importance; the sparsities are then shares of them.
+            whole FFN neurons / attention heads (grouped-query attention: a KV head with its query heads) of the
+            blocks (BERT and Llama families) with a layer in `targets` (all when empty) and none in `ignore` —
+            method kfac: group OBS, magnitude: group norms, taylor: first-order importance; the sparsities are then
+            shares of them.
         global_sparsity (`bool`, defaults to `True`):
             Rank saliencies across all targeted layers (true) or within each layer (false); with neurons / heads:
             one threshold over all blocks, or the same share in every block (keeps one width, so the model shrinks).

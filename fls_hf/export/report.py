@@ -12,7 +12,7 @@ from torch import nn
 
 from ..distributed import shard_counts, summed
 from ..model.forward import unwrap
-from ..model.structures import live_groups, pruned_layers, structure_blocks
+from ..model.structures import live_groups, pruned_blocks, pruned_layers
 from ..pruning.patterns import parse_mask_type
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
         matrix = adapter.weight_matrix()
         counts += [matrix.numel(), int((matrix == 0).sum()), int(not _nm_ok(matrix, pruning.mask_type))]
     counts = summed(shard_counts(layers), counts)
-    for block in structure_blocks(unwrap(model), pruning.structure):  # neurons / heads recipes
+    for block in pruned_blocks(unwrap(model), pruning):  # neurons / heads recipes
         removed = int((~live_groups(unwrap(model), block)).sum())
         report.structures.append(GroupSparsity(block.prefix, block.kind, block.groups, removed))
     for i, (name, adapter) in enumerate(layers.items()):

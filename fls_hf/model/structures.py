@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import RecipeError
 from .adapters import LayerAdapter
 from .blocks import any_in_groups, group_rows
-from .targets import resolve_targets
+from .targets import name_matches, resolve_targets
 
 # (producers, consumer) child names of an FFN block, per family; the parent module is the block
 FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -150,9 +150,39 @@ def structure_blocks(model: nn.Module, structure: str | None) -> list[StructureB
     return blocks
 
 
-def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
-    """The layers a recipe's `pruning` section prunes: its targets, or every layer of the structures it removes."""
+def pruned_blocks(model: nn.Module, pruning) -> list[StructureBlock]:
+    """The blocks a neurons / heads recipe removes groups from: those with a layer named by `pruning.targets` (every
+    block when empty) and none named by `pruning.ignore` (a group spans its block's layers, so ignoring one of them
+    keeps the whole block); [] for weight masks.
+
+    Raises:
+        RecipeError: a target names no layer of any block, or the keys leave no block.
+    """
     blocks = structure_blocks(model, pruning.structure)
+    if not blocks:
+        return []
+    chosen = blocks
+    for pattern in pruning.targets:
+        if not any(name_matches(n, pattern) for b in blocks for n in b.modules):
+            raise RecipeError(
+                f"recipe key `pruning.targets` pattern {pattern!r} names no layer of a {pruning.structure} block of "
+                f"{type(model).__name__}; its layers are named like {', '.join(blocks[0].modules)}"
+            )
+    if pruning.targets:
+        chosen = [b for b in blocks if any(name_matches(n, p) for n in b.modules for p in pruning.targets)]
+    chosen = [b for b in chosen if not any(name_matches(n, p) for n in b.modules for p in pruning.ignore)]
+    if not chosen:
+        raise RecipeError(
+            f"recipe keys `pruning.targets` = {pruning.targets!r} / `pruning.ignore` = {pruning.ignore!r} leave no "
+            f"{pruning.structure} block of {type(model).__name__} to prune"
+        )
+    return chosen
+
+
+def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
+    """The layers a recipe's `pruning` section prunes: its targets, or every layer of the blocks it removes structures
+    from (`pruned_blocks`)."""
+    blocks = pruned_blocks(model, pruning)
     if blocks:
         return resolve_targets(model, [m for b in blocks for m in b.modules], [])
     return resolve_targets(model, pruning.targets, pruning.ignore)

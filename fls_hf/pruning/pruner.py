@@ -31,7 +31,7 @@ from ..errors import DistributedError, PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
 from ..model.adapters import LayerAdapter, local
 from ..model.forward import unwrap
-from ..model.structures import pruned_layers, structure_blocks
+from ..model.structures import pruned_blocks, pruned_layers
 from ..progress import log_main, logger
 from ..recipe import PruningRecipe, load_recipe
 from .groups import prune_groups
@@ -58,7 +58,7 @@ class Pruner:
     def __init__(self, model: nn.Module, recipe: PruningRecipe | Mapping[str, Any] | str | Path) -> None:
         self.recipe = recipe if isinstance(recipe, PruningRecipe) else load_recipe(recipe)  # parsed once, upstream
         cfg = self.recipe.pruning
-        self.blocks = structure_blocks(unwrap(model), cfg.structure)  # neurons / heads: every block's layers
+        self.blocks = pruned_blocks(unwrap(model), cfg)  # neurons / heads: the blocks targets / ignore leave
         self.layers = pruned_layers(unwrap(model), cfg)
         if not self.layers:
             raise RecipeError(

@@ -199,3 +199,19 @@ def test_the_sparsity_report_counts_removed_groups_per_block():
     assert report.global_sparsity == pytest.approx(0.25)  # the blocks' weights: a share of whole rows / columns
     assert "| **all blocks** | **20 / 80** (25.00 %) |" in report.to_markdown()
     assert report.to_dict()["structures"][0]["block"] == "bert.encoder.layer.0"
+
+
+def test_targets_and_ignore_choose_the_blocks_whose_groups_go():
+    layer0 = "bert.encoder.layer.0"
+    kept_dense = tiny_bert(intermediate_size=40)
+    oneshot(kept_dense, token_batches(), recipe("magnitude", global_sparsity=False, ignore=[f"re:{layer0}\\..*"]))
+    assert removed(kept_dense) == {layer0: 0, "bert.encoder.layer.1": 20}  # an ignored layer keeps its whole block
+    only0 = tiny_bert(intermediate_size=40)
+    oneshot(only0, token_batches(), recipe("magnitude", global_sparsity=False, targets=[f"{layer0}.output.dense"]))
+    assert removed(only0) == {layer0: 20, "bert.encoder.layer.1": 0}  # one layer of a block names the block
+    report = sparsity_report(only0, load_recipe(recipe("magnitude", targets=[f"{layer0}.output.dense"])))
+    assert [g.block for g in report.structures] == [layer0]
+    with pytest.raises(RecipeError, match=r"`pruning.targets` pattern 'classifier' names no layer of a neurons block"):
+        Pruner(tiny_bert(), recipe(targets=["classifier"]))
+    with pytest.raises(RecipeError, match="leave no neurons block of BertForSequenceClassification"):
+        Pruner(tiny_bert(), recipe(ignore=["re:.*dense"]))
