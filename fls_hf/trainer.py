@@ -20,6 +20,7 @@ from .export.card import write_model_card
 from .export.report import sparsity_report
 from .model.forward import unwrap
 from .model.structures import save_shrunk, shrinkable_blocks
+from .peft import is_peft_model
 from .progress import log_main, warn_main
 from .pruning.pruner import Pruner
 from .recipe import PruningRecipe, load_recipe, parse_overrides
@@ -93,7 +94,12 @@ class FishLegPruningTrainer(Trainer):
         if self.args.should_save:
             structure = self.recipe.pruning.structure
             if structure is not None and not _internal_call:  # checkpoints stay resumable
-                if shrinkable_blocks(unwrap(self.model), structure):
+                if is_peft_model(self.model):  # PEFT saved the adapters; the merge is the user's call
+                    log_main(
+                        "fls_hf: adapters saved; for the shrunk plain model: "
+                        "`save_shrunk(masked_merge_and_unload(trainer.model, trainer.pruner), directory)`"
+                    )
+                elif shrinkable_blocks(unwrap(self.model), structure):
                     shrunk = save_shrunk(unwrap(self.model), directory, structure)
                     log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
                 else:  # BERT's heads: transformers cannot load fewer of them

@@ -13,9 +13,11 @@ from torch.func import functional_call
 from transformers import TrainingArguments
 
 from fls_hf import FishLegPruningTrainer, FlsError, sparsity_report
+from fls_hf.errors import RecipeError
 from fls_hf.model.targets import plain_name, resolve_targets
 from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_densifies
 from fls_hf.pruning.masks import MaskSet
+from fls_hf.pruning.pruner import Pruner
 
 from helpers import tiny_bert
 
@@ -199,3 +201,89 @@ def test_merge_warning_only_when_an_adapted_layer_is_pruned():
     adapted.set(name, torch.zeros(16, 16, dtype=torch.bool))
     with pytest.warns(UserWarning, match=r"bert\.encoder\.layer\.0\.attention\.self\.query"):
         assert warn_if_merge_densifies(model, adapted)
+
+
+STRUCTURE_RECIPE = {
+    "pruning": {
+        "method": "kfac",
+        "global_sparsity": False,
+        "init_sparsity": 0.25,
+        "final_sparsity": 0.5,
+        "start_step": 0,
+        "end_step": 4,
+        "update_frequency": 2,
+    },
+    "curvature": {"num_examples": 16},
+}
+
+
+@pytest.mark.parametrize("kind", ["neurons", "heads"])
+def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
+    """Under LoRA the removed groups' adapter columns / rows stay zero, so the PEFT model computes exactly what the
+    merged model does, and that one shrinks and reloads with plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from fls_hf import save_shrunk
+    from fls_hf.model.structures import pruned_blocks
+
+    from helpers import tiny_llama
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    model = get_peft_model(
+        tiny_llama(intermediate_size=16, num_attention_heads=8, num_key_value_heads=4),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets),
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (32, 8), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    recipe = copy.deepcopy(STRUCTURE_RECIPE)
+    recipe["pruning"]["mask_type"] = kind
+    trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=data)
+    with pytest.warns(UserWarning, match="masked_merge_and_unload"):
+        trainer.train()
+    blocks = pruned_blocks(model, trainer.recipe.pruning)
+    assert blocks and all(name.endswith(".base_layer") for b in blocks for name in b.modules)
+    factors = trainer.pruner.adapter_factors
+    assert len(factors) == len(blocks) * (1 + len(blocks[0].producers))  # lora_A of o / down, lora_B of each producer
+    for block, (tensor, dim, size) in factors:
+        live = trainer.pruner.masks.keep_matrix(block.consumer).any(dim=0).reshape(-1, block.columns).any(dim=1)
+        assert int((~live).sum()) == block.groups // 2
+        entries = (
+            tensor.detach().reshape(-1, size, tensor.shape[1])
+            if dim == 0
+            else tensor.detach().T.reshape(-1, size, tensor.shape[0])
+        )
+        assert not entries[~live].any() and entries[live].any()  # removed groups' entries zero, kept ones trained
+    with pytest.raises(RecipeError, match="merge them first"):
+        save_shrunk(model, str(tmp_path / "peft"))
+    batch = {"input_ids": ids[:4]}
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+        merged = masked_merge_and_unload(model, trainer.pruner)
+        torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)  # nothing lost at merge
+        save_shrunk(merged, str(tmp_path / "shrunk"))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
+        torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
+    sizes = (reloaded.config.intermediate_size, reloaded.config.num_key_value_heads)
+    assert sizes == ((8, 4) if kind == "neurons" else (16, 2))
+
+
+def test_lora_structures_refuse_dora_on_the_producers():
+    from helpers import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["up_proj"], use_dora=True))
+    with pytest.raises(RecipeError, match="`model.layers.0.mlp.up_proj` uses DoRA"):
+        Pruner(model, {"pruning": {"method": "magnitude", "mask_type": "neurons"}})

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import RecipeError
 from .adapters import LayerAdapter
 from .blocks import any_in_groups, group_rows
-from .targets import name_matches, resolve_targets
+from .targets import name_matches, peft_inner_name, plain_name, resolve_targets
 
 # (producers, consumer) child names of an FFN block, per family; the parent module is the block
 FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -84,6 +84,22 @@ def _child(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _linears(modules: dict[str, nn.Module], names: list[str]) -> list[str] | None:
+    """The names resolved through PEFT wrappers to the modules they stand for (LoRA: its `base_layer`, which fls_hf
+    prunes while the adapters train); None unless every one is an `nn.Linear`."""
+    resolved = []
+    for name in names:
+        module = modules.get(name)
+        inner = peft_inner_name(module) if module is not None else None
+        if inner is not None:
+            name = f"{name}.{inner}"
+            module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            return None
+        resolved.append(name)
+    return resolved
+
+
 def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
     """Every FFN block of `model` in module order (BERT and Llama families); each block's Linear layers agree on the
     number of neurons."""
@@ -91,8 +107,8 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
     blocks = []
     for prefix in modules:
         for producers, consumer in FFN_LAYOUTS:
-            names = [_child(prefix, child) for child in (*producers, consumer)]
-            if not all(isinstance(modules.get(n), nn.Linear) for n in names):
+            names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
+            if names is None:
                 continue
             width = modules[names[-1]].in_features
             if any(modules[n].out_features != width for n in names[:-1]):
@@ -110,9 +126,9 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
     blocks = []
     for prefix in modules:
         for holder, producers, consumer, shrinkable in ATTENTION_LAYOUTS:
-            names = [_child(prefix, child) for child in (*producers, consumer)]
+            names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
             attention = modules.get(_child(prefix, holder))
-            if attention is None or not all(isinstance(modules.get(n), nn.Linear) for n in names):
+            if attention is None or names is None:
                 continue
             head_dim = getattr(attention, "head_dim", getattr(attention, "attention_head_size", None))
             per_group = getattr(attention, "num_key_value_groups", 1)
@@ -161,22 +177,25 @@ def pruned_blocks(model: nn.Module, pruning) -> list[StructureBlock]:
     blocks = structure_blocks(model, pruning.structure)
     if not blocks:
         return []
-    chosen = blocks
     for pattern in pruning.targets:
-        if not any(name_matches(n, pattern) for b in blocks for n in b.modules):
+        if not any(_named(b, [pattern]) for b in blocks):
             raise RecipeError(
                 f"recipe key `pruning.targets` pattern {pattern!r} names no layer of a {pruning.structure} block of "
-                f"{type(model).__name__}; its layers are named like {', '.join(blocks[0].modules)}"
+                f"{type(model).__name__}; its layers are named like {', '.join(map(plain_name, blocks[0].modules))}"
             )
-    if pruning.targets:
-        chosen = [b for b in blocks if any(name_matches(n, p) for n in b.modules for p in pruning.targets)]
-    chosen = [b for b in chosen if not any(name_matches(n, p) for n in b.modules for p in pruning.ignore)]
+    targeted = [b for b in blocks if _named(b, pruning.targets)] if pruning.targets else blocks
+    chosen = [b for b in targeted if not _named(b, pruning.ignore)]
     if not chosen:
         raise RecipeError(
             f"recipe keys `pruning.targets` = {pruning.targets!r} / `pruning.ignore` = {pruning.ignore!r} leave no "
             f"{pruning.structure} block of {type(model).__name__} to prune"
         )
     return chosen
+
+
+def _named(block: StructureBlock, patterns: list[str]) -> bool:
+    """Whether a pattern names one of the block's layers, by its name or its name before PEFT wrapped the model."""
+    return any(name_matches(n, p) for n in block.modules for n in (n, plain_name(n)) for p in patterns)
 
 
 def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
@@ -186,6 +205,38 @@ def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
     if blocks:
         return resolve_targets(model, [m for b in blocks for m in b.modules], [])
     return resolve_targets(model, pruning.targets, pruning.ignore)
+
+
+def adapter_factors(model: nn.Module, block: StructureBlock) -> list[tuple[torch.Tensor, int, int]]:
+    """The LoRA factors that carry the block's groups under PEFT, as (tensor, dim, entries per group): `lora_A`
+    columns of the consumer and `lora_B` rows (and bias) of each producer. Zeroing a removed group's entries keeps
+    the adapters' update s·B·A off its columns and rows, so the PEFT model trains as exactly the model that a merge
+    gives and `shrink` cuts; [] for a block without adapters.
+
+    Raises:
+        RecipeError: a producer uses DoRA, which divides each output row by its norm (zero once the row is removed).
+    """
+    factors = []
+    for name, dim, size in [
+        (block.consumer, 1, block.columns),
+        *((p, 0, rows) for p, rows in zip(block.producers, block.producer_rows)),
+    ]:
+        wrapper_name, _, inner = name.rpartition(".")
+        if inner != "base_layer":
+            continue
+        wrapper = model.get_submodule(wrapper_name)
+        adapters = getattr(wrapper, "lora_A" if dim == 1 else "lora_B", None)
+        if not isinstance(adapters, nn.ModuleDict):
+            continue
+        for key, layer in adapters.items():
+            if dim == 0 and getattr(wrapper, "use_dora", {}).get(key):
+                raise RecipeError(
+                    f"`{plain_name(wrapper_name)}` uses DoRA, which divides each output row by its norm: removing "
+                    f"{block.kind} zeroes rows of it (a division by zero); leave it out of the LoRA `target_modules` "
+                    "or use plain LoRA"
+                )
+            factors += [(t, dim, size) for t in (layer.weight, layer.bias if dim == 0 else None) if t is not None]
+    return factors
 
 
 def live_groups(model: nn.Module, block: StructureBlock) -> torch.Tensor:
@@ -211,6 +262,11 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
     if config is None:
         raise RecipeError(f"{type(model).__name__} has no `config` to shrink")
     blocks = shrinkable_blocks(model, kinds)
+    if any(name.endswith(".base_layer") for b in blocks for name in b.modules):
+        raise RecipeError(
+            f"{type(model).__name__} wraps its layers in PEFT adapters: merge them first "
+            "(`fls_hf.peft.masked_merge_and_unload(model, pruner)`), then shrink the merged model"
+        )
     if not blocks:
         raise RecipeError(
             f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT or Llama families, "

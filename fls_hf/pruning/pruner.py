@@ -30,11 +30,12 @@ from ..distributed import ShardCounts, check_same_on_all_ranks, rank, shard_coun
 from ..errors import DistributedError, PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
 from ..model.adapters import LayerAdapter, local
+from ..model.blocks import group_rows
 from ..model.forward import unwrap
-from ..model.structures import pruned_blocks, pruned_layers
+from ..model.structures import adapter_factors, pruned_blocks, pruned_layers
 from ..progress import log_main, logger
 from ..recipe import PruningRecipe, load_recipe
-from .groups import prune_groups
+from .groups import prune_groups, removed_groups
 from .masks import MaskSet
 from .patterns import parse_mask_type
 from .schedule import SparsitySchedule, recomputation_targets
@@ -72,6 +73,8 @@ class Pruner:
                 "sums over every rank's rows): prune structures unsharded (DDP or one process), or use unstructured / "
                 "N:M masks"
             )
+        # PEFT: the LoRA factors that carry each block's groups, zeroed with them (`adapter_factors`)
+        self.adapter_factors = [(b, f) for b in self.blocks for f in adapter_factors(unwrap(model), b)]
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
@@ -224,6 +227,7 @@ class Pruner:
                 shards=self.shards,
             )
             self.current_target = sub_target
+        self._zero_removed_adapter_entries()
         if self.shards is None:  # sharded: each rank holds other rows, chosen by counts over all of them
             check_same_on_all_ranks(self.masks.digest(), "pruning masks")
         entry = {"target": target, "sparsity": self.masks.global_sparsity()}
@@ -254,9 +258,22 @@ class Pruner:
     # ------------------------------------------------------------------ masks
     def zero_pruned_grads(self) -> None:
         self.masks.zero_grads(self.layers)
+        self._zero_removed_adapter_entries(grads=True)
 
     def enforce_masks(self) -> None:
         self.masks.apply(self.layers)
+        self._zero_removed_adapter_entries()
+
+    @torch.no_grad()
+    def _zero_removed_adapter_entries(self, grads: bool = False) -> None:
+        """Zero the removed groups' entries of the LoRA factors (or of their gradients) that carry them."""
+        removed: dict[str, torch.Tensor] = {}
+        for block, (tensor, dim, size) in self.adapter_factors:
+            if block.prefix not in removed:
+                removed[block.prefix] = torch.nonzero(removed_groups(self.masks, block)).flatten()
+            target = tensor.grad if grads else tensor
+            if target is not None and len(removed[block.prefix]):
+                target.index_fill_(dim, group_rows(removed[block.prefix], size).to(target.device), 0.0)
 
     def non_finite_grads(self) -> list[str]:
         """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""
