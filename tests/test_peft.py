@@ -268,6 +268,8 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
         assert not entries[~live].any() and entries[live].any()  # removed groups' entries zero, kept ones trained
     with pytest.raises(RecipeError, match="merge them first"):
         save_shrunk(model, str(tmp_path / "peft"))
+    trainer.save_model(str(tmp_path / "adapters"))  # PEFT saves the adapters, fls_hf its report
+    assert {"adapter_config.json", "sparsity_report.json"} <= {p.name for p in (tmp_path / "adapters").iterdir()}
     batch = {"input_ids": ids[:4]}
     model.eval()
     with torch.no_grad():
