@@ -52,7 +52,7 @@ INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
 OBC_SOLVERS = ("exact", "joint", "cg", "sweep")
-STRUCTURES = ("neurons", "heads")  # `pruning.mask_type` values that remove whole structures (issue 20)
+STRUCTURES = ("neurons", "heads", "neurons+heads")  # `pruning.mask_type` values that remove whole structures
 STRUCTURE_METHODS = ("kfac", "magnitude", "taylor")  # group OBS (K-FAC statistics) | column norms | first-order
 STRUCTURE_ONLY_METHODS = ("taylor",)  # rank structures only: they hold no inverse Fisher for single weights
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
@@ -77,7 +77,11 @@ class PruningConfig:
             whole FFN neurons / attention heads (grouped-query attention: a KV head with its query heads) of the
             blocks (BERT and Llama families) with a layer in `targets` (all when empty) and none in `ignore` —
             method kfac: group OBS, magnitude: group norms, taylor: first-order importance; the sparsities are then
-            shares of them.
+            shares of them; neurons+heads removes both in one run, neurons at `final_sparsity`, heads at
+            `head_sparsity`.
+        head_sparsity (`float | None`, defaults to `None`):
+            With `mask_type: neurons+heads`: the share of attention heads removed when the neurons reach
+            `final_sparsity` (the same schedule, scaled).
         global_sparsity (`bool`, defaults to `True`):
             Rank saliencies across all targeted layers (true) or within each layer (false); with neurons / heads:
             one threshold over all blocks, or the same share in every block (keeps one width, so the model shrinks).
@@ -141,7 +145,19 @@ class PruningConfig:
     )
     mask_type: str = field(
         default="unstructured",
-        metadata={"help": 'unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4").'},
+        metadata={
+            "help": 'unstructured, "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or whole structures: '
+            "neurons | heads | neurons+heads."
+        },
+    )
+    head_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "With `mask_type: neurons+heads`: the share of attention heads removed when the neurons reach "
+                "`final_sparsity` (the same schedule, scaled)."
+            )
+        },
     )
     global_sparsity: bool = field(
         default=True,
@@ -266,8 +282,8 @@ class PruningConfig:
             self._require(name, getattr(self, name) in allowed, f"is not allowed: expected one of {', '.join(allowed)}")
         self._require("method", bool(self.method), "is empty: expected a registered curvature method")
         n_of_m = parse_mask_type(self.mask_type)
-        if self.mask_type.strip().lower() in STRUCTURES:
-            self.mask_type = self.mask_type.strip().lower()
+        if _structure_name(self.mask_type) in STRUCTURES:
+            self.mask_type = _structure_name(self.mask_type)
             self._require(
                 "method",
                 self.method in STRUCTURE_METHODS,
@@ -281,6 +297,21 @@ class PruningConfig:
                 self.method not in STRUCTURE_ONLY_METHODS,
                 "ranks structures only: use it with `pruning.mask_type: neurons` or `heads`",
             )
+        both = self.mask_type == "neurons+heads"
+        self._require(
+            "head_sparsity",
+            (self.head_sparsity is not None) == both,
+            "is required with `pruning.mask_type: neurons+heads` (the heads' share)"
+            if both
+            else f"applies to `pruning.mask_type: neurons+heads` only, not {self.mask_type!r}",
+        )
+        if both:
+            self._require("head_sparsity", 0 <= self.head_sparsity < 1, "is out of range: expected 0 <= value < 1")
+            self._require(
+                "final_sparsity",
+                self.final_sparsity > 0,
+                "must be > 0 with `pruning.mask_type: neurons+heads`: the heads follow its schedule, scaled",
+            )
         for name in ("targets", "ignore"):
             for pattern in getattr(self, name):
                 self._require(
@@ -291,8 +322,21 @@ class PruningConfig:
 
     @property
     def structure(self) -> str | None:
-        """The structure removed whole (neurons: FFN neurons, heads: attention heads), None for single weights."""
+        """The structure removed whole (neurons: FFN neurons, heads: attention heads, neurons+heads: both), None for
+        single weights."""
         return self.mask_type if self.mask_type in STRUCTURES else None
+
+    @property
+    def structure_kinds(self) -> tuple[str, ...]:
+        """The kinds of structure removed: ("neurons",), ("heads",), ("neurons", "heads"); () for single weights."""
+        return tuple(self.structure.split("+")) if self.structure else ()
+
+    def structure_share(self, kind: str, share: float) -> float:
+        """The share of `kind` removed when the schedule asks for `share`: `share` itself, or for heads beside
+        neurons the same fraction of the way to `head_sparsity`."""
+        if kind == "heads" and self.structure == "neurons+heads":
+            return share * self.head_sparsity / self.final_sparsity
+        return share
 
     @property
     def n_of_m(self) -> tuple[int, int] | None:
@@ -416,6 +460,14 @@ def load_recipe(
     return PruningRecipe.from_dict(data, overrides)
 
 
+def _structure_name(value: str) -> str:
+    """A mask_type in its one spelling: stripped, lower case, with both kinds as `neurons+heads` (either order)."""
+    parts = {part.strip() for part in value.lower().split("+")}
+    if parts <= {"neurons", "heads"}:
+        return "+".join(kind for kind in ("neurons", "heads") if kind in parts)
+    return value.strip().lower()
+
+
 def parse_mask_type(value: Any) -> tuple[int, int] | None:
     """The one N:M grammar: `"unstructured"` → None, `"N:M"` (integers, 1 <= N < M, spaces allowed) → (N, M).
 
@@ -427,15 +479,15 @@ def parse_mask_type(value: Any) -> tuple[int, int] | None:
         hint = ' (YAML reads an unquoted 2:4 as the number 124: quote it, "2:4")' if isinstance(value, int) else ""
         raise RecipeError(
             f"recipe key `pruning.mask_type` = {value!r} must be a string{hint}; allowed: unstructured, "
-            '"N:M", neurons, heads'
+            '"N:M", neurons, heads, neurons+heads'
         )
-    if value.strip().lower() in ("unstructured", *STRUCTURES):  # a structure's weights follow no N:M pattern
+    if value.strip().lower() == "unstructured" or _structure_name(value) in STRUCTURES:  # no N:M pattern there
         return None
     match = _N_OF_M.fullmatch(value)
     if match is None:
         raise RecipeError(
             f"recipe key `pruning.mask_type` = {value!r} is not understood; allowed: unstructured, "
-            '"N:M" such as "2:4", neurons, heads'
+            '"N:M" such as "2:4", neurons, heads, neurons+heads'
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n < m:

@@ -92,20 +92,20 @@ class FishLegPruningTrainer(Trainer):
         directory = output_dir or self.args.output_dir
         sharded = self.pruner is not None and self.pruner.shards is not None
         if self.args.should_save:
-            structure = self.recipe.pruning.structure
-            if structure is not None and not _internal_call:  # checkpoints stay resumable
+            kinds = self.recipe.pruning.structure_kinds
+            if kinds and not _internal_call:  # checkpoints stay resumable
                 if is_peft_model(self.model):  # PEFT saved the adapters; the merge is the user's call
                     log_main(
                         "fls_hf: adapters saved; for the shrunk plain model: "
                         "`save_shrunk(masked_merge_and_unload(trainer.model, trainer.pruner), directory)`"
                     )
-                elif shrinkable_blocks(unwrap(self.model), structure):
-                    shrunk = save_shrunk(unwrap(self.model), directory, structure)
-                    log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
-                else:  # BERT's heads: transformers cannot load fewer of them
-                    warn_main(
-                        "fls_hf: the removed %s stay in the saved model as zeros (it cannot load fewer)", structure
-                    )
+                else:
+                    shrinkable = {b.kind for b in shrinkable_blocks(unwrap(self.model), kinds)}
+                    if shrinkable:
+                        shrunk = save_shrunk(unwrap(self.model), directory, tuple(shrinkable))
+                        log_main("fls_hf: saved shrunk: %s", {k: v for k, v in shrunk.items() if "/" not in k})
+                    for kind in (k for k in kinds if k not in shrinkable):  # BERT's heads: it cannot load fewer
+                        warn_main("fls_hf: the removed %s stay in the saved model as zeros (it loads no fewer)", kind)
             write_training_args(self.args, directory)
         if self.args.should_save or sharded:  # FSDP: every rank takes part in the report
             write_pruning_artifacts(self.model, self.recipe, directory, write=self.args.should_save)

@@ -380,11 +380,18 @@ def test_gradual_neuron_pruning_in_the_trainer_saves_a_smaller_model_plain_trans
     assert sparsity_report(model, trainer.recipe).global_sparsity == pytest.approx(0.5)
 
 
-def test_bert_heads_in_the_trainer_save_as_zeros_with_a_warning(tmp_path, caplog):
-    """BERT's heads cannot shrink (transformers takes its head size from the config): `save_model` keeps the model's
-    shapes, the removed heads' output-projection columns are zero in the saved weights, and it says so."""
+def test_bert_neurons_and_heads_in_the_trainer_shrink_the_ffn_and_save_heads_as_zeros(tmp_path, caplog):
+    """`mask_type: neurons+heads` removes both in one run. BERT's heads cannot shrink (transformers takes its head
+    size from the config): `save_model` cuts the FFN, keeps the heads' shapes with the removed heads' output-projection
+    columns zero, says so, and the saved model gives the trained model's logits."""
     recipe = {
-        "pruning": {"method": "kfac", "mask_type": "heads", "global_sparsity": False, "final_sparsity": 0.5},
+        "pruning": {
+            "method": "kfac",
+            "mask_type": "neurons+heads",
+            "global_sparsity": False,
+            "final_sparsity": 0.5,
+            "head_sparsity": 0.5,
+        },
         "curvature": {"num_examples": 8, "num_batches": 2},
     }
     model = tiny_bert()
@@ -392,8 +399,14 @@ def test_bert_heads_in_the_trainer_save_as_zeros_with_a_warning(tmp_path, caplog
     trainer.train()
     with caplog.at_level("WARNING", logger="fls_hf"):
         trainer.save_model(str(tmp_path / "saved"))
-    assert "stay in the saved model as zeros" in caplog.text
+    assert "the removed heads stay in the saved model as zeros" in caplog.text
+    assert "neurons stay" not in caplog.text
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.intermediate_size == 16
+    batch = {k: torch.tensor(v) for k, v in dataset(4, seed=2)[:4].items() if k != "labels"}
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
     for layer in reloaded.bert.encoder.layer:  # 2 heads of 8: one removed per layer
         columns = layer.attention.output.dense.weight.reshape(16, 2, 8)
         assert sorted(bool((columns[:, h] == 0).all()) for h in range(2)) == [False, True]

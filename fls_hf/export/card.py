@@ -30,6 +30,7 @@ from .report import SparsityReport
 CARD_FILE = "README.md"
 CARD_TAGS = ["pruning", "sparsity", "fishleg", "fls_hf"]
 PAPER = "https://arxiv.org/abs/2412.02328"
+STRUCTURE_NAMES = {"neurons": "FFN neurons", "heads": "attention heads"}
 _TRAINER_DRAFT_MARKER = (
     "This model card has been generated automatically according to the information the Trainer had access to"
 )
@@ -111,7 +112,13 @@ def model_card_text(
     for key, value in (extra_metadata or {}).items():
         metadata.setdefault(key, value)
 
-    pattern = "unstructured" if pruning.mask_type == "unstructured" else f"{pruning.mask_type} semi-structured"
+    if pruning.structure:
+        pattern = "whole " + " and ".join(
+            f"{STRUCTURE_NAMES[k]} removed ({100 * pruning.structure_share(k, pruning.final_sparsity):.0f} % of them)"
+            for k in pruning.structure_kinds
+        )
+    else:
+        pattern = "unstructured" if pruning.mask_type == "unstructured" else f"{pruning.mask_type} semi-structured"
     scope = "ranked globally across layers" if pruning.global_sparsity else "chosen within each layer"
     schedule = (
         f"one-shot at optimizer step {pruning.start_step}"

@@ -98,8 +98,10 @@ class SparsityReport:
         if self.structures:
             lines += ["", "| block | removed / groups |", "|---|---|"]
             lines += [f"| `{g.block}` | {g.removed} / {g.groups} {g.kind} |" for g in self.structures]
-            removed, groups = sum(g.removed for g in self.structures), sum(g.groups for g in self.structures)
-            lines.append(f"| **all blocks** | **{removed} / {groups}** ({100 * removed / max(groups, 1):.2f} %) |")
+            for kind in dict.fromkeys(g.kind for g in self.structures):
+                of_kind = [g for g in self.structures if g.kind == kind]
+                removed, groups = sum(g.removed for g in of_kind), sum(g.groups for g in of_kind)
+                lines.append(f"| **all {kind}** | **{removed} / {groups}** ({100 * removed / max(groups, 1):.2f} %) |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -131,9 +133,15 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
         matrix = adapter.weight_matrix()
         counts += [matrix.numel(), int((matrix == 0).sum()), int(not _nm_ok(matrix, pruning.mask_type))]
     counts = summed(shard_counts(layers), counts)
-    for block in pruned_blocks(unwrap(model), pruning):  # neurons / heads recipes
+    blocks = pruned_blocks(unwrap(model), pruning)  # neurons / heads recipes
+    for block in blocks:
         removed = int((~live_groups(unwrap(model), block)).sum())
         report.structures.append(GroupSparsity(block.prefix, block.kind, block.groups, removed))
+    if blocks:  # the weights' target: each block's layers lose its kind's share (neurons+heads: two shares)
+        numel = {name: counts[3 * i] for i, name in enumerate(layers)}
+        sizes = [sum(numel[m] for m in b.modules) for b in blocks]
+        shares = [pruning.structure_share(b.kind, pruning.final_sparsity) for b in blocks]
+        report.target = sum(s * n for s, n in zip(shares, sizes)) / max(sum(sizes), 1)
     for i, (name, adapter) in enumerate(layers.items()):
         numel, zeros, broken = counts[3 * i : 3 * i + 3]
         report.layers.append(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
+from ..progress import warn_main
 from .adapters import LayerAdapter
 from .blocks import any_in_groups, group_rows
 from .targets import name_matches, peft_inner_name, plain_name, resolve_targets
@@ -147,22 +148,27 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
     return blocks
 
 
+KNOWN_LAYOUTS = {
+    "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj",
+    "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
+    "self_attn.q_proj / k_proj / v_proj → o_proj",
+}
+
+
 def structure_blocks(model: nn.Module, structure: str | None) -> list[StructureBlock]:
-    """The blocks whose groups `pruning.mask_type` (neurons | heads) removes; [] for weight masks (`structure` None)."""
+    """The blocks whose groups `pruning.mask_type` (neurons | heads | neurons+heads) removes, FFN blocks first; [] for
+    weight masks (`structure` None)."""
     if structure is None:
         return []
-    blocks = ffn_blocks(model) if structure == "neurons" else attention_blocks(model)
-    if not blocks:
-        known = (
-            "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj"
-            if structure == "neurons"
-            else "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
-            "self_attn.q_proj / k_proj / v_proj → o_proj"
-        )
-        raise RecipeError(
-            f"recipe key `pruning.mask_type` = {structure!r}: {type(model).__name__} has no block fls_hf knows "
-            f"({known})"
-        )
+    blocks = []
+    for kind in structure.split("+"):
+        found = ffn_blocks(model) if kind == "neurons" else attention_blocks(model)
+        if not found:
+            raise RecipeError(
+                f"recipe key `pruning.mask_type` = {structure!r}: {type(model).__name__} has no {kind} block fls_hf "
+                f"knows ({KNOWN_LAYOUTS[kind]})"
+            )
+        blocks += found
     return blocks
 
 
@@ -278,7 +284,7 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
         of_kind = [b for b in blocks if b.kind == kind]
         if not of_kind:
             continue
-        width = max(max(int(live[f"{b.prefix}/{kind}"].sum()) for b in of_kind), 1)
+        width = _loadable_width(config, of_kind[0], max(max(int(live[f"{b.prefix}/{kind}"].sum()) for b in of_kind), 1))
         for block in of_kind:
             mask = live[f"{block.prefix}/{kind}"]
             padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
@@ -286,6 +292,28 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
             report[f"{block.prefix}/{kind}"] = int(mask.sum())
         report.update(of_kind[0].config_sizes(width))
     return blocks, kept, report
+
+
+def _loadable_width(config, block: StructureBlock, width: int) -> int:
+    """The fewest groups, at least `width`, that the model's config class accepts: transformers 5's `LlamaConfig`
+    wants `num_attention_heads` to divide `hidden_size` even with `head_dim` set (Llama-3-8B: 32 / 16 / 8 ... heads),
+    so a count in between keeps some removed groups as zero padding and says so."""
+    for groups in range(width, block.groups + 1):
+        try:
+            type(config).from_dict({**config.to_dict(), **block.config_sizes(groups)})
+        except Exception:  # noqa: BLE001 — any validator of any family refusing the sizes; probe the next count
+            continue
+        if groups > width:
+            warn_main(
+                "fls_hf: %s refuses %d %s; the shrunk model keeps %d, %d of them removed ones as zeros",
+                type(config).__name__,
+                width * block.heads_per_group,
+                block.kind,
+                groups * block.heads_per_group,
+                (groups - width) * block.heads_per_group,
+            )
+        return groups
+    return block.groups
 
 
 def _kinds(kinds: str | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -197,17 +197,18 @@ class Pruner:
         for sub_target in recomputation_targets(self.current_target, target, cfg.recomputations):
             self._ready_curvature(model, stream, steps_since_pruning)
             if self.blocks:
-                prune_groups(
-                    self.provider,
-                    self.layers,
-                    self.masks,
-                    self.blocks,
-                    sub_target,
-                    rule=cfg.method,
-                    global_scope=cfg.global_sparsity,
-                    damping=self.recipe.curvature.damping,
-                    max_sparsity=cfg.max_layer_sparsity,
-                )
+                for kind in cfg.structure_kinds:  # neurons+heads: each kind its own share (and threshold)
+                    prune_groups(
+                        self.provider,
+                        self.layers,
+                        self.masks,
+                        [b for b in self.blocks if b.kind == kind],
+                        cfg.structure_share(kind, sub_target),
+                        rule=cfg.method,
+                        global_scope=cfg.global_sparsity,
+                        damping=self.recipe.curvature.damping,
+                        max_sparsity=cfg.max_layer_sparsity,
+                    )
                 self.current_target = sub_target
                 continue
             prune_step(

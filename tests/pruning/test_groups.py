@@ -92,7 +92,7 @@ def test_neurons_need_a_supported_method_and_model():
         load_recipe(recipe("diagonal_fisher"))
     from helpers import MLP
 
-    with pytest.raises(RecipeError, match="has no block fls_hf knows"):
+    with pytest.raises(RecipeError, match="has no neurons block fls_hf knows"):
         Pruner(MLP(), recipe())
 
 
@@ -197,7 +197,7 @@ def test_the_sparsity_report_counts_removed_groups_per_block():
     report = sparsity_report(model, load_recipe(cfg))
     assert [(g.kind, g.groups, g.removed) for g in report.structures] == [("neurons", 40, 10)] * 2
     assert report.global_sparsity == pytest.approx(0.25)  # the blocks' weights: a share of whole rows / columns
-    assert "| **all blocks** | **20 / 80** (25.00 %) |" in report.to_markdown()
+    assert "| **all neurons** | **20 / 80** (25.00 %) |" in report.to_markdown()
     assert report.to_dict()["structures"][0]["block"] == "bert.encoder.layer.0"
 
 
@@ -215,3 +215,50 @@ def test_targets_and_ignore_choose_the_blocks_whose_groups_go():
         Pruner(tiny_bert(), recipe(targets=["classifier"]))
     with pytest.raises(RecipeError, match="leave no neurons block of BertForSequenceClassification"):
         Pruner(tiny_bert(), recipe(ignore=["re:.*dense"]))
+
+
+@pytest.mark.parametrize("hidden, heads", [(48, 6), (16, 8)])
+def test_neurons_and_heads_in_one_run_take_their_own_shares_and_shrink_together(tmp_path, caplog, hidden, heads):
+    """Llama's config wants the heads to divide hidden_size: 6 of 8 heads load at 48 wide, not at 16, where the
+    shrunk model keeps 8, the removed pair as zeros, and says so."""
+    from transformers import AutoModelForCausalLM
+
+    from fls_hf import save_shrunk
+
+    model = tiny_llama(
+        hidden_size=hidden, intermediate_size=32, num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8
+    )
+    batches = causal_batches()
+    cfg = recipe(share=0.5, mask_type="heads + neurons", head_sparsity=0.25, global_sparsity=False)
+    assert load_recipe(cfg).pruning.mask_type == "neurons+heads"
+    oneshot(model, batches, cfg)
+    assert set(removed(model).values()) == {16}
+    assert [int((~live_groups(model, b)).sum()) for b in attention_blocks(model)] == [1, 1]  # 25 % of 4 KV groups
+    report = sparsity_report(model, load_recipe(cfg))
+    assert report.global_sparsity == pytest.approx(report.target)  # each block's layers lose its kind's share
+    assert 0.25 < report.target < 0.5
+    assert "| **all neurons** | **32 / 64**" in report.to_markdown()
+    assert "| **all heads** | **2 / 8**" in report.to_markdown()
+    model.eval()
+    with torch.no_grad():
+        masked = model(**_inputs(batches[0])).logits
+    with caplog.at_level("WARNING", logger="fls_hf"):
+        shrunk = save_shrunk(model, str(tmp_path))
+    assert (shrunk["intermediate_size"], shrunk["num_attention_heads"]) == (16, heads)
+    assert ("LlamaConfig refuses 6 heads; the shrunk model keeps 8, 2 of them" in caplog.text) == (heads == 8)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**_inputs(batches[0])).logits, masked, rtol=0, atol=1e-5)
+
+
+def test_neurons_and_heads_need_the_heads_share():
+    with pytest.raises(RecipeError, match="`pruning.head_sparsity` = None is required with"):
+        load_recipe(recipe(mask_type="neurons+heads"))
+    with pytest.raises(RecipeError, match="`pruning.head_sparsity` = 0.2 applies to `pruning.mask_type: neurons"):
+        load_recipe(recipe(head_sparsity=0.2))
+    with pytest.raises(RecipeError, match="`pruning.final_sparsity` = 0.0 must be > 0"):
+        load_recipe(recipe(share=0.0, mask_type="neurons+heads", head_sparsity=0.2))
+    with pytest.raises(RecipeError, match=r"neurons\+heads.: MLP has no neurons block fls_hf knows"):
+        from helpers import MLP
+
+        Pruner(MLP(), recipe(mask_type="neurons+heads", head_sparsity=0.2))
