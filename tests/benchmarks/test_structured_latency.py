@@ -11,10 +11,11 @@ def test_quick_run_times_dense_and_shrunk_models(tmp_path):
         ("minilm", "ffn 50 %"),  # BERT's heads cannot shrink: no heads row
         ("llama-quick", "dense"),
         ("llama-quick", "ffn 50 %"),
-        ("llama-quick", "ffn 50 % + heads 25 %"),
+        ("llama-quick", "ffn 50 % + heads 50 %"),
     }
     assert rows["minilm", "ffn 50 %"]["config"]["intermediate_size"] == 768
     assert rows["minilm", "ffn 50 %"]["parameters"] < rows["minilm", "dense"]["parameters"]
     assert rows["llama-quick", "ffn 50 %"]["config"]["intermediate_size"] == 86
+    assert rows["llama-quick", "ffn 50 % + heads 50 %"]["config"]["num_attention_heads"] == 2
     assert all(s > 0 for r in report["rows"] for s in r["seconds"])
     assert "| minilm | ffn 50 % |" in done.stdout
