@@ -136,6 +136,8 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
             q, k, v, o = (modules[n] for n in names)
             if head_dim is None or k.out_features % head_dim or k.out_features != v.out_features:
                 continue
+            if _norm_spans_heads(attention, head_dim):
+                continue
             groups = k.out_features // head_dim
             if q.out_features != groups * per_group * head_dim or o.in_features != q.out_features:
                 continue
@@ -151,8 +153,15 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
-    "self_attn.q_proj / k_proj / v_proj → o_proj",
+    "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads)",
 }
+
+
+def _norm_spans_heads(attention: nn.Module, head_dim: int) -> bool:
+    """Whether q or k is normalised across all heads (OLMo-2's q_norm / k_norm over the whole projection): removing a
+    head would change every other head's output, so its heads are not groups. Per-head norms (Qwen3's) are fine."""
+    norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
+    return any(getattr(n, "weight", None) is not None and n.weight.numel() != head_dim for n in norms)
 
 
 def structure_blocks(model: nn.Module, structure: str | None) -> list[StructureBlock]:

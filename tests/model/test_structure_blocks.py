@@ -118,3 +118,53 @@ def test_llama_heads_shrink_by_kv_group_and_reload_with_the_same_logits(tmp_path
     shrink(model, "heads")  # in place: the live model runs shrunk too
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-6)
+
+
+def test_heads_normalised_across_heads_are_no_groups():
+    """OLMo-2 normalises q / k over the whole projection, so a head cannot go alone: no heads block (a clear error),
+    while its FFN neurons and Qwen3's per-head norms are fine."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from fls_hf.model.structures import structure_blocks
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4)
+    sizes.update(num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    olmo, qwen = Olmo2ForCausalLM(Olmo2Config(**sizes)), Qwen3ForCausalLM(Qwen3Config(**sizes))
+    assert attention_blocks(olmo) == [] and len(ffn_blocks(olmo)) == 1
+    assert attention_blocks(qwen)[0].groups == 2
+    with pytest.raises(RecipeError, match="Olmo2ForCausalLM has no heads block fls_hf knows.*OLMo-2 normalises"):
+        structure_blocks(olmo, "heads")
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Gemma2", "Granite"])
+def test_llama_like_families_shrink_neurons_and_heads_and_reload(tmp_path, family):
+    import transformers
+
+    from fls_hf import oneshot, save_shrunk
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    model = model_class(config).eval()
+    batches = causal_batches()
+    pruning = {"method": "magnitude", "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
+    oneshot(model, batches, {"pruning": {**pruning, "global_sparsity": False}})
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    sizes = save_shrunk(model, str(tmp_path))
+    assert (sizes["intermediate_size"], sizes["num_key_value_heads"], sizes["num_attention_heads"]) == (12, 1, 2)
+    reloaded = model_class.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
