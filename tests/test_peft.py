@@ -257,15 +257,14 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
     assert blocks and all(name.endswith(".base_layer") for b in blocks for name in b.modules)
     factors = trainer.pruner.adapter_factors
     assert len(factors) == len(blocks) * (1 + len(blocks[0].producers))  # lora_A of o / down, lora_B of each producer
-    for block, (tensor, dim, size) in factors:
+    for block, (tensor, dim, producer) in factors:
         live = trainer.pruner.masks.keep_matrix(block.consumer).any(dim=0).reshape(-1, block.columns).any(dim=1)
         assert int((~live).sum()) == block.groups // 2
-        entries = (
-            tensor.detach().reshape(-1, size, tensor.shape[1])
-            if dim == 0
-            else tensor.detach().T.reshape(-1, size, tensor.shape[0])
-        )
-        assert not entries[~live].any() and entries[live].any()  # removed groups' entries zero, kept ones trained
+        groups = torch.arange(block.groups)
+        index = block.consumer_columns if producer < 0 else lambda g, i=producer: block.producer_rows(i, g)
+        entries = [tensor.detach().index_select(dim, index(g[None])) for g in groups]
+        assert not any(e.any() for e, on in zip(entries, live) if not on)  # removed groups' entries zero
+        assert all(e.any() for e, on in zip(entries, live) if on)  # kept ones trained
     with pytest.raises(RecipeError, match="merge them first"):
         save_shrunk(model, str(tmp_path / "peft"))
     trainer.save_model(str(tmp_path / "adapters"))  # PEFT saves the adapters, fls_hf its report

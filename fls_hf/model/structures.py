@@ -25,13 +25,15 @@ from .adapters import LayerAdapter
 from .blocks import any_in_groups, group_rows
 from .targets import name_matches, peft_inner_name, plain_name, resolve_targets
 
-# (producers, consumer) child names of an FFN block, per family; the parent module is the block
-FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("intermediate.dense",), "output.dense"),  # BERT family (BertLayer, RobertaLayer, …)
-    (("gate_proj", "up_proj"), "down_proj"),  # Llama family (LlamaMLP, MistralMLP, Qwen2MLP, …)
+# (producers, consumer, halves) child names of an FFN block, per family; the parent module is the block; halves: the
+# producer stacks gate and up rows (one output chunked in two), so neuron j is its rows j and width + j
+FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int], ...] = (
+    (("intermediate.dense",), "output.dense", 1),  # BERT family (BertLayer, RobertaLayer, …)
+    (("gate_proj", "up_proj"), "down_proj", 1),  # Llama family (LlamaMLP, MistralMLP, Qwen2MLP, …)
+    (("gate_up_proj",), "down_proj", 2),  # Phi-3 family (fused gate / up)
 )
-# (attention module holding the head sizes, (q, k, v), o, whether plain transformers can load it shrunk)
-ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, str, str], str, bool], ...] = (
+# (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk)
+ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
     (
         "attention.self",
         ("attention.self.query", "attention.self.key", "attention.self.value"),
@@ -39,6 +41,7 @@ ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, str, str], str, bool], ...] = (
         False,
     ),  # fmt: skip
     ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True),
+    ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True),  # Phi-3 family (fused q | k | v)
 )
 STRUCTURE_KINDS = ("neurons", "heads")
 
@@ -46,14 +49,15 @@ STRUCTURE_KINDS = ("neurons", "heads")
 @dataclass(frozen=True)
 class StructureBlock:
     """Module names of one block and how its groups lie in them: group g is columns [g·columns, (g+1)·columns) of the
-    consumer and rows [g·r, (g+1)·r) of each producer, r its entry of `producer_rows`.
+    consumer and, in each producer, rows [start + g·r, start + (g+1)·r) of each of its segments (start, r).
 
     Args:
         kind: neurons | heads.
         prefix: the block's module name.
         producers: modules whose output rows make the groups (up / gate; q / k / v).
         consumer: the module whose input columns read them (down; o).
-        producer_rows: rows per group in each producer.
+        producer_segments: per producer, its (start row, rows per group) segments: one at row 0 for a plain layer,
+            two for Phi-3's fused gate / up projection.
         columns: consumer columns per group.
         groups: how many groups the block has.
         heads_per_group: query heads per group (heads; 1 for neurons).
@@ -64,7 +68,7 @@ class StructureBlock:
     prefix: str
     producers: tuple[str, ...]
     consumer: str
-    producer_rows: tuple[int, ...]
+    producer_segments: tuple[tuple[tuple[int, int], ...], ...]
     columns: int
     groups: int
     heads_per_group: int = 1
@@ -73,6 +77,15 @@ class StructureBlock:
     @property
     def modules(self) -> tuple[str, ...]:
         return (*self.producers, self.consumer)
+
+    def producer_rows(self, producer: int, groups: torch.Tensor) -> torch.Tensor:
+        """Rows of producer number `producer` that the given groups hold, segment by segment (the order `shrink`
+        keeps, so a fused layer's segments stay in place)."""
+        return torch.cat([start + group_rows(groups, rows) for start, rows in self.producer_segments[producer]])
+
+    def consumer_columns(self, groups: torch.Tensor) -> torch.Tensor:
+        """Columns of the consumer that the given groups hold."""
+        return group_rows(groups, self.columns)
 
     def config_sizes(self, groups: int) -> dict[str, int]:
         """The config entries of a model whose blocks of this kind keep `groups` groups."""
@@ -107,15 +120,16 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
-        for producers, consumer in FFN_LAYOUTS:
+        for producers, consumer, halves in FFN_LAYOUTS:
             names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
             if names is None:
                 continue
             width = modules[names[-1]].in_features
-            if any(modules[n].out_features != width for n in names[:-1]):
+            if any(modules[n].out_features != halves * width for n in names[:-1]):
                 continue
+            segments = tuple((h * width, 1) for h in range(halves))
             blocks.append(
-                StructureBlock("neurons", prefix, tuple(names[:-1]), names[-1], (1,) * len(producers), 1, width)
+                StructureBlock("neurons", prefix, tuple(names[:-1]), names[-1], (segments,) * len(producers), 1, width)
             )
     return blocks
 
@@ -133,27 +147,44 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
                 continue
             head_dim = getattr(attention, "head_dim", getattr(attention, "attention_head_size", None))
             per_group = getattr(attention, "num_key_value_groups", 1)
-            q, k, v, o = (modules[n] for n in names)
-            if head_dim is None or k.out_features % head_dim or k.out_features != v.out_features:
+            *inputs, o = (modules[n] for n in names)
+            if len(inputs) == 3:
+                q_rows, k_rows, v_rows = (m.out_features for m in inputs)
+            else:  # fused q | k | v rows (Phi-3's qkv_proj): the query part is as wide as o's input
+                q_rows, k_rows = o.in_features, (inputs[0].out_features - o.in_features) // 2
+                v_rows = inputs[0].out_features - q_rows - k_rows
+            if head_dim is None or k_rows % head_dim or k_rows != v_rows or _norm_spans_heads(attention, head_dim):
                 continue
-            if _norm_spans_heads(attention, head_dim):
+            groups = k_rows // head_dim
+            if q_rows != groups * per_group * head_dim or o.in_features != q_rows:
                 continue
-            groups = k.out_features // head_dim
-            if q.out_features != groups * per_group * head_dim or o.in_features != q.out_features:
-                continue
-            rows = (per_group * head_dim, head_dim, head_dim)
+            q, kv = (0, per_group * head_dim), (0, head_dim)
+            if len(inputs) == 3:
+                segments = ((q,), (kv,), (kv,))
+            else:
+                segments = ((q, (q_rows, head_dim), (q_rows + k_rows, head_dim)),)
             blocks.append(
                 StructureBlock(
-                    "heads", prefix, tuple(names[:3]), names[3], rows, rows[0], groups, per_group, shrinkable
-                )
+                    "heads",
+                    prefix,
+                    tuple(names[:-1]),
+                    names[-1],
+                    segments,
+                    per_group * head_dim,
+                    groups,
+                    per_group,
+                    shrinkable,
+                )  # fmt: skip
             )
     return blocks
 
 
 KNOWN_LAYOUTS = {
-    "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj",
+    "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
+    "Phi-3: gate_up_proj → down_proj",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
-    "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads)",
+    "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
+    "Phi-3: self_attn.qkv_proj → o_proj",
 }
 
 
@@ -223,19 +254,16 @@ def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:
 
 
 def adapter_factors(model: nn.Module, block: StructureBlock) -> list[tuple[torch.Tensor, int, int]]:
-    """The LoRA factors that carry the block's groups under PEFT, as (tensor, dim, entries per group): `lora_A`
-    columns of the consumer and `lora_B` rows (and bias) of each producer. Zeroing a removed group's entries keeps
-    the adapters' update s·B·A off its columns and rows, so the PEFT model trains as exactly the model that a merge
-    gives and `shrink` cuts; [] for a block without adapters.
+    """The LoRA factors that carry the block's groups under PEFT, as (tensor, dim, producer number or -1 for the
+    consumer): `lora_A` columns of the consumer and `lora_B` rows (and bias) of each producer. Zeroing a removed
+    group's entries keeps the adapters' update s·B·A off its columns and rows, so the PEFT model trains as exactly
+    the model that a merge gives and `shrink` cuts; [] for a block without adapters.
 
     Raises:
         RecipeError: a producer uses DoRA, which divides each output row by its norm (zero once the row is removed).
     """
     factors = []
-    for name, dim, size in [
-        (block.consumer, 1, block.columns),
-        *((p, 0, rows) for p, rows in zip(block.producers, block.producer_rows)),
-    ]:
+    for name, dim, producer in [(block.consumer, 1, -1), *((p, 0, i) for i, p in enumerate(block.producers))]:
         wrapper_name, _, inner = name.rpartition(".")
         if inner != "base_layer":
             continue
@@ -250,7 +278,7 @@ def adapter_factors(model: nn.Module, block: StructureBlock) -> list[tuple[torch
                     f"{block.kind} zeroes rows of it (a division by zero); leave it out of the LoRA `target_modules` "
                     "or use plain LoRA"
                 )
-            factors += [(t, dim, size) for t in (layer.weight, layer.bias if dim == 0 else None) if t is not None]
+            factors += [(t, dim, producer) for t in (layer.weight, layer.bias if dim == 0 else None) if t is not None]
     return factors
 
 
@@ -300,6 +328,8 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
             kept[f"{block.prefix}/{kind}"] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
             report[f"{block.prefix}/{kind}"] = int(mask.sum())
         report.update(of_kind[0].config_sizes(width))
+        if kind == "heads":  # Phi-3 derives head_dim from hidden_size / heads unless its config holds it
+            report["head_dim"] = of_kind[0].columns // of_kind[0].heads_per_group
     return blocks, kept, report
 
 
@@ -346,10 +376,10 @@ def shrink(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> dict
     blocks, kept, report = _kept(model, _kinds(kinds))
     for block in blocks:
         index = kept[f"{block.prefix}/{block.kind}"]
-        for name, rows in zip(block.producers, block.producer_rows):
-            _replace(model, name, _rows_of(model.get_submodule(name), group_rows(index, rows)))
+        for i, name in enumerate(block.producers):
+            _replace(model, name, _rows_of(model.get_submodule(name), block.producer_rows(i, index)))
         consumer = model.get_submodule(block.consumer)
-        _replace(model, block.consumer, _columns_of(consumer, group_rows(index, block.columns)))
+        _replace(model, block.consumer, _columns_of(consumer, block.consumer_columns(index)))
     for key, value in report.items():
         if "/" not in key:
             setattr(model.config, key, value)
@@ -371,12 +401,12 @@ def shrunk_state_dict(
     state = dict(model.state_dict())
     for block in blocks:
         index = kept[f"{block.prefix}/{block.kind}"]
-        for name, rows in zip(block.producers, block.producer_rows):
+        for i, name in enumerate(block.producers):
             for key in (f"{name}.weight", f"{name}.bias"):
                 if key in state:
-                    state[key] = state[key][group_rows(index, rows).to(state[key].device)].clone()
+                    state[key] = state[key][block.producer_rows(i, index).to(state[key].device)].clone()
         key = f"{block.consumer}.weight"
-        state[key] = state[key][:, group_rows(index, block.columns).to(state[key].device)].clone()
+        state[key] = state[key][:, block.consumer_columns(index).to(state[key].device)].clone()
     return state, report
 
 
@@ -385,14 +415,18 @@ def save_shrunk(model: nn.Module, directory: str, kinds: str | tuple[str, ...] |
     changing `model`; loads with plain `from_pretrained`. Returns the shrink report."""
     state, report = shrunk_state_dict(model, kinds)
     sizes = {k: v for k, v in report.items() if "/" not in k}
-    original = {k: getattr(model.config, k) for k in sizes}
+    absent = object()  # an entry the config did not hold (Phi-3's head_dim) is removed again afterwards
+    original = {k: getattr(model.config, k, absent) for k in sizes}
     for key, value in sizes.items():
         setattr(model.config, key, value)
     try:
         model.save_pretrained(directory, state_dict=state)
     finally:
         for key, value in original.items():
-            setattr(model.config, key, value)
+            if value is absent:
+                delattr(model.config, key)
+            else:
+                setattr(model.config, key, value)
     return report
 
 

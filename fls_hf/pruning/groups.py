@@ -24,7 +24,7 @@ import torch
 from ..curvature.base import CurvatureProvider
 from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
-from ..model.blocks import any_in_groups, group_rows
+from ..model.blocks import any_in_groups
 from ..model.structures import StructureBlock
 from .masks import MaskSet
 from .structured import GroupCurve, allocate, damped_inverse, group_compensation, group_removal_curve
@@ -71,7 +71,7 @@ def prune_groups(
         alive = torch.nonzero(~dead[block.prefix]).flatten()
         room = max(cap[block.prefix] - (block.groups - len(alive)), 0)
         count = min(room, max(wanted, 0)) if global_scope else wanted[block.prefix]  # no block takes more than all
-        columns = group_rows(alive, block.columns)
+        columns = block.consumer_columns(alive)
         w = layers[consumer].weight_matrix().double()[:, columns.to(layers[consumer].weight.device)]
         if rule in ("magnitude", "taylor"):
             if rule == "magnitude":
@@ -113,7 +113,7 @@ def prune_groups(
         consumer = layers[block.consumer]
         if prefix in inverses and len(chosen):
             matrix = consumer.weight_matrix().double()
-            columns = group_rows(alive, block.columns).to(matrix.device)
+            columns = block.consumer_columns(alive).to(matrix.device)
             matrix[:, columns] = group_compensation(matrix[:, columns], inverses[prefix], chosen, block.columns)
             if not torch.isfinite(matrix).all():
                 raise CurvatureError(f"group OBS gave non-finite weights for `{block.consumer}`; raise the damping")
@@ -122,11 +122,11 @@ def prune_groups(
         gone[alive[chosen]] = True
         gone_index = torch.nonzero(gone).flatten()
         keep = masks.keep_matrix(block.consumer).clone()
-        keep[:, group_rows(gone_index, block.columns).to(keep.device)] = False
+        keep[:, block.consumer_columns(gone_index).to(keep.device)] = False
         _set(masks, provider, block.consumer, keep)
-        for producer, rows in zip(block.producers, block.producer_rows):
+        for i, producer in enumerate(block.producers):
             keep = masks.keep_matrix(producer).clone()
-            keep[group_rows(gone_index, rows).to(keep.device)] = False
+            keep[block.producer_rows(i, gone_index).to(keep.device)] = False
             _set(masks, provider, producer, keep)
         report[prefix] = {"groups": block.groups, "removed": int(gone.sum()), "removed_now": len(chosen)}
     masks.apply(layers)

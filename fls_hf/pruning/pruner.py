@@ -30,7 +30,6 @@ from ..distributed import ShardCounts, check_same_on_all_ranks, rank, shard_coun
 from ..errors import DistributedError, PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
 from ..model.adapters import LayerAdapter, local
-from ..model.blocks import group_rows
 from ..model.forward import unwrap
 from ..model.structures import adapter_factors, pruned_blocks, pruned_layers
 from ..progress import log_main, logger
@@ -269,12 +268,13 @@ class Pruner:
     def _zero_removed_adapter_entries(self, grads: bool = False) -> None:
         """Zero the removed groups' entries of the LoRA factors (or of their gradients) that carry them."""
         removed: dict[str, torch.Tensor] = {}
-        for block, (tensor, dim, size) in self.adapter_factors:
+        for block, (tensor, dim, producer) in self.adapter_factors:
             if block.prefix not in removed:
                 removed[block.prefix] = torch.nonzero(removed_groups(self.masks, block)).flatten()
-            target = tensor.grad if grads else tensor
-            if target is not None and len(removed[block.prefix]):
-                target.index_fill_(dim, group_rows(removed[block.prefix], size).to(target.device), 0.0)
+            gone, target = removed[block.prefix], tensor.grad if grads else tensor
+            if target is not None and len(gone):
+                index = block.consumer_columns(gone) if producer < 0 else block.producer_rows(producer, gone)
+                target.index_fill_(dim, index.to(target.device), 0.0)
 
     def non_finite_grads(self) -> list[str]:
         """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""

@@ -91,10 +91,12 @@ def test_attention_blocks_group_kv_heads_with_their_query_heads():
     bert = attention_blocks(tiny_bert())  # 2 heads of 8
     assert [b.prefix for b in bert] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     assert bert[0].consumer == "bert.encoder.layer.0.attention.output.dense"
-    assert (bert[0].groups, bert[0].columns, bert[0].producer_rows, bert[0].shrinkable) == (2, 8, (8, 8, 8), False)
+    assert (bert[0].groups, bert[0].columns, bert[0].shrinkable) == (2, 8, False)
+    assert bert[0].producer_segments == (((0, 8),),) * 3
     llama = attention_blocks(tiny_llama())  # 4 query heads of 4 over 2 KV heads
     assert llama[0].producers == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
-    assert (llama[0].groups, llama[0].columns, llama[0].producer_rows, llama[0].heads_per_group) == (2, 8, (8, 4, 4), 2)
+    assert (llama[0].groups, llama[0].columns, llama[0].heads_per_group) == (2, 8, 2)
+    assert llama[0].producer_segments == (((0, 8),), ((0, 4),), ((0, 4),))
     assert llama[0].config_sizes(1) == {"num_key_value_heads": 1, "num_attention_heads": 2}
 
 
@@ -166,5 +168,54 @@ def test_llama_like_families_shrink_neurons_and_heads_and_reload(tmp_path, famil
     sizes = save_shrunk(model, str(tmp_path))
     assert (sizes["intermediate_size"], sizes["num_key_value_heads"], sizes["num_attention_heads"]) == (12, 1, 2)
     reloaded = model_class.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["kfac", "taylor"])
+def test_phi3_fused_projections_shrink_and_reload(tmp_path, method):
+    """Phi-3 stacks gate and up in one gate_up_proj (chunked in two): neuron j is its rows j and width + j; and q, k,
+    v in one qkv_proj: a KV group is its query heads' rows, then its key and value rows further down."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from fls_hf import oneshot, save_shrunk
+
+    config = Phi3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config).eval()
+    (block, _) = ffn_blocks(model)
+    assert block.producer_segments == (((0, 1), (24, 1)),)
+    assert block.producer_rows(0, torch.tensor([3, 5])).tolist() == [3, 5, 27, 29]
+    batches = causal_batches()
+    curvature = {"num_examples": 16} if method == "kfac" else {"num_batches": 2}
+    (heads, _) = attention_blocks(model)
+    assert heads.producer_segments == (((0, 8), (16, 4), (24, 4)),)  # 2 KV groups of 2 query heads, head_dim 4
+    recipe = {"method": method, "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
+    oneshot(model, batches, {"pruning": {**recipe, "global_sparsity": False}, "curvature": curvature})
+    gone = ~live_groups(model, block)
+    gate_up = model.get_submodule(block.producers[0]).weight
+    assert int(gone.sum()) == 12 and not gate_up[:24][gone].any() and not gate_up[24:][gone].any()
+    kv_gone = int(torch.nonzero(~live_groups(model, heads)).flatten())
+    qkv = model.get_submodule(heads.producers[0]).weight
+    assert not qkv[heads.producer_rows(0, torch.tensor([kv_gone]))].any() and qkv[16 + 4 * (1 - kv_gone)].any()
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    sizes = save_shrunk(model, str(tmp_path))
+    assert (sizes["intermediate_size"], sizes["num_attention_heads"], sizes["head_dim"]) == (12, 2, 4)
+    assert not hasattr(model.config, "head_dim")  # the model in memory keeps its config
+    reloaded = Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.model.layers[0].mlp.gate_up_proj.weight.shape == (24, 16)
+    assert reloaded.model.layers[0].self_attn.qkv_proj.weight.shape == (16, 16)  # q 2 × 4, k 4, v 4
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
