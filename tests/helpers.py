@@ -43,6 +43,21 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """Llama family: gate / up / down MLP, grouped-query attention (4 heads over 2 KV heads)."""
     torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**_decoder_settings(overrides)))
+
+
+def tiny_decoder(family: str, seed: int = 0, **overrides):
+    """`tiny_llama`'s sizes in another decoder family of transformers (`family`: Qwen3, Phi3, ... as in its class
+    names), special tokens inside the vocabulary; an override of None leaves that setting out."""
+    import transformers
+
+    torch.manual_seed(seed)
+    settings = _decoder_settings({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides})
+    config = getattr(transformers, f"{family}Config")(**settings)
+    return getattr(transformers, f"{family}ForCausalLM")(config)
+
+
+def _decoder_settings(overrides: dict) -> dict:
     settings = dict(
         vocab_size=64,
         hidden_size=16,
@@ -53,7 +68,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         head_dim=4,
         max_position_embeddings=32,
     )
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
+    return {k: v for k, v in {**settings, **overrides}.items() if v is not None}
 
 
 def causal_batches(**kwargs) -> list[dict]:

@@ -19,7 +19,8 @@ from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_de
 from fls_hf.pruning.masks import MaskSet
 from fls_hf.pruning.pruner import Pruner
 
-from helpers import tiny_bert
+from helpers import tiny_bert, tiny_llama
+from test_trainer import training_args
 
 # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (pyproject turns that into an error).
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -226,8 +227,6 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
     from fls_hf import save_shrunk
     from fls_hf.model.structures import pruned_blocks
 
-    from helpers import tiny_llama
-
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     torch.manual_seed(0)
     model = get_peft_model(
@@ -237,17 +236,7 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 64, (32, 8), generator=g)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = training_args(tmp_path / "run", max_steps=6, learning_rate=1e-2, logging_steps=500)
     recipe = copy.deepcopy(STRUCTURE_RECIPE)
     recipe["pruning"]["mask_type"] = kind
     trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=data)
@@ -283,8 +272,6 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
 
 
 def test_lora_structures_refuse_dora_on_the_producers():
-    from helpers import tiny_llama
-
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["up_proj"], use_dora=True))
     with pytest.raises(RecipeError, match="`model.layers.0.mlp.up_proj` uses DoRA"):
         Pruner(model, {"pruning": {"method": "magnitude", "mask_type": "neurons"}})

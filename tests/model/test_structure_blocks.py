@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from fls_hf.errors import RecipeError
 from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, save_shrunk, shrink, shrink_ffn
 
-from helpers import MLP, causal_batches, tiny_bert, tiny_llama, token_batches
+from helpers import MLP, causal_batches, tiny_bert, tiny_decoder, tiny_llama, token_batches
 
 
 def test_ffn_blocks_of_bert_and_llama():
@@ -125,13 +125,9 @@ def test_llama_heads_shrink_by_kv_group_and_reload_with_the_same_logits(tmp_path
 def test_heads_normalised_across_heads_are_no_groups():
     """OLMo-2 normalises q / k over the whole projection, so a head cannot go alone: no heads block (a clear error),
     while its FFN neurons and Qwen3's per-head norms are fine."""
-    from transformers import Olmo2Config, Olmo2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
     from fls_hf.model.structures import structure_blocks
 
-    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4)
-    sizes.update(num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    olmo, qwen = Olmo2ForCausalLM(Olmo2Config(**sizes)), Qwen3ForCausalLM(Qwen3Config(**sizes))
+    olmo, qwen = (tiny_decoder(family, num_hidden_layers=1) for family in ("Olmo2", "Qwen3"))
     assert attention_blocks(olmo) == [] and len(ffn_blocks(olmo)) == 1
     assert attention_blocks(qwen)[0].groups == 2
     with pytest.raises(RecipeError, match="Olmo2ForCausalLM has no heads block fls_hf knows.*OLMo-2 normalises"):
@@ -140,25 +136,9 @@ def test_heads_normalised_across_heads_are_no_groups():
 
 @pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Gemma2", "Granite"])
 def test_llama_like_families_shrink_neurons_and_heads_and_reload(tmp_path, family):
-    import transformers
-
     from fls_hf import oneshot, save_shrunk
 
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model_class = getattr(transformers, f"{family}ForCausalLM")
-    model = model_class(config).eval()
+    model = tiny_decoder(family, hidden_size=32, head_dim=8).eval()
     batches = causal_batches()
     pruning = {"method": "magnitude", "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
     oneshot(model, batches, {"pruning": {**pruning, "global_sparsity": False}})
@@ -167,7 +147,7 @@ def test_llama_like_families_shrink_neurons_and_heads_and_reload(tmp_path, famil
         masked = model(**inputs).logits
     sizes = save_shrunk(model, str(tmp_path))
     assert (sizes["intermediate_size"], sizes["num_key_value_heads"], sizes["num_attention_heads"]) == (12, 1, 2)
-    reloaded = model_class.from_pretrained(tmp_path).eval()
+    reloaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
 
@@ -176,23 +156,9 @@ def test_llama_like_families_shrink_neurons_and_heads_and_reload(tmp_path, famil
 def test_phi3_fused_projections_shrink_and_reload(tmp_path, method):
     """Phi-3 stacks gate and up in one gate_up_proj (chunked in two): neuron j is its rows j and width + j; and q, k,
     v in one qkv_proj: a KV group is its query heads' rows, then its key and value rows further down."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     from fls_hf import oneshot, save_shrunk
 
-    config = Phi3Config(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(config).eval()
+    model = tiny_decoder("Phi3", head_dim=None).eval()  # Phi-3's config holds no head_dim: hidden / heads
     (block, _) = ffn_blocks(model)
     assert block.producer_segments == (((0, 1), (24, 1)),)
     assert block.producer_rows(0, torch.tensor([3, 5])).tolist() == [3, 5, 27, 29]
@@ -214,7 +180,7 @@ def test_phi3_fused_projections_shrink_and_reload(tmp_path, method):
     sizes = save_shrunk(model, str(tmp_path))
     assert (sizes["intermediate_size"], sizes["num_attention_heads"], sizes["head_dim"]) == (12, 2, 4)
     assert not hasattr(model.config, "head_dim")  # the model in memory keeps its config
-    reloaded = Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = type(model).from_pretrained(tmp_path).eval()
     assert reloaded.model.layers[0].mlp.gate_up_proj.weight.shape == (24, 16)
     assert reloaded.model.layers[0].self_attn.qkv_proj.weight.shape == (16, 16)  # q 2 × 4, k 4, v 4
     with torch.no_grad():
