@@ -133,6 +133,8 @@ def warn_if_merge_densifies(model: nn.Module, masks: Pruner | MaskSet) -> bool:
     """
     if not is_peft_model(model):
         return False
+    if isinstance(masks, Pruner) and masks.blocks:  # neurons / heads: the adapters are held at zero on the removed
+        return False  # groups' columns and rows (`Pruner.adapter_factors`), so a plain merge keeps them removed
     mask_set = _mask_set(masks)
     adapted = [key for key in mask_set if key.endswith(".base_layer") and mask_set.num_pruned(key) > 0]
     if adapted:

@@ -240,7 +240,8 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
     recipe = copy.deepcopy(STRUCTURE_RECIPE)
     recipe["pruning"]["mask_type"] = kind
     trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=data)
-    with pytest.warns(UserWarning, match="masked_merge_and_unload"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "a plain merge undoes the sparsity" warning (below)
         trainer.train()
     blocks = pruned_blocks(model, trainer.recipe.pruning)
     assert blocks and all(name.endswith(".base_layer") for b in blocks for name in b.modules)
@@ -262,8 +263,11 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
     model.eval()
     with torch.no_grad():
         peft_logits = model(**batch).logits
+        plain = copy.deepcopy(model).merge_and_unload()  # a plain merge keeps the removed groups zero too
+        assert sparsity_report(plain, trainer.recipe).zeros == sparsity_report(model, trainer.recipe).zeros
         merged = masked_merge_and_unload(model, trainer.pruner)
         torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)  # nothing lost at merge
+        torch.testing.assert_close(plain(**batch).logits, peft_logits, rtol=0, atol=1e-5)
         save_shrunk(merged, str(tmp_path / "shrunk"))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
         torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
