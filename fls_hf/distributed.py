@@ -94,6 +94,12 @@ class ShardCounts:
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed element-wise over the ranks, a new tensor on its device (the same bits on every rank)."""
+        total = tensor.to(self.device).clone()
+        dist.all_reduce(total, group=self.group)
+        return total.to(tensor.device)
+
     def all_ok(self, flags: list[bool]) -> list[bool]:
         """Each flag true on every rank (one reduction): a bad value in any rank's rows is the layer's."""
         return [bad == 0 for bad in self.sum([int(not ok) for ok in flags])]

@@ -94,7 +94,13 @@ class FishLegPruningTrainer(Trainer):
         if self.args.should_save:
             kinds = self.recipe.pruning.structure_kinds
             if kinds and not _internal_call:  # checkpoints stay resumable
-                if is_peft_model(self.model):  # PEFT saved the adapters; the merge is the user's call
+                if sharded:  # the Trainer gathered the weights into a plain checkpoint, which shrinks unsharded
+                    log_main(
+                        "fls_hf: FSDP: the removed %s are zeros in the saved model; shrink it in one process: "
+                        "`save_shrunk(AutoModel....from_pretrained(directory), directory_shrunk)`",
+                        "+".join(kinds),
+                    )
+                elif is_peft_model(self.model):  # PEFT saved the adapters; the merge is the user's call
                     log_main(
                         "fls_hf: adapters saved; for the shrunk plain model: "
                         "`save_shrunk(masked_merge_and_unload(trainer.model, trainer.pruner), directory)`"

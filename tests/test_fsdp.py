@@ -48,6 +48,17 @@ def test_sharded_pruning_reaches_the_target_with_the_unsharded_masks(fsdp_result
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("case", ["kfac-neurons-uniform-50", "kfac-heads-global-50", "magnitude-neurons-heads-60"])
+def test_sharded_structures_remove_the_unsharded_groups(fsdp_results, case):
+    """Neurons / heads under FSDP2: the groups of the unsharded run (each cost summed over the ranks' rows), their
+    producer rows masked on the rank that holds them, the compensation the same up to rounding."""
+    row = fsdp_results[case]
+    assert row["sharded_removed"] == row["removed"] and sum(row["removed"]) > 0
+    assert row["mismatches"] == 0
+    assert row["max_weight_difference"] < 1e-6
+
+
+@pytest.mark.distributed
 def test_sharded_gradual_run_resumes_exactly_gathers_to_a_plain_model_and_refuses_what_it_cannot(fsdp_results):
     row = fsdp_results["kfac-obc-gradual-80"]
     assert row["sparsity"] == pytest.approx(0.8, abs=1e-3)

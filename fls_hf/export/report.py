@@ -132,10 +132,13 @@ def sparsity_report(model: nn.Module, recipe: PruningRecipe) -> SparsityReport:
     for adapter in layers.values():
         matrix = adapter.weight_matrix()
         counts += [matrix.numel(), int((matrix == 0).sum()), int(not _nm_ok(matrix, pruning.mask_type))]
-    counts = summed(shard_counts(layers), counts)
+    shards = shard_counts(layers)
+    counts = summed(shards, counts)
     blocks = pruned_blocks(unwrap(model), pruning)  # neurons / heads recipes
+    live = summed(shards, [int(x) for b in blocks for x in live_groups(unwrap(model), b).tolist()])  # any rank's
     for block in blocks:
-        removed = int((~live_groups(unwrap(model), block)).sum())
+        removed = sum(flag == 0 for flag in live[: block.groups])
+        live = live[block.groups :]
         report.structures.append(GroupSparsity(block.prefix, block.kind, block.groups, removed))
     if blocks:  # the weights' target: each block's layers lose its kind's share (neurons+heads: two shares)
         numel = {name: counts[3 * i] for i, name in enumerate(layers)}

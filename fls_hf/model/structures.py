@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..progress import warn_main
-from .adapters import LayerAdapter
+from .adapters import LayerAdapter, local
 from .blocks import any_in_groups, group_rows
 from .targets import name_matches, peft_inner_name, plain_name, resolve_targets
 
@@ -283,8 +283,9 @@ def adapter_factors(model: nn.Module, block: StructureBlock) -> list[tuple[torch
 
 
 def live_groups(model: nn.Module, block: StructureBlock) -> torch.Tensor:
-    """bool (groups,): True where the group's consumer columns hold a non-zero weight (the groups it has now)."""
-    return any_in_groups(model.get_submodule(block.consumer).weight.detach(), block.columns)
+    """bool (groups,): True where the group's consumer columns hold a non-zero weight (the groups it has now; FSDP2:
+    in this rank's rows)."""
+    return any_in_groups(local(model.get_submodule(block.consumer).weight.detach()), block.columns)
 
 
 def shrinkable_blocks(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> list[StructureBlock]:

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..curvature.base import CurvatureProvider
+from ..distributed import ShardCounts
 from ..errors import CurvatureError
 from ..model.adapters import LayerAdapter
 from ..model.blocks import any_in_groups
@@ -48,9 +49,14 @@ def prune_groups(
     global_scope: bool = True,
     damping: float = 1e-2,
     max_sparsity: float = 1.0,
+    shards: ShardCounts | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Remove groups until a share `target` of all of them is gone (each block's share with `global_scope` False);
     at least one group stays in every block, and at most `max_sparsity` of it is removed.
+
+    FSDP2 (`shards`): every weight, mask and diag G holds this rank's rows; a group's cost, a sum over the
+    consumer's rows, is summed over the ranks, so every rank removes the same groups (Ā, broadcast by
+    `provider.visit`, is the same everywhere); each rank masks the producer rows it holds.
 
     Returns:
         block prefix → {"groups": count, "removed": removed after the step, "removed_now": removed by it}.
@@ -63,6 +69,8 @@ def prune_groups(
         wanted = {
             b.prefix: max(min(round(target * b.groups), cap[b.prefix]) - int(dead[b.prefix].sum()), 0) for b in blocks
         }
+    reduce = None if shards is None else shards.sum_tensor
+    total = reduce or (lambda t: t)
     curves: dict[str, GroupCurve] = {}
     inverses: dict[str, torch.Tensor] = {}
     by_consumer = {b.consumer: b for b in blocks}
@@ -75,7 +83,7 @@ def prune_groups(
         w = layers[consumer].weight_matrix().double()[:, columns.to(layers[consumer].weight.device)]
         if rule in ("magnitude", "taylor"):
             if rule == "magnitude":
-                costs = w.square().reshape(w.shape[0], len(alive), block.columns).sum(dim=(0, 2))
+                costs = total(w.square().reshape(w.shape[0], len(alive), block.columns).sum(dim=(0, 2)))
             else:
                 costs = provider.group_importance(consumer, block.columns)[alive.to(w.device)]
             order = torch.sort(costs, stable=True).indices[:count]
@@ -94,7 +102,7 @@ def prune_groups(
         if gradient is not None:
             gradient = gradient.double()[:, columns.to(gradient.device)]
         curves[block.prefix] = group_removal_curve(
-            w, provider.output_factor(consumer), inverses[block.prefix], block.columns, count, chunk, gradient
+            w, provider.output_factor(consumer), inverses[block.prefix], block.columns, count, chunk, gradient, reduce
         )
     if global_scope:
         if wanted > sum(len(c.order) for c in curves.values()):
@@ -126,7 +134,9 @@ def prune_groups(
         _set(masks, provider, block.consumer, keep)
         for i, producer in enumerate(block.producers):
             keep = masks.keep_matrix(producer).clone()
-            keep[block.producer_rows(i, gone_index).to(keep.device)] = False
+            start, stop = layers[producer].row_range  # FSDP2: the rows this rank holds
+            rows = block.producer_rows(i, gone_index)
+            keep[(rows[(rows >= start) & (rows < stop)] - start).to(keep.device)] = False
             _set(masks, provider, producer, keep)
         report[prefix] = {"groups": block.groups, "removed": int(gone.sum()), "removed_now": len(chosen)}
     masks.apply(layers)

@@ -66,14 +66,18 @@ class Pruner:
                 f"{type(unwrap(model)).__name__}"
             )
         self.shards = _shards_for(self.layers, cfg.method)  # FSDP2: None when the weights are whole
-        if self.shards is not None and self.blocks:
+        if self.shards is not None and self.blocks and getattr(self.recipe.curvature, "first_order", False):
             raise DistributedError(
-                f"recipe key `pruning.mask_type` = {cfg.mask_type!r} is not supported under FSDP yet (a group's cost "
-                "sums over every rank's rows): prune structures unsharded (DDP or one process), or use unstructured / "
-                "N:M masks"
+                "recipe key `curvature.first_order` is not supported under FSDP (the data-label gradient is taken "
+                "whole): leave it off, or prune structures unsharded"
             )
         # PEFT: the LoRA factors that carry each block's groups, zeroed with them (`adapter_factors`)
         self.adapter_factors = [(b, f) for b in self.blocks for f in adapter_factors(unwrap(model), b)]
+        if self.shards is not None and self.adapter_factors:
+            raise DistributedError(
+                f"recipe key `pruning.mask_type` = {cfg.mask_type!r} with LoRA adapters is not supported under FSDP "
+                "yet (the adapters' rows are sharded too): prune structures under LoRA with DDP or one process"
+            )
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
@@ -207,6 +211,7 @@ class Pruner:
                         global_scope=cfg.global_sparsity,
                         damping=self.recipe.curvature.damping,
                         max_sparsity=cfg.max_layer_sparsity,
+                        shards=self.shards,
                     )
                 self.current_target = sub_target
                 continue

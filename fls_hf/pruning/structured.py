@@ -27,6 +27,7 @@ maths in float64, no transformers imports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,7 @@ def group_removal_curve(
     count: int | None = None,
     chunk: int = 1,
     gradient: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GroupCurve:
     """Greedy group OBS: remove the cheapest group, update W and downdate H⁻¹, until `count` groups are gone (default:
     all but one). `chunk` > 1 removes that many of the currently cheapest groups per step, jointly (their update and
@@ -147,6 +149,8 @@ def group_removal_curve(
         output_factor: G (rows, rows), positive semi-definite, or diag G (rows,) ≥ 0.
         h_inv: (cols, cols) (Ā + λI)⁻¹.
         gradient: (rows, cols) mean loss gradient g at W, or None: the costs then add g·δW (`group_costs`).
+        reduce: FSDP2, where W and diag G are this rank's rows: sums a tensor over the ranks (the costs are sums over
+            rows; H⁻¹ is the same everywhere, so every rank makes the same choices).
     """
     rows, cols = weight.shape
     if cols % group_size:
@@ -161,8 +165,9 @@ def group_removal_curve(
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
     order: list[int] = []
     costs: list[float] = []
+    total = reduce or (lambda t: t)
     while len(order) < count:
-        cost = group_costs(w, g, h, group_size, alive, grad)
+        cost = total(group_costs(w, g, h, group_size, alive, grad))
         take = min(chunk, count - len(order))
         # the cheapest `take` groups, lowest index first on ties (a stable sort of the costs)
         chosen = torch.sort(cost, stable=True).indices[:take]
@@ -172,9 +177,10 @@ def group_removal_curve(
         if take == 1:
             joint = float(cost[chosen[0]])
         else:  # ½ tr(W_Pᵀ G W_P [H⁻¹_PP]⁻¹) + g·δW
-            joint = 0.5 * float((output_weighted(w[:, columns], g) * coefficients).sum())
+            joint_rows = 0.5 * (output_weighted(w[:, columns], g) * coefficients).sum()
             if grad is not None:
-                joint -= float((coefficients * (grad @ h[:, columns])).sum())
+                joint_rows = joint_rows - (coefficients * (grad @ h[:, columns])).sum()
+            joint = float(total(joint_rows.reshape(1))[0])
         order += chosen.tolist()
         costs += [joint / take] * take
         move = -coefficients @ h[columns]

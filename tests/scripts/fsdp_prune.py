@@ -95,6 +95,24 @@ def oneshot_case(cfg, shape=ODD, prepare=lambda m: m) -> dict:
     return compare(plain, shard, None, cfg)
 
 
+def structures_case(cfg) -> dict:
+    """Neurons / heads: the sharded run removes the groups the plain one removes (costs summed over the ranks' rows),
+    with the same compensated weights up to rounding, and its report counts them."""
+    cfg["curvature"] = {**cfg["curvature"], "max_full_g_rows": 0} if cfg["curvature"] else {}  # FSDP: diag G
+    plain, shard = tiny_bert(**ODD), sharded(tiny_bert(**ODD))
+    oneshot(plain, BATCHES, cfg)
+    oneshot(shard, BATCHES, cfg)
+    pw, sw = plain.state_dict(), full_weights(shard)
+    names = [n + ".weight" for n in Pruner(plain, cfg).layers]
+    recipe_ = load_recipe(cfg)
+    return {
+        "removed": [g.removed for g in sparsity_report(plain, recipe_).structures],
+        "sharded_removed": [g.removed for g in sparsity_report(shard, recipe_).structures],
+        "mismatches": sum(int(((pw[n] == 0) != (sw[n] == 0)).sum()) for n in names),
+        "max_weight_difference": max(float((pw[n] - sw[n]).abs().max()) for n in names),
+    }
+
+
 def train(model, cfg, steps=8, start=0, pruner=None, save=None):
     """A small training loop around the public pruner API (what the Trainer callback does per step). Plain SGD
     (no optimizer state) and batches fixed by the step, so a run resumed from a checkpoint can continue exactly;
@@ -168,6 +186,11 @@ CASES = {
     "magnitude-2:4": lambda: oneshot_case(recipe("magnitude", 0.5, mask_type="2:4"), EVEN),
     "kfac-obc-60": lambda: oneshot_case(recipe("kfac", 0.6, obc_rounds=2)),
     "kfac-obc-sweep-2:4": lambda: oneshot_case(recipe("kfac", 0.5, mask_type="2:4", obc_solver="sweep"), EVEN),
+    "kfac-neurons-uniform-50": lambda: structures_case(recipe("kfac", 0.5, mask_type="neurons", global_sparsity=False)),
+    "kfac-heads-global-50": lambda: structures_case(recipe("kfac", 0.5, mask_type="heads")),
+    "magnitude-neurons-heads-60": lambda: structures_case(
+        recipe("magnitude", 0.6, mask_type="neurons+heads", head_sparsity=0.3)
+    ),
     "kfac-obc-gradual-80": lambda: gradual_case(
         recipe("kfac", 0.8, init_sparsity=0.3, start_step=0, end_step=6, update_frequency=2)
     ),
