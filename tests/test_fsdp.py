@@ -56,6 +56,7 @@ def test_sharded_structures_remove_the_unsharded_groups(fsdp_results, case):
     assert row["sharded_removed"] == row["removed"] and sum(row["removed"]) > 0
     assert row["mismatches"] == 0
     assert row["max_weight_difference"] < 1e-6
+    assert "`curvature.first_order` is not supported under FSDP" in fsdp_results["first_order_refused"]
 
 
 @pytest.mark.distributed

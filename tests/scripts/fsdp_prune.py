@@ -200,6 +200,12 @@ try:
     Pruner(sharded(tiny_bert(**ODD)), recipe("block_fisher", 0.5))
 except DistributedError as exc:
     results["refused"] = str(exc)
+first_order = recipe("kfac", 0.5, mask_type="neurons")
+first_order["curvature"].update(first_order=True, max_full_g_rows=0)
+try:
+    Pruner(sharded(tiny_bert(**ODD)), first_order)
+except DistributedError as exc:
+    results["first_order_refused"] = str(exc)
 if dist.get_rank() == 0:
     (out / "fsdp.json").write_text(json.dumps(results, indent=1))
 dist.destroy_process_group()
