@@ -11,7 +11,9 @@ Latency depends on shapes only, so each shrunk model here is made the way `save_
   32,000, whose lm_head is ~40 % of the per-token work): FFN neurons and heads shrink.
 
 Each row: median seconds of `--repeats` forwards (after one warm-up) under `torch.inference_mode`, at batch 1 and
-32, sequence 128, and the speed-up over the dense row.
+32, sequence 128, and the speed-up over the dense row: the median of per-round ratios, the variants of a model
+taking turns within each round (a shared host's drift then cancels; timed one after the other, two runs of the same
+script gave MiniLM 1.08–1.40× at batch 1).
 
     python -m benchmarks.structured_latency                    # CPU, every core (time it on an idle machine)
     python -m benchmarks.structured_latency --device cuda --dtype bfloat16
@@ -66,21 +68,24 @@ def build(family: str, variant: str, device: str, dtype: torch.dtype):
     return model.to(device=device, dtype=dtype).eval(), kinds
 
 
-def time_forward(model, batch_size: int, seq_len: int, repeats: int, device: str) -> float:
-    vocab = model.config.vocab_size
+def time_rounds(models: list, batch_size: int, seq_len: int, repeats: int, device: str) -> list[list[float]]:
+    """Per model, its forward time in each of `repeats` rounds (after a warm-up round); the models take turns within
+    every round, so the drift of a shared host (CPU steal: tens of per cent between minutes) hits them alike."""
+    vocab = models[0].config.vocab_size
     ids = torch.randint(1, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for _ in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+            for model, own in zip(models, times):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(**inputs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                own.append(time.perf_counter() - start)
+    return [own[1:] for own in times]
 
 
 def table(rows: list[dict]) -> str:
@@ -113,13 +118,14 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for family in args.models.split(","):
-        dense = None
+        built = {}
         for variant in VARIANTS:
             model, kinds = build(family, variant, args.device, dtype)
             if variant != "dense" and not kinds or "heads" in variant and "heads" not in kinds:
                 continue  # BERT: heads are masked, not removed
-            seconds = [time_forward(model, b, args.seq_len, args.repeats, args.device) for b in batches]
-            dense = dense or seconds
+            built[variant] = model
+        rounds = [time_rounds(list(built.values()), b, args.seq_len, args.repeats, args.device) for b in batches]
+        for i, (variant, model) in enumerate(built.items()):
             rows.append(
                 {
                     "model": family,
@@ -127,12 +133,13 @@ def main() -> None:
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "config": {k: getattr(model.config, k) for k in ("intermediate_size", "num_attention_heads")},
                     "batches": batches,
-                    "seconds": seconds,
-                    "speedup": [d / s for d, s in zip(dense, seconds)],
+                    "seconds": [statistics.median(r[i]) for r in rounds],
+                    # the median of the rounds' ratios: each round times the dense model and this one back to back
+                    "speedup": [statistics.median(d / t for d, t in zip(r[0], r[i])) for r in rounds],
                 }
             )
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-            del model
+        del built
     settings = {**vars(args), "threads_used": torch.get_num_threads(), "torch": torch.__version__}
     report = {"settings": settings, "rows": rows, "table": table(rows)}
     out = args.output or RESULTS / f"structured_latency_{'quick' if args.quick else args.device}.json"
