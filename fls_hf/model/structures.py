@@ -337,7 +337,12 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
 def _loadable_width(config, block: StructureBlock, width: int) -> int:
     """The fewest groups, at least `width`, that the model's config class accepts: transformers 5's `LlamaConfig`
     wants `num_attention_heads` to divide `hidden_size` even with `head_dim` set (Llama-3-8B: 32 / 16 / 8 ... heads),
-    so a count in between keeps some removed groups as zero padding and says so."""
+    so a count in between keeps some removed groups as zero padding and says so. A config class that refuses its
+    own sizes cannot be probed: `width` then stands."""
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception:  # noqa: BLE001 — not a probe of the sizes: shrink as asked
+        return width
     for groups in range(width, block.groups + 1):
         try:
             type(config).from_dict({**config.to_dict(), **block.config_sizes(groups)})
