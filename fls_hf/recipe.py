@@ -33,6 +33,7 @@ import yaml
 from .curvature.base import config_class_for
 from .curvature.config import CurvatureConfig
 from .errors import CurvatureError, RecipeError
+from .model.structures import STRUCTURE_KINDS
 from .progress import log_main
 
 __all__ = [
@@ -52,7 +53,7 @@ INTER_FUNCS = ("cubic", "linear")
 COMPENSATIONS = ("auto", "obc", "block", "independent", "none")
 SALIENCIES = ("obs", "obd")
 OBC_SOLVERS = ("exact", "joint", "cg", "sweep")
-STRUCTURES = ("neurons", "heads", "neurons+heads")  # `pruning.mask_type` values that remove whole structures
+STRUCTURES = (*STRUCTURE_KINDS, "+".join(STRUCTURE_KINDS))  # `pruning.mask_type` values removing whole structures
 STRUCTURE_METHODS = ("kfac", "magnitude", "taylor")  # group OBS (K-FAC statistics) | column norms | first-order
 STRUCTURE_ONLY_METHODS = ("taylor",)  # rank structures only: they hold no inverse Fisher for single weights
 PRUNING_SHARE_OF_RUN = 0.75  # a recipe without `end_step`: prune over this share of `max_steps`, then recover
@@ -463,8 +464,8 @@ def load_recipe(
 def _structure_name(value: str) -> str:
     """A mask_type in its one spelling: stripped, lower case, with both kinds as `neurons+heads` (either order)."""
     parts = {part.strip() for part in value.lower().split("+")}
-    if parts <= {"neurons", "heads"}:
-        return "+".join(kind for kind in ("neurons", "heads") if kind in parts)
+    if parts <= set(STRUCTURE_KINDS):
+        return "+".join(kind for kind in STRUCTURE_KINDS if kind in parts)
     return value.strip().lower()
 
 

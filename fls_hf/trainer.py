@@ -96,8 +96,8 @@ class FishLegPruningTrainer(Trainer):
             if kinds and not _internal_call:  # checkpoints stay resumable
                 if sharded:  # the Trainer gathered the weights into a plain checkpoint, which shrinks unsharded
                     log_main(
-                        "fls_hf: FSDP: the removed %s are zeros in the saved model; shrink it in one process: "
-                        "`save_shrunk(AutoModel....from_pretrained(directory), directory_shrunk)`",
+                        "fls_hf: FSDP: the removed %s are zeros in the saved model; to shrink it, load it in one "
+                        "process and call `fls_hf.save_shrunk(model, another_directory)`",
                         "+".join(kinds),
                     )
                 elif is_peft_model(self.model):  # PEFT saved the adapters; the merge is the user's call

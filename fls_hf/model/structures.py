@@ -179,6 +179,11 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
     return blocks
 
 
+def blocks_of(model: nn.Module, kind: str) -> list[StructureBlock]:
+    """`ffn_blocks` for neurons, `attention_blocks` for heads."""
+    return ffn_blocks(model) if kind == "neurons" else attention_blocks(model)
+
+
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
     "Phi-3: gate_up_proj → down_proj",
@@ -202,7 +207,7 @@ def structure_blocks(model: nn.Module, structure: str | None) -> list[StructureB
         return []
     blocks = []
     for kind in structure.split("+"):
-        found = ffn_blocks(model) if kind == "neurons" else attention_blocks(model)
+        found = blocks_of(model, kind)
         if not found:
             raise RecipeError(
                 f"recipe key `pruning.mask_type` = {structure!r}: {type(model).__name__} has no {kind} block fls_hf "
@@ -292,9 +297,7 @@ def shrinkable_blocks(model: nn.Module, kinds: str | tuple[str, ...] | None = No
     """The blocks of `kinds` that plain transformers can load with fewer groups (not BERT's heads), whose config
     holds the entries `shrink` sets."""
     config = getattr(model, "config", None)
-    blocks = [
-        b for kind in _kinds(kinds) for b in (ffn_blocks(model) if kind == "neurons" else attention_blocks(model))
-    ]
+    blocks = [b for kind in _kinds(kinds) for b in blocks_of(model, kind)]
     return [b for b in blocks if b.shrinkable and all(hasattr(config, key) for key in b.config_sizes(1))]
 
 
