@@ -23,7 +23,7 @@ from ..errors import RecipeError
 from ..progress import warn_main
 from .adapters import LayerAdapter, local
 from .blocks import any_in_groups, group_rows
-from .targets import name_matches, peft_inner_name, plain_name, resolve_targets
+from .targets import named_by, peft_inner_name, plain_name, resolve_targets
 
 # (producers, consumer, halves) child names of an FFN block, per family; the parent module is the block; halves: the
 # producer stacks gate and up rows (one output chunked in two), so neuron j is its rows j and width + j
@@ -246,7 +246,7 @@ def pruned_blocks(model: nn.Module, pruning) -> list[StructureBlock]:
 
 def _named(block: StructureBlock, patterns: list[str]) -> bool:
     """Whether a pattern names one of the block's layers, by its name or its name before PEFT wrapped the model."""
-    return any(name_matches(n, p) for n in block.modules for n in (n, plain_name(n)) for p in patterns)
+    return any(named_by(name, patterns) for name in block.modules)
 
 
 def pruned_layers(model: nn.Module, pruning) -> dict[str, LayerAdapter]:

@@ -51,6 +51,11 @@ def _matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
     return any(name_matches(name, pattern) for name in names for pattern in patterns)
 
 
+def named_by(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a pattern names module `name`, by its name or by its name before PEFT wrapped the model."""
+    return _matches((name, plain_name(name)), patterns)
+
+
 def peft_inner_name(module: nn.Module) -> str | None:
     """Relative name of the module a PEFT wrapper stands for, or None when `module` is no wrapper."""
     if isinstance(getattr(module, "base_layer", None), nn.Module):
@@ -97,7 +102,7 @@ def resolve_targets(
     candidates = _candidates(model)
     found: dict[str, LayerAdapter] = {}
     for pattern in targets or []:
-        hits = [n for n in candidates if _matches((n, plain_name(n)), [pattern])]
+        hits = [n for n in candidates if named_by(n, [pattern])]
         if not hits:
             raise RecipeError(
                 f"recipe key `pruning.targets` pattern {pattern!r} matches no module of {type(model).__name__}; "
@@ -110,7 +115,7 @@ def resolve_targets(
     if not targets:
         for name in set(candidates.values()):
             adapter = adapter_for(name, modules[name])
-            if adapter is not None and not _matches((name, plain_name(name)), ignore):
+            if adapter is not None and not named_by(name, ignore):
                 found[name] = adapter
     return dict(sorted(found.items()))
 
