@@ -21,7 +21,7 @@ echo "gradual_cost rc $?" >> "$OUT/gpu.txt"
 timeout 30 python -m benchmarks.structured_latency --device cuda --dtype bfloat16 --repeats 20 \
     --output "$OUT/structured_latency_cuda.json" > "$OUT/structured_latency.log" 2>&1
 echo "structured_latency rc $?" >> "$OUT/gpu.txt"
-timeout 60 torchrun --standalone --nproc_per_node 1 tests/scripts/trainer_fsdp.py "$OUT/trainer_fsdp" \
+timeout 80 torchrun --standalone --nproc_per_node 1 tests/scripts/trainer_fsdp.py "$OUT/trainer_fsdp" \
     > "$OUT/trainer_fsdp.log" 2>&1
 echo "trainer_fsdp rc $?" >> "$OUT/gpu.txt"
 cat "$OUT/trainer_fsdp/trainer_fsdp.json" >> "$OUT/gpu.txt" 2>/dev/null
