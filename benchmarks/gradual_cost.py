@@ -169,9 +169,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each child (default: torch's)")
-    parser.add_argument(
-        "--quick", action="store_true", help="quick shape, 12 steps, fine-tune + magnitude + shipped-90"
-    )
+    parser.add_argument("--quick", action="store_true", help="quick shape, 12 steps, fine-tune + shipped-90")
     parser.add_argument("--output", default=None)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--child_output", help=argparse.SUPPRESS)
@@ -184,7 +182,7 @@ def main() -> None:
         Path(args.child_output).write_text(json.dumps(child(args), indent=1) + "\n")
         return
     if args.quick:
-        args.shape, args.steps, args.runs, args.threads = "quick", 12, "fine-tune,magnitude,shipped-90", 1
+        args.shape, args.steps, args.runs, args.threads = "quick", 12, "fine-tune,shipped-90", 1
     out = Path(args.output) if args.output else RESULTS / f"gradual_cost_{args.shape}_{args.device}.json"
     settings = {k: getattr(args, k) for k in ("shape", "steps", "device", "bf16", "threads")}
     report = {

@@ -11,13 +11,14 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_prune.py"
 
 
-def launch(launcher: list[str], out: Path, method: str, *extra: str) -> list[dict]:
+def launch(launcher: list[str], out: Path, methods: str, *extra: str) -> dict[str, list[dict]]:
+    """method → what ranks 0 and 1 ended with, for each of the comma-separated `methods` (one launch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [*launcher, str(SCRIPT), str(out), method, *extra], env=env, capture_output=True, text=True, timeout=300
+        [*launcher, str(SCRIPT), str(out), methods, *extra], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {m: [json.loads((out / f"{m}.rank{r}.json").read_text()) for r in (0, 1)] for m in methods.split(",")}
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -26,15 +27,25 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 @pytest.fixture(scope="module")
 def fishleg_ranks(tmp_path_factory) -> list[dict]:
     """FishLeg under torchrun, saving every 4 steps, then resumed from step 4 (one launch for the two tests)."""
-    return launch(TORCHRUN, tmp_path_factory.mktemp("ddp"), "fishleg", "resume")
+    return launch(TORCHRUN, tmp_path_factory.mktemp("ddp"), "fishleg", "resume")["fishleg"]
+
+
+@pytest.fixture(scope="module")
+def other_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """block_fisher and kfac-training under torchrun, one launch."""
+    return launch(TORCHRUN, tmp_path_factory.mktemp("ddp"), "block_fisher,kfac-training")
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["fishleg", "block_fisher", "kfac-training"])
-def test_two_rank_torchrun_has_identical_masks(tmp_path, method, request):
+def test_two_rank_torchrun_has_identical_masks(method, request):
     """kfac-training: K-FAC statistics from each rank's training steps, averaged over the ranks (no pass after the
     first pruning step)."""
-    ranks = request.getfixturevalue("fishleg_ranks") if method == "fishleg" else launch(TORCHRUN, tmp_path, method)
+    ranks = (
+        request.getfixturevalue("fishleg_ranks")
+        if method == "fishleg"
+        else request.getfixturevalue("other_ranks")[method]
+    )
     assert all(r["world"] == 2 for r in ranks)
     if method == "kfac-training":
         assert ranks[0]["training_statistics"] == ranks[1]["training_statistics"] == [0.0, 1.0, 1.0, 1.0]
@@ -71,7 +82,7 @@ def test_two_rank_accelerate_launch(tmp_path):
         "--dynamo_backend",
         "no",
     ]
-    ranks = launch(launcher, tmp_path, "fishleg")
+    ranks = launch(launcher, tmp_path, "fishleg")["fishleg"]
     assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["curvature_steps"] == ranks[1]["curvature_steps"] > 0
 
 

@@ -8,6 +8,8 @@ test split); max length 64.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from transformers import (
     set_seed,
 )
 
-from fls_hf.data import default_model_path, load_movie_snippets
+from fls_hf.data import MOVIE_SNIPPETS_FILE, default_model_path, load_movie_snippets
 
 from .paths import CACHE
 
@@ -53,7 +55,32 @@ def tokenizer():
 
 
 def splits(seed: int = 0):
-    """train / validation / test, tokenised (columns input_ids, attention_mask, labels)."""
+    """train / validation / test, tokenised (columns input_ids, attention_mask, labels).
+
+    Cached in benchmarks/cache/ as Arrow files (`datasets.save_to_disk`), keyed by the data file, the tokenizer,
+    `MAX_LENGTH`, `seed` and the datasets / transformers versions: the stratified splits and the tokenising take
+    seconds that every benchmark process (and every --quick smoke test) would otherwise pay again."""
+    import datasets
+    import transformers
+
+    key = hashlib.sha256(MOVIE_SNIPPETS_FILE.read_bytes())
+    key.update(f"{default_model_path()}|{MAX_LENGTH}|{seed}|{datasets.__version__}|{transformers.__version__}".encode())
+    folder = CACHE / f"minilm-splits-{key.hexdigest()[:16]}"
+    if (folder / "dataset_dict.json").is_file():
+        return dict(datasets.load_from_disk(str(folder)))
+    data = _tokenised_splits(seed)
+    # written beside the final folder, then renamed: a process that stops midway leaves no half cache
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=folder.name + "-", dir=CACHE))
+    datasets.DatasetDict(data).save_to_disk(str(partial))
+    try:
+        partial.rename(folder)
+    except OSError:  # another process cached the same splits first
+        shutil.rmtree(partial, ignore_errors=True)
+    return data
+
+
+def _tokenised_splits(seed: int):
     data = load_movie_snippets(seed=seed, test_fraction=0.2)
     held = data["train"].train_test_split(test_size=0.1, seed=seed, stratify_by_column="label")
     tok = tokenizer()
