@@ -178,3 +178,41 @@ def test_gradual_rows_replace_a_rerun_but_keep_another_dense_checkpoints_row(tmp
     record(report, {**rows([("fls", 0, 0.80)])[0], "dense_checkpoint": "abc"}, out)  # re-measured: replaces
     stored = json.loads(out.read_text())["rows"]
     assert [(r.get("dense_checkpoint"), r["test"]) for r in stored] == [(None, 0.78), ("abc", 0.80)]
+
+
+def test_structured_report_averages_each_share_and_start_and_plots_four_panels(tmp_path):
+    """Issue 20's summary (benchmarks.report_structured) from result files: one-shot per kind, gradual per start; a
+    start with no file is left out of the table and drawn empty."""
+    from benchmarks import report_structured
+
+    (tmp_path / "oneshot_structured_fullg.json").write_text(
+        json.dumps(
+            {
+                "dense": {"validation": 0.85, "test": 0.86},
+                "methods": [
+                    {"method": "neurons-kfac", "results": {"0.5": {"validation": 0.85, "test": 0.855}}},
+                    {"method": "neurons-taylor", "results": {"0.5": {"validation": 0.83, "test": 0.84}}},
+                    {"method": "heads-magnitude", "results": {"0.75": {"validation": 0.5, "test": 0.51}}},
+                    {"method": "neurons-kfac-emp", "results": {"0.5": {"validation": 0.1, "test": 0.1}}},
+                ],
+            }
+        )
+    )
+    gradual = {
+        50: [("finetune", 0.852, 0.858), ("fls-obc-rel-uniform", 0.86, 0.85), ("fls-obc-rel-uniform", 0.85, 0.86)],
+        75: [("taylor-uniform", 0.84, 0.83), ("fls-obc-rel-uniform[max_full_g_rows=0]", 0.1, 0.1)],
+    }
+    for share, runs in gradual.items():
+        rows = [{"method": m, "validation": v, "test": t} for m, v, t in runs]
+        (tmp_path / f"gradual_minilm_{share}_neurons.json").write_text(json.dumps({"rows": rows}))
+    lines = report_structured.table(tmp_path).splitlines()
+    assert "| one-shot | dense: 85.00 / 86.00 | | | |" in lines
+    assert "| one-shot, neurons | kfac (group OBS) | – | 85.00 / 85.50 (1) | – |" in lines
+    assert "| one-shot, heads | magnitude | – | – | 50.00 / 51.00 (1) |" in lines
+    assert "| gradual neurons, from the task fine-tune | dense fine-tune: 85.20 / 85.80 (1) | | | |" in lines
+    assert "| gradual neurons, from the task fine-tune | kfac (group OBS) | – | 85.50 / 85.50 (2) | – |" in lines
+    assert "| gradual neurons, from the task fine-tune | Taylor | – | – | 84.00 / 83.00 (1) |" in lines
+    assert not any("pre-trained" in line or "10.00" in line for line in lines)  # no such file; scan rows left out
+    out = tmp_path / "structured.png"
+    report_structured.plot(tmp_path, out)
+    assert out.stat().st_size > 10_000

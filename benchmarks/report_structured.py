@@ -1,0 +1,144 @@
+"""Issue 20's summary: Markdown table and one PNG of structured pruning on MiniLM (FFN neurons, attention heads).
+
+    python -m benchmarks.report_structured                  # → benchmarks/results/structured_minilm.png
+    python -m benchmarks.report_structured --output /tmp/s.png
+
+Reads the committed results: one-shot (no fine-tuning after pruning, `oneshot_structured_fullg.json`) and gradual
+(one epoch, from the task fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`).
+Each point is a mean over the runs a file holds (dots: the runs); the table gives validation / test and the run count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from .common.paths import RESULTS
+from .common.plots import image_link
+
+ONESHOT = "oneshot_structured_fullg.json"
+# method names in the result files → the label a reader knows (uniform: every block keeps the same width)
+ONESHOT_METHODS = {"kfac": "kfac (group OBS)", "taylor": "Taylor", "magnitude": "magnitude"}
+GRADUAL_METHODS = {
+    "fls-obc-rel-uniform": "kfac (group OBS)",
+    "taylor-uniform": "Taylor",
+    "gmp-uniform": "magnitude",
+}
+GRADUAL_STARTS = {"": "from the task fine-tune", "_pretrained": "from the pre-trained model"}
+SHORT_STARTS = {"": "from fine-tune", "_pretrained": "from pre-trained"}
+SHARES = (0.5, 0.75)
+COLOURS = {"kfac (group OBS)": "#1f77b4", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
+
+
+def oneshot_points(results: Path) -> tuple[dict, dict[tuple[str, str], dict[float, list[tuple[float, float]]]]]:
+    """(dense {validation, test}, (kind, method label) → share → [(validation, test)]) from the one-shot file."""
+    data = json.loads((results / ONESHOT).read_text())
+    points: dict = {}
+    for row in data["methods"]:
+        kind, _, method = row["method"].partition("-")
+        if method in ONESHOT_METHODS:
+            by_share = points.setdefault((kind, ONESHOT_METHODS[method]), {})
+            for share, result in row["results"].items():
+                by_share.setdefault(float(share), []).append((result["validation"], result["test"]))
+    return data["dense"], points
+
+
+def gradual_points(results: Path, start: str) -> tuple[list[tuple[float, float]], dict]:
+    """(dense fine-tune runs [(validation, test)], method label → share → [(validation, test)]) of one start; the
+    dense runs come from the 50 % file (the same epoch with no pruning)."""
+    dense, points = [], {}
+    for share in SHARES:
+        path = results / f"gradual_minilm_{round(100 * share)}_neurons{start}.json"
+        if not path.is_file():
+            continue
+        for row in json.loads(path.read_text())["rows"]:
+            pair = (row["validation"], row["test"])
+            if row["method"] == "finetune":
+                dense.append(pair)
+            elif row["method"] in GRADUAL_METHODS:
+                points.setdefault(GRADUAL_METHODS[row["method"]], {}).setdefault(share, []).append(pair)
+    order = list(COLOURS)
+    return dense, dict(sorted(points.items(), key=lambda item: order.index(item[0])))
+
+
+def mean_pair(runs: list[tuple[float, float]]) -> str:
+    val, test = (100 * float(np.mean(v)) for v in zip(*runs))
+    return f"{val:.2f} / {test:.2f} ({len(runs)})"
+
+
+def table(results: Path) -> str:
+    """One row per method and setting, one column per share: mean validation / test (runs)."""
+    shares = (0.25, 0.5, 0.75)
+    lines = [
+        "| setting | method | " + " | ".join(f"{100 * s:.0f} %" for s in shares) + " |",
+        "|---|---|" + "---|" * len(shares),
+    ]
+    dense, oneshot = oneshot_points(results)
+    blank = " |" * len(shares)
+    lines.append(f"| one-shot | dense: {100 * dense['validation']:.2f} / {100 * dense['test']:.2f} |{blank}")
+    for (kind, label), by_share in oneshot.items():
+        cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in shares]
+        lines.append(f"| one-shot, {kind} | {label} | " + " | ".join(cells) + " |")
+    for start, words in GRADUAL_STARTS.items():
+        finetune, gradual = gradual_points(results, start)
+        if finetune:
+            lines.append(f"| gradual neurons, {words} | dense fine-tune: {mean_pair(finetune)} |{blank}")
+        for label, by_share in gradual.items():
+            cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in shares]
+            lines.append(f"| gradual neurons, {words} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _panel(ax, by_label: dict, title: str, dense: float | None, style: str = "-") -> None:
+    for label, by_share in by_label.items():
+        shares = sorted(by_share)
+        tests = [[100 * t for _, t in by_share[s]] for s in shares]
+        ax.plot([100 * s for s in shares], [np.mean(t) for t in tests], style, marker="o", color=COLOURS[label])
+        for s, t in zip(shares, tests):
+            ax.scatter([100 * s] * len(t), t, color=COLOURS[label], s=10, alpha=0.5)
+    if dense is not None:
+        ax.axhline(100 * dense, color="black", linestyle=":", linewidth=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("share removed (%)")
+    ax.grid(alpha=0.3)
+
+
+def plot(results: Path, out: Path) -> None:
+    """One-shot neurons and heads, then gradual neurons from each start: test accuracy against the share removed."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8), sharey=False)
+    dense, oneshot = oneshot_points(results)
+    for ax, kind in zip(axes[:2], ("neurons", "heads")):
+        _panel(ax, {label: s for (k, label), s in oneshot.items() if k == kind}, f"one-shot, {kind}", dense["test"])
+    for ax, start in zip(axes[2:], GRADUAL_STARTS):
+        finetune, gradual = gradual_points(results, start)
+        reference = float(np.mean([t for _, t in finetune])) if finetune else None
+        _panel(ax, gradual, f"gradual neurons, {SHORT_STARTS[start]}", reference)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles = [plt.Line2D([], [], color=c, marker="o", label=label) for label, c in COLOURS.items()]
+    handles.append(plt.Line2D([], [], color="black", linestyle=":", label="dense"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.suptitle("MiniLM on the movie snippets: one-shot (no fine-tuning) and gradual (one epoch); dots are runs")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
+    parser.add_argument("--output", type=Path, default=RESULTS / "structured_minilm.png")
+    args = parser.parse_args()
+    print(table(args.results))
+    plot(args.results, args.output)
+    print("\n" + image_link(args.output, "structured pruning on MiniLM"))
+
+
+if __name__ == "__main__":
+    main()
