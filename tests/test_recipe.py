@@ -526,3 +526,23 @@ def test_schedule_over_run_fills_only_what_the_recipe_leaves_unset():
     assert (derived.start_step, derived.end_step, derived.update_frequency) == (100, 850, 75)
     assert schedule_over_run(load_recipe({"pruning": {"update_frequency": 7}}), 100).pruning.update_frequency == 7
     assert schedule_over_run(load_recipe({}), 0).pruning.end_step == 0  # no steps to spread over: one-shot at 0
+
+
+@pytest.mark.parametrize("name", ["gradual-neurons-50.yaml", "gradual-neurons-75.yaml"])
+def test_shipped_neurons_recipes_are_the_measured_b1_row(name):
+    """The structured recipes carry the settings of B1's `fls-obc-rel-uniform` rows (benchmarks/README.md
+    "Structured"); only the schedule (B1 fits it to its run's length) and the batches per estimate differ."""
+    from benchmarks.gradual_minilm import METHODS
+
+    # B1 fits the schedule to its run's length and applies the recipe to the encoder's linears by name
+    free = {"init_sparsity", "final_sparsity", "start_step", "end_step", "update_frequency", "targets", "ignore"}
+    row = METHODS["fls-obc-rel-uniform"]
+    measured = load_recipe({**row, "pruning": {**row["pruning"], "mask_type": "neurons"}}).to_dict()
+    shipped = load_recipe(RECIPES[0].parent / name).to_dict()
+    assert {k: v for k, v in shipped["pruning"].items() if k not in free} == {
+        k: v for k, v in measured["pruning"].items() if k not in free
+    }
+    assert {k: v for k, v in shipped["curvature"].items() if k != "num_batches"} == {
+        k: v for k, v in measured["curvature"].items() if k != "num_batches"
+    }
+    assert shipped["pruning"]["init_sparsity"] == 0.3 and shipped["pruning"]["inter_func"] == "cubic"
