@@ -13,6 +13,7 @@ Every method runs in its own process, so peak memory (max RSS) is per method.
     python -m benchmarks.gradual_minilm --start pretrained --methods finetune,taylor-uniform --sparsity 0.5 \
         --mask_type neurons                                               # prune while learning the task
 
+`--mask_type neurons+heads --head_sparsity 0.5` removes heads too (rows go to `..._neurons+heads50...`).
 `--window 0.2,0.8` prunes from 20 % to 80 % of the run instead (rows go to a file tagged `_window20-80`).
 `--start pretrained` begins from the pre-trained MiniLM with a fresh head (drawn from the seed) instead of the
 cached task fine-tune: pruning then competes with learning the task, and `finetune` is its dense reference.
@@ -185,6 +186,8 @@ def run_single(args) -> dict:
         trainer = Trainer(**common)
     else:
         recipe["pruning"].update(schedule(steps, args.sparsity, args.mask_type, window(args.window)))
+        if args.mask_type == "neurons+heads":  # the heads' share, reached along the same schedule
+            recipe["pruning"]["head_sparsity"] = args.head_sparsity
         recipe["curvature"].setdefault("num_batches", 4)
         recipe["curvature"].update(parse_overrides(args.set, args.method))
         if args.quick:  # a smoke run exercises the pipeline, not the estimate
@@ -215,7 +218,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Gradual pruning of the fine-tuned MiniLM during fine-tuning")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--mask_type", default="unstructured", help="unstructured | N:M, e.g. 2:4 | neurons")
+    parser.add_argument(
+        "--mask_type", default="unstructured", help="unstructured | N:M, e.g. 2:4 | neurons | heads | neurons+heads"
+    )
+    parser.add_argument(
+        "--head_sparsity", type=float, default=None, help="with --mask_type neurons+heads: the heads' share"
+    )
     parser.add_argument("--seeds", default="0")
     parser.add_argument(
         "--start",
@@ -248,11 +256,14 @@ def main() -> None:
     if args.quick:
         args.methods, args.batch_size = "gmp,fls", 16
     pruning_window = window(args.window)  # refused here, before any child starts, when malformed
+    if (args.mask_type == "neurons+heads") != (args.head_sparsity is not None):
+        parser.error("--head_sparsity goes with --mask_type neurons+heads, and that mask type needs it")
     tag = (
         "quick"
         if args.quick
         else f"{round(100 * args.sparsity)}"
         + ("" if args.mask_type == "unstructured" else "_" + args.mask_type.replace(":", "of"))
+        + ("" if args.head_sparsity is None else f"{round(100 * args.head_sparsity)}")
         + ("" if args.start == "finetuned" else "_" + args.start)
         + (
             ""
@@ -264,7 +275,17 @@ def main() -> None:
     report = {
         "settings": {
             k: getattr(args, k)
-            for k in ("sparsity", "mask_type", "start", "window", "epochs", "batch_size", "learning_rate", "quick")
+            for k in (
+                "sparsity",
+                "mask_type",
+                "head_sparsity",
+                "start",
+                "window",
+                "epochs",
+                "batch_size",
+                "learning_rate",
+                "quick",
+            )
         },
         "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else [],
     }
@@ -285,6 +306,7 @@ def main() -> None:
                     str(args.sparsity),
                     "--mask_type",
                     args.mask_type,
+                    *(["--head_sparsity", str(args.head_sparsity)] if args.head_sparsity is not None else []),
                     "--start",
                     args.start,
                     "--window",
