@@ -4,7 +4,8 @@
     python -m benchmarks.report_structured --output /tmp/s.png
 
 Reads the committed results: one-shot (no fine-tuning after pruning, `oneshot_structured_fullg.json`) and gradual
-(one epoch, from the task fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`).
+(one epoch, from the task fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`;
+FFN neurons and half of the heads together, `gradual_minilm_50_neurons+heads50_pretrained.json`).
 Each point is a mean over the runs a file holds (dots: the runs); the table gives validation / test and the run count.
 """
 
@@ -31,8 +32,13 @@ GRADUAL_METHODS = {
     "taylor-uniform": "Taylor",
     "gmp-uniform": "magnitude",
 }
-GRADUAL_STARTS = {"": "from the task fine-tune", "_pretrained": "from the pre-trained model"}
-SHORT_STARTS = {"": "from fine-tune", "_pretrained": "from pre-trained"}
+# result file suffix (after `gradual_minilm_<share>`) → (table words, panel title); a panel per neurons-only start,
+# the neurons + heads rows drawn as squares on the pre-trained start's panel
+GRADUAL = {
+    "_neurons": ("gradual neurons, from the task fine-tune", "gradual neurons, from fine-tune"),
+    "_neurons_pretrained": ("gradual neurons, from the pre-trained model", "gradual neurons, from pre-trained"),
+    "_neurons+heads50_pretrained": ("gradual neurons + half of the heads, from the pre-trained model", None),
+}
 SHARES = (0.5, 0.75)
 COLOURS = {"kfac (group OBS)": "#1f77b4", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
 
@@ -50,12 +56,12 @@ def oneshot_points(results: Path) -> tuple[dict, dict[tuple[str, str], dict[floa
     return data["dense"], points
 
 
-def gradual_points(results: Path, start: str) -> tuple[list[tuple[float, float]], dict]:
-    """(dense fine-tune runs [(validation, test)], method label → share → [(validation, test)]) of one start; the
-    dense runs come from the 50 % file (the same epoch with no pruning)."""
+def gradual_points(results: Path, suffix: str) -> tuple[list[tuple[float, float]], dict]:
+    """(dense fine-tune runs [(validation, test)], method label → share → [(validation, test)]) of one `GRADUAL`
+    setting; the dense runs (the same epoch with no pruning) come from the files that hold them."""
     dense, points = [], {}
     for share in SHARES:
-        path = results / f"gradual_minilm_{round(100 * share)}_neurons{start}.json"
+        path = results / f"gradual_minilm_{round(100 * share)}{suffix}.json"
         if not path.is_file():
             continue
         for row in json.loads(path.read_text())["rows"]:
@@ -86,13 +92,13 @@ def table(results: Path) -> str:
     for (kind, label), by_share in oneshot.items():
         cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in shares]
         lines.append(f"| one-shot, {kind} | {label} | " + " | ".join(cells) + " |")
-    for start, words in GRADUAL_STARTS.items():
-        finetune, gradual = gradual_points(results, start)
+    for suffix, (words, _) in GRADUAL.items():
+        finetune, gradual = gradual_points(results, suffix)
         if finetune:
-            lines.append(f"| gradual neurons, {words} | dense fine-tune: {mean_pair(finetune)} |{blank}")
+            lines.append(f"| {words} | dense fine-tune: {mean_pair(finetune)} |{blank}")
         for label, by_share in gradual.items():
             cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in shares]
-            lines.append(f"| gradual neurons, {words} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {words} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -116,13 +122,22 @@ def plot(results: Path, out: Path) -> None:
     dense, oneshot = oneshot_points(results)
     for ax, kind in zip(axes[:2], ("neurons", "heads")):
         _panel(ax, {label: s for (k, label), s in oneshot.items() if k == kind}, f"one-shot, {kind}", dense["test"])
-    for ax, start in zip(axes[2:], GRADUAL_STARTS):
-        finetune, gradual = gradual_points(results, start)
+    panels = [(suffix, title) for suffix, (_, title) in GRADUAL.items() if title]
+    for ax, (suffix, title) in zip(axes[2:], panels):
+        finetune, gradual = gradual_points(results, suffix)
         reference = float(np.mean([t for _, t in finetune])) if finetune else None
-        _panel(ax, gradual, f"gradual neurons, {SHORT_STARTS[start]}", reference)
+        _panel(ax, gradual, title, reference)
+    _, with_heads = gradual_points(results, "_neurons+heads50_pretrained")
+    for label, by_share in with_heads.items():
+        for share, runs in by_share.items():
+            tests = [100 * t for _, t in runs]
+            axes[3].scatter([100 * share], [np.mean(tests)], marker="s", s=50, facecolors="none", color=COLOURS[label])
     axes[0].set_ylabel("test accuracy (%)")
     handles = [plt.Line2D([], [], color=c, marker="o", label=label) for label, c in COLOURS.items()]
     handles.append(plt.Line2D([], [], color="black", linestyle=":", label="dense"))
+    handles.append(
+        plt.Line2D([], [], color="black", marker="s", markerfacecolor="none", linestyle="", label="+ half the heads")
+    )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle("MiniLM on the movie snippets: one-shot (no fine-tuning) and gradual (one epoch); dots are runs")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
