@@ -28,7 +28,7 @@ from .structures import BLOCK, references
 DAMPINGS = (1e-4, 1e-2)
 SETTINGS = {
     "full": {"ks": (1, 10, 100, 1000, 10000), "repeats": 3, "checkpoints": (0, 100, 300, 1000, 3000, 6000)},
-    "quick": {"ks": (1, 100, 10000), "repeats": 1, "checkpoints": (0, 5, 15)},
+    "quick": {"ks": (1, 100, 3000), "repeats": 1, "checkpoints": (0, 5, 15)},
 }
 
 
