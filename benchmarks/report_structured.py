@@ -32,12 +32,13 @@ GRADUAL_METHODS = {
     "taylor-uniform": "Taylor",
     "gmp-uniform": "magnitude",
 }
-# result file suffix (after `gradual_minilm_<share>`) → (table words, panel title); a panel per neurons-only start,
-# the neurons + heads rows drawn as squares on the pre-trained start's panel
+WITH_HEADS = "_neurons+heads50_pretrained"  # drawn as squares on the pre-trained start's panel
+# result file suffix (after `gradual_minilm_<share>`) → (table words, panel title or None); a panel per neurons-only
+# start
 GRADUAL = {
     "_neurons": ("gradual neurons, from the task fine-tune", "gradual neurons, from fine-tune"),
     "_neurons_pretrained": ("gradual neurons, from the pre-trained model", "gradual neurons, from pre-trained"),
-    "_neurons+heads50_pretrained": ("gradual neurons + half of the heads, from the pre-trained model", None),
+    WITH_HEADS: ("gradual neurons + half of the heads, from the pre-trained model", None),
 }
 SHARES = (0.5, 0.75)
 COLOURS = {"kfac (group OBS)": "#1f77b4", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
@@ -79,34 +80,37 @@ def mean_pair(runs: list[tuple[float, float]]) -> str:
     return f"{val:.2f} / {test:.2f} ({len(runs)})"
 
 
+TABLE_SHARES = (0.25, 0.5, 0.75)
+
+
+def _row(setting: str, label: str, by_share: dict) -> str:
+    cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in TABLE_SHARES]
+    return f"| {setting} | {label} | " + " | ".join(cells) + " |"
+
+
 def table(results: Path) -> str:
     """One row per method and setting, one column per share: mean validation / test (runs)."""
-    shares = (0.25, 0.5, 0.75)
     lines = [
-        "| setting | method | " + " | ".join(f"{100 * s:.0f} %" for s in shares) + " |",
-        "|---|---|" + "---|" * len(shares),
+        "| setting | method | " + " | ".join(f"{100 * s:.0f} %" for s in TABLE_SHARES) + " |",
+        "|---|---|" + "---|" * len(TABLE_SHARES),
     ]
     dense, oneshot = oneshot_points(results)
-    blank = " |" * len(shares)
+    blank = " |" * len(TABLE_SHARES)
     lines.append(f"| one-shot | dense: {100 * dense['validation']:.2f} / {100 * dense['test']:.2f} |{blank}")
-    for (kind, label), by_share in oneshot.items():
-        cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in shares]
-        lines.append(f"| one-shot, {kind} | {label} | " + " | ".join(cells) + " |")
+    lines += [_row(f"one-shot, {kind}", label, by_share) for (kind, label), by_share in oneshot.items()]
     for suffix, (words, _) in GRADUAL.items():
         finetune, gradual = gradual_points(results, suffix)
         if finetune:
             lines.append(f"| {words} | dense fine-tune: {mean_pair(finetune)} |{blank}")
-        for label, by_share in gradual.items():
-            cells = [mean_pair(by_share[s]) if s in by_share else "–" for s in shares]
-            lines.append(f"| {words} | {label} | " + " | ".join(cells) + " |")
+        lines += [_row(words, label, by_share) for label, by_share in gradual.items()]
     return "\n".join(lines)
 
 
-def _panel(ax, by_label: dict, title: str, dense: float | None, style: str = "-") -> None:
+def _panel(ax, by_label: dict, title: str, dense: float | None) -> None:
     for label, by_share in by_label.items():
         shares = sorted(by_share)
         tests = [[100 * t for _, t in by_share[s]] for s in shares]
-        ax.plot([100 * s for s in shares], [np.mean(t) for t in tests], style, marker="o", color=COLOURS[label])
+        ax.plot([100 * s for s in shares], [np.mean(t) for t in tests], marker="o", color=COLOURS[label])
         for s, t in zip(shares, tests):
             ax.scatter([100 * s] * len(t), t, color=COLOURS[label], s=10, alpha=0.5)
     if dense is not None:
@@ -127,7 +131,7 @@ def plot(results: Path, out: Path) -> None:
         finetune, gradual = gradual_points(results, suffix)
         reference = float(np.mean([t for _, t in finetune])) if finetune else None
         _panel(ax, gradual, title, reference)
-    _, with_heads = gradual_points(results, "_neurons+heads50_pretrained")
+    _, with_heads = gradual_points(results, WITH_HEADS)
     for label, by_share in with_heads.items():
         for share, runs in by_share.items():
             tests = [100 * t for _, t in runs]
