@@ -37,11 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
-from fls_hf import FishLegPruningTrainer
-
-from .common import minilm
+from .common.encoder_recipe import recipe as encoder_recipe
 from .common.overrides import parse_overrides, quick_curvature, row_name
 from .common.paths import REPO, RESULTS
 from .common.rows import record
@@ -49,12 +45,12 @@ from .common.rows import record
 # Same schedule for all; per-method curvature settings from the one-shot benchmark's validation scans.
 METHODS = {
     "finetune": None,
-    "gmp": minilm.recipe("magnitude", {}, compensation="none"),
-    "obd": minilm.recipe(
+    "gmp": encoder_recipe("magnitude", {}, compensation="none"),
+    "obd": encoder_recipe(
         "diagonal_fisher", {"num_grads": 256, "fisher_labels": "sampled", "damping": 1e-8}, compensation="none"
     ),
-    "obert": minilm.recipe("block_fisher", {"num_grads": 256, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
-    "fls": minilm.recipe(
+    "obert": encoder_recipe("block_fisher", {"num_grads": 256, "block_size": 50, "damping": 1e-6}, obs_block_size=50),
+    "fls": encoder_recipe(
         "fishleg",
         {
             "structure": "diagonal",
@@ -70,44 +66,44 @@ METHODS = {
     ),
     # issue 17: K-FAC statistics re-taken on the current weights at every pruning step, row-wise OBC (one round per
     # step: the schedule's 7 steps already prune in stages; on 2 CPU cores each round costs minutes)
-    "fls-obc": minilm.recipe(
+    "fls-obc": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-6, "damping_mode": "absolute"}, compensation="obc"
     ),
     # the same with the kfac default damping: γ = 1e-2 × the mean K-FAC Fisher diagonal, re-taken at every step
-    "fls-obc-rel": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc"),
+    "fls-obc-rel": encoder_recipe("kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc"),
     # the same with the sweep solver (SparseGPT's column sweep, adaptive masks, one factor per layer): issue 18's cost
-    "fls-obc-sweep-rel": minilm.recipe(
+    "fls-obc-sweep-rel": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="sweep"
     ),
     # issue 18: the exact solver's joint update, ranked without per-row solves (the sweep's ranking)
-    "fls-obc-joint-rel": minilm.recipe(
+    "fls-obc-joint-rel": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2}, compensation="obc", obc_solver="joint"
     ),
     # issue 18: K-FAC statistics from the training steps before each pruning step (no pass after the first)
-    "fls-obc-joint-train-rel": minilm.recipe(
+    "fls-obc-joint-train-rel": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc", obc_solver="joint"
     ),
     # the same update by conjugate gradients where cheaper than the factorisations (a loss within 1e-3 of it)
-    "fls-obc-cg-train-rel": minilm.recipe(
+    "fls-obc-cg-train-rel": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc", obc_solver="cg"
     ),
-    "fls-obc-sweep-train-rel": minilm.recipe(
+    "fls-obc-sweep-train-rel": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc", obc_solver="sweep"
     ),
-    "fls-obc-train-rel": minilm.recipe(
+    "fls-obc-train-rel": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2, "statistics": "training"}, compensation="obc"
     ),
     # issue 20, `--mask_type neurons`: FFN neurons by group OBS (kfac) or column norm (magnitude); `-uniform` removes
     # the same share in every block (one width: the saved model shrinks), the others allocate by one global threshold
-    "fls-obc-rel-uniform": minilm.recipe("kfac", {"num_examples": 256, "damping": 1e-2}, global_sparsity=False),
+    "fls-obc-rel-uniform": encoder_recipe("kfac", {"num_examples": 256, "damping": 1e-2}, global_sparsity=False),
     # the same with the mean data-label gradient's first-order term in each group's cost (`curvature.first_order`)
-    "fls-obc-rel-uniform-fo": minilm.recipe(
+    "fls-obc-rel-uniform-fo": encoder_recipe(
         "kfac", {"num_examples": 256, "damping": 1e-2, "first_order": True}, global_sparsity=False
     ),
-    "gmp-uniform": minilm.recipe("magnitude", {}, compensation="none", global_sparsity=False),
+    "gmp-uniform": encoder_recipe("magnitude", {}, compensation="none", global_sparsity=False),
     # first-order Taylor importance (Molchanov et al. 2019) from 8 batches of 32 (the kfac rows' 256 examples)
-    "taylor": minilm.recipe("taylor", {"num_batches": 8}),
-    "taylor-uniform": minilm.recipe("taylor", {"num_batches": 8}, global_sparsity=False),
+    "taylor": encoder_recipe("taylor", {"num_batches": 8}),
+    "taylor-uniform": encoder_recipe("taylor", {"num_batches": 8}, global_sparsity=False),
 }
 # `fls` rows are the first measured setting (refine only); `fls[rewarm=True]` (--set rewarm=true) is the package
 # default since the B3 (b) / B1 runs showed it ahead (benchmarks/README.md).
@@ -150,6 +146,13 @@ def cpu_seconds() -> float:
 
 def run_single(args) -> dict:
     """One method, one seed, in this process: train, evaluate, measure."""
+    # imported here: the parent only spawns children, and these imports cost it seconds
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from fls_hf import FishLegPruningTrainer
+
+    from .common import minilm
+
     data = minilm.splits()
     if args.quick:
         data = {

@@ -27,27 +27,12 @@ from transformers import (
 
 from fls_hf.data import MOVIE_SNIPPETS_FILE, default_model_path, load_movie_snippets
 
+from .encoder_recipe import ENCODER_TARGETS, recipe  # noqa: F401  (the benchmarks' shared recipe shape)
 from .paths import CACHE
 
 DENSE_DIR = CACHE / "minilm-dense"
 QUICK_DENSE_DIR = CACHE / "minilm-dense-quick"  # trained on 64 examples: for smoke runs only
 MAX_LENGTH = 64
-ENCODER_TARGETS = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"]
-
-
-def recipe(method: str, curvature: dict, **pruning) -> dict:
-    """A recipe dict pruning the encoder linears with one global threshold (each layer at most 98 %)."""
-    return {
-        "pruning": {
-            "method": method,
-            "targets": ENCODER_TARGETS,
-            "ignore": [],
-            "global_sparsity": True,
-            "max_layer_sparsity": 0.98,
-            **pruning,
-        },
-        "curvature": curvature,
-    }
 
 
 def tokenizer():

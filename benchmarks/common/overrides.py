@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from fls_hf import RecipeError
-from fls_hf.recipe import parse_overrides as parse_recipe_overrides
 
 # smoke runs (`--quick`) exercise the pipeline, not the estimate: the curvature keys a method has shrink to these
 QUICK_CURVATURE = {
@@ -33,6 +32,8 @@ def quick_curvature(curvature: dict[str, Any]) -> dict[str, Any]:
 def parse_overrides(pairs: list[str], method: str) -> dict[str, Any]:
     """Overrides for `method`: `["damping=1e-4", "fls.init=diagonal"]` → {"damping": 0.0001, "init": "diagonal"}
     for fls."""
+    from fls_hf.recipe import parse_overrides as parse_recipe_overrides  # here: it imports torch
+
     overrides = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")

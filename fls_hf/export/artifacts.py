@@ -4,12 +4,15 @@ trainer, `training_args.json` (transformers' `training_args.bin` is a pickle; fl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import TrainingArguments
 
 from ..recipe import PruningRecipe
 from .report import SparsityReport, sparsity_report
+
+if TYPE_CHECKING:  # importing it pulls in PEFT through transformers' trainer_utils: seconds per process
+    from transformers import TrainingArguments
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "sparsity_report.json"
