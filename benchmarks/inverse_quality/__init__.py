@@ -24,6 +24,6 @@ inverses), `fishleg` (FishLeg Qs through the package), `checks` (our exact quant
 `report` (Markdown table and plot), `__main__` (the command line).
 
     python -m benchmarks.inverse_quality            # ≈ 5 min on 2 CPU cores → results/inverse_quality.json (+ .png)
-    python -m benchmarks.inverse_quality --quick    # ≈ 20 s → results/inverse_quality_quick.json
+    python -m benchmarks.inverse_quality --quick    # one damping, ≈ 15 s → results/inverse_quality_quick.json
     python -m benchmarks.inverse_quality --aux_lr 3e-3 --output benchmarks/results/inverse_quality_lr3e-3.json
 """
