@@ -4,12 +4,12 @@ A structure is a group of input columns of a consumer layer and the matching out
 - an FFN neuron j of x → down(act(up(x)) [⊙ gate(x)]) is column j of down and row j of up (and gate);
 - an attention head group is the `head_dim` columns per query head of the output projection o, the matching rows of
   q and the rows of the key / value head they read (grouped-query attention: a KV head and its query heads go
-  together; BERT: one head).
+  together; BERT, GPT-NeoX: one head; GPT-NeoX fuses q, k, v per head in query_key_value).
 Whatever its producers hold, a group whose consumer columns are zero adds nothing to the output, so removing it from
 every layer of the block is exact. `shrink` does that and rewrites the config (`intermediate_size`; Llama's
 `num_attention_heads` / `num_key_value_heads`, `head_dim` kept), so the model loads with plain `from_pretrained`.
-BERT's attention derives its head size from hidden_size / num_attention_heads, so its heads cannot shrink that way:
-they stay in the saved model as zeros.
+BERT's and GPT-NeoX's attention derive the head size from hidden_size / num_attention_heads, so their heads cannot
+shrink that way: they stay in the saved model as zeros.
 """
 
 from __future__ import annotations
@@ -31,18 +31,25 @@ FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int], ...] = (
     (("intermediate.dense",), "output.dense", 1),  # BERT family (BertLayer, RobertaLayer, …)
     (("gate_proj", "up_proj"), "down_proj", 1),  # Llama family (LlamaMLP, MistralMLP, Qwen2MLP, …)
     (("gate_up_proj",), "down_proj", 2),  # Phi-3 family (fused gate / up)
+    (("dense_h_to_4h",), "dense_4h_to_h", 1),  # GPT-NeoX family (Pythia)
 )
-# (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk)
-ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
+# (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk,
+# whether a fused qkv interleaves per head: head h's q, k, v rows together, as GPT-NeoX's are; else all q, all k, all v)
+ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool], ...] = (
     (
         "attention.self",
         ("attention.self.query", "attention.self.key", "attention.self.value"),
         "attention.output.dense",
         False,
+        False,
     ),  # fmt: skip
-    ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True),
-    ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True),  # Phi-3 family (fused q | k | v)
+    ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True, False),
+    ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True, False),  # Phi-3 family (fused q | k | v)
+    # GPT-NeoX family: its head size is hidden_size / num_attention_heads, so (as BERT's) its heads stay as zeros
+    ("attention", ("attention.query_key_value",), "attention.dense", False, True),
 )
+# the attention module's attribute holding the head size (Llama, BERT, GPT-NeoX)
+HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
 STRUCTURE_KINDS = ("neurons", "heads")
 
 
@@ -140,16 +147,18 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
-        for holder, producers, consumer, shrinkable in ATTENTION_LAYOUTS:
+        for holder, producers, consumer, shrinkable, interleaved in ATTENTION_LAYOUTS:
             names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
             attention = modules.get(_child(prefix, holder))
             if attention is None or names is None:
                 continue
-            head_dim = getattr(attention, "head_dim", getattr(attention, "attention_head_size", None))
+            head_dim = next((getattr(attention, a) for a in HEAD_SIZE_NAMES if hasattr(attention, a)), None)
             per_group = getattr(attention, "num_key_value_groups", 1)
             *inputs, o = (modules[n] for n in names)
             if len(inputs) == 3:
                 q_rows, k_rows, v_rows = (m.out_features for m in inputs)
+            elif interleaved:  # one head's q, k and v rows after another's (no grouped-query attention)
+                q_rows = k_rows = v_rows = inputs[0].out_features // 3
             else:  # fused q | k | v rows (Phi-3's qkv_proj): the query part is as wide as o's input
                 q_rows, k_rows = o.in_features, (inputs[0].out_features - o.in_features) // 2
                 v_rows = inputs[0].out_features - q_rows - k_rows
@@ -161,6 +170,10 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
             q, kv = (0, per_group * head_dim), (0, head_dim)
             if len(inputs) == 3:
                 segments = ((q,), (kv,), (kv,))
+            elif interleaved:
+                if per_group != 1 or inputs[0].out_features != 3 * q_rows:
+                    continue
+                segments = (((0, 3 * head_dim),),)
             else:
                 segments = ((q, (q_rows, head_dim), (q_rows + k_rows, head_dim)),)
             blocks.append(
@@ -186,10 +199,11 @@ def blocks_of(model: nn.Module, kind: str) -> list[StructureBlock]:
 
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
-    "Phi-3: gate_up_proj → down_proj",
+    "Phi-3: gate_up_proj → down_proj; GPT-NeoX: dense_h_to_4h → dense_4h_to_h",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
-    "Phi-3: self_attn.qkv_proj → o_proj",
+    "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "
+    "attention.dense",
 }
 
 
@@ -316,8 +330,8 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
         )
     if not blocks:
         raise RecipeError(
-            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT or Llama families, "
-            "heads: Llama family)"
+            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama or GPT-NeoX "
+            "families, heads: Llama family)"
         )
     live = {b.prefix + "/" + b.kind: live_groups(model, b) for b in blocks}
     kept, report = {}, {}

@@ -1,6 +1,8 @@
 """FFN and attention blocks found in BERT and Llama models, and `shrink` (issue 20): removing neurons / heads whose
 consumer columns are zero gives the same outputs, and the shrunk model round-trips through plain `from_pretrained`."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -183,5 +185,49 @@ def test_phi3_fused_projections_shrink_and_reload(tmp_path, method):
     reloaded = type(model).from_pretrained(tmp_path).eval()
     assert reloaded.model.layers[0].mlp.gate_up_proj.weight.shape == (24, 16)
     assert reloaded.model.layers[0].self_attn.qkv_proj.weight.shape == (16, 16)  # q 2 × 4, k 4, v 4
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "kfac"])
+def test_gpt_neox_interleaved_heads_and_neurons(tmp_path, method):
+    """GPT-NeoX (Pythia) fuses q, k, v per head: head h is rows [3·h·d, 3·(h+1)·d) of query_key_value. Removing a head
+    or a neuron leaves the outputs of zeroing its consumer columns alone; the FFN shrinks, the heads stay as zeros
+    (its head size is hidden_size / num_attention_heads, as BERT's)."""
+    from fls_hf import oneshot, save_shrunk
+
+    model = tiny_decoder("GPTNeoX", head_dim=None, num_key_value_heads=None).eval()
+    original = copy.deepcopy(model)
+    (heads, _) = attention_blocks(model)
+    assert heads.producers == ("gpt_neox.layers.0.attention.query_key_value",) and heads.groups == 4
+    assert heads.producer_rows(0, torch.tensor([1])).tolist() == list(range(12, 24))
+    batches = causal_batches()
+    pruning = {"method": method, "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
+    curvature = {"num_examples": 16} if method == "kfac" else {}
+    oneshot(model, batches, {"pruning": {**pruning, "global_sparsity": False}, "curvature": curvature})
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    for layer in range(2):
+        block = attention_blocks(model)[layer]
+        gone = torch.nonzero(~live_groups(model, block)).flatten()
+        assert len(gone) == 2
+        qkv = model.get_submodule(block.producers[0]).weight
+        rows = torch.zeros(len(qkv), dtype=torch.bool)
+        rows[block.producer_rows(0, gone)] = True
+        assert not qkv[rows].any() and qkv[~rows].ne(0).all(dim=1).all()  # the removed heads' rows, no others
+        if method == "magnitude":  # no compensation: zeroing the consumer columns alone gives the same model
+            with torch.no_grad():
+                original.get_submodule(block.consumer).weight[:, block.consumer_columns(gone)] = 0
+                dead = torch.nonzero(~live_groups(model, ffn_blocks(model)[layer])).flatten()
+                original.get_submodule(ffn_blocks(model)[layer].consumer).weight[:, dead] = 0
+    if method == "magnitude":
+        with torch.no_grad():
+            torch.testing.assert_close(original(**inputs).logits, masked, rtol=0, atol=1e-5)
+    sizes = save_shrunk(model, str(tmp_path))
+    assert sizes["intermediate_size"] == 12 and "num_attention_heads" not in sizes
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert reloaded.gpt_neox.layers[0].mlp.dense_4h_to_h.weight.shape == (16, 12)
+    assert reloaded.config.num_attention_heads == 4
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
