@@ -5,7 +5,7 @@
 
 Reads the committed results: one-shot (no fine-tuning after pruning, `oneshot_structured_fullg.json`) and gradual
 (one epoch, from the task fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`;
-FFN neurons and half of the heads together, `gradual_minilm_50_neurons+heads50_pretrained.json`).
+FFN neurons and a quarter or half of the heads together, `gradual_minilm_50_neurons+heads{25,50}_pretrained.json`).
 Each point is a mean over the runs a file holds (dots: the runs); the table gives validation / test and the run count.
 """
 
@@ -32,13 +32,20 @@ GRADUAL_METHODS = {
     "taylor-uniform": "Taylor",
     "gmp-uniform": "magnitude",
 }
-WITH_HEADS = "_neurons+heads50_pretrained"  # drawn as squares on the pre-trained start's panel
+# neurons + heads settings, drawn on the pre-trained start's panel: suffix → (legend, marker, x offset so both show)
+WITH_HEADS = {
+    "_neurons+heads25_pretrained": ("+ a quarter of the heads", "D", -1.5),
+    "_neurons+heads50_pretrained": ("+ half of the heads", "s", 1.5),
+}
 # result file suffix (after `gradual_minilm_<share>`) → (table words, panel title or None); a panel per neurons-only
 # start
 GRADUAL = {
     "_neurons": ("gradual neurons, from the task fine-tune", "gradual neurons, from fine-tune"),
     "_neurons_pretrained": ("gradual neurons, from the pre-trained model", "gradual neurons, from pre-trained"),
-    WITH_HEADS: ("gradual neurons + half of the heads, from the pre-trained model", None),
+    **{
+        suffix: (f"gradual neurons {legend}, from the pre-trained model", None)
+        for suffix, (legend, _, _) in WITH_HEADS.items()
+    },
 }
 SHARES = (0.5, 0.75)
 COLOURS = {"kfac (group OBS)": "#1f77b4", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
@@ -131,17 +138,20 @@ def plot(results: Path, out: Path) -> None:
         finetune, gradual = gradual_points(results, suffix)
         reference = float(np.mean([t for _, t in finetune])) if finetune else None
         _panel(ax, gradual, title, reference)
-    _, with_heads = gradual_points(results, WITH_HEADS)
-    for label, by_share in with_heads.items():
-        for share, runs in by_share.items():
-            tests = [100 * t for _, t in runs]
-            axes[3].scatter([100 * share], [np.mean(tests)], marker="s", s=50, facecolors="none", color=COLOURS[label])
+    for suffix, (_, marker, offset) in WITH_HEADS.items():
+        for label, by_share in gradual_points(results, suffix)[1].items():
+            for share, runs in by_share.items():
+                mean = np.mean([100 * t for _, t in runs])
+                axes[3].scatter(
+                    [100 * share + offset], [mean], marker=marker, s=50, facecolors="none", color=COLOURS[label]
+                )
     axes[0].set_ylabel("test accuracy (%)")
     handles = [plt.Line2D([], [], color=c, marker="o", label=label) for label, c in COLOURS.items()]
     handles.append(plt.Line2D([], [], color="black", linestyle=":", label="dense"))
-    handles.append(
-        plt.Line2D([], [], color="black", marker="s", markerfacecolor="none", linestyle="", label="+ half the heads")
-    )
+    handles += [
+        plt.Line2D([], [], color="black", marker=marker, markerfacecolor="none", linestyle="", label=legend)
+        for legend, marker, _ in WITH_HEADS.values()
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle("MiniLM on the movie snippets: one-shot (no fine-tuning) and gradual (one epoch); dots are runs")
     fig.tight_layout(rect=(0, 0.08, 1, 1))

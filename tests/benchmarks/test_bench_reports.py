@@ -205,6 +205,8 @@ def test_structured_report_averages_each_share_and_start_and_plots_four_panels(t
     for share, runs in gradual.items():
         rows = [{"method": m, "validation": v, "test": t} for m, v, t in runs]
         (tmp_path / f"gradual_minilm_{share}_neurons.json").write_text(json.dumps({"rows": rows}))
+    with_heads = [{"method": "fls-obc-rel-uniform", "validation": 0.83, "test": 0.82}]
+    (tmp_path / "gradual_minilm_50_neurons+heads25_pretrained.json").write_text(json.dumps({"rows": with_heads}))
     lines = report_structured.table(tmp_path).splitlines()
     assert "| one-shot | dense: 85.00 / 86.00 | | | |" in lines
     assert "| one-shot, neurons | kfac (group OBS) | – | 85.00 / 85.50 (1) | – |" in lines
@@ -212,7 +214,10 @@ def test_structured_report_averages_each_share_and_start_and_plots_four_panels(t
     assert "| gradual neurons, from the task fine-tune | dense fine-tune: 85.20 / 85.80 (1) | | | |" in lines
     assert "| gradual neurons, from the task fine-tune | kfac (group OBS) | – | 85.50 / 85.50 (2) | – |" in lines
     assert "| gradual neurons, from the task fine-tune | Taylor | – | – | 84.00 / 83.00 (1) |" in lines
-    assert not any("pre-trained" in line or "10.00" in line for line in lines)  # no such file; scan rows left out
+    setting = "gradual neurons + a quarter of the heads, from the pre-trained model"
+    assert f"| {setting} | kfac (group OBS) | – | 83.00 / 82.00 (1) | – |" in lines
+    # no neurons-only file from the pre-trained model, nor one with half of the heads; scan rows left out
+    assert not any("neurons, from the pre-trained" in line or "half" in line or "10.00" in line for line in lines)
     out = tmp_path / "structured.png"
     report_structured.plot(tmp_path, out)
     assert out.stat().st_size > 10_000
