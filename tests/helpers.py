@@ -145,23 +145,66 @@ def row_loss(delta: torch.Tensor, model) -> float:
     return float(row_losses(delta, model).sum())
 
 
-def run_quick_study(study: str, out, timeout: int = 600, *extra: str):
+def run_quick_study(study: str, out, timeout: int = 600, *extra: str, in_process: bool = False):
     """`python -m benchmarks.<study> --quick --output out [extra]` from the repository root, progress bars off.
 
-    Returns (the JSON report, the finished process); a non-zero exit fails with the tails of its output."""
+    `in_process`: run it in this process instead (for studies that start no process of their own): a new Python with
+    torch and transformers costs 6–10 s per test on a slow host. Torch's threads, the working directory and the global
+    random states are put back afterwards, so later tests run as before.
+
+    Returns (the JSON report, the finished process or its stand-in with returncode / stdout / stderr); a non-zero
+    exit fails with the tails of its output."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{study}", "--quick", "--output", str(out), *extra],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    repo = Path(__file__).resolve().parents[1]
+    command = [f"benchmarks.{study}", "--quick", "--output", str(out), *extra]
+    if in_process:
+        done = run_in_process(command, repo)
+    else:
+        env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", *command], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(Path(out).read_text()), done
+
+
+def run_in_process(command: list[str], cwd):
+    """`python -m command…` in this process (runpy): stdout / stderr captured, torch's threads, the working directory,
+    FLS_HF_DISABLE_PROGRESS (set to 1 meanwhile) and the global random states put back. Returns a stand-in for the
+    finished process (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+    import random
+    import runpy
+    import sys
+    import types
+
+    import numpy as np
+
+    saved = (sys.argv, os.getcwd(), torch.get_num_threads(), os.environ.get("FLS_HF_DISABLE_PROGRESS"))
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = list(command)
+    os.chdir(cwd)
+    os.environ["FLS_HF_DISABLE_PROGRESS"] = "1"
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_module(command[0], run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        torch.set_num_threads(saved[2])
+        if saved[3] is None:
+            os.environ.pop("FLS_HF_DISABLE_PROGRESS", None)
+        else:
+            os.environ["FLS_HF_DISABLE_PROGRESS"] = saved[3]
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_run_ranks_row_wise_obc_near_exact_obs(tmp_path):
-    report, done = run_quick_study("exact_fisher", tmp_path / "exact.json")
+    report, done = run_quick_study("exact_fisher", tmp_path / "exact.json", in_process=True)
     rise = {name: values["0.5"] for name, values in report["loss_rise"].items()}
     assert set(rise) >= {
         "exact greedy OBS (full M)",

@@ -48,7 +48,7 @@ def test_splits_shapes_and_range():
 @needs_data
 @pytest.mark.slow
 def test_quick_benchmark_writes_finite_monotone_losses(tmp_path):
-    report, _ = run_quick_study("fashion_autoencoder", tmp_path / "quick.json", timeout=300)
+    report, _ = run_quick_study("fashion_autoencoder", tmp_path / "quick.json", in_process=True)
     assert math.isfinite(report["dense"]["test"]) and report["dense"]["test"] > 0
     rows = {row["method"]: row for row in report["methods"]}
     assert "magnitude" in rows and any(name.startswith("fls-diag") for name in rows)

