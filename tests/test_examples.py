@@ -43,7 +43,7 @@ def targeted_sparsity(model) -> float:
 
 # ----------------------------------------------------------------------------- data
 def columns(data):
-    return {split: {name: list(dataset[name]) for name in dataset.column_names} for split, dataset in data.items()}
+    return {split: dataset.to_dict() for split, dataset in data.items()}
 
 
 def test_movie_snippets_counts_balance_and_determinism():

@@ -40,7 +40,7 @@ FAULT_STEP = (
 )
 DAMPING = 1e-3
 CURVATURE = {
-    "fishleg": {"warmup_steps": 3, "block_size": 8},
+    "fishleg": {"warmup_steps": 3, "block_size": 8, "init_examples": 16},
     "magnitude": {},
     "diagonal_fisher": {"num_grads": 8, "fisher_labels": "sampled"},
     "block_fisher": {"num_grads": 8, "block_size": 8, "fisher_labels": "sampled"},

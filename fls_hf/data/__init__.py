@@ -63,10 +63,10 @@ def load_movie_snippets(seed: int = 0, test_fraction: float = 0.2):
         column_names=["id", "rating", "sentence"],
         keep_in_memory=True,
     )
-    ratings = list(raw["rating"])
-    keep = [i for i, rating in enumerate(ratings) if rating != 0]
-    labels = [int(ratings[i] > 0) for i in keep]
-    sentences = list(raw.select(keep)["sentence"])
+    table = raw.to_dict()  # whole columns at once: iterating a datasets column formats one row at a time (seconds)
+    keep = [i for i, rating in enumerate(table["rating"]) if rating != 0]
+    labels = [int(table["rating"][i] > 0) for i in keep]
+    sentences = [table["sentence"][i] for i in keep]
     features = datasets.Features(
         {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=LABEL_NAMES)}
     )

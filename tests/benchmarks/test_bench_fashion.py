@@ -1,5 +1,5 @@
 """B3 smoke tests: `python -m benchmarks.fashion_autoencoder --quick` (and fashion_resnet) on the Debian Fashion-MNIST
-files, in a subprocess."""
+files, in this process (runpy, state put back: `helpers.run_in_process`)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_labelled_splits_keep_the_image_order_of_splits():
 @needs_data
 @pytest.mark.slow
 def test_resnet_quick_prunes_convolutions_to_95_percent(tmp_path):
-    report, _ = run_quick_study("fashion_resnet", tmp_path / "resnet.json", timeout=300)
+    report, _ = run_quick_study("fashion_resnet", tmp_path / "resnet.json", in_process=True)
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"gmp", "fls"}
     for row in rows.values():

@@ -26,7 +26,7 @@ out, methods = Path(sys.argv[1]), sys.argv[2].split(",")
 resume = sys.argv[3:] == ["resume"]
 torch.set_num_threads(1)
 CURVATURE = {
-    "fishleg": {"warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3},
+    "fishleg": {"warmup_steps": 3, "refinement_steps": 2, "block_size": 8, "refine_every": 3, "init_examples": 16},
     "block_fisher": {"num_grads": 8, "block_size": 8},
     "kfac-training": {"num_examples": 4, "statistics": "training"},  # each rank's two steps before a pruning step
 }
