@@ -19,7 +19,7 @@ from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_de
 from fls_hf.pruning.masks import MaskSet
 from fls_hf.pruning.pruner import Pruner
 
-from helpers import tiny_bert, tiny_llama
+from helpers import tiny_bert, tiny_gpt2, tiny_llama
 from test_trainer import training_args
 
 # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (pyproject turns that into an error).
@@ -273,6 +273,40 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
         torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
     sizes = (reloaded.config.intermediate_size, reloaded.config.num_key_value_heads)
     assert sizes == ((8, 4) if kind == "neurons" else (16, 2))
+
+
+def test_lora_on_gpt2_conv1d_removes_neurons_and_heads_and_merges_to_the_shrunk_model(tmp_path):
+    """GPT-2's Conv1D layers under LoRA (fan_in_fan_out): the groups are read through the (out, in) matrix view, the
+    adapters' removed entries stay zero, and the masked merge shrinks (n_inner) to the PEFT model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from fls_hf import save_shrunk
+
+    torch.manual_seed(0)
+    targets = ["c_attn", "c_proj", "c_fc"]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=True)
+    model = get_peft_model(tiny_gpt2(), config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (32, 8), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = training_args(tmp_path / "run", max_steps=6, learning_rate=1e-2, logging_steps=500)
+    recipe = copy.deepcopy(STRUCTURE_RECIPE)
+    recipe["pruning"].update(mask_type="neurons+heads", head_sparsity=0.5)
+    trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=data)
+    trainer.train()
+    assert len(trainer.pruner.adapter_factors) == 4 * 2  # per layer: lora_A of both c_proj, lora_B of c_fc, c_attn
+    batch = {"input_ids": ids[:4]}
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+        merged = masked_merge_and_unload(model, trainer.pruner)
+        torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)
+        sizes = save_shrunk(merged, str(tmp_path / "shrunk"))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
+        torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
+    assert sizes["n_inner"] == reloaded.config.n_inner == 32 and reloaded.config.n_head == 2  # heads: zeros
+    c_attn = reloaded.transformer.h[0].attn.c_attn.weight  # (in 16, out 48): one head's q, k, v columns zero
+    assert [int(c_attn[:, 8 * i : 8 * (i + 1)].eq(0).all()) for i in range(6)].count(1) == 3
 
 
 def test_lora_structures_refuse_dora_on_the_producers():

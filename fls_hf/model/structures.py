@@ -4,12 +4,15 @@ A structure is a group of input columns of a consumer layer and the matching out
 - an FFN neuron j of x → down(act(up(x)) [⊙ gate(x)]) is column j of down and row j of up (and gate);
 - an attention head group is the `head_dim` columns per query head of the output projection o, the matching rows of
   q and the rows of the key / value head they read (grouped-query attention: a KV head and its query heads go
-  together; BERT, GPT-NeoX: one head; GPT-NeoX fuses q, k, v per head in query_key_value).
+  together; BERT, GPT-NeoX, GPT-2: one head; GPT-NeoX fuses q, k, v per head in query_key_value, GPT-2 stacks all
+  q | all k | all v in c_attn).
+The layers are `nn.Linear` or GPT-2's `Conv1D`, which stores its weight as (in, out): rows and columns here are
+always those of the (out, in) matrix view (`adapters`).
 Whatever its producers hold, a group whose consumer columns are zero adds nothing to the output, so removing it from
 every layer of the block is exact. `shrink` does that and rewrites the config (`intermediate_size`; Llama's
-`num_attention_heads` / `num_key_value_heads`, `head_dim` kept), so the model loads with plain `from_pretrained`.
-BERT's and GPT-NeoX's attention derive the head size from hidden_size / num_attention_heads, so their heads cannot
-shrink that way: they stay in the saved model as zeros.
+`num_attention_heads` / `num_key_value_heads`, `head_dim` kept; GPT-2's `n_inner`), so the model loads with plain
+`from_pretrained`. BERT's, GPT-NeoX's and GPT-2's attention derive the head size from hidden_size /
+num_attention_heads, so their heads cannot shrink that way: they stay in the saved model as zeros.
 """
 
 from __future__ import annotations
@@ -21,17 +24,19 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..progress import warn_main
-from .adapters import LayerAdapter, local
+from .adapters import Conv1D, LayerAdapter, adapter_for
 from .blocks import any_in_groups, group_rows
 from .targets import named_by, peft_inner_name, plain_name, resolve_targets
 
-# (producers, consumer, halves) child names of an FFN block, per family; the parent module is the block; halves: the
-# producer stacks gate and up rows (one output chunked in two), so neuron j is its rows j and width + j
-FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int], ...] = (
-    (("intermediate.dense",), "output.dense", 1),  # BERT family (BertLayer, RobertaLayer, …)
-    (("gate_proj", "up_proj"), "down_proj", 1),  # Llama family (LlamaMLP, MistralMLP, Qwen2MLP, …)
-    (("gate_up_proj",), "down_proj", 2),  # Phi-3 family (fused gate / up)
-    (("dense_h_to_4h",), "dense_4h_to_h", 1),  # GPT-NeoX family (Pythia)
+# (producers, consumer, halves, config key of the width) child names of an FFN block, per family; the parent module
+# is the block; halves: the producer stacks gate and up rows (one output chunked in two), so neuron j is its rows j and
+# width + j
+FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int, str], ...] = (
+    (("intermediate.dense",), "output.dense", 1, "intermediate_size"),  # BERT family (BertLayer, RobertaLayer, …)
+    (("gate_proj", "up_proj"), "down_proj", 1, "intermediate_size"),  # Llama family (LlamaMLP, MistralMLP, …)
+    (("gate_up_proj",), "down_proj", 2, "intermediate_size"),  # Phi-3 family (fused gate / up)
+    (("dense_h_to_4h",), "dense_4h_to_h", 1, "intermediate_size"),  # GPT-NeoX family (Pythia)
+    (("c_fc",), "c_proj", 1, "n_inner"),  # GPT-2 (Conv1D layers; n_inner unset means 4 × n_embd)
 )
 # (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk,
 # whether a fused qkv interleaves per head: head h's q, k, v rows together, as GPT-NeoX's are; else all q, all k, all v)
@@ -47,6 +52,7 @@ ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool], ...] = (
     ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True, False),  # Phi-3 family (fused q | k | v)
     # GPT-NeoX family: its head size is hidden_size / num_attention_heads, so (as BERT's) its heads stay as zeros
     ("attention", ("attention.query_key_value",), "attention.dense", False, True),
+    ("attn", ("attn.c_attn",), "attn.c_proj", False, False),  # GPT-2: fused q | k | v, head size as BERT's
 )
 # the attention module's attribute holding the head size (Llama, BERT, GPT-NeoX)
 HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
@@ -69,6 +75,7 @@ class StructureBlock:
         groups: how many groups the block has.
         heads_per_group: query heads per group (heads; 1 for neurons).
         shrinkable: whether plain transformers can load the block with fewer groups.
+        width_key: the config entry holding a neuron block's width (`intermediate_size`; GPT-2: `n_inner`).
     """
 
     kind: str
@@ -80,6 +87,7 @@ class StructureBlock:
     groups: int
     heads_per_group: int = 1
     shrinkable: bool = True
+    width_key: str = "intermediate_size"
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -97,7 +105,7 @@ class StructureBlock:
     def config_sizes(self, groups: int) -> dict[str, int]:
         """The config entries of a model whose blocks of this kind keep `groups` groups."""
         if self.kind == "neurons":
-            return {"intermediate_size": groups}
+            return {self.width_key: groups}
         return {"num_key_value_heads": groups, "num_attention_heads": groups * self.heads_per_group}
 
 
@@ -105,9 +113,30 @@ def _child(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def _output_dim(layer: nn.Module) -> int:
+    """The weight dimension of the output features (matrix rows): 0 for Linear's (out, in), 1 for Conv1D's (in, out);
+    the input features are the other one."""
+    return 1 if _is_conv1d(layer) else 0
+
+
+def _is_dense(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of an `nn.Linear` (weight (out, in)) or a `Conv1D` (weight (in, out)); whole-weight sizes
+    under FSDP2 too (a DTensor's shape is global)."""
+    shape = module.weight.shape
+    return shape[1 - _output_dim(module)], shape[_output_dim(module)]
+
+
 def _linears(modules: dict[str, nn.Module], names: list[str]) -> list[str] | None:
     """The names resolved through PEFT wrappers to the modules they stand for (LoRA: its `base_layer`, which fls_hf
-    prunes while the adapters train); None unless every one is an `nn.Linear`."""
+    prunes while the adapters train); None unless every one is an `nn.Linear` or GPT-2's `Conv1D`."""
     resolved = []
     for name in names:
         module = modules.get(name)
@@ -115,28 +144,37 @@ def _linears(modules: dict[str, nn.Module], names: list[str]) -> list[str] | Non
         if inner is not None:
             name = f"{name}.{inner}"
             module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if not _is_dense(module):
             return None
         resolved.append(name)
     return resolved
 
 
 def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
-    """Every FFN block of `model` in module order (BERT and Llama families); each block's Linear layers agree on the
-    number of neurons."""
+    """Every FFN block of `model` in module order (`FFN_LAYOUTS`); each block's layers agree on the number of
+    neurons."""
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
-        for producers, consumer, halves in FFN_LAYOUTS:
+        for producers, consumer, halves, width_key in FFN_LAYOUTS:
             names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
             if names is None:
                 continue
-            width = modules[names[-1]].in_features
-            if any(modules[n].out_features != halves * width for n in names[:-1]):
+            width = _features(modules[names[-1]])[0]
+            if any(_features(modules[n])[1] != halves * width for n in names[:-1]):
                 continue
             segments = tuple((h * width, 1) for h in range(halves))
             blocks.append(
-                StructureBlock("neurons", prefix, tuple(names[:-1]), names[-1], (segments,) * len(producers), 1, width)
+                StructureBlock(
+                    "neurons",
+                    prefix,
+                    tuple(names[:-1]),
+                    names[-1],
+                    (segments,) * len(producers),
+                    1,
+                    width,
+                    width_key=width_key,
+                )  # fmt: skip
             )
     return blocks
 
@@ -154,24 +192,24 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
                 continue
             head_dim = next((getattr(attention, a) for a in HEAD_SIZE_NAMES if hasattr(attention, a)), None)
             per_group = getattr(attention, "num_key_value_groups", 1)
-            *inputs, o = (modules[n] for n in names)
-            if len(inputs) == 3:
-                q_rows, k_rows, v_rows = (m.out_features for m in inputs)
+            *outputs, o_inputs = [_features(modules[n])[1] for n in names[:-1]] + [_features(modules[names[-1]])[0]]
+            if len(outputs) == 3:
+                q_rows, k_rows, v_rows = outputs
             elif interleaved:  # one head's q, k and v rows after another's (no grouped-query attention)
-                q_rows = k_rows = v_rows = inputs[0].out_features // 3
-            else:  # fused q | k | v rows (Phi-3's qkv_proj): the query part is as wide as o's input
-                q_rows, k_rows = o.in_features, (inputs[0].out_features - o.in_features) // 2
-                v_rows = inputs[0].out_features - q_rows - k_rows
+                q_rows = k_rows = v_rows = outputs[0] // 3
+            else:  # fused q | k | v rows (Phi-3's qkv_proj, GPT-2's c_attn): the query part is as wide as o's input
+                q_rows, k_rows = o_inputs, (outputs[0] - o_inputs) // 2
+                v_rows = outputs[0] - q_rows - k_rows
             if head_dim is None or k_rows % head_dim or k_rows != v_rows or _norm_spans_heads(attention, head_dim):
                 continue
             groups = k_rows // head_dim
-            if q_rows != groups * per_group * head_dim or o.in_features != q_rows:
+            if q_rows != groups * per_group * head_dim or o_inputs != q_rows:
                 continue
             q, kv = (0, per_group * head_dim), (0, head_dim)
-            if len(inputs) == 3:
+            if len(outputs) == 3:
                 segments = ((q,), (kv,), (kv,))
             elif interleaved:
-                if per_group != 1 or inputs[0].out_features != 3 * q_rows:
+                if per_group != 1 or outputs[0] != 3 * q_rows:
                     continue
                 segments = (((0, 3 * head_dim),),)
             else:
@@ -199,11 +237,11 @@ def blocks_of(model: nn.Module, kind: str) -> list[StructureBlock]:
 
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
-    "Phi-3: gate_up_proj → down_proj; GPT-NeoX: dense_h_to_4h → dense_4h_to_h",
+    "Phi-3: gate_up_proj → down_proj; GPT-NeoX: dense_h_to_4h → dense_4h_to_h; GPT-2: mlp.c_fc → mlp.c_proj",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
     "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "
-    "attention.dense",
+    "attention.dense; GPT-2: attn.c_attn → attn.c_proj",
 }
 
 
@@ -304,7 +342,9 @@ def adapter_factors(model: nn.Module, block: StructureBlock) -> list[tuple[torch
 def live_groups(model: nn.Module, block: StructureBlock) -> torch.Tensor:
     """bool (groups,): True where the group's consumer columns hold a non-zero weight (the groups it has now; FSDP2:
     in this rank's rows)."""
-    return any_in_groups(local(model.get_submodule(block.consumer).weight.detach()), block.columns)
+    return any_in_groups(
+        adapter_for(block.consumer, model.get_submodule(block.consumer)).weight_matrix(), block.columns
+    )
 
 
 def shrinkable_blocks(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> list[StructureBlock]:
@@ -330,8 +370,8 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
         )
     if not blocks:
         raise RecipeError(
-            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama or GPT-NeoX "
-            "families, heads: Llama family)"
+            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama, GPT-NeoX "
+            "or GPT-2 families, heads: Llama family)"
         )
     live = {b.prefix + "/" + b.kind: live_groups(model, b) for b in blocks}
     kept, report = {}, {}
@@ -425,11 +465,13 @@ def shrunk_state_dict(
     for block in blocks:
         index = kept[f"{block.prefix}/{block.kind}"]
         for i, name in enumerate(block.producers):
-            for key in (f"{name}.weight", f"{name}.bias"):
+            rows = block.producer_rows(i, index)
+            for key, dim in ((f"{name}.weight", _output_dim(model.get_submodule(name))), (f"{name}.bias", 0)):
                 if key in state:
-                    state[key] = state[key][block.producer_rows(i, index).to(state[key].device)].clone()
+                    state[key] = state[key].index_select(dim, rows.to(state[key].device)).clone()
         key = f"{block.consumer}.weight"
-        state[key] = state[key][:, block.consumer_columns(index).to(state[key].device)].clone()
+        columns = block.consumer_columns(index).to(state[key].device)
+        state[key] = state[key].index_select(1 - _output_dim(model.get_submodule(block.consumer)), columns).clone()
     return state, report
 
 
@@ -453,21 +495,30 @@ def save_shrunk(model: nn.Module, directory: str, kinds: str | tuple[str, ...] |
     return report
 
 
-def _rows_of(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
-    out.to(device=linear.weight.device, dtype=linear.weight.dtype)
-    out.weight.copy_(linear.weight[index.to(linear.weight.device)])
-    if linear.bias is not None:
-        out.bias.copy_(linear.bias[index.to(linear.bias.device)])
+def _like(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """A new layer of `layer`'s kind (Linear, or Conv1D: always with a bias), device and dtype, of the given sizes."""
+    if _is_conv1d(layer):
+        new = Conv1D(out_features, in_features)
+    else:
+        new = nn.Linear(in_features, out_features, bias=layer.bias is not None)
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def _rows_of(layer: nn.Module, index: torch.Tensor) -> nn.Module:
+    """`layer` keeping the output features (matrix rows) `index`."""
+    out = _like(layer, _features(layer)[0], len(index))
+    out.weight.copy_(layer.weight.index_select(_output_dim(layer), index.to(layer.weight.device)))
+    if layer.bias is not None:
+        out.bias.copy_(layer.bias[index.to(layer.bias.device)])
     return out
 
 
-def _columns_of(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
-    out.to(device=linear.weight.device, dtype=linear.weight.dtype)
-    out.weight.copy_(linear.weight[:, index.to(linear.weight.device)])
-    if linear.bias is not None:
-        out.bias.copy_(linear.bias)
+def _columns_of(layer: nn.Module, index: torch.Tensor) -> nn.Module:
+    """`layer` keeping the input features (matrix columns) `index`."""
+    out = _like(layer, len(index), _features(layer)[1])
+    out.weight.copy_(layer.weight.index_select(1 - _output_dim(layer), index.to(layer.weight.device)))
+    if layer.bias is not None:
+        out.bias.copy_(layer.bias)
     return out
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from fls_hf.errors import RecipeError
 from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, save_shrunk, shrink, shrink_ffn
 
-from helpers import MLP, causal_batches, tiny_bert, tiny_decoder, tiny_llama, token_batches
+from helpers import MLP, causal_batches, tiny_bert, tiny_decoder, tiny_gpt2, tiny_llama, token_batches
 
 
 def test_ffn_blocks_of_bert_and_llama():
@@ -189,25 +189,31 @@ def test_phi3_fused_projections_shrink_and_reload(tmp_path, method):
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "kfac"])
-def test_gpt_neox_interleaved_heads_and_neurons(tmp_path, method):
-    """GPT-NeoX (Pythia) fuses q, k, v per head: head h is rows [3·h·d, 3·(h+1)·d) of query_key_value. Removing a head
-    or a neuron leaves the outputs of zeroing its consumer columns alone; the FFN shrinks, the heads stay as zeros
-    (its head size is hidden_size / num_attention_heads, as BERT's)."""
-    from fls_hf import oneshot, save_shrunk
+def _half_of_neurons_and_heads(model, method: str) -> tuple[dict, torch.Tensor]:
+    """One-shot removal of half of every block's neurons and heads (`method`: magnitude, or kfac's group OBS);
+    returns the inputs of a batch and the masked model's logits on them."""
+    from fls_hf import oneshot
 
-    model = tiny_decoder("GPTNeoX", head_dim=None, num_key_value_heads=None).eval()
-    original = copy.deepcopy(model)
-    (heads, _) = attention_blocks(model)
-    assert heads.producers == ("gpt_neox.layers.0.attention.query_key_value",) and heads.groups == 4
-    assert heads.producer_rows(0, torch.tensor([1])).tolist() == list(range(12, 24))
     batches = causal_batches()
     pruning = {"method": method, "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
     curvature = {"num_examples": 16} if method == "kfac" else {}
     oneshot(model, batches, {"pruning": {**pruning, "global_sparsity": False}, "curvature": curvature})
     inputs = {k: v for k, v in batches[0].items() if k != "labels"}
     with torch.no_grad():
-        masked = model(**inputs).logits
+        return inputs, model(**inputs).logits
+
+
+@pytest.mark.parametrize("method", ["magnitude", "kfac"])
+def test_gpt_neox_interleaved_heads_and_neurons(tmp_path, method):
+    """GPT-NeoX (Pythia) fuses q, k, v per head: head h is rows [3·h·d, 3·(h+1)·d) of query_key_value. Removing a head
+    or a neuron leaves the outputs of zeroing its consumer columns alone; the FFN shrinks, the heads stay as zeros
+    (its head size is hidden_size / num_attention_heads, as BERT's)."""
+    model = tiny_decoder("GPTNeoX", head_dim=None, num_key_value_heads=None).eval()
+    original = copy.deepcopy(model)
+    (heads, _) = attention_blocks(model)
+    assert heads.producers == ("gpt_neox.layers.0.attention.query_key_value",) and heads.groups == 4
+    assert heads.producer_rows(0, torch.tensor([1])).tolist() == list(range(12, 24))
+    inputs, masked = _half_of_neurons_and_heads(model, method)
     for ffn, block in zip(ffn_blocks(model), attention_blocks(model)):
         gone = torch.nonzero(~live_groups(model, block)).flatten()
         assert len(gone) == 2
@@ -230,3 +236,50 @@ def test_gpt_neox_interleaved_heads_and_neurons(tmp_path, method):
     assert reloaded.config.num_attention_heads == 4
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "kfac"])
+def test_gpt2_conv1d_heads_and_neurons(tmp_path, method):
+    """GPT-2's Conv1D layers store their weight as (in, out): a neuron is row j of c_proj's weight and column j of
+    c_fc's, a head the (q | k | v) columns of c_attn. Removing them leaves the outputs of zeroing the consumer's
+    inputs alone; the FFN shrinks through `n_inner`, the heads stay as zeros (head size hidden / heads, as BERT's)."""
+    model = tiny_gpt2().eval()  # 16 wide, 2 heads of 8, n_inner unset: 64 neurons
+    original = copy.deepcopy(model)
+    (ffn,), (heads,) = ffn_blocks(model)[:1], attention_blocks(model)[:1]
+    assert (ffn.producers, ffn.consumer, ffn.groups, ffn.width_key) == (
+        ("transformer.h.0.mlp.c_fc",),
+        "transformer.h.0.mlp.c_proj",
+        64,
+        "n_inner",
+    )
+    assert heads.producers == ("transformer.h.0.attn.c_attn",) and heads.consumer == "transformer.h.0.attn.c_proj"
+    assert heads.groups == 2 and not heads.shrinkable  # head 1: its q, k and v rows of the (48, 16) matrix view
+    assert heads.producer_rows(0, torch.tensor([1])).tolist() == [*range(8, 16), *range(24, 32), *range(40, 48)]
+    inputs, masked = _half_of_neurons_and_heads(model, method)
+    for ffn, block in zip(ffn_blocks(model), attention_blocks(model)):
+        dead = torch.nonzero(~live_groups(model, ffn)).flatten()
+        gone = torch.nonzero(~live_groups(model, block)).flatten()
+        assert len(dead) == 32 and len(gone) == 1
+        c_fc, c_attn = (model.get_submodule(b.producers[0]).weight for b in (ffn, block))
+        assert not c_fc[:, dead].any() and c_fc.ne(0).sum() == 16 * 32  # the removed neurons' columns, no others
+        rows = torch.zeros(48, dtype=torch.bool)
+        rows[block.producer_rows(0, gone)] = True
+        assert not c_attn[:, rows].any() and c_attn[:, ~rows].ne(0).all()
+        assert not model.get_submodule(ffn.consumer).weight[dead].any()  # c_proj's (in, out): its input rows
+        if method == "magnitude":  # no compensation: zeroing the consumer's inputs alone gives the same model
+            with torch.no_grad():
+                original.get_submodule(block.consumer).weight[block.consumer_columns(gone)] = 0
+                original.get_submodule(ffn.consumer).weight[dead] = 0
+    if method == "magnitude":
+        with torch.no_grad():
+            torch.testing.assert_close(original(**inputs).logits, masked, rtol=0, atol=1e-5)
+    sizes = save_shrunk(model, str(tmp_path))
+    assert sizes["n_inner"] == 32 and "num_attention_heads" not in sizes and model.config.n_inner is None
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
+    assert reloaded.config.n_inner == 32 and reloaded.transformer.h[0].mlp.c_fc.weight.shape == (16, 32)
+    assert reloaded.transformer.h[1].mlp.c_proj.weight.shape == (32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+    shrink(model)  # in place: the same
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, masked, rtol=0, atol=1e-5)
