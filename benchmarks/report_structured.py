@@ -6,7 +6,7 @@
 Reads the committed results: one-shot (no fine-tuning after pruning, `oneshot_structured_fullg.json`) and gradual
 (one epoch, from the task fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`;
 FFN neurons and a quarter or half of the heads together, `gradual_minilm_50_neurons+heads{25,50}_pretrained.json`, and
-half of each from the task fine-tune, `gradual_minilm_50_neurons+heads50.json`, in the table only).
+from the task fine-tune, `gradual_minilm_50_neurons+heads{25,50}.json`, in the table only).
 Each point is a mean over the runs a file holds (dots: the runs); the table gives validation / test and the run count.
 """
 
@@ -47,7 +47,9 @@ GRADUAL = {
         suffix: (f"gradual neurons {legend}, from the pre-trained model", None)
         for suffix, (legend, _, _) in WITH_HEADS.items()
     },
-    "_neurons+heads50": ("gradual neurons + half of the heads, from the task fine-tune", None),  # table only
+    # table only
+    "_neurons+heads25": ("gradual neurons + a quarter of the heads, from the task fine-tune", None),
+    "_neurons+heads50": ("gradual neurons + half of the heads, from the task fine-tune", None),
 }
 SHARES = (0.5, 0.75)
 COLOURS = {"kfac (group OBS)": "#1f77b4", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
