@@ -1,8 +1,11 @@
-"""One-shot FLS pruning of a small causal LM: perplexity before and after, 50 % unstructured and 2:4.
+"""One-shot FLS pruning of a small causal LM: perplexity before and after, 50 % unstructured, 2:4 and half of
+the FFN neurons (a smaller model that plain transformers loads).
 
 A GPT-2 built from a small config (its linears are transformers' Conv1D) is trained briefly on the
 embedded movie-review snippets with a character-level vocabulary (no tokenizer download), then a copy
 is pruned one-shot with `fls_hf.oneshot` for each pattern; perplexity is measured on held-out snippets.
+The neurons copy is saved shrunk (`fls_hf.save_shrunk`: `n_inner` halved) and reloaded with plain
+`GPT2LMHeadModel.from_pretrained`.
 
     python examples/oneshot_causal_lm.py                # ~3 minutes on 2 CPU cores (measured 3 min 9 s)
     python examples/oneshot_causal_lm.py --train_steps 50 --recipe_args curvature.damping=1e-3
@@ -14,13 +17,14 @@ import argparse
 import copy
 import math
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from fls_hf import oneshot
+from fls_hf import oneshot, save_shrunk
 from fls_hf.data import load_movie_snippets
 from fls_hf.recipe import parse_overrides
 
@@ -117,6 +121,38 @@ def main() -> None:
             f"magnitude    {mask_type:12s} sparsity {100 * report.global_sparsity:.1f} %: perplexity "
             f"{perplexity(magnitude, test_batches):.3f}"
         )
+    structured(model, train_batches[:16], test_batches, args.recipe_args)
+
+
+def structured(model: GPT2LMHeadModel, calibration: list[dict], test_batches: list[dict], recipe_args: list[str]):
+    """Half of every block's FFN neurons, by group OBS (the default kfac), first-order Taylor and group magnitude;
+    the kfac copy saved shrunk and reloaded with plain transformers."""
+    # every block loses the same share (global_sparsity: false), so one n_inner holds them all
+    pruning = {"final_sparsity": 0.5, "mask_type": "neurons", "global_sparsity": False}
+    for method in ("kfac", "taylor", "magnitude"):
+        pruned = copy.deepcopy(model)
+        curvature = {"kfac": {"num_examples": 512, "num_batches": 16}, "taylor": {"num_batches": 16}}.get(method, {})
+        recipe = {"pruning": {**pruning, "method": method}, "curvature": curvature}
+        overrides = parse_overrides(recipe_args) if method == "kfac" else None
+        report = oneshot(pruned, calibration, recipe, overrides=overrides)
+        name = {"kfac": "FLS one-shot", "taylor": "Taylor", "magnitude": "magnitude"}[method]
+        print(
+            f"{name:12s} {'neurons':12s} sparsity {100 * report.global_sparsity:.1f} %: perplexity "
+            f"{perplexity(pruned, test_batches):.3f}"
+        )
+        if method == "kfac":
+            with tempfile.TemporaryDirectory() as folder:
+                save_shrunk(pruned, folder)
+                small = GPT2LMHeadModel.from_pretrained(folder)  # plain transformers, no fls_hf
+                print(
+                    f"  saved shrunk: n_inner {4 * model.config.n_embd} → {small.config.n_inner}, "
+                    f"{count(model) / 1e6:.2f} M → {count(small) / 1e6:.2f} M parameters; reloaded with plain "
+                    f"transformers: perplexity {perplexity(small, test_batches):.3f}"
+                )
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 if __name__ == "__main__":

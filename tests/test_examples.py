@@ -252,7 +252,8 @@ def test_text_classification_example_on_embedded_minilm(tmp_path):
 
 
 def test_oneshot_causal_lm_example_reports_perplexities():
-    """examples/oneshot_causal_lm.py end to end on a few training steps: both patterns reach 50 %."""
+    """examples/oneshot_causal_lm.py end to end on a few training steps: every pattern reaches 50 %, and the model
+    with half of its FFN neurons removed reloads shrunk with the perplexity it had masked."""
     script = Path(__file__).resolve().parents[1] / "examples" / "oneshot_causal_lm.py"
     env = {**os.environ, "FLS_HF_DISABLE_PROGRESS": "1"}  # torch's default threads: this test waits idle
     result = subprocess.run(
@@ -260,5 +261,9 @@ def test_oneshot_causal_lm_example_reports_perplexities():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if "perplexity" in line]
-    assert len(lines) == 5 and lines[0].startswith("dense perplexity")
-    assert sum("sparsity 50.0 %" in line for line in lines) == 4
+    assert len(lines) == 9 and lines[0].startswith("dense perplexity")
+    assert sum("sparsity 50.0 %" in line for line in lines) == 7
+    neurons = next(i for i, line in enumerate(lines) if line.startswith("FLS one-shot neurons"))
+    shrunk = lines[neurons + 1]
+    assert "n_inner 512 → 256" in shrunk and "0.42 M → 0.29 M parameters" in shrunk
+    assert shrunk.rsplit(" ", 1)[1] == lines[neurons].rsplit(" ", 1)[1]  # the same perplexity, to 3 decimals
