@@ -28,31 +28,36 @@ from .adapters import Conv1D, LayerAdapter, adapter_for
 from .blocks import any_in_groups, group_rows
 from .targets import named_by, peft_inner_name, plain_name, resolve_targets
 
-# (producers, consumer, halves, config key of the width) child names of an FFN block, per family; the parent module
+# (producers, consumer, halves, config keys of the width) child names of an FFN block, per family; the parent module
 # is the block; halves: the producer stacks gate and up rows (one output chunked in two), so neuron j is its rows j and
-# width + j
-FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int, str], ...] = (
-    (("intermediate.dense",), "output.dense", 1, "intermediate_size"),  # BERT family (BertLayer, RobertaLayer, …)
-    (("gate_proj", "up_proj"), "down_proj", 1, "intermediate_size"),  # Llama family (LlamaMLP, MistralMLP, …)
-    (("gate_up_proj",), "down_proj", 2, "intermediate_size"),  # Phi-3 family (fused gate / up)
-    (("dense_h_to_4h",), "dense_4h_to_h", 1, "intermediate_size"),  # GPT-NeoX family (Pythia)
-    (("c_fc",), "c_proj", 1, "n_inner"),  # GPT-2 (Conv1D layers; n_inner unset means 4 × n_embd)
+# width + j; the width's config entry is the first of the keys the model's config has
+FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int, tuple[str, ...]], ...] = (
+    (("intermediate.dense",), "output.dense", 1, ("intermediate_size",)),  # BERT family (BertLayer, RobertaLayer, …)
+    (("gate_proj", "up_proj"), "down_proj", 1, ("intermediate_size",)),  # Llama family (LlamaMLP, MistralMLP, …)
+    (("gate_up_proj",), "down_proj", 2, ("intermediate_size",)),  # Phi-3 family (fused gate / up)
+    (("dense_h_to_4h",), "dense_4h_to_h", 1, ("intermediate_size",)),  # GPT-NeoX family (Pythia)
+    # GPT-2 (Conv1D layers), GPT-BigCode (StarCoder): n_inner; GPT-Neo: intermediate_size (unset: 4 × hidden)
+    (("c_fc",), "c_proj", 1, ("n_inner", "intermediate_size")),
+    (("fc_in",), "fc_out", 1, ("n_inner",)),  # GPT-J, CodeGen
 )
 # (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk,
-# whether a fused qkv interleaves per head: head h's q, k, v rows together, as GPT-NeoX's are; else all q, all k, all v)
-ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool], ...] = (
+# whether a fused qkv interleaves per head: head h's q, k, v rows together, as GPT-NeoX's are; else all q, all k, all v,
+# whether the layers must be GPT-2's Conv1D: GPT-BigCode's nn.Linear c_attn of the same names interleaves q, k, v per
+# head (or shares one KV head), so reading it as GPT-2's stacking would remove the wrong rows)
+ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool, bool], ...] = (
     (
         "attention.self",
         ("attention.self.query", "attention.self.key", "attention.self.value"),
         "attention.output.dense",
         False,
         False,
+        False,
     ),  # fmt: skip
-    ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True, False),
-    ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True, False),  # Phi-3 family (fused q | k | v)
+    ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True, False, False),
+    ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True, False, False),  # Phi-3 family (fused q | k | v)
     # GPT-NeoX family: its head size is hidden_size / num_attention_heads, so (as BERT's) its heads stay as zeros
-    ("attention", ("attention.query_key_value",), "attention.dense", False, True),
-    ("attn", ("attn.c_attn",), "attn.c_proj", False, False),  # GPT-2: fused q | k | v, head size as BERT's
+    ("attention", ("attention.query_key_value",), "attention.dense", False, True, False),
+    ("attn", ("attn.c_attn",), "attn.c_proj", False, False, True),  # GPT-2: fused q | k | v, head size as BERT's
 )
 # the attention module's attribute holding the head size (Llama, BERT, GPT-NeoX)
 HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
@@ -75,7 +80,7 @@ class StructureBlock:
         groups: how many groups the block has.
         heads_per_group: query heads per group (heads; 1 for neurons).
         shrinkable: whether plain transformers can load the block with fewer groups.
-        width_key: the config entry holding a neuron block's width (`intermediate_size`; GPT-2: `n_inner`).
+        width_key: the config entry holding a neuron block's width (`intermediate_size`; GPT-2, GPT-J: `n_inner`).
     """
 
     kind: str
@@ -154,9 +159,10 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
     """Every FFN block of `model` in module order (`FFN_LAYOUTS`); each block's layers agree on the number of
     neurons."""
     modules = dict(model.named_modules())
+    config = getattr(model, "config", None)
     blocks = []
     for prefix in modules:
-        for producers, consumer, halves, width_key in FFN_LAYOUTS:
+        for producers, consumer, halves, width_keys in FFN_LAYOUTS:
             names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
             if names is None:
                 continue
@@ -173,7 +179,7 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
                     (segments,) * len(producers),
                     1,
                     width,
-                    width_key=width_key,
+                    width_key=next((key for key in width_keys if hasattr(config, key)), width_keys[0]),
                 )  # fmt: skip
             )
     return blocks
@@ -185,10 +191,10 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
-        for holder, producers, consumer, shrinkable, interleaved in ATTENTION_LAYOUTS:
+        for holder, producers, consumer, shrinkable, interleaved, conv1d in ATTENTION_LAYOUTS:
             names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
             attention = modules.get(_child(prefix, holder))
-            if attention is None or names is None:
+            if attention is None or names is None or (conv1d and not all(_is_conv1d(modules[n]) for n in names)):
                 continue
             head_dim = next((getattr(attention, a) for a in HEAD_SIZE_NAMES if hasattr(attention, a)), None)
             per_group = getattr(attention, "num_key_value_groups", 1)
@@ -237,7 +243,8 @@ def blocks_of(model: nn.Module, kind: str) -> list[StructureBlock]:
 
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
-    "Phi-3: gate_up_proj → down_proj; GPT-NeoX: dense_h_to_4h → dense_4h_to_h; GPT-2: mlp.c_fc → mlp.c_proj",
+    "Phi-3: gate_up_proj → down_proj; GPT-NeoX: dense_h_to_4h → dense_4h_to_h; GPT-2, GPT-Neo, GPT-BigCode: "
+    "mlp.c_fc → mlp.c_proj; GPT-J, CodeGen: mlp.fc_in → mlp.fc_out",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
     "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "
@@ -370,8 +377,8 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
         )
     if not blocks:
         raise RecipeError(
-            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama, GPT-NeoX "
-            "or GPT-2 families, heads: Llama family)"
+            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama, GPT-NeoX, "
+            "GPT-2, GPT-Neo, GPT-J families, heads: Llama family)"
         )
     live = {b.prefix + "/" + b.kind: live_groups(model, b) for b in blocks}
     kept, report = {}, {}

@@ -8,7 +8,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fls_hf.errors import RecipeError
-from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, save_shrunk, shrink, shrink_ffn
+from fls_hf.model.structures import (
+    attention_blocks,
+    ffn_blocks,
+    live_groups,
+    save_shrunk,
+    shrink,
+    shrink_ffn,
+    structure_blocks,
+)
 
 from helpers import MLP, causal_batches, tiny_bert, tiny_decoder, tiny_gpt2, tiny_llama, token_batches
 
@@ -127,8 +135,6 @@ def test_llama_heads_shrink_by_kv_group_and_reload_with_the_same_logits(tmp_path
 def test_heads_normalised_across_heads_are_no_groups():
     """OLMo-2 normalises q / k over the whole projection, so a head cannot go alone: no heads block (a clear error),
     while its FFN neurons and Qwen3's per-head norms are fine."""
-    from fls_hf.model.structures import structure_blocks
-
     olmo, qwen = (tiny_decoder(family, num_hidden_layers=1) for family in ("Olmo2", "Qwen3"))
     assert attention_blocks(olmo) == [] and len(ffn_blocks(olmo)) == 1
     assert attention_blocks(qwen)[0].groups == 2
@@ -283,3 +289,56 @@ def test_gpt2_conv1d_heads_and_neurons(tmp_path, method):
     shrink(model)  # in place: the same
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+
+NEURON_FAMILIES = {  # FFN c_fc → c_proj (Linear) or fc_in → fc_out; the width's config key
+    "GPTBigCode": ({"n_positions": 32, "n_embd": 16, "n_layer": 2, "n_head": 2}, "n_inner"),
+    "GPTNeo": (
+        {"max_position_embeddings": 32, "hidden_size": 16, "num_layers": 2, "num_heads": 2, "window_size": 8}
+        | {"attention_types": [[["global", "local"], 1]]},
+        "intermediate_size",
+    ),
+    "GPTJ": ({"n_positions": 32, "n_embd": 16, "n_layer": 2, "n_head": 2, "rotary_dim": 4}, "n_inner"),
+    "CodeGen": ({"n_positions": 32, "n_ctx": 32, "n_embd": 16, "n_layer": 2, "n_head": 2, "rotary_dim": 4}, "n_inner"),
+}
+
+
+@pytest.mark.parametrize("family", NEURON_FAMILIES)
+def test_gpt_style_ffn_neurons_shrink_through_their_own_config_key(tmp_path, family):
+    """GPT-BigCode / GPT-Neo (mlp.c_fc → c_proj, Linear) and GPT-J / CodeGen (mlp.fc_in → fc_out): half of the
+    neurons go, the saved model sets the width in the config entry its family reads (unset: 4 × hidden) and reloads
+    with plain transformers, same logits."""
+    import transformers
+
+    from fls_hf import oneshot
+
+    settings, key = NEURON_FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, **settings)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    assert [b.width_key for b in ffn_blocks(model)] == [key, key] and getattr(model.config, key) is None
+    pruning = {"method": "magnitude", "mask_type": "neurons", "final_sparsity": 0.5, "global_sparsity": False}
+    oneshot(model, causal_batches(), {"pruning": pruning})
+    inputs = {k: v for k, v in causal_batches()[0].items() if k != "labels"}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+    assert save_shrunk(model, str(tmp_path))[key] == 32  # of 4 × 16
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert getattr(reloaded.config, key) == 32
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("multi_query", [False, True])
+def test_gpt_bigcode_heads_are_not_read_as_gpt2s(multi_query):
+    """GPT-BigCode names its layers as GPT-2 does (attn.c_attn → attn.c_proj) but its nn.Linear c_attn interleaves
+    q, k, v per head (or holds one shared KV head): read as GPT-2's q | k | v stacking it would lose the wrong rows,
+    so its heads are no groups and a heads recipe is refused by name."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    settings, _ = NEURON_FAMILIES["GPTBigCode"]
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=64, multi_query=multi_query, **settings))
+    assert attention_blocks(model) == [] and len(ffn_blocks(model)) == 2
+    with pytest.raises(RecipeError, match="GPTBigCodeForCausalLM has no heads block"):
+        structure_blocks(model, "heads")
