@@ -35,8 +35,9 @@ FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int, tuple[str, ...]], ...] = (
     (("intermediate.dense",), "output.dense", 1, ("intermediate_size",)),  # BERT family (BertLayer, RobertaLayer, …)
     (("gate_proj", "up_proj"), "down_proj", 1, ("intermediate_size",)),  # Llama family (LlamaMLP, MistralMLP, …)
     (("gate_up_proj",), "down_proj", 2, ("intermediate_size",)),  # Phi-3 family (fused gate / up)
-    (("dense_h_to_4h",), "dense_4h_to_h", 1, ("intermediate_size",)),  # GPT-NeoX family (Pythia)
-    # GPT-2 (Conv1D layers), GPT-BigCode (StarCoder): n_inner; GPT-Neo: intermediate_size (unset: 4 × hidden)
+    # GPT-NeoX family (Pythia), Persimmon: intermediate_size; Falcon: ffn_hidden_size
+    (("dense_h_to_4h",), "dense_4h_to_h", 1, ("intermediate_size", "ffn_hidden_size")),
+    # GPT-2 (Conv1D layers), GPT-BigCode: n_inner; GPT-Neo (unset: 4 × hidden), StarCoder2: intermediate_size
     (("c_fc",), "c_proj", 1, ("n_inner", "intermediate_size")),
     (("fc_in",), "fc_out", 1, ("n_inner",)),  # GPT-J, CodeGen
 )
@@ -243,8 +244,8 @@ def blocks_of(model: nn.Module, kind: str) -> list[StructureBlock]:
 
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
-    "Phi-3: gate_up_proj → down_proj; GPT-NeoX: dense_h_to_4h → dense_4h_to_h; GPT-2, GPT-Neo, GPT-BigCode: "
-    "mlp.c_fc → mlp.c_proj; GPT-J, CodeGen: mlp.fc_in → mlp.fc_out",
+    "Phi-3: gate_up_proj → down_proj; GPT-NeoX, Falcon: dense_h_to_4h → dense_4h_to_h; GPT-2, GPT-Neo, GPT-BigCode, "
+    "StarCoder2: mlp.c_fc → mlp.c_proj; GPT-J, CodeGen: mlp.fc_in → mlp.fc_out",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
     "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "

@@ -142,7 +142,7 @@ def test_heads_normalised_across_heads_are_no_groups():
         structure_blocks(olmo, "heads")
 
 
-@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Gemma2", "Granite"])
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Gemma2", "Granite", "Starcoder2"])
 def test_llama_like_families_shrink_neurons_and_heads_and_reload(tmp_path, family):
     from fls_hf import oneshot, save_shrunk
 
@@ -300,14 +300,15 @@ NEURON_FAMILIES = {  # FFN c_fc → c_proj (Linear) or fc_in → fc_out; the wid
     ),
     "GPTJ": ({"n_positions": 32, "n_embd": 16, "n_layer": 2, "n_head": 2, "rotary_dim": 4}, "n_inner"),
     "CodeGen": ({"n_positions": 32, "n_ctx": 32, "n_embd": 16, "n_layer": 2, "n_head": 2, "rotary_dim": 4}, "n_inner"),
+    "Falcon": ({"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}, "ffn_hidden_size"),
 }
 
 
 @pytest.mark.parametrize("family", NEURON_FAMILIES)
 def test_gpt_style_ffn_neurons_shrink_through_their_own_config_key(tmp_path, family):
-    """GPT-BigCode / GPT-Neo (mlp.c_fc → c_proj, Linear) and GPT-J / CodeGen (mlp.fc_in → fc_out): half of the
-    neurons go, the saved model sets the width in the config entry its family reads (unset: 4 × hidden) and reloads
-    with plain transformers, same logits."""
+    """GPT-BigCode / GPT-Neo (mlp.c_fc → c_proj, Linear), GPT-J / CodeGen (mlp.fc_in → fc_out) and Falcon
+    (dense_h_to_4h → dense_4h_to_h): half of the neurons go, the saved model sets the width in the config entry its
+    family reads (unset: 4 × hidden) and reloads with plain transformers, same logits."""
     import transformers
 
     from fls_hf import oneshot
@@ -316,7 +317,7 @@ def test_gpt_style_ffn_neurons_shrink_through_their_own_config_key(tmp_path, fam
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(vocab_size=64, **settings)
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    assert [b.width_key for b in ffn_blocks(model)] == [key, key] and getattr(model.config, key) is None
+    assert [b.width_key for b in ffn_blocks(model)] == [key, key] and getattr(model.config, key) in (None, 64)
     pruning = {"method": "magnitude", "mask_type": "neurons", "final_sparsity": 0.5, "global_sparsity": False}
     oneshot(model, causal_batches(), {"pruning": pruning})
     inputs = {k: v for k, v in causal_batches()[0].items() if k != "labels"}
