@@ -59,8 +59,18 @@ ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool, bool], ...
     # GPT-NeoX family: its head size is hidden_size / num_attention_heads, so (as BERT's) its heads stay as zeros
     ("attention", ("attention.query_key_value",), "attention.dense", False, True, False),
     ("attn", ("attn.c_attn",), "attn.c_proj", False, False, True),  # GPT-2: fused q | k | v, head size as BERT's
+    # GPT-J and GPT-Neo: separate q / k / v → out_proj, head size as BERT's
+    ("attn", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn.out_proj", False, False, False),
+    (
+        "attention",
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        "attention.out_proj",
+        False,
+        False,
+        False,
+    ),  # fmt: skip
 )
-# the attention module's attribute holding the head size (Llama, BERT, GPT-NeoX)
+# the attention module's attribute holding the head size (Llama, GPT-2, GPT-J, GPT-Neo; BERT; GPT-NeoX)
 HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
 STRUCTURE_KINDS = ("neurons", "heads")
 
@@ -249,7 +259,8 @@ KNOWN_LAYOUTS = {
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
     "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "
-    "attention.dense; GPT-2: attn.c_attn → attn.c_proj",
+    "attention.dense; GPT-2: attn.c_attn → attn.c_proj; GPT-J: attn.q_proj / k_proj / v_proj → attn.out_proj; "
+    "GPT-Neo: attn.attention.q_proj / k_proj / v_proj → out_proj",
 }
 
 

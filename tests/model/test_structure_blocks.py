@@ -343,3 +343,38 @@ def test_gpt_bigcode_heads_are_not_read_as_gpt2s(multi_query):
     assert attention_blocks(model) == [] and len(ffn_blocks(model)) == 2
     with pytest.raises(RecipeError, match="GPTBigCodeForCausalLM has no heads block"):
         structure_blocks(model, "heads")
+
+
+@pytest.mark.parametrize(("family", "attention"), [("GPTJ", "attn"), ("GPTNeo", "attn.attention")])
+def test_gpt_j_and_neo_heads_are_removed_as_zeros(tmp_path, family, attention):
+    """GPT-J's and GPT-Neo's separate q / k / v → out_proj: a head is its rows of q, k, v and its columns of out_proj;
+    removing it equals zeroing those columns alone (magnitude: no compensation), and the saved model keeps it as
+    zeros (the head size is hidden / heads) while the FFN shrinks."""
+    import transformers
+
+    settings, key = NEURON_FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, **settings)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    original = copy.deepcopy(model)
+    blocks = attention_blocks(model)
+    assert [b.consumer for b in blocks] == [f"transformer.h.{i}.{attention}.out_proj" for i in (0, 1)]
+    assert all(b.groups == 2 and b.columns == 8 and not b.shrinkable for b in blocks)
+    inputs, masked = _half_of_neurons_and_heads(model, "magnitude")
+    for block in blocks:
+        [gone] = torch.nonzero(~live_groups(model, block)).flatten().tolist()
+        for name in block.producers:  # the removed head's rows of q, k and v, no others
+            weight = model.get_submodule(name).weight
+            assert not weight[8 * gone : 8 * gone + 8].any() and weight[8 * (1 - gone) : 8 * (2 - gone)].ne(0).all()
+        with torch.no_grad():
+            original.get_submodule(block.consumer).weight[:, 8 * gone : 8 * gone + 8] = 0
+    for ffn in ffn_blocks(model):
+        with torch.no_grad():
+            original.get_submodule(ffn.consumer).weight[:, ~live_groups(model, ffn)] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(original(**inputs).logits, masked, rtol=0, atol=1e-5)
+    sizes = save_shrunk(model, str(tmp_path))
+    assert sizes[key] == 32 and "num_attention_heads" not in sizes
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
