@@ -40,6 +40,8 @@ FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int, tuple[str, ...]], ...] = (
     # GPT-2 (Conv1D layers), GPT-BigCode: n_inner; GPT-Neo (unset: 4 × hidden), StarCoder2: intermediate_size
     (("c_fc",), "c_proj", 1, ("n_inner", "intermediate_size")),
     (("fc_in",), "fc_out", 1, ("n_inner",)),  # GPT-J, CodeGen
+    (("lin1",), "lin2", 1, ("hidden_dim",)),  # DistilBERT
+    (("Wi",), "Wo", 2, ("intermediate_size",)),  # ModernBERT (fused input / gate, chunked in two)
 )
 # (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk,
 # whether a fused qkv interleaves per head: head h's q, k, v rows together, as GPT-NeoX's are; else all q, all k, all v,
@@ -69,6 +71,9 @@ ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool, bool], ...
         False,
         False,
     ),  # fmt: skip
+    # DistilBERT; ModernBERT (fused q | k | v): head size hidden / heads, as BERT's
+    ("attention", ("attention.q_lin", "attention.k_lin", "attention.v_lin"), "attention.out_lin", False, False, False),
+    ("attn", ("attn.Wqkv",), "attn.Wo", False, False, False),
 )
 # the attention module's attribute holding the head size (Llama, GPT-2, GPT-J, GPT-Neo; BERT; GPT-NeoX)
 HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
@@ -255,12 +260,14 @@ def blocks_of(model: nn.Module, kind: str) -> list[StructureBlock]:
 KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
     "Phi-3: gate_up_proj → down_proj; GPT-NeoX, Falcon: dense_h_to_4h → dense_4h_to_h; GPT-2, GPT-Neo, GPT-BigCode, "
-    "StarCoder2: mlp.c_fc → mlp.c_proj; GPT-J, CodeGen: mlp.fc_in → mlp.fc_out",
+    "StarCoder2: mlp.c_fc → mlp.c_proj; GPT-J, CodeGen: mlp.fc_in → mlp.fc_out; DistilBERT: ffn.lin1 → ffn.lin2; "
+    "ModernBERT: mlp.Wi → mlp.Wo",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
     "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "
     "attention.dense; GPT-2: attn.c_attn → attn.c_proj; GPT-J: attn.q_proj / k_proj / v_proj → attn.out_proj; "
-    "GPT-Neo: attn.attention.q_proj / k_proj / v_proj → out_proj",
+    "GPT-Neo: attn.attention.q_proj / k_proj / v_proj → out_proj; DistilBERT: attention.q_lin / k_lin / v_lin → "
+    "attention.out_lin; ModernBERT: attn.Wqkv → attn.Wo",
 }
 
 

@@ -378,3 +378,53 @@ def test_gpt_j_and_neo_heads_are_removed_as_zeros(tmp_path, family, attention):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+
+ENCODERS = {  # family → (config settings, the FFN width's config key)
+    "DistilBert": (
+        {"dim": 16, "hidden_dim": 32, "n_layers": 2, "n_heads": 2, "max_position_embeddings": 32},
+        "hidden_dim",
+    ),
+    "ModernBert": (
+        {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+        | {"max_position_embeddings": 32, "global_attn_every_n_layers": 1, "pad_token_id": 0},
+        "intermediate_size",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_distilbert_and_modernbert_neurons_shrink_and_heads_stay_as_zeros(tmp_path, family):
+    """DistilBERT (ffn.lin1 → lin2; attention.q_lin / k_lin / v_lin → out_lin) and ModernBERT (mlp.Wi, input and
+    gate fused, → Wo; attn.Wqkv, q | k | v fused, → Wo): removing half of the neurons and heads equals zeroing the
+    consumers' columns alone (magnitude), the FFN shrinks through the family's config key, the heads stay as zeros,
+    and the saved classifier reloads with plain transformers, same logits."""
+    import transformers
+
+    from fls_hf import oneshot
+
+    settings, key = ENCODERS[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, num_labels=2, **settings)
+    model = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
+    original = copy.deepcopy(model)
+    ffn, heads = ffn_blocks(model), attention_blocks(model)
+    assert len(ffn) == len(heads) == 2 and all(b.groups == 32 for b in ffn) and all(b.groups == 2 for b in heads)
+    assert all(not b.shrinkable for b in heads) and ffn[0].width_key == key
+    pruning = {"method": "magnitude", "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
+    batches = token_batches()
+    oneshot(model, batches, {"pruning": {**pruning, "global_sparsity": False}})
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        masked = model(**inputs).logits
+        for block in ffn + heads:
+            gone = torch.nonzero(~live_groups(model, block)).flatten()
+            assert len(gone) == block.groups // 2
+            original.get_submodule(block.consumer).weight[:, block.consumer_columns(gone)] = 0
+        torch.testing.assert_close(original(**inputs).logits, masked, rtol=0, atol=1e-5)
+    sizes = save_shrunk(model, str(tmp_path))
+    assert sizes[key] == 16 and "num_attention_heads" not in sizes
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert getattr(reloaded.config, key) == 16
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
