@@ -60,6 +60,18 @@ def test_sharded_structures_remove_the_unsharded_groups(fsdp_results, case):
 
 
 @pytest.mark.distributed
+def test_sharded_structures_under_lora_hold_the_removed_groups_adapter_entries_at_zero(fsdp_results):
+    """LoRA on every layer of BERT's blocks (B random), a gradual neurons + heads run sharded: the unsharded run's
+    groups, base weights and LoRA factors exactly (lora_B's rows sharded as its producer's, each rank zeroing the rows
+    it holds), the removed groups' factor entries zero and the others trained."""
+    row = fsdp_results["lora-magnitude-neurons-heads"]
+    assert row["sharded_removed"] == row["removed"] == [10, 10, 1, 1]
+    assert row["factors"] == 12  # per layer: lora_A of both consumers, lora_B of intermediate, query, key, value
+    assert row["max_removed_factor_entry"] == 0.0 and row["lora_factors_nonzero"]
+    assert row["max_weight_difference"] == 0.0
+
+
+@pytest.mark.distributed
 def test_sharded_gradual_run_resumes_exactly_gathers_to_a_plain_model_and_refuses_what_it_cannot(fsdp_results):
     row = fsdp_results["kfac-obc-gradual-80"]
     assert row["sparsity"] == pytest.approx(0.8, abs=1e-3)

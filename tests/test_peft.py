@@ -16,6 +16,7 @@ from fls_hf import FishLegPruningTrainer, FlsError, sparsity_report
 from fls_hf.errors import RecipeError
 from fls_hf.model.targets import plain_name, resolve_targets
 from fls_hf.peft import is_peft_model, masked_merge_and_unload, warn_if_merge_densifies
+from fls_hf.pruning.groups import removed_groups
 from fls_hf.pruning.masks import MaskSet
 from fls_hf.pruning.pruner import Pruner
 
@@ -273,6 +274,38 @@ def test_lora_structures_train_as_the_merged_shrunk_model(tmp_path, kind):
         torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
     sizes = (reloaded.config.intermediate_size, reloaded.config.num_key_value_heads)
     assert sizes == ((8, 4) if kind == "neurons" else (16, 2))
+
+
+def test_lora_on_bert_holds_each_kinds_removed_groups_at_zero(tmp_path):
+    """BERT's FFN and attention blocks share their layer's prefix: each kind's removed groups are its own (keyed by
+    prefix and kind; keyed by prefix alone the heads took the neurons' indices: out of range, or the wrong columns).
+    Every removed group's LoRA entries stay zero through training, and the masked merge equals the PEFT model."""
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"], init_lora_weights=False
+    )
+    model = get_peft_model(tiny_bert(), config)  # B random: PEFT's zeros would hide rows left non-zero
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (32, 8), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] > 32).long().tolist()})
+    args = training_args(tmp_path / "run", max_steps=6, learning_rate=1e-2, logging_steps=500)
+    recipe = copy.deepcopy(STRUCTURE_RECIPE)
+    recipe["pruning"].update(mask_type="neurons+heads", head_sparsity=0.5)
+    trainer = FishLegPruningTrainer(model=model, args=args, recipe=recipe, train_dataset=data)
+    trainer.train()
+    pruner = trainer.pruner
+    assert {b.kind for b, _ in pruner.adapter_factors} == {"neurons", "heads"}
+    for block, (tensor, dim, producer) in pruner.adapter_factors:
+        gone = torch.nonzero(removed_groups(pruner.masks, block)).flatten()
+        assert len(gone) == block.groups // 2
+        index = block.consumer_columns(gone) if producer < 0 else block.producer_rows(producer, gone)
+        assert not tensor.detach().index_select(dim, index).any()
+    batch = {"input_ids": ids[:4]}
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+        merged = masked_merge_and_unload(model, pruner)
+        torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)
 
 
 def test_lora_on_gpt2_conv1d_removes_neurons_and_heads_and_merges_to_the_shrunk_model(tmp_path):

@@ -76,13 +76,7 @@ class LayerAdapter:
         if not self.sharded:
             return 0, self.rows
         self.check_shardable()
-        mesh = self.weight.device_mesh
-        chunk = -(-self.rows // mesh.size())
-        start = min(mesh.get_local_rank() * chunk, self.rows)
-        stop = start + self.values.shape[0]
-        if stop > self.rows or (stop < self.rows and stop - start != chunk):
-            raise UnsupportedModuleError(f"module `{self.name}`: its shard is not a torch.chunk block of rows")
-        return start, stop
+        return shard_rows(self.weight, f"module `{self.name}`")
 
     def check_shardable(self) -> None:
         """Raise unless the weight is whole or sharded by rows over a 1-D mesh (FSDP2's default)."""
@@ -113,6 +107,23 @@ class LayerAdapter:
 def local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """The part of `tensor` this process holds (a DTensor's local shard; any other tensor as it is)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_rows(tensor: torch.Tensor, what: str = "a tensor") -> tuple[int, int]:
+    """[start, stop) of the dim-0 entries this process holds of `tensor`: all of them unless it is a DTensor sharded
+    by rows (`Shard(0)`, torch.chunk's blocks over a 1-D mesh, FSDP2's default)."""
+    rows = tensor.shape[0]
+    if not isinstance(tensor, DTensor):
+        return 0, rows
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+        raise UnsupportedModuleError(f"{what} is sharded as {tuple(tensor.placements)}; fls_hf expects Shard(0)")
+    chunk = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
+    stop = start + tensor.to_local().shape[0]
+    if stop > rows or (stop < rows and stop - start != chunk):
+        raise UnsupportedModuleError(f"{what}: its shard is not a torch.chunk block of rows")
+    return start, stop
 
 
 class Conv1DAdapter(LayerAdapter):

@@ -114,6 +114,11 @@ class StructureBlock:
     def modules(self) -> tuple[str, ...]:
         return (*self.producers, self.consumer)
 
+    @property
+    def key(self) -> str:
+        """ "<prefix>/<kind>": unique per block (BERT's FFN and attention blocks share their layer's prefix)."""
+        return f"{self.prefix}/{self.kind}"
+
     def producer_rows(self, producer: int, groups: torch.Tensor) -> torch.Tensor:
         """Rows of producer number `producer` that the given groups hold, segment by segment (the order `shrink`
         keeps, so a fused layer's segments stay in place)."""
@@ -399,18 +404,18 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
             f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama, GPT-NeoX, "
             "GPT-2, GPT-Neo, GPT-J families, heads: Llama family)"
         )
-    live = {b.prefix + "/" + b.kind: live_groups(model, b) for b in blocks}
+    live = {b.key: live_groups(model, b) for b in blocks}
     kept, report = {}, {}
     for kind in kinds:
         of_kind = [b for b in blocks if b.kind == kind]
         if not of_kind:
             continue
-        width = _loadable_width(config, of_kind[0], max(max(int(live[f"{b.prefix}/{kind}"].sum()) for b in of_kind), 1))
+        width = _loadable_width(config, of_kind[0], max(max(int(live[b.key].sum()) for b in of_kind), 1))
         for block in of_kind:
-            mask = live[f"{block.prefix}/{kind}"]
+            mask = live[block.key]
             padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
-            kept[f"{block.prefix}/{kind}"] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
-            report[f"{block.prefix}/{kind}"] = int(mask.sum())
+            kept[block.key] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
+            report[block.key] = int(mask.sum())
         report.update(of_kind[0].config_sizes(width))
         if kind == "heads":  # Phi-3 derives head_dim from hidden_size / heads unless its config holds it
             report["head_dim"] = of_kind[0].columns // of_kind[0].heads_per_group
@@ -464,7 +469,7 @@ def shrink(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> dict
     """
     blocks, kept, report = _kept(model, _kinds(kinds))
     for block in blocks:
-        index = kept[f"{block.prefix}/{block.kind}"]
+        index = kept[block.key]
         for i, name in enumerate(block.producers):
             _replace(model, name, _rows_of(model.get_submodule(name), block.producer_rows(i, index)))
         consumer = model.get_submodule(block.consumer)
@@ -489,7 +494,7 @@ def shrunk_state_dict(
     blocks, kept, report = _kept(model, _kinds(kinds))
     state = dict(model.state_dict())
     for block in blocks:
-        index = kept[f"{block.prefix}/{block.kind}"]
+        index = kept[block.key]
         for i, name in enumerate(block.producers):
             rows = block.producer_rows(i, index)
             for key, dim in ((f"{name}.weight", _output_dim(model.get_submodule(name))), (f"{name}.bias", 0)):

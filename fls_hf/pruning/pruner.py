@@ -29,7 +29,7 @@ from ..curvature import provider_class_for
 from ..distributed import ShardCounts, check_same_on_all_ranks, rank, shard_counts, world_size
 from ..errors import DistributedError, PruningStateError, RecipeError
 from ..fisher.calibration import CalibrationStream, as_stream
-from ..model.adapters import LayerAdapter, local
+from ..model.adapters import LayerAdapter, local, shard_rows
 from ..model.forward import unwrap
 from ..model.structures import adapter_factors, pruned_blocks, pruned_layers
 from ..progress import log_main, logger
@@ -73,11 +73,6 @@ class Pruner:
             )
         # PEFT: the LoRA factors that carry each block's groups, zeroed with them (`adapter_factors`)
         self.adapter_factors = [(b, f) for b in self.blocks for f in adapter_factors(unwrap(model), b)]
-        if self.shards is not None and self.adapter_factors:
-            raise DistributedError(
-                f"recipe key `pruning.mask_type` = {cfg.mask_type!r} with LoRA adapters is not supported under FSDP "
-                "yet (the adapters' rows are sharded too): prune structures under LoRA with DDP or one process"
-            )
         self.pattern = parse_mask_type(cfg.mask_type)
         for name, adapter in self.layers.items():
             self.pattern.check_layer(name, adapter.shape)
@@ -274,12 +269,15 @@ class Pruner:
         """Zero the removed groups' entries of the LoRA factors (or of their gradients) that carry them."""
         removed: dict[str, torch.Tensor] = {}
         for block, (tensor, dim, producer) in self.adapter_factors:
-            if block.prefix not in removed:
-                removed[block.prefix] = torch.nonzero(removed_groups(self.masks, block)).flatten()
-            gone, target = removed[block.prefix], tensor.grad if grads else tensor
+            if block.key not in removed:
+                removed[block.key] = torch.nonzero(removed_groups(self.masks, block)).flatten()
+            gone, target = removed[block.key], tensor.grad if grads else tensor
             if target is not None and len(gone):
                 index = block.consumer_columns(gone) if producer < 0 else block.producer_rows(producer, gone)
-                target.index_fill_(dim, index.to(target.device), 0.0)
+                if dim == 0:  # FSDP2: lora_B's rows are sharded like its producer's; this rank's in its own numbers
+                    start, stop = shard_rows(target, "a LoRA factor")
+                    index = index[(index >= start) & (index < stop)] - start
+                local(target).index_fill_(dim, index.to(local(target).device), 0.0)
 
     def non_finite_grads(self) -> list[str]:
         """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""

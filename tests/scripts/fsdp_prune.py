@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
@@ -32,6 +33,8 @@ from transformers import BertForSequenceClassification  # noqa: E402
 from fls_hf import load_recipe, oneshot, sparsity_report  # noqa: E402
 from fls_hf.errors import DistributedError, PruningStateError  # noqa: E402
 from fls_hf.fisher.calibration import CalibrationStream  # noqa: E402
+from fls_hf.model.forward import unwrap  # noqa: E402
+from fls_hf.pruning.groups import removed_groups  # noqa: E402
 from fls_hf.pruning.pruner import Pruner  # noqa: E402
 
 from helpers import tiny_bert, token_batches  # noqa: E402
@@ -48,9 +51,42 @@ TARGETS = {"targets": [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)$"],
 
 
 def sharded(model):
-    for layer in model.bert.encoder.layer:
+    for layer in unwrap(model).bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def lora_bert():
+    """`tiny_bert(**ODD)` under LoRA on every layer of its blocks, B initialised random (PEFT's zeros would hide
+    whether the removed groups' rows of B are held at zero)."""
+    torch.manual_seed(1)
+    modules = ["query", "key", "value", "dense"]
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=modules, init_lora_weights=False)
+    return get_peft_model(tiny_bert(**ODD), config)
+
+
+def lora_structures_case(cfg) -> dict:
+    """Neurons and heads under LoRA, a gradual run: the groups the plain run removes, the base weights and the LoRA
+    factors equal to it (lora_B's rows sharded as their producer's), the removed groups' factor entries zero."""
+    plain, shard = lora_bert(), sharded(lora_bert())
+    train(plain, cfg, steps=4)
+    pruner = train(shard, cfg, steps=4)
+    pw, sw = plain.state_dict(), full_weights(shard)
+    removed = {b.key: torch.nonzero(removed_groups(pruner.masks, b)).flatten() for b in pruner.blocks}
+    entries = []  # the removed groups' entries of every factor that carries them, gathered
+    for block, (tensor, dim, producer) in pruner.adapter_factors:
+        key = next(k for k, v in unwrap(shard).named_parameters() if v is tensor)
+        index = block.consumer_columns if producer < 0 else lambda g, i=producer: block.producer_rows(i, g)
+        entries.append(float(sw[key].index_select(dim, index(removed[block.key])).abs().max()))
+    recipe_ = load_recipe(cfg)
+    return {
+        "removed": [g.removed for g in sparsity_report(plain, recipe_).structures],
+        "sharded_removed": [int(len(removed[b.key])) for b in pruner.blocks],
+        "factors": len(pruner.adapter_factors),
+        "max_removed_factor_entry": max(entries),
+        "lora_factors_nonzero": all(bool(v.ne(0).any()) for k, v in sw.items() if "lora_" in k),
+        "max_weight_difference": max(float((pw[k] - sw[k]).abs().max()) for k in pw),
+    }
 
 
 def recipe(method, sparsity, **pruning):
@@ -193,6 +229,19 @@ CASES = {
     ),
     "kfac-obc-gradual-80": lambda: gradual_case(
         recipe("kfac", 0.8, init_sparsity=0.3, start_step=0, end_step=6, update_frequency=2)
+    ),
+    "lora-magnitude-neurons-heads": lambda: lora_structures_case(
+        recipe(
+            "magnitude",
+            0.5,
+            mask_type="neurons+heads",
+            head_sparsity=0.34,
+            global_sparsity=False,
+            init_sparsity=0.2,
+            start_step=0,
+            end_step=2,
+            update_frequency=1,
+        )
     ),
 }
 results = {name: case() for name, case in CASES.items()}
