@@ -18,6 +18,7 @@ num_attention_heads, so their heads cannot shrink that way: they stay in the sav
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,52 +29,55 @@ from .adapters import Conv1D, LayerAdapter, adapter_for
 from .blocks import any_in_groups, group_rows
 from .targets import named_by, peft_inner_name, plain_name, resolve_targets
 
-# (producers, consumer, halves, config keys of the width) child names of an FFN block, per family; the parent module
-# is the block; halves: the producer stacks gate and up rows (one output chunked in two), so neuron j is its rows j and
-# width + j; the width's config entry is the first of the keys the model's config has
-FFN_LAYOUTS: tuple[tuple[tuple[str, ...], str, int, tuple[str, ...]], ...] = (
-    (("intermediate.dense",), "output.dense", 1, ("intermediate_size",)),  # BERT family (BertLayer, RobertaLayer, …)
-    (("gate_proj", "up_proj"), "down_proj", 1, ("intermediate_size",)),  # Llama family (LlamaMLP, MistralMLP, …)
-    (("gate_up_proj",), "down_proj", 2, ("intermediate_size",)),  # Phi-3 family (fused gate / up)
+
+class FfnLayout(NamedTuple):
+    """Child names of an FFN block's layers (the parent module is the block) and its width's config entry."""
+
+    producers: tuple[str, ...]  # up (and gate)
+    consumer: str  # down
+    width_keys: tuple[str, ...] = ("intermediate_size",)  # the first of them that the model's config has
+    halves: int = 1  # 2: one producer stacks gate and up rows (chunked in two), so neuron j is its rows j and width + j
+
+
+class AttentionLayout(NamedTuple):
+    """Child names of an attention block's layers (the parent module is the block) and how its heads lie in them."""
+
+    holder: str  # the attention module, which holds the head size (`HEAD_SIZE_NAMES`)
+    producers: tuple[str, ...]  # (q, k, v), or (fused qkv,)
+    consumer: str  # o
+    shrinkable: bool = False  # plain transformers loads it with fewer heads (the head size does not follow hidden size)
+    interleaved: bool = False  # a fused qkv holds head h's q, k, v rows together (GPT-NeoX); else all q | all k | all v
+    # the layers must be GPT-2's Conv1D: GPT-BigCode's nn.Linear c_attn of the same names interleaves q, k, v per head
+    # (or shares one KV head), so reading it as GPT-2's stacking would remove the wrong rows
+    conv1d_only: bool = False
+
+
+FFN_LAYOUTS = (
+    FfnLayout(("intermediate.dense",), "output.dense"),  # BERT family (BertLayer, RobertaLayer, …)
+    FfnLayout(("gate_proj", "up_proj"), "down_proj"),  # Llama family (LlamaMLP, MistralMLP, …)
+    FfnLayout(("gate_up_proj",), "down_proj", halves=2),  # Phi-3 family (fused gate / up)
     # GPT-NeoX family (Pythia), Persimmon: intermediate_size; Falcon: ffn_hidden_size
-    (("dense_h_to_4h",), "dense_4h_to_h", 1, ("intermediate_size", "ffn_hidden_size")),
+    FfnLayout(("dense_h_to_4h",), "dense_4h_to_h", ("intermediate_size", "ffn_hidden_size")),
     # GPT-2 (Conv1D layers), GPT-BigCode: n_inner; GPT-Neo (unset: 4 × hidden), StarCoder2: intermediate_size
-    (("c_fc",), "c_proj", 1, ("n_inner", "intermediate_size")),
-    (("fc_in",), "fc_out", 1, ("n_inner",)),  # GPT-J, CodeGen
-    (("lin1",), "lin2", 1, ("hidden_dim",)),  # DistilBERT
-    (("Wi",), "Wo", 2, ("intermediate_size",)),  # ModernBERT (fused input / gate, chunked in two)
+    FfnLayout(("c_fc",), "c_proj", ("n_inner", "intermediate_size")),
+    FfnLayout(("fc_in",), "fc_out", ("n_inner",)),  # GPT-J, CodeGen
+    FfnLayout(("lin1",), "lin2", ("hidden_dim",)),  # DistilBERT
+    FfnLayout(("Wi",), "Wo", halves=2),  # ModernBERT (fused input / gate, chunked in two)
 )
-# (attention module holding the head sizes, (q, k, v) or (fused qkv,), o, whether plain transformers loads it shrunk,
-# whether a fused qkv interleaves per head: head h's q, k, v rows together, as GPT-NeoX's are; else all q, all k, all v,
-# whether the layers must be GPT-2's Conv1D: GPT-BigCode's nn.Linear c_attn of the same names interleaves q, k, v per
-# head (or shares one KV head), so reading it as GPT-2's stacking would remove the wrong rows)
-ATTENTION_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, bool, bool, bool], ...] = (
-    (
-        "attention.self",
-        ("attention.self.query", "attention.self.key", "attention.self.value"),
-        "attention.output.dense",
-        False,
-        False,
-        False,
-    ),  # fmt: skip
-    ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", True, False, False),
-    ("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", True, False, False),  # Phi-3 family (fused q | k | v)
-    # GPT-NeoX family: its head size is hidden_size / num_attention_heads, so (as BERT's) its heads stay as zeros
-    ("attention", ("attention.query_key_value",), "attention.dense", False, True, False),
-    ("attn", ("attn.c_attn",), "attn.c_proj", False, False, True),  # GPT-2: fused q | k | v, head size as BERT's
-    # GPT-J and GPT-Neo: separate q / k / v → out_proj, head size as BERT's
-    ("attn", ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn.out_proj", False, False, False),
-    (
-        "attention",
-        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        "attention.out_proj",
-        False,
-        False,
-        False,
-    ),  # fmt: skip
-    # DistilBERT; ModernBERT (fused q | k | v): head size hidden / heads, as BERT's
-    ("attention", ("attention.q_lin", "attention.k_lin", "attention.v_lin"), "attention.out_lin", False, False, False),
-    ("attn", ("attn.Wqkv",), "attn.Wo", False, False, False),
+ATTENTION_LAYOUTS = (
+    # BERT family: its head size is hidden_size / num_attention_heads, so (as in most families) its heads stay as zeros
+    AttentionLayout(
+        "attention.self", tuple(f"attention.self.{x}" for x in ("query", "key", "value")), "attention.output.dense"
+    ),
+    # Llama family: q / k / v → o, head_dim in its config: shrinks
+    AttentionLayout("self_attn", tuple(f"self_attn.{x}_proj" for x in "qkv"), "self_attn.o_proj", shrinkable=True),
+    AttentionLayout("self_attn", ("self_attn.qkv_proj",), "self_attn.o_proj", shrinkable=True),  # Phi-3 (fused)
+    AttentionLayout("attention", ("attention.query_key_value",), "attention.dense", interleaved=True),  # GPT-NeoX
+    AttentionLayout("attn", ("attn.c_attn",), "attn.c_proj", conv1d_only=True),  # GPT-2: fused q | k | v
+    AttentionLayout("attn", tuple(f"attn.{x}_proj" for x in "qkv"), "attn.out_proj"),  # GPT-J
+    AttentionLayout("attention", tuple(f"attention.{x}_proj" for x in "qkv"), "attention.out_proj"),  # GPT-Neo
+    AttentionLayout("attention", tuple(f"attention.{x}_lin" for x in "qkv"), "attention.out_lin"),  # DistilBERT
+    AttentionLayout("attn", ("attn.Wqkv",), "attn.Wo"),  # ModernBERT (fused q | k | v)
 )
 # the attention module's attribute holding the head size (Llama, GPT-2, GPT-J, GPT-Neo; BERT; GPT-NeoX)
 HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
@@ -183,24 +187,24 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
     config = getattr(model, "config", None)
     blocks = []
     for prefix in modules:
-        for producers, consumer, halves, width_keys in FFN_LAYOUTS:
-            names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
+        for layout in FFN_LAYOUTS:
+            names = _linears(modules, [_child(prefix, child) for child in (*layout.producers, layout.consumer)])
             if names is None:
                 continue
             width = _features(modules[names[-1]])[0]
-            if any(_features(modules[n])[1] != halves * width for n in names[:-1]):
+            if any(_features(modules[n])[1] != layout.halves * width for n in names[:-1]):
                 continue
-            segments = tuple((h * width, 1) for h in range(halves))
+            segments = tuple((h * width, 1) for h in range(layout.halves))
             blocks.append(
                 StructureBlock(
                     "neurons",
                     prefix,
                     tuple(names[:-1]),
                     names[-1],
-                    (segments,) * len(producers),
+                    (segments,) * len(layout.producers),
                     1,
                     width,
-                    width_key=next((key for key in width_keys if hasattr(config, key)), width_keys[0]),
+                    width_key=next((key for key in layout.width_keys if hasattr(config, key)), layout.width_keys[0]),
                 )  # fmt: skip
             )
     return blocks
@@ -212,17 +216,19 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
-        for holder, producers, consumer, shrinkable, interleaved, conv1d in ATTENTION_LAYOUTS:
-            names = _linears(modules, [_child(prefix, child) for child in (*producers, consumer)])
-            attention = modules.get(_child(prefix, holder))
-            if attention is None or names is None or (conv1d and not all(_is_conv1d(modules[n]) for n in names)):
+        for layout in ATTENTION_LAYOUTS:
+            names = _linears(modules, [_child(prefix, child) for child in (*layout.producers, layout.consumer)])
+            attention = modules.get(_child(prefix, layout.holder))
+            if attention is None or names is None:
+                continue
+            if layout.conv1d_only and not all(_is_conv1d(modules[n]) for n in names):
                 continue
             head_dim = next((getattr(attention, a) for a in HEAD_SIZE_NAMES if hasattr(attention, a)), None)
             per_group = getattr(attention, "num_key_value_groups", 1)
             *outputs, o_inputs = [_features(modules[n])[1] for n in names[:-1]] + [_features(modules[names[-1]])[0]]
             if len(outputs) == 3:
                 q_rows, k_rows, v_rows = outputs
-            elif interleaved:  # one head's q, k and v rows after another's (no grouped-query attention)
+            elif layout.interleaved:  # one head's q, k and v rows after another's (no grouped-query attention)
                 q_rows = k_rows = v_rows = outputs[0] // 3
             else:  # fused q | k | v rows (Phi-3's qkv_proj, GPT-2's c_attn): the query part is as wide as o's input
                 q_rows, k_rows = o_inputs, (outputs[0] - o_inputs) // 2
@@ -235,7 +241,7 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
             q, kv = (0, per_group * head_dim), (0, head_dim)
             if len(outputs) == 3:
                 segments = ((q,), (kv,), (kv,))
-            elif interleaved:
+            elif layout.interleaved:
                 if per_group != 1 or outputs[0] != 3 * q_rows:
                     continue
                 segments = (((0, 3 * head_dim),),)
@@ -251,7 +257,7 @@ def attention_blocks(model: nn.Module) -> list[StructureBlock]:
                     per_group * head_dim,
                     groups,
                     per_group,
-                    shrinkable,
+                    layout.shrinkable,
                 )  # fmt: skip
             )
     return blocks
