@@ -76,10 +76,10 @@ class PruningConfig:
         mask_type (`str`, defaults to `'unstructured'`):
             unstructured, or "N:M" (keep N of every M consecutive weights, e.g. "2:4"), or neurons / heads: remove
             whole FFN neurons / attention heads (grouped-query attention: a KV head with its query heads) of the
-            blocks (BERT and Llama families) with a layer in `targets` (all when empty) and none in `ignore` —
-            method kfac: group OBS, magnitude: group norms, taylor: first-order importance; the sparsities are then
-            shares of them; neurons+heads removes both in one run, neurons at `final_sparsity`, heads at
-            `head_sparsity`.
+            blocks (BERT, Llama, GPT-2 … families: the README's table) with a layer in `targets` (all when empty)
+            and none in `ignore` — method kfac: group OBS, magnitude: group norms, taylor: first-order importance;
+            the sparsities are then shares of them; neurons+heads removes both in one run, neurons at
+            `final_sparsity`, heads at `head_sparsity`.
         head_sparsity (`float | None`, defaults to `None`):
             With `mask_type: neurons+heads`: the share of attention heads removed when the neurons reach
             `final_sparsity` (the same schedule, scaled).

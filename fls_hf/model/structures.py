@@ -211,8 +211,8 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
 
 
 def attention_blocks(model: nn.Module) -> list[StructureBlock]:
-    """Every attention block of `model` in module order (BERT and Llama families): its groups are KV heads with
-    their query heads (one head each without grouped-query attention)."""
+    """Every attention block of `model` in module order (`ATTENTION_LAYOUTS`): its groups are KV heads with their
+    query heads (one head each without grouped-query attention)."""
     modules = dict(model.named_modules())
     blocks = []
     for prefix in modules:
@@ -407,8 +407,8 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
         )
     if not blocks:
         raise RecipeError(
-            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: BERT, Llama, GPT-NeoX, "
-            "GPT-2, GPT-Neo, GPT-J families, heads: Llama family)"
+            f"{type(model).__name__} has no block fls_hf can shrink ({', '.join(kinds)}; FFN: "
+            f"{KNOWN_LAYOUTS['neurons']}; heads: the Llama family's, whose head size is in its config)"
         )
     live = {b.key: live_groups(model, b) for b in blocks}
     kept, report = {}, {}
