@@ -9,6 +9,8 @@ Latency depends on shapes only, so each shrunk model here is made the way `save_
   num_attention_heads), so a heads row would only be masked — none is timed.
 - The `small` Llama shape of `benchmarks/scale` (random init; 8 layers, hidden 512, FFN 1408, 8 heads, vocabulary
   32,000, whose lm_head is ~40 % of the per-token work): FFN neurons and heads shrink.
+- `--models gpt2`: GPT-2 small's shape (random init; transformers' Conv1D layers, 12 layers, hidden 768, FFN 3,072,
+  12 heads, vocabulary 50,257): FFN neurons shrink (`n_inner`); its heads cannot, as BERT's.
 
 Each row: median seconds of `--repeats` forwards (after one warm-up) under `torch.inference_mode`, at batch 1 and
 32, sequence 128, and the speed-up over the dense row: the median of per-round ratios, the variants of a model
@@ -18,6 +20,8 @@ script gave MiniLM 1.08–1.40× at batch 1).
     python -m benchmarks.structured_latency                    # CPU, every core (time it on an idle machine)
     python -m benchmarks.structured_latency --device cuda --dtype bfloat16
     python -m benchmarks.structured_latency --quick                      # smoke run (tests)
+    python -m benchmarks.structured_latency --models gpt2 --repeats 10 \
+        --output benchmarks/results/structured_latency_cpu_gpt2.json
 
 Results: benchmarks/results/structured_latency_<device>.json (its `table` is the README's).
 """
@@ -30,11 +34,11 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from fls_hf import shrink
 from fls_hf.data import default_model_path
-from fls_hf.model import attention_blocks, ffn_blocks
+from fls_hf.model import adapter_for, attention_blocks, ffn_blocks
 
 from .common.paths import RESULTS
 from .scale import llama_config
@@ -49,6 +53,9 @@ VARIANTS = {  # name → (share of FFN neurons removed, share of KV head groups 
 def build(family: str, variant: str, device: str, dtype: torch.dtype):
     if family == "minilm":
         model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+    elif family == "gpt2":  # GPT-2 small's shape (Conv1D layers), random init
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config())
     else:  # llama-small | llama-quick
         torch.manual_seed(0)
         model = LlamaForCausalLM(llama_config(family.split("-")[1], 128))
@@ -61,7 +68,8 @@ def build(family: str, variant: str, device: str, dtype: torch.dtype):
                     count = round(share * block.groups)
                     gone = torch.linspace(0, block.groups - 1, count).round().long()
                     columns = (gone[:, None] * block.columns + torch.arange(block.columns)).reshape(-1)
-                    model.get_submodule(block.consumer).weight[:, columns] = 0
+                    consumer = adapter_for(block.consumer, model.get_submodule(block.consumer))
+                    consumer.weight_matrix()[:, columns] = 0  # the (out, in) view: GPT-2's Conv1D stores (in, out)
                 kinds.append(kind)
     if kinds:
         shrink(model, tuple(kinds))
@@ -131,7 +139,11 @@ def main() -> None:
                     "model": family,
                     "variant": variant,
                     "parameters": sum(p.numel() for p in model.parameters()),
-                    "config": {k: getattr(model.config, k) for k in ("intermediate_size", "num_attention_heads")},
+                    "config": {
+                        k: getattr(model.config, k)
+                        for k in ("intermediate_size", "n_inner", "num_attention_heads")
+                        if hasattr(model.config, k)
+                    },
                     "batches": batches,
                     "seconds": [statistics.median(r[i]) for r in rounds],
                     # the median of the rounds' ratios: each round times the dense model and this one back to back
