@@ -80,12 +80,7 @@ class LayerAdapter:
 
     def check_shardable(self) -> None:
         """Raise unless the weight is whole or sharded by rows over a 1-D mesh (FSDP2's default)."""
-        if self.sharded and (self.weight.device_mesh.ndim != 1 or tuple(self.weight.placements) != (Shard(0),)):
-            raise UnsupportedModuleError(
-                f"module `{self.name}` is sharded as {tuple(self.weight.placements)} over a "
-                f"{self.weight.device_mesh.ndim}-D mesh; fls_hf prunes weights sharded by rows (Shard(0)) over a 1-D "
-                "mesh: `fully_shard` with its defaults"
-            )
+        check_row_sharded(self.weight, f"module `{self.name}`")
 
     def to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """Weight-shaped tensor → (rows, cols) view (a view where possible)."""
@@ -109,15 +104,23 @@ def local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def check_row_sharded(tensor: torch.Tensor, what: str) -> None:
+    """Raise unless `tensor` is whole or sharded by rows over a 1-D mesh (FSDP2's default); `what` names it."""
+    if isinstance(tensor, DTensor) and (tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),)):
+        raise UnsupportedModuleError(
+            f"{what} is sharded as {tuple(tensor.placements)} over a {tensor.device_mesh.ndim}-D mesh; fls_hf prunes "
+            "weights sharded by rows (Shard(0)) over a 1-D mesh: `fully_shard` with its defaults"
+        )
+
+
 def shard_rows(tensor: torch.Tensor, what: str = "a tensor") -> tuple[int, int]:
     """[start, stop) of the dim-0 entries this process holds of `tensor`: all of them unless it is a DTensor sharded
     by rows (`Shard(0)`, torch.chunk's blocks over a 1-D mesh, FSDP2's default)."""
     rows = tensor.shape[0]
     if not isinstance(tensor, DTensor):
         return 0, rows
+    check_row_sharded(tensor, what)
     mesh = tensor.device_mesh
-    if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
-        raise UnsupportedModuleError(f"{what} is sharded as {tuple(tensor.placements)}; fls_hf expects Shard(0)")
     chunk = -(-rows // mesh.size())
     start = min(mesh.get_local_rank() * chunk, rows)
     stop = start + tensor.to_local().shape[0]

@@ -277,7 +277,8 @@ class Pruner:
                 if dim == 0:  # FSDP2: lora_B's rows are sharded like its producer's; this rank's in its own numbers
                     start, stop = shard_rows(target, "a LoRA factor")
                     index = index[(index >= start) & (index < stop)] - start
-                local(target).index_fill_(dim, index.to(local(target).device), 0.0)
+                held = local(target)
+                held.index_fill_(dim, index.to(held.device), 0.0)
 
     def non_finite_grads(self) -> list[str]:
         """Targeted modules whose weight or bias gradient holds NaN / inf (one device sync for all)."""

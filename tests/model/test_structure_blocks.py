@@ -291,6 +291,16 @@ def test_gpt2_conv1d_heads_and_neurons(tmp_path, method):
         torch.testing.assert_close(model(**inputs).logits, masked, rtol=0, atol=1e-5)
 
 
+def _tiny(family: str, head: str, settings: dict):
+    """transformers' `<family><head>` (e.g. GPTJForCausalLM) from `<family>Config(vocab_size=64, **settings)`, seed 0,
+    in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, **settings)
+    return getattr(transformers, f"{family}{head}")(config).eval()
+
+
 NEURON_FAMILIES = {  # FFN c_fc → c_proj (Linear) or fc_in → fc_out; the width's config key
     "GPTBigCode": ({"n_positions": 32, "n_embd": 16, "n_layer": 2, "n_head": 2}, "n_inner"),
     "GPTNeo": (
@@ -309,14 +319,10 @@ def test_gpt_style_ffn_neurons_shrink_through_their_own_config_key(tmp_path, fam
     """GPT-BigCode / GPT-Neo (mlp.c_fc → c_proj, Linear), GPT-J / CodeGen (mlp.fc_in → fc_out) and Falcon
     (dense_h_to_4h → dense_4h_to_h): half of the neurons go, the saved model sets the width in the config entry its
     family reads (unset: 4 × hidden) and reloads with plain transformers, same logits."""
-    import transformers
-
     from fls_hf import oneshot
 
     settings, key = NEURON_FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(vocab_size=64, **settings)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = _tiny(family, "ForCausalLM", settings)
     assert [b.width_key for b in ffn_blocks(model)] == [key, key] and getattr(model.config, key) in (None, 64)
     pruning = {"method": "magnitude", "mask_type": "neurons", "final_sparsity": 0.5, "global_sparsity": False}
     oneshot(model, causal_batches(), {"pruning": pruning})
@@ -350,12 +356,8 @@ def test_gpt_j_and_neo_heads_are_removed_as_zeros(tmp_path, family, attention):
     """GPT-J's and GPT-Neo's separate q / k / v → out_proj: a head is its rows of q, k, v and its columns of out_proj;
     removing it equals zeroing those columns alone (magnitude: no compensation), and the saved model keeps it as
     zeros (the head size is hidden / heads) while the FFN shrinks."""
-    import transformers
-
     settings, key = NEURON_FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(vocab_size=64, **settings)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = _tiny(family, "ForCausalLM", settings)
     original = copy.deepcopy(model)
     blocks = attention_blocks(model)
     assert [b.consumer for b in blocks] == [f"transformer.h.{i}.{attention}.out_proj" for i in (0, 1)]
@@ -399,14 +401,10 @@ def test_distilbert_and_modernbert_neurons_shrink_and_heads_stay_as_zeros(tmp_pa
     gate fused, → Wo; attn.Wqkv, q | k | v fused, → Wo): removing half of the neurons and heads equals zeroing the
     consumers' columns alone (magnitude), the FFN shrinks through the family's config key, the heads stay as zeros,
     and the saved classifier reloads with plain transformers, same logits."""
-    import transformers
-
     from fls_hf import oneshot
 
     settings, key = ENCODERS[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(vocab_size=64, num_labels=2, **settings)
-    model = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
+    model = _tiny(family, "ForSequenceClassification", {"num_labels": 2, **settings})
     original = copy.deepcopy(model)
     ffn, heads = ffn_blocks(model), attention_blocks(model)
     assert len(ffn) == len(heads) == 2 and all(b.groups == 32 for b in ffn) and all(b.groups == 2 for b in heads)
