@@ -214,6 +214,8 @@ def run_single(args) -> dict:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "validation": minilm.accuracy(model, data["validation"]),
         "test": minilm.accuracy(model, data["test"]),
+        "validation_loss": minilm.log_loss(model, data["validation"]),
+        "test_loss": minilm.log_loss(model, data["test"]),
     }
 
 

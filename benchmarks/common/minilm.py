@@ -102,6 +102,17 @@ def accuracy(model, dataset, batch_size: int = 128) -> float:
     return correct / len(dataset)
 
 
+@torch.inference_mode()
+def log_loss(model, dataset, batch_size: int = 128) -> float:
+    """Mean cross-entropy of the labels: finer-grained than accuracy where rules tie on the split's correct count."""
+    model.eval()
+    total = 0.0
+    for batch in loader(dataset, batch_size):
+        labels = batch.pop("labels")
+        total += float(torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels, reduction="sum"))
+    return total / len(dataset)
+
+
 def dense_model(data, *, epochs: float = 2.0, seed: int = 0, directory: Path = DENSE_DIR):
     """The fine-tuned dense MiniLM, trained once and cached in benchmarks/cache/ (not committed).
 

@@ -24,6 +24,7 @@ def test_gradual_quick_prunes_to_the_target_in_a_child_process(tmp_path):
     [row] = report["rows"]
     assert row["method"] == "fls" and row["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert 0.0 <= row["validation"] <= 1.0 and 0.0 <= row["test"] <= 1.0
+    assert 0.0 < row["validation_loss"] < 5.0 and 0.0 < row["test_loss"] < 5.0  # mean cross-entropy, 2 labels
     assert row["train_seconds"] > 0 and row["peak_rss_gib"] > 0 and row["curvature_gib"] > 0
     assert row["recipe"]["pruning"]["method"] == "fishleg" and row["steps"] == 4
 
