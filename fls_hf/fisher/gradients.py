@@ -39,6 +39,7 @@ from ..model.forward import (
     requires_grad,
     unwrap,
     valid_rows,
+    with_decoder_inputs,
 )
 from ..model.patches import conv_output_rows, conv_patches, plain_conv
 from ..progress import example_progress, log_main
@@ -115,6 +116,7 @@ def batch_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, ℓ_n) of one batch: the model's logits scored against `mode` labels (`fisher_targets`) by
     `example_losses`, shifted for a causal LM's data labels."""
+    batch = with_decoder_inputs(model, batch)
     logits = logits_of(model(**model_inputs(batch, model_device(model)))).float()
     targets = fisher_targets(batch, logits, mode, likelihood, generator)
     shift = mode == "empirical" and is_causal_lm(model)
@@ -209,6 +211,7 @@ def _batch_gradients(
     generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
     size, device, shift = _batch_size(batch), model_device(model), mode == "empirical" and is_causal_lm(model)
+    batch = with_decoder_inputs(model, batch)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with curvature_mode(model), torch.enable_grad(), requires_grad((a.weight for a in layers.values()), True):
         with _capture({n: layers[n] for n in hookable}, size) as (sums, misfits):

@@ -30,8 +30,10 @@ from ..model.forward import (
     model_device,
     model_inputs,
     requires_grad,
+    token_masks,
     unwrap,
     valid_rows,
+    with_decoder_inputs,
 )
 from ..model.patches import conv_obstacle, conv_output_rows, conv_patches
 from ..progress import example_progress
@@ -183,6 +185,7 @@ def kronecker_statistics(
         for batch in batches:
             if sums.examples >= max_examples:
                 break
+            batch = with_decoder_inputs(model, batch)
             current["batch"] = batch
             logits = logits_of(model(**model_inputs(batch, device))).float()
             n = logits.shape[0]
@@ -226,7 +229,9 @@ def _token_mask(
     A conv's (N, L) output positions are all real: an attention mask (text of a multimodal batch) never
     applies to them, even where its shape happens to be (N, L)."""
     lead = activations.shape[:-1]
-    mask = batch.get("attention_mask")
-    if not conv and isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(lead):
-        return mask.to(device).bool()
-    return torch.ones(lead, dtype=torch.bool, device=device)
+    masks = [] if conv else [m.to(device).bool() for m in token_masks(batch) if tuple(m.shape) == tuple(lead)]
+    if not masks:
+        return torch.ones(lead, dtype=torch.bool, device=device)
+    # An encoder-decoder whose source and target have the same length: the rows' stream is unknown from their
+    # shape, so a row real in either counts (padding may slip in; no real token is dropped).
+    return masks[0] if len(masks) == 1 else masks[0] | masks[1]

@@ -19,11 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from ..model.forward import (
+    curvature_mode,
+    logits_of,
+    model_device,
+    model_inputs,
+    unwrap,
+    valid_rows,
+    with_decoder_inputs,
+)
 from .likelihoods import Likelihood
 
 
 def _forward(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = with_decoder_inputs(model, batch)
     inputs = model_inputs(batch, model_device(model))
     logits = logits_of(model(**inputs)).float()
     return logits, valid_rows(batch, logits)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..model.adapters import LayerAdapter
-from ..model.forward import model_device, unwrap
+from ..model.forward import model_device, unwrap, with_decoder_inputs
 from .hooks import layer_hooks
 from .kronecker import KroneckerSums, check_supported
 
@@ -76,7 +76,8 @@ class TrainingStatistics:
 
     def _on_model_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         counted = module.training and torch.is_grad_enabled()
-        self._batch = kwargs if counted else None
+        # an encoder-decoder's training batch marked as one (decoder inputs from its labels), for the rows' masks
+        self._batch = (with_decoder_inputs(module, kwargs) if "labels" in kwargs else kwargs) if counted else None
         if counted:
             self.step.examples += _batch_size(args, kwargs)
 

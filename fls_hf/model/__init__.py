@@ -5,7 +5,15 @@ from whatever the model returns), the resolution of a recipe's `targets` / `igno
 
 from .adapters import SUPPORTED_TYPES, Conv1DAdapter, LayerAdapter, adapter_for, require_adapter
 from .blocks import from_row_blocks, regroup_row_blocks, row_blocks
-from .forward import curvature_mode, logits_of, model_device, model_inputs, unwrap, valid_rows
+from .forward import (
+    curvature_mode,
+    logits_of,
+    model_device,
+    model_inputs,
+    unwrap,
+    valid_rows,
+    with_decoder_inputs,
+)
 from .patches import conv_obstacle, conv_output_rows, conv_patches, plain_conv
 from .structures import (
     StructureBlock,
@@ -52,4 +60,5 @@ __all__ = [
     "row_blocks",
     "unwrap",
     "valid_rows",
+    "with_decoder_inputs",
 ]

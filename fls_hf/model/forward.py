@@ -2,7 +2,8 @@
 
 Curvature passes never use the data labels for the true Fisher (labels are sampled from the model),
 so label keys are removed before the forward. They run in eval mode (dropout off, BatchNorm
-statistics untouched) with autocast disabled, and restore the model's mode afterwards.
+statistics untouched) with autocast disabled, and restore the model's mode afterwards. An encoder-decoder's
+decoder still reads the target sequence: `with_decoder_inputs` makes its inputs from the labels first.
 """
 
 from __future__ import annotations
@@ -28,13 +29,65 @@ def model_inputs(batch: Mapping[str, Any], device: torch.device | None = None) -
     return inputs
 
 
+DECODER_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def is_seq2seq_batch(batch: Mapping[str, Any]) -> bool:
+    """Whether the batch feeds an encoder-decoder's decoder (after `with_decoder_inputs`): its outputs are the
+    decoder's rows, whose mask is `decoder_attention_mask`, not the source's `attention_mask`."""
+    return any(k in batch for k in DECODER_INPUT_KEYS)
+
+
+def with_decoder_inputs(model: nn.Module, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An encoder-decoder's batch with `decoder_input_ids` made from its `labels`, as the model's own loss does
+    (the labels shifted right behind the decoder's start token); any other model's batch as it is.
+
+    Curvature passes drop the labels (the true Fisher samples its own), so without this T5 has no decoder input
+    and BART would read the source as its target sequence."""
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or is_seq2seq_batch(batch):
+        return batch
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        raise CurvatureError(
+            f"{type(inner).__name__} is an encoder-decoder: curvature passes run its decoder on the target sequence, "
+            f"so calibration batches need `labels` or `decoder_input_ids`; this batch has {sorted(batch)}"
+        )
+    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return {**batch, "decoder_input_ids": prepare(labels=labels)}
+    start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+    if start is None or pad is None:
+        raise CurvatureError(
+            f"{type(inner).__name__}'s config has no `decoder_start_token_id` / `pad_token_id` to make the decoder's "
+            "inputs from `labels`: pass `decoder_input_ids` in the calibration batches"
+        )
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return {**batch, "decoder_input_ids": shifted.masked_fill(shifted == -100, pad)}
+
+
+def token_masks(batch: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The batch's masks of real tokens: `attention_mask`, and for an encoder-decoder the decoder's
+    (`decoder_attention_mask`, else labels ≠ -100); a layer's rows take the one whose shape matches theirs."""
+    masks = [batch.get("attention_mask")]
+    if is_seq2seq_batch(batch):
+        decoder, labels = batch.get("decoder_attention_mask"), batch.get("labels")
+        if not isinstance(decoder, torch.Tensor) and isinstance(labels, torch.Tensor):
+            decoder = labels != -100
+        masks.append(decoder)
+    return [m for m in masks if isinstance(m, torch.Tensor)]
+
+
 def valid_rows(batch: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor:
-    """Bool mask over the logits' leading dims: attention mask and `-100` labels for token outputs."""
+    """Bool mask over the logits' leading dims: attention mask (an encoder-decoder's: the decoder's) and `-100`
+    labels for token outputs."""
     lead = logits.shape[:-1]
     if logits.dim() == 2:
         return torch.ones(lead, dtype=torch.bool, device=logits.device)
     valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
-    mask = batch.get("attention_mask")
+    mask = batch.get("decoder_attention_mask" if is_seq2seq_batch(batch) else "attention_mask")
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(lead):
         valid &= mask.to(logits.device).bool()
     labels = batch.get("labels")

@@ -1,0 +1,169 @@
+"""Encoder-decoders (T5, BART, Whisper): curvature passes run the decoder on the target sequence made from the
+labels, each layer's rows are masked by its own stream (source or target), and a `Seq2SeqTrainer` prunes them."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
+)
+
+from fls_hf import FishLegPruningCallback, oneshot, sparsity_report
+from fls_hf.errors import CurvatureError
+from fls_hf.fisher.kronecker import kronecker_statistics
+from fls_hf.fisher.likelihoods import Categorical
+from fls_hf.model import model_inputs, with_decoder_inputs
+from fls_hf.model.targets import resolve_targets
+
+VOCAB, SOURCE, TARGET = 64, 10, 6
+
+
+def tiny_t5(seed: int = 0, **overrides) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8)
+    return T5ForConditionalGeneration(
+        T5Config(**{**settings, **overrides}, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    ).eval()
+
+
+def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=24, max_position_embeddings=32,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config).eval()
+
+
+def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    return WhisperForConditionalGeneration(config).eval()
+
+
+def batch_for(family: str, n: int = 4, seed: int = 0) -> dict:
+    """Source inputs with padding at the end of example 0, and labels padded with -100 at the end of examples
+    1 and 2 (a target length other than the source's, so each layer's rows have one stream)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(3, VOCAB, (n, TARGET), generator=g)
+    labels[1, -2:] = labels[2, -1:] = -100
+    if family == "whisper":  # log-mel features: 2 × max_source_positions frames
+        return {"input_features": torch.randn(n, 8, 16, generator=g), "labels": labels}
+    mask = torch.ones(n, SOURCE, dtype=torch.long)
+    mask[0, -3:] = 0
+    return {"input_ids": torch.randint(3, VOCAB, (n, SOURCE), generator=g), "attention_mask": mask, "labels": labels}
+
+
+FAMILIES = {"t5": tiny_t5, "bart": tiny_bart, "whisper": tiny_whisper}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_curvature_forward_reads_the_decoder_inputs_the_models_own_loss_does(family):
+    # T5 / BART make them with `prepare_decoder_input_ids_from_labels`; Whisper has none: the generic shift
+    model, batch = FAMILIES[family](), batch_for(family)
+    inputs = model_inputs(with_decoder_inputs(model, batch))
+    assert "labels" not in inputs and inputs["decoder_input_ids"].shape == batch["labels"].shape
+    assert (inputs["decoder_input_ids"] >= 0).all()  # -100 became the pad token
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**batch).logits)
+
+
+def test_decoder_inputs_given_by_the_batch_are_kept():
+    model, batch = tiny_t5(), batch_for("t5")
+    given = torch.randint(3, VOCAB, (4, TARGET + 2))
+    assert with_decoder_inputs(model, {**batch, "decoder_input_ids": given})["decoder_input_ids"] is given
+    bert_like = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    assert with_decoder_inputs(torch.nn.Linear(2, 2), bert_like) is bert_like  # not an encoder-decoder
+
+
+def test_an_encoder_decoder_batch_without_labels_or_decoder_inputs_is_refused():
+    model, batch = tiny_t5(), batch_for("t5")
+    del batch["labels"]
+    with pytest.raises(CurvatureError, match=r"T5ForConditionalGeneration is an encoder-decoder.*decoder_input_ids"):
+        oneshot(model, [batch], {"pruning": {"method": "kfac", "final_sparsity": 0.5}, "curvature": {"num_batches": 1}})
+    assert all(torch.isfinite(p).all() and (p != 0).any() for p in model.parameters())  # nothing pruned
+
+
+def test_each_layers_input_covariance_counts_the_real_rows_of_its_own_stream():
+    """Ā of an encoder layer averages over the source's real tokens, of a decoder self-attention layer over the
+    target's (labels ≠ -100), of a cross-attention key over the source's (it reads the encoder's output)."""
+    model, batch = tiny_t5(), batch_for("t5")
+    names = {
+        "encoder.block.0.layer.0.SelfAttention.q": batch["attention_mask"].bool(),
+        "decoder.block.0.layer.0.SelfAttention.q": batch["labels"] != -100,
+        "decoder.block.0.layer.1.EncDecAttention.k": batch["attention_mask"].bool(),
+    }
+    layers = resolve_targets(model, list(names))
+    stats = kronecker_statistics(model, [batch], layers, Categorical(), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0].detach()))
+        for n in names
+    ]
+    with torch.no_grad():
+        model(**model_inputs(with_decoder_inputs(model, batch)))
+    for hook in hooks:
+        hook.remove()
+    for name, mask in names.items():
+        rows = seen[name][mask]
+        rows = torch.cat([rows, torch.ones(len(rows), 1)], 1)
+        torch.testing.assert_close(stats[name][0], rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
+    assert int((batch["attention_mask"] == 1).sum()) != int((batch["labels"] != -100).sum())  # the streams differ
+
+
+def seq2seq_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, SOURCE), generator=g)
+    labels = ids[:, :TARGET].flip(1).clone()  # learnable: the source's first tokens, reversed
+    labels[::3, -2:] = -100
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    )
+
+
+@pytest.mark.parametrize("method", ["kfac", "fishleg"])
+def test_seq2seq_trainer_prunes_t5_gradually_and_the_saved_model_reloads(tmp_path, method):
+    model = tiny_t5(d_ff=48).train()
+    recipe = {
+        "pruning": {
+            "method": method,
+            "ignore": ["lm_head"],
+            "init_sparsity": 0.3,
+            "final_sparsity": 0.6,
+            "start_step": 0,
+            "end_step": 6,
+            "update_frequency": 3,
+        },
+        "curvature": {"num_batches": 2, **({"init_examples": 8, "warmup_steps": 2} if method == "fishleg" else {})},
+    }
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-3, use_cpu=True,
+        report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    callback = FishLegPruningCallback(recipe)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=seq2seq_dataset(), callbacks=[callback])
+    trainer.train()
+    report = sparsity_report(model, callback.recipe)
+    assert report.global_sparsity == pytest.approx(0.6, abs=1e-3)
+    pruned = {n for n in callback.pruner.masks}
+    assert any(n.startswith("encoder.") for n in pruned) and any("EncDecAttention" in n for n in pruned)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "saved").eval()
+    batch = {k: torch.tensor(v) for k, v in seq2seq_dataset(4, seed=1)[:4].items()}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
