@@ -1,11 +1,15 @@
 """Encoder-decoders (T5, BART, Whisper): curvature passes run the decoder on the target sequence made from the
-labels, each layer's rows are masked by its own stream (source or target), and a `Seq2SeqTrainer` prunes them."""
+labels, each layer's rows are masked by its own stream (source or target), a `Seq2SeqTrainer` prunes them, and their
+FFN neurons / heads are structures (the FFNs shrink per stack)."""
+
+import copy
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import (
     AutoModelForSeq2SeqLM,
+    AutoModelForSpeechSeq2Seq,
     BartConfig,
     BartForConditionalGeneration,
     Seq2SeqTrainer,
@@ -21,6 +25,7 @@ from fls_hf.errors import CurvatureError
 from fls_hf.fisher.kronecker import kronecker_statistics
 from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.model import model_inputs, with_decoder_inputs
+from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, save_shrunk
 from fls_hf.model.targets import resolve_targets
 
 VOCAB, SOURCE, TARGET = 64, 10, 6
@@ -167,3 +172,55 @@ def test_seq2seq_trainer_prunes_t5_gradually_and_the_saved_model_reloads(tmp_pat
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+
+
+STRUCTURED = {  # case → (builder, the FFN width's config key in the encoder's and the decoder's blocks, loader)
+    "t5": (lambda: tiny_t5(), ("d_ff", "d_ff"), AutoModelForSeq2SeqLM),
+    "t5-gated": (lambda: tiny_t5(feed_forward_proj="gated-gelu"), ("d_ff", "d_ff"), AutoModelForSeq2SeqLM),
+    "bart": (tiny_bart, ("encoder_ffn_dim", "decoder_ffn_dim"), AutoModelForSeq2SeqLM),
+    "whisper": (tiny_whisper, ("encoder_ffn_dim", "decoder_ffn_dim"), AutoModelForSpeechSeq2Seq),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "method"), [(c, "magnitude") for c in STRUCTURED] + [("t5-gated", "kfac"), ("bart", "kfac")]
+)
+def test_encoder_decoder_neurons_shrink_per_stack_and_heads_stay_as_zeros(tmp_path, case, method):
+    """T5 (DenseReluDense.wi, or gated wi_0 / wi_1, → wo; d_ff), BART and Whisper (fc1 → fc2; encoder_ffn_dim and
+    decoder_ffn_dim, one width each): half of the neurons and heads (self-attention, and the decoder's cross-attention)
+    removed; magnitude's masked model equals zeroing the consumers' columns alone; the saved model has each stack's
+    FFN halved, the heads as zeros (their head size follows hidden / heads, or T5's position bias has one per head),
+    and reloads with plain transformers, same logits."""
+    build, keys, loader = STRUCTURED[case]
+    model = build()
+    original = copy.deepcopy(model)
+    ffn, heads = ffn_blocks(model), attention_blocks(model)
+    decoder = ["decoder" in b.prefix.split(".") for b in ffn]
+    assert any(decoder) and not all(decoder) and all(b.width_key == keys[d] for b, d in zip(ffn, decoder))
+    assert len(heads) == 3 * len(ffn) // 2 and not any(b.shrinkable for b in heads)  # decoders: self + cross
+    widths = {key: getattr(model.config, key) for key in keys}
+    family = "whisper" if case == "whisper" else "t5"
+    batch = batch_for(family)
+    pruning = {"method": method, "mask_type": "neurons+heads", "final_sparsity": 0.5, "head_sparsity": 0.5}
+    oneshot(
+        model,
+        [batch],
+        {
+            "pruning": {**pruning, "global_sparsity": False},
+            "curvature": {"num_examples": 4} if method == "kfac" else {},
+        },
+    )
+    with torch.no_grad():
+        masked = model(**batch).logits
+        for block in ffn + heads:
+            gone = torch.nonzero(~live_groups(model, block)).flatten()
+            assert len(gone) == block.groups // 2
+            original.get_submodule(block.consumer).weight[:, block.consumer_columns(gone)] = 0
+        if method == "magnitude":  # no compensation: the removed groups' consumer columns are all that changed
+            torch.testing.assert_close(original(**batch).logits, masked, rtol=0, atol=1e-5)
+    sizes = save_shrunk(model, str(tmp_path))
+    assert {k: sizes[k] for k in keys} == {k: w // 2 for k, w in widths.items()} and "num_attention_heads" not in sizes
+    reloaded = loader.from_pretrained(tmp_path).eval()
+    assert all(getattr(reloaded.config, k) == w // 2 for k, w in widths.items())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, masked, rtol=0, atol=1e-5)

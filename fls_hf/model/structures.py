@@ -35,7 +35,8 @@ class FfnLayout(NamedTuple):
 
     producers: tuple[str, ...]  # up (and gate)
     consumer: str  # down
-    width_keys: tuple[str, ...] = ("intermediate_size",)  # the first of them that the model's config has
+    # the first of them that the model's config has; "{stack}" is the block's stack, encoder or decoder (BART)
+    width_keys: tuple[str, ...] = ("intermediate_size",)
     halves: int = 1  # 2: one producer stacks gate and up rows (chunked in two), so neuron j is its rows j and width + j
 
 
@@ -63,6 +64,10 @@ FFN_LAYOUTS = (
     FfnLayout(("fc_in",), "fc_out", ("n_inner",)),  # GPT-J, CodeGen
     FfnLayout(("lin1",), "lin2", ("hidden_dim",)),  # DistilBERT
     FfnLayout(("Wi",), "Wo", halves=2),  # ModernBERT (fused input / gate, chunked in two)
+    # BART, Whisper, Marian, mBART, Pegasus: {encoder,decoder}_ffn_dim; OPT: ffn_dim; Phi-2, CLIP: intermediate_size
+    FfnLayout(("fc1",), "fc2", ("intermediate_size", "ffn_dim", "{stack}_ffn_dim")),
+    FfnLayout(("wi",), "wo", ("d_ff",)),  # T5, mT5 (DenseReluDense)
+    FfnLayout(("wi_0", "wi_1"), "wo", ("d_ff",)),  # T5 v1.1, Flan-T5, mT5, UMT5 (gated)
 )
 ATTENTION_LAYOUTS = (
     # BERT family: its head size is hidden_size / num_attention_heads, so (as in most families) its heads stay as zeros
@@ -78,9 +83,15 @@ ATTENTION_LAYOUTS = (
     AttentionLayout("attention", tuple(f"attention.{x}_proj" for x in "qkv"), "attention.out_proj"),  # GPT-Neo
     AttentionLayout("attention", tuple(f"attention.{x}_lin" for x in "qkv"), "attention.out_lin"),  # DistilBERT
     AttentionLayout("attn", ("attn.Wqkv",), "attn.Wo"),  # ModernBERT (fused q | k | v)
+    # BART, Whisper, Marian, OPT, CLIP (head size hidden / heads): self-attention, and the decoders' cross-attention
+    AttentionLayout("self_attn", tuple(f"self_attn.{x}_proj" for x in "qkv"), "self_attn.out_proj"),
+    AttentionLayout("encoder_attn", tuple(f"encoder_attn.{x}_proj" for x in "qkv"), "encoder_attn.out_proj"),
+    # T5: its first layer's relative position bias has a column per head, so its heads stay as zeros
+    AttentionLayout("SelfAttention", tuple(f"SelfAttention.{x}" for x in "qkv"), "SelfAttention.o"),
+    AttentionLayout("EncDecAttention", tuple(f"EncDecAttention.{x}" for x in "qkv"), "EncDecAttention.o"),
 )
-# the attention module's attribute holding the head size (Llama, GPT-2, GPT-J, GPT-Neo; BERT; GPT-NeoX)
-HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size")
+# the attention module's attribute holding the head size (Llama, GPT-2, GPT-J, GPT-Neo; BERT; GPT-NeoX; T5)
+HEAD_SIZE_NAMES = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 STRUCTURE_KINDS = ("neurons", "heads")
 
 
@@ -204,10 +215,18 @@ def ffn_blocks(model: nn.Module) -> list[StructureBlock]:
                     (segments,) * len(layout.producers),
                     1,
                     width,
-                    width_key=next((key for key in layout.width_keys if hasattr(config, key)), layout.width_keys[0]),
+                    width_key=_width_key(config, layout, prefix),
                 )  # fmt: skip
             )
     return blocks
+
+
+def _width_key(config, layout: FfnLayout, prefix: str) -> str:
+    """The first of the layout's width entries that the config has, "{stack}" read as the block's stack (decoder
+    when a module on its path is named so, else encoder)."""
+    stack = "decoder" if "decoder" in prefix.split(".") else "encoder"
+    keys = [key.format(stack=stack) for key in layout.width_keys]
+    return next((key for key in keys if hasattr(config, key)), keys[0])
 
 
 def attention_blocks(model: nn.Module) -> list[StructureBlock]:
@@ -272,13 +291,15 @@ KNOWN_LAYOUTS = {
     "neurons": "BERT family: intermediate.dense → output.dense; Llama family: gate_proj / up_proj → down_proj; "
     "Phi-3: gate_up_proj → down_proj; GPT-NeoX, Falcon: dense_h_to_4h → dense_4h_to_h; GPT-2, GPT-Neo, GPT-BigCode, "
     "StarCoder2: mlp.c_fc → mlp.c_proj; GPT-J, CodeGen: mlp.fc_in → mlp.fc_out; DistilBERT: ffn.lin1 → ffn.lin2; "
-    "ModernBERT: mlp.Wi → mlp.Wo",
+    "ModernBERT: mlp.Wi → mlp.Wo; BART, Whisper, OPT, Phi-2, CLIP: fc1 → fc2; T5: DenseReluDense.wi (or wi_0 / wi_1) "
+    "→ wo",
     "heads": "BERT family: attention.self.query / key / value → attention.output.dense; Llama family: "
     "self_attn.q_proj / k_proj / v_proj → o_proj, q / k norms per head if any (OLMo-2 normalises across heads); "
     "Phi-3: self_attn.qkv_proj → o_proj; GPT-NeoX: attention.query_key_value (interleaved per head) → "
     "attention.dense; GPT-2: attn.c_attn → attn.c_proj; GPT-J: attn.q_proj / k_proj / v_proj → attn.out_proj; "
     "GPT-Neo: attn.attention.q_proj / k_proj / v_proj → out_proj; DistilBERT: attention.q_lin / k_lin / v_lin → "
-    "attention.out_lin; ModernBERT: attn.Wqkv → attn.Wo",
+    "attention.out_lin; ModernBERT: attn.Wqkv → attn.Wo; BART, Whisper, OPT, CLIP: self_attn (or encoder_attn)"
+    ".q_proj / k_proj / v_proj → out_proj; T5: SelfAttention (or EncDecAttention).q / k / v → o",
 }
 
 
@@ -394,8 +415,8 @@ def shrinkable_blocks(model: nn.Module, kinds: str | tuple[str, ...] | None = No
 
 def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock], dict[str, torch.Tensor], dict]:
     """The shrinkable blocks of `kinds`, the groups each keeps (its live ones, then the first dead ones as zero
-    padding up to the kind's common width, in their original order), and the report: live groups per block and the
-    config entries of the new widths."""
+    padding up to the common width of the blocks that set the same config entries, in their original order), and the
+    report: live groups per block and the config entries of the new widths."""
     config = getattr(model, "config", None)
     if config is None:
         raise RecipeError(f"{type(model).__name__} has no `config` to shrink")
@@ -414,16 +435,17 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
     kept, report = {}, {}
     for kind in kinds:
         of_kind = [b for b in blocks if b.kind == kind]
-        if not of_kind:
-            continue
-        width = _loadable_width(config, of_kind[0], max(max(int(live[b.key].sum()) for b in of_kind), 1))
-        for block in of_kind:
-            mask = live[block.key]
-            padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
-            kept[block.key] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
-            report[block.key] = int(mask.sum())
-        report.update(of_kind[0].config_sizes(width))
-        if kind == "heads":  # Phi-3 derives head_dim from hidden_size / heads unless its config holds it
+        # blocks that set the same config entries share one width (BART's encoder and decoder FFNs have one each)
+        for entries in dict.fromkeys(tuple(b.config_sizes(1)) for b in of_kind):
+            same = [b for b in of_kind if tuple(b.config_sizes(1)) == entries]
+            width = _loadable_width(config, same[0], max(max(int(live[b.key].sum()) for b in same), 1))
+            for block in same:
+                mask = live[block.key]
+                padding = torch.nonzero(~mask).flatten()[: width - int(mask.sum())]
+                kept[block.key] = torch.sort(torch.cat([torch.nonzero(mask).flatten(), padding])).values
+                report[block.key] = int(mask.sum())
+            report.update(same[0].config_sizes(width))
+        if kind == "heads" and of_kind:  # Phi-3 derives head_dim from hidden_size / heads unless its config holds it
             report["head_dim"] = of_kind[0].columns // of_kind[0].heads_per_group
     return blocks, kept, report
 
@@ -466,9 +488,9 @@ def _kinds(kinds: str | tuple[str, ...] | None) -> tuple[str, ...]:
 @torch.no_grad()
 def shrink(model: nn.Module, kinds: str | tuple[str, ...] | None = None) -> dict[str, int]:
     """Remove every group (FFN neuron, attention head group) whose consumer columns are zero, in place, keeping one
-    width per kind for all blocks (the largest live count; narrower blocks keep some dead groups as zero padding),
-    and set the config to it. Exact: the outputs do not change. Blocks plain transformers cannot load shrunk (BERT's
-    heads) are left as they are.
+    width per config entry (the largest live count among the blocks it sizes — one per kind, but BART's encoder and
+    decoder FFNs have an entry each; narrower blocks keep some dead groups as zero padding), and set the config to it.
+    Exact: the outputs do not change. Blocks plain transformers cannot load shrunk (BERT's heads) are left as they are.
 
     Returns:
         "<block prefix>/<kind>" → live groups, and the config entries set.
