@@ -41,6 +41,8 @@ class LayerAdapter:
 
     name: str
     module: nn.Module
+    # the weight dimension of the output features (the matrix view's rows); the input features lie along the other
+    output_dim = 0
 
     @property
     def weight(self) -> nn.Parameter:
@@ -68,7 +70,7 @@ class LayerAdapter:
     @property
     def rows(self) -> int:
         """Rows of the whole weight's matrix view (all shards)."""
-        return self.weight.shape[0]
+        return self.weight.shape[self.output_dim]
 
     @property
     def row_range(self) -> tuple[int, int]:
@@ -132,14 +134,12 @@ def shard_rows(tensor: torch.Tensor, what: str = "a tensor") -> tuple[int, int]:
 class Conv1DAdapter(LayerAdapter):
     """GPT-2's Conv1D stores its weight as (in, out): the matrix view is the transpose."""
 
+    output_dim = 1
+
     @property
     def shape(self) -> tuple[int, int]:
         rows_in, cols_out = self.values.shape
         return cols_out, rows_in
-
-    @property
-    def rows(self) -> int:
-        return self.weight.shape[1]
 
     def check_shardable(self) -> None:
         if self.sharded:  # Shard(0) of an (in, out) weight cuts the matrix view's columns

@@ -159,9 +159,8 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _output_dim(layer: nn.Module) -> int:
-    """The weight dimension of the output features (matrix rows): 0 for Linear's (out, in), 1 for Conv1D's (in, out);
-    the input features are the other one."""
-    return 1 if _is_conv1d(layer) else 0
+    """The weight dimension of the output features (matrix rows), as the layer's adapter reads it."""
+    return adapter_for("", layer).output_dim
 
 
 def _is_dense(module: nn.Module | None) -> bool:
