@@ -86,7 +86,8 @@ ATTENTION_LAYOUTS = (
     # BART, Whisper, Marian, OPT, CLIP (head size hidden / heads): self-attention, and the decoders' cross-attention
     AttentionLayout("self_attn", tuple(f"self_attn.{x}_proj" for x in "qkv"), "self_attn.out_proj"),
     AttentionLayout("encoder_attn", tuple(f"encoder_attn.{x}_proj" for x in "qkv"), "encoder_attn.out_proj"),
-    # T5: its first layer's relative position bias has a column per head, so its heads stay as zeros
+    # T5: the first layer's relative position bias (a column per head) is shared by every layer of the stack, so the
+    # layers' kept heads would have to agree: its heads stay as zeros
     AttentionLayout("SelfAttention", tuple(f"SelfAttention.{x}" for x in "qkv"), "SelfAttention.o"),
     AttentionLayout("EncDecAttention", tuple(f"EncDecAttention.{x}" for x in "qkv"), "EncDecAttention.o"),
 )
