@@ -91,25 +91,28 @@ def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> Da
     )
 
 
-@torch.no_grad()
-@torch.inference_mode()
-def accuracy(model, dataset, batch_size: int = 128) -> float:
+def _predictions(model, dataset, batch_size: int):
+    """(logits, labels) per batch of `dataset`, the model in eval mode."""
     model.eval()
-    correct = 0
     for batch in loader(dataset, batch_size):
         labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        yield model(**batch).logits, labels
+
+
+@torch.inference_mode()
+def accuracy(model, dataset, batch_size: int = 128) -> float:
+    batches = _predictions(model, dataset, batch_size)
+    correct = sum(int((logits.argmax(-1) == labels).sum()) for logits, labels in batches)
     return correct / len(dataset)
 
 
 @torch.inference_mode()
 def log_loss(model, dataset, batch_size: int = 128) -> float:
     """Mean cross-entropy of the labels: finer-grained than accuracy where rules tie on the split's correct count."""
-    model.eval()
-    total = 0.0
-    for batch in loader(dataset, batch_size):
-        labels = batch.pop("labels")
-        total += float(torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels, reduction="sum"))
+    total = sum(
+        float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        for logits, labels in _predictions(model, dataset, batch_size)
+    )
     return total / len(dataset)
 
 
