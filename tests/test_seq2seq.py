@@ -27,6 +27,7 @@ from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.model import model_inputs, with_decoder_inputs
 from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, save_shrunk
 from fls_hf.model.targets import resolve_targets
+from fls_hf.peft import masked_merge_and_unload
 
 VOCAB, SOURCE, TARGET = 64, 10, 6
 
@@ -224,3 +225,47 @@ def test_encoder_decoder_neurons_shrink_per_stack_and_heads_stay_as_zeros(tmp_pa
     assert all(getattr(reloaded.config, k) == w // 2 for k, w in widths.items())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, masked, rtol=0, atol=1e-5)
+
+
+LORA_TARGETS = {
+    "t5-gated": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft reads it
+@pytest.mark.parametrize("case", sorted(LORA_TARGETS))
+def test_seq2seq_trainer_with_lora_removes_neurons_and_heads_and_merges_to_the_shrunk_model(tmp_path, case):
+    """Encoder-decoder + LoRA on every attention and FFN projection + Seq2SeqTrainer: the removed groups' adapter
+    entries stay zero, so the masked merge computes what the PEFT model does, and it shrinks each stack's FFN and
+    reloads with plain transformers, same logits."""
+    peft = pytest.importorskip("peft")
+    build, keys, _ = STRUCTURED[case]
+    model = peft.get_peft_model(
+        build().train(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS[case])
+    )
+    widths = {key: getattr(model.config, key) for key in keys}
+    recipe = {
+        "pruning": {
+            "method": "kfac", "mask_type": "neurons+heads", "head_sparsity": 0.5, "global_sparsity": False,
+            "init_sparsity": 0.25, "final_sparsity": 0.5, "start_step": 0, "end_step": 4, "update_frequency": 2,
+        },
+        "curvature": {"num_examples": 8},
+    }  # fmt: skip
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2, use_cpu=True,
+        report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    callback = FishLegPruningCallback(recipe)
+    Seq2SeqTrainer(model=model, args=args, train_dataset=seq2seq_dataset(), callbacks=[callback]).train()
+    assert callback.pruner.adapter_factors  # the LoRA factors of removed groups are held at zero
+    batch = {k: torch.tensor(v) for k, v in seq2seq_dataset(4, seed=1)[:4].items()}
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+        merged = masked_merge_and_unload(model, callback.pruner)
+        torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)
+        sizes = save_shrunk(merged, str(tmp_path / "shrunk"))
+        assert {k: sizes[k] for k in keys} == {k: w // 2 for k, w in widths.items()}
+        reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "shrunk").eval()
+        torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
