@@ -208,3 +208,20 @@ def run_in_process(command: list[str], cwd):
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
     return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def merge_shrink_reload(model, pruner, batch: dict, directory, loader):
+    """A PEFT model's masked merge gives its logits on `batch`, shrinks into `directory` and reloads with `loader` (a
+    transformers Auto class) to the same logits: (save_shrunk's sizes, the reloaded model)."""
+    from fls_hf import save_shrunk
+    from fls_hf.peft import masked_merge_and_unload
+
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+        merged = masked_merge_and_unload(model, pruner)
+        torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)  # nothing lost at merge
+        sizes = save_shrunk(merged, str(directory))
+        reloaded = loader.from_pretrained(directory).eval()
+        torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
+    return sizes, reloaded

@@ -20,7 +20,7 @@ from fls_hf.pruning.groups import removed_groups
 from fls_hf.pruning.masks import MaskSet
 from fls_hf.pruning.pruner import Pruner
 
-from helpers import tiny_bert, tiny_gpt2, tiny_llama
+from helpers import merge_shrink_reload, tiny_bert, tiny_gpt2, tiny_llama
 from test_trainer import training_args
 
 # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (pyproject turns that into an error).
@@ -313,8 +313,6 @@ def test_lora_on_gpt2_conv1d_removes_neurons_and_heads_and_merges_to_the_shrunk_
     adapters' removed entries stay zero, and the masked merge shrinks (n_inner) to the PEFT model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from fls_hf import save_shrunk
-
     torch.manual_seed(0)
     targets = ["c_attn", "c_proj", "c_fc"]
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=True)
@@ -329,14 +327,7 @@ def test_lora_on_gpt2_conv1d_removes_neurons_and_heads_and_merges_to_the_shrunk_
     trainer.train()
     assert len(trainer.pruner.adapter_factors) == 4 * 2  # per layer: lora_A of both c_proj, lora_B of c_fc, c_attn
     batch = {"input_ids": ids[:4]}
-    model.eval()
-    with torch.no_grad():
-        peft_logits = model(**batch).logits
-        merged = masked_merge_and_unload(model, trainer.pruner)
-        torch.testing.assert_close(merged(**batch).logits, peft_logits, rtol=0, atol=1e-5)
-        sizes = save_shrunk(merged, str(tmp_path / "shrunk"))
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk").eval()
-        torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
+    sizes, reloaded = merge_shrink_reload(model, trainer.pruner, batch, tmp_path / "shrunk", AutoModelForCausalLM)
     assert sizes["n_inner"] == reloaded.config.n_inner == 32 and reloaded.config.n_head == 2  # heads: zeros
     c_attn = reloaded.transformer.h[0].attn.c_attn.weight  # (in 16, out 48): one head's q, k, v columns zero
     assert [int(c_attn[:, 8 * i : 8 * (i + 1)].eq(0).all()) for i in range(6)].count(1) == 3
