@@ -436,8 +436,10 @@ def _kept(model: nn.Module, kinds: tuple[str, ...]) -> tuple[list[StructureBlock
     for kind in kinds:
         of_kind = [b for b in blocks if b.kind == kind]
         # blocks that set the same config entries share one width (BART's encoder and decoder FFNs have one each)
-        for entries in dict.fromkeys(tuple(b.config_sizes(1)) for b in of_kind):
-            same = [b for b in of_kind if tuple(b.config_sizes(1)) == entries]
+        by_entries: dict[tuple[str, ...], list[StructureBlock]] = {}
+        for block in of_kind:
+            by_entries.setdefault(tuple(block.config_sizes(1)), []).append(block)
+        for same in by_entries.values():
             width = _loadable_width(config, same[0], max(max(int(live[b.key].sum()) for b in same), 1))
             for block in same:
                 mask = live[block.key]
