@@ -225,3 +225,17 @@ def merge_shrink_reload(model, pruner, batch: dict, directory, loader):
         reloaded = loader.from_pretrained(directory).eval()
         torch.testing.assert_close(reloaded(**batch).logits, peft_logits, rtol=0, atol=1e-5)
     return sizes, reloaded
+
+
+def zero_removed_inputs(pruned, original, blocks) -> list[int]:
+    """In `original` (a copy of the model before pruning), zero the consumer columns of the groups `pruned` removed
+    from each block: without compensation that alone gives the pruned model. The removed counts, per block."""
+    from fls_hf.model.structures import live_groups
+
+    counts = []
+    with torch.no_grad():
+        for block in blocks:
+            gone = torch.nonzero(~live_groups(pruned, block)).flatten()
+            original.get_submodule(block.consumer).weight[:, block.consumer_columns(gone)] = 0
+            counts.append(len(gone))
+    return counts
