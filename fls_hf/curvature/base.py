@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,8 @@ class RowModel:
             shard's); None: the mean of `row_weight`.
         matrix: Ā itself, where the provider holds it (any float dtype; its eigendecomposition is basis and
             eigenvalues): `a_bar()` reads it instead of forming U diag(λ) Uᵀ, a cols³ product per call. None: formed.
+        input_mean: μ = E[a], (cols,): the Kronecker factor's ones column (the bias's input), where the provider holds
+            it (K-FAC); group OBS eliminates a free bias with it (`pruning/structured.py`). None: not held.
     """
 
     basis: torch.Tensor
@@ -61,6 +63,7 @@ class RowModel:
     column_scale: torch.Tensor | None = None
     row_weight_mean: float | None = None
     matrix: torch.Tensor | None = None
+    input_mean: torch.Tensor | None = None
 
     def mean_row_weight(self) -> float:
         """Mean G_ii over the layer's rows (all shards)."""
@@ -78,9 +81,7 @@ class RowModel:
 
     def unscaled(self) -> RowModel:
         """The same model with S = I (the row problem in the coordinates W ⊘ S, where every row shares Ā)."""
-        return RowModel(
-            self.basis, self.eigenvalues, self.row_weight, self.damping, None, self.row_weight_mean, self.matrix
-        )
+        return replace(self, column_scale=None)
 
     def inverse_diag(self) -> torch.Tensor:
         """[H_i⁻¹]_jj for every (i, j): (rows, cols)."""

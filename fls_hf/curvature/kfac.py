@@ -76,6 +76,7 @@ class KFACProvider(CurvatureProvider):
             "lower `curvature.max_full_g_rows` (wide layers keep diag G) or target fewer layers with `pruning.targets`",
         )
         self.a_bar: dict[str, torch.Tensor] = {}  # FSDP2: the layers this rank owns only (`shards`)
+        self.input_mean: dict[str, torch.Tensor] = {}  # μ = E[a], Ā's ones column (a bias's input); kept with Ā
         self.g: dict[str, torch.Tensor] = {}
         self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # full-G layers: (U_G, D), fp32
         self._rows: dict[str, RowModel] = {}  # FSDP2: owned layers, and the one being visited
@@ -88,6 +89,7 @@ class KFACProvider(CurvatureProvider):
             rows, cols = adapter.shape
             device = adapter.weight.device
             self.a_bar[name] = torch.zeros(cols, cols, device=device)
+            self.input_mean[name] = torch.zeros(cols, device=device)
             self.g[name] = torch.zeros((rows, rows) if name in self.full_g else (rows,), device=device)
 
     @property
@@ -106,6 +108,7 @@ class KFACProvider(CurvatureProvider):
         for name in self.layers:
             if not self._owns(name):
                 self.a_bar.pop(name, None)
+                self.input_mean.pop(name, None)
                 self._rows.pop(name, None)
 
     def _owns(self, name: str) -> bool:
@@ -118,7 +121,7 @@ class KFACProvider(CurvatureProvider):
         for name, adapter in self.layers.items():
             rows, cols = adapter.shape
             full = name in self.full_g
-            total += 4 * (cols * cols + (rows * rows if full else rows)) + 8 * (cols * cols + cols + rows)
+            total += 4 * (cols * cols + cols + (rows * rows if full else rows)) + 8 * (cols * cols + cols + rows)
             total += 4 * (rows * rows + rows * cols) if full else 0
             total += 4 * rows * cols if self.config.first_order else 0  # the mean gradient
         return total
@@ -191,6 +194,7 @@ class KFACProvider(CurvatureProvider):
                 raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")
             if a_bar is not None:
                 self.a_bar[name].copy_(a_bar[:-1, :-1])
+                self.input_mean[name].copy_(a_bar[:-1, -1])
             start, stop = self.layers[name].row_range  # FSDP2: this rank's rows of G (the statistics cover all)
             self.g[name].copy_(g[start:stop] if g.dim() == 1 else g)
         self.estimated = True
@@ -247,15 +251,21 @@ class KFACProvider(CurvatureProvider):
                 lam_g, u_g = torch.linalg.eigh(g)
                 inverse_eigen = 1.0 / (lam_g.clamp_min(0)[:, None] * lam_a[None, :] + self.damping)
                 self._eigen[name] = (u_g.float(), inverse_eigen.float())
-            self._rows[name] = self._row_model_of(name, u_a, lam_a, self.a_bar[name])
+            self._rows[name] = self._row_model_of(name, u_a, lam_a, self.a_bar[name], self.input_mean[name])
 
     def _row_model_of(
-        self, name: str, basis: torch.Tensor, eigenvalues: torch.Tensor, matrix: torch.Tensor | None = None
+        self, name: str, basis: torch.Tensor, eigenvalues: torch.Tensor, matrix: torch.Tensor, mean: torch.Tensor
     ) -> RowModel:
         g = self.g[name].double()
         row_weight = (g.diagonal() if g.dim() == 2 else g).clamp_min(0)
         return RowModel(
-            basis, eigenvalues, row_weight, self.damping, row_weight_mean=self._row_weight_mean[name], matrix=matrix
+            basis,
+            eigenvalues,
+            row_weight,
+            self.damping,
+            row_weight_mean=self._row_weight_mean[name],
+            matrix=matrix,
+            input_mean=mean,
         )
 
     def visit(self, names: Iterable[str]) -> Iterator[str]:
@@ -268,7 +278,8 @@ class KFACProvider(CurvatureProvider):
                 continue
             if self._owns(name):
                 rows = self._rows[name]
-                self._shards.broadcast_([rows.basis, rows.eigenvalues, rows.matrix], self._owners[name])
+                owned = [rows.basis, rows.eigenvalues, rows.matrix, rows.input_mean]
+                self._shards.broadcast_(owned, self._owners[name])
                 yield name
                 continue
             cols = self.layers[name].shape[1]
@@ -276,8 +287,9 @@ class KFACProvider(CurvatureProvider):
             basis = torch.empty(cols, cols, dtype=torch.float64, device=self.g[name].device).mT
             eigenvalues = torch.empty(cols, dtype=torch.float64, device=basis.device)
             a_bar = torch.empty(cols, cols, dtype=torch.float32, device=basis.device)  # OBC's products read Ā itself
-            self._shards.broadcast_([basis, eigenvalues, a_bar], self._owners[name])
-            self._rows[name] = self._row_model_of(name, basis, eigenvalues, a_bar)
+            mean = torch.empty(cols, dtype=torch.float32, device=basis.device)
+            self._shards.broadcast_([basis, eigenvalues, a_bar, mean], self._owners[name])
+            self._rows[name] = self._row_model_of(name, basis, eigenvalues, a_bar, mean)
             try:
                 yield name
             finally:
@@ -361,7 +373,11 @@ class KFACProvider(CurvatureProvider):
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"{n}/a_bar": t for n, t in self.a_bar.items()}, **{f"{n}/g": t for n, t in self.g.items()}}
+        return {
+            **{f"{n}/a_bar": t for n, t in self.a_bar.items()},
+            **{f"{n}/input_mean": t for n, t in self.input_mean.items()},
+            **{f"{n}/g": t for n, t in self.g.items()},
+        }
 
     def state_meta(self) -> dict[str, Any]:
         return {"estimated": self.estimated}
@@ -375,6 +391,8 @@ class KFACProvider(CurvatureProvider):
             saved = tensors.get(f"{name}/g")
             if g.dim() == 1 and saved is not None and saved.dim() == 2:
                 tensors[f"{name}/g"] = saved.diagonal().clone()
+        for name, mean in self.input_mean.items():  # checkpoints before session 25: zeros, no bias in group OBS
+            tensors.setdefault(f"{name}/input_mean", torch.zeros_like(mean))
         super().load_state_dict({**state, "tensors": tensors})
         if self.estimated:
             self._refresh()

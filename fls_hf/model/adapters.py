@@ -100,6 +100,12 @@ class LayerAdapter:
         """Copy a (rows, cols) matrix into the weight in place, in the weight's dtype."""
         self.values.copy_(self.from_matrix(matrix.to(self.values.dtype)))
 
+    @torch.no_grad()
+    def shift_bias(self, shift: torch.Tensor) -> None:
+        """bias += `shift`, (rows,) for the rows this process holds (an FSDP2 bias is cut as its weight's rows)."""
+        bias = local(self.bias)
+        bias.add_(shift.to(device=bias.device, dtype=bias.dtype))
+
 
 def local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """The part of `tensor` this process holds (a DTensor's local shard; any other tensor as it is)."""

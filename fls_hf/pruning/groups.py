@@ -5,7 +5,7 @@ Rules (`pruning.method`):
 - kfac: group OBS (`structured.py`) on the consumer's Kronecker Fisher G ⊗ (Ā + λI) (diag G where
   `curvature.max_full_g_rows` is below the consumer's rows): a greedy removal curve
   per block, one threshold in loss units across blocks (or the same count in every block), the consumer's
-  surviving columns compensated jointly;
+  surviving columns compensated jointly, and its bias, where it has one, takes the removed mean (δb = −δW μ);
 - magnitude: the groups whose consumer columns have the smallest Σ w² (the magnitude-of-group baseline), no
   compensation;
 - taylor: the smallest first-order importance E_batches[(Σ_{i, j∈P} g_ij w_ij)²] (`curvature/taylor.py`), no
@@ -28,7 +28,14 @@ from ..model.adapters import LayerAdapter
 from ..model.blocks import any_in_groups
 from ..model.structures import StructureBlock
 from .masks import MaskSet
-from .structured import GroupCurve, allocate, damped_inverse, group_compensation, group_removal_curve
+from .structured import (
+    GroupCurve,
+    allocate,
+    bias_compensation,
+    damped_inverse,
+    group_compensation,
+    group_removal_curve,
+)
 
 GREEDY_STEPS = 128  # greedy steps per block and pruning step at most: larger removals go in joint chunks
 
@@ -73,6 +80,7 @@ def prune_groups(
     total = reduce or (lambda t: t)
     curves: dict[str, GroupCurve] = {}
     inverses: dict[str, torch.Tensor] = {}
+    means: dict[str, torch.Tensor] = {}  # blocks whose consumer's bias is free: its inputs' mean μ
     by_consumer = {b.consumer: b for b in blocks}
     for consumer in provider.visit([b.consumer for b in blocks]):
         block = by_consumer[consumer]
@@ -96,7 +104,11 @@ def prune_groups(
                 f"does not hold for `{consumer}`: use `pruning.method: kfac` (or magnitude / taylor)"
             )
         index = columns.to(model.basis.device)
-        inverses[block.prefix] = damped_inverse(model.a_bar()[index][:, index], damping)
+        mean = None
+        if model.input_mean is not None and layers[consumer].bias is not None:
+            means[block.prefix] = model.input_mean.double().to(w.device)
+            mean = model.input_mean[index]
+        inverses[block.prefix] = damped_inverse(model.a_bar()[index][:, index], damping, mean)
         chunk = -(-count // GREEDY_STEPS) if count else 1
         gradient = provider.mean_gradient(consumer)
         if gradient is not None:
@@ -122,10 +134,16 @@ def prune_groups(
         if prefix in inverses and len(chosen):
             matrix = consumer.weight_matrix().double()
             columns = block.consumer_columns(alive).to(matrix.device)
-            matrix[:, columns] = group_compensation(matrix[:, columns], inverses[prefix], chosen, block.columns)
-            if not torch.isfinite(matrix).all():
+            new = group_compensation(matrix[:, columns], inverses[prefix], chosen, block.columns)
+            shift = None
+            if prefix in means:
+                shift = bias_compensation(new - matrix[:, columns], means[prefix][columns])
+            matrix[:, columns] = new
+            if not torch.isfinite(matrix).all() or (shift is not None and not torch.isfinite(shift).all()):
                 raise CurvatureError(f"group OBS gave non-finite weights for `{block.consumer}`; raise the damping")
             consumer.write_matrix(matrix)
+            if shift is not None:
+                consumer.shift_bias(shift)
         gone = dead[prefix].clone()
         gone[alive[chosen]] = True
         gone_index = torch.nonzero(gone).flatten()

@@ -23,6 +23,13 @@ zero costs less (movement pruning's signal, Sanh et al. 2020, inside OBS). The u
 step on the survivors: training makes that move), and the greedy curve carries the gradient along as the quadratic
 model does, g ← g + G δW (Ā + λI), so its costs sum to the model's loss change of the final weights. Pure tensor
 maths in float64, no transformers imports.
+
+A consumer with a bias b has the input [a; 1], whose Kronecker factor is [[Ā, μ], [μᵀ, 1]] (μ = E[a], the ones
+column K-FAC keeps). The bias is never removed; left free (and undamped) it is eliminated exactly: for any δW its
+OBS update is δb = −δW μ (`bias_compensation`), and what remains for W is OBS under the Schur complement
+Ā − μμᵀ + λI, the inputs' covariance (`damped_inverse` with `mean`). A group's mean output then goes into the bias at
+no cost, so an FFN neuron that is nearly constant over the data is cheap to remove (FLAP's bias compensation, An et
+al. 2024, as the OBS optimum). The first-order term takes the bias's own gradient as zero.
 """
 
 from __future__ import annotations
@@ -49,17 +56,28 @@ class GroupCurve:
     costs: torch.Tensor
 
 
-def damped_inverse(a_bar: torch.Tensor, damping: float) -> torch.Tensor:
-    """H⁻¹ = (Ā + λI)⁻¹ with λ = `damping` × mean diag Ā (relative, as SparseGPT's dampening): (cols, cols) float64."""
+def damped_inverse(a_bar: torch.Tensor, damping: float, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """H⁻¹ = (Ā + λI)⁻¹ with λ = `damping` × mean diag Ā (relative, as SparseGPT's dampening): (cols, cols) float64.
+    With the inputs' `mean` μ (cols,) (the consumer's bias free, `bias_compensation`): (Ā − μμᵀ + λI)⁻¹."""
     a = a_bar.double()
     scale = float(a.diagonal().mean())
     if not scale > 0:
         raise CurvatureError("the layer's input statistics Ā are zero: no structure can be ranked on them")
     h = a + damping * scale * torch.eye(len(a), dtype=a.dtype, device=a.device)
+    if mean is not None:
+        mu = mean.to(h)
+        h = h - torch.outer(mu, mu)
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
-        raise CurvatureError(f"Ā + λI is not positive definite (λ = {damping} × mean diag Ā); raise the damping")
+        what = "Ā + λI" if mean is None else "Ā − μμᵀ + λI"
+        raise CurvatureError(f"{what} is not positive definite (λ = {damping} × mean diag Ā); raise the damping")
     return torch.cholesky_inverse(factor)
+
+
+def bias_compensation(delta: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """δb = −δW μ: the bias's OBS update for a move δW (rows, cols) of the weights whose inputs have mean μ (cols,);
+    it keeps every row's mean output where it was. (rows,) float64."""
+    return -(delta.double() @ mean.to(device=delta.device, dtype=torch.float64))
 
 
 def _grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -107,6 +107,20 @@ def test_state_dict_survives_a_safetensors_file(ready_provider, tmp_path):
     assert torch.equal(fresh.generator.get_state(), provider.generator.get_state())
 
 
+def test_kfac_state_saved_before_the_input_means_loads_with_zero_means():
+    """Checkpoints from before K-FAC kept μ = E[a] load: the means are zero (group OBS leaves the bias alone)."""
+    model, batches, layers = problem()
+    provider = provider_for("kfac", {}, layers)
+    provider.ready(model, batches)
+    tensors = {k: v for k, v in provider.state_dict()["tensors"].items() if not k.endswith("/input_mean")}
+    fresh = provider_for("kfac", {}, layers)
+    fresh.load_state_dict({"tensors": tensors, "meta": provider.state_meta()})
+    for name in layers:
+        assert bool(provider.row_model(name).input_mean.abs().sum() > 0)
+        assert bool((fresh.row_model(name).input_mean == 0).all())
+        torch.testing.assert_close(fresh.row_model(name).a_bar(), provider.row_model(name).a_bar(), rtol=0, atol=0)
+
+
 def test_memory_estimate_covers_the_state(ready_provider):
     _, _, provider = ready_provider
     held = sum(t.numel() * t.element_size() for t in provider.state_tensors().values())

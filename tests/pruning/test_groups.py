@@ -63,6 +63,30 @@ def test_group_obs_changes_the_outputs_less_than_column_magnitude():
     assert errors["kfac"] < 0.5 * errors["magnitude"]
 
 
+def test_group_obs_moves_the_removed_neurons_mean_into_the_down_projections_bias():
+    """The first FFN's inputs do not depend on its own neurons: over the calibration tokens its output keeps the dense
+    mean exactly (δb = −δW μ), while each token's output changes; the up projection's bias is left alone."""
+    settings = dict(intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batches = token_batches(n_batches=4, batch_size=8)
+    dense, model = tiny_bert(**settings), tiny_bert(**settings)
+    oneshot(model, batches, recipe("kfac", share=0.5, global_sparsity=False))
+    consumer, producer = "bert.encoder.layer.0.output.dense", "bert.encoder.layer.0.intermediate.dense"
+    outputs = {}
+    for key, net in (("dense", dense), ("pruned", model)):
+        rows = []
+        hook = net.get_submodule(consumer).register_forward_hook(lambda m, a, out: rows.append(out))
+        with torch.no_grad():
+            for batch in batches[:2]:  # the 16 examples of the statistics pass
+                net(**_inputs(batch))
+                rows[-1] = rows[-1][batch["attention_mask"].bool()]  # real tokens, as K-FAC's statistics count them
+        hook.remove()
+        outputs[key] = torch.cat(rows)
+    assert not torch.equal(model.get_submodule(consumer).bias, dense.get_submodule(consumer).bias)
+    torch.testing.assert_close(model.get_submodule(producer).bias, dense.get_submodule(producer).bias)
+    torch.testing.assert_close(outputs["pruned"].mean(0), outputs["dense"].mean(0), rtol=0, atol=1e-5)
+    assert float((outputs["pruned"] - outputs["dense"]).abs().max()) > 0.05 * float(outputs["dense"].abs().max())
+
+
 def test_uniform_llama_shrinks_to_half_width_with_the_same_logits(tmp_path):
     model = tiny_llama(intermediate_size=32)
     batches = causal_batches()

@@ -6,6 +6,7 @@ import torch
 from fls_hf.pruning.structured import (
     GroupCurve,
     allocate,
+    bias_compensation,
     damped_inverse,
     group_compensation,
     group_costs,
@@ -62,6 +63,43 @@ def test_group_cost_and_update_equal_exact_obs_over_the_group(group_size, output
         updated = group_compensation(w, h_inv, torch.tensor([p]), group_size)
         torch.testing.assert_close(updated, new, rtol=1e-9, atol=1e-12)
         assert bool((updated[:, columns] == 0).all())
+
+
+@pytest.mark.parametrize("output", ["diag", "full"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_free_bias_is_eliminated_exactly(group_size, output):
+    """Exact OBS over (W, b) under G ⊗ H̃, H̃ = [[Ā + λI, μ], [μᵀ, 1]] (the input [a; 1], the bias undamped), removing
+    a group: its cost and W's update are group OBS under Ā − μμᵀ + λI, b's update is −δW μ; a group whose input is
+    constant costs only its damping, its mean output moving into the bias."""
+    rows, cols = 4, 6 * group_size
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(60, cols, generator=gen, dtype=torch.float64) @ torch.randn(cols, cols, generator=gen).double()
+    x = x + 2.0 * torch.randn(cols, generator=gen, dtype=torch.float64)  # inputs with a mean (GELU outputs have one)
+    x[:, :group_size] = 1.5  # group 0: a constant input
+    a_bar, mean = x.T @ x / len(x), x.mean(0)
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    g = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.1
+    g = torch.diag(g) if output == "diag" else full_g(rows, seed=5)
+    lam = DAMPING * float(a_bar.diagonal().mean())
+    augmented = torch.zeros(cols + 1, cols + 1, dtype=torch.float64)
+    augmented[:cols, :cols] = a_bar + lam * torch.eye(cols, dtype=torch.float64)
+    augmented[:cols, cols] = augmented[cols, :cols] = mean
+    augmented[cols, cols] = 1.0
+    h_inv_full = torch.linalg.inv(torch.kron(g, augmented))  # vec([W, b]), row-major
+    w_aug = torch.cat([w, torch.zeros(rows, 1, dtype=torch.float64)], dim=1)
+    h_inv = damped_inverse(a_bar, DAMPING, mean)
+    costs = group_costs(w, g if output == "full" else g.diagonal(), h_inv, group_size)
+    w0 = w[:, :group_size]  # the constant group: its cost is the damping's alone, ½ λ tr(W_Pᵀ G W_P)
+    assert float(costs[0]) == pytest.approx(0.5 * lam * float(torch.trace(w0.T @ g @ w0)), rel=1e-8)
+    for p in range(6):
+        q = torch.tensor([i * (cols + 1) + j for i in range(rows) for j in range(p * group_size, (p + 1) * group_size)])
+        wq = w_aug.reshape(-1)[q]
+        solved = torch.linalg.solve(h_inv_full[q][:, q], wq)
+        new = (w_aug.reshape(-1) - h_inv_full[:, q] @ solved).reshape(rows, cols + 1)
+        assert float(costs[p]) == pytest.approx(0.5 * float(wq @ solved), rel=1e-8, abs=1e-12)
+        updated = group_compensation(w, h_inv, torch.tensor([p]), group_size)
+        torch.testing.assert_close(updated, new[:, :cols], rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(bias_compensation(updated - w, mean), new[:, cols], rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
