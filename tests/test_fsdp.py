@@ -51,11 +51,13 @@ def test_sharded_pruning_reaches_the_target_with_the_unsharded_masks(fsdp_result
 @pytest.mark.parametrize("case", ["kfac-neurons-uniform-50", "kfac-heads-global-50", "magnitude-neurons-heads-60"])
 def test_sharded_structures_remove_the_unsharded_groups(fsdp_results, case):
     """Neurons / heads under FSDP2: the groups of the unsharded run (each cost summed over the ranks' rows), their
-    producer rows masked on the rank that holds them, the compensation the same up to rounding."""
+    producer rows masked on the rank that holds them, the compensation (weights and biases) the same up to rounding."""
     row = fsdp_results[case]
     assert row["sharded_removed"] == row["removed"] and sum(row["removed"]) > 0
     assert row["mismatches"] == 0
     assert row["max_weight_difference"] < 1e-6
+    assert row["max_bias_difference"] < 1e-6
+    assert (row["bias_moved"] > 0) == case.startswith("kfac")  # group OBS gives the removed mean to the bias
     assert "`curvature.first_order` is not supported under FSDP" in fsdp_results["first_order_refused"]
 
 

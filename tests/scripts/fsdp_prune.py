@@ -136,16 +136,21 @@ def structures_case(cfg) -> dict:
     with the same compensated weights up to rounding, and its report counts them."""
     cfg["curvature"] = {**cfg["curvature"], "max_full_g_rows": 0} if cfg["curvature"] else {}  # FSDP: diag G
     plain, shard = tiny_bert(**ODD), sharded(tiny_bert(**ODD))
+    dense = {k: v.clone() for k, v in plain.state_dict().items()}
     oneshot(plain, BATCHES, cfg)
     oneshot(shard, BATCHES, cfg)
     pw, sw = plain.state_dict(), full_weights(shard)
     names = [n + ".weight" for n in Pruner(plain, cfg).layers]
+    biases = [n + ".bias" for n in Pruner(plain, cfg).layers]
     recipe_ = load_recipe(cfg)
     return {
         "removed": [g.removed for g in sparsity_report(plain, recipe_).structures],
         "sharded_removed": [g.removed for g in sparsity_report(shard, recipe_).structures],
         "mismatches": sum(int(((pw[n] == 0) != (sw[n] == 0)).sum()) for n in names),
         "max_weight_difference": max(float((pw[n] - sw[n]).abs().max()) for n in names),
+        # group OBS moves the consumers' biases (their shards cut as the weight's rows); the producers' stay
+        "bias_moved": sum(not torch.equal(pw[n], dense[n]) for n in biases),
+        "max_bias_difference": max(float((pw[n] - sw[n]).abs().max()) for n in biases),
     }
 
 
