@@ -191,6 +191,12 @@ class CurvatureProvider(ABC):
         OBS's first-order term; None where the provider takes none (`curvature.first_order` off)."""
         return None
 
+    def input_mean(self, name: str) -> torch.Tensor | None:
+        """μ = E[a] over the layer's input rows, (cols,), where the provider holds it (K-FAC's ones column), read
+        inside `visit`: with it a layer's bias takes δb = −δW μ after a weight update (`pruning/structured.py`); None
+        where it is not held."""
+        return None
+
     def output_factor(self, name: str) -> torch.Tensor | None:
         """The output-side Fisher G of a Kronecker model, (rows, rows) float64, or its diagonal (rows,) where only
         that is kept (the row model's G_ii); None without a row model."""

@@ -76,7 +76,7 @@ class KFACProvider(CurvatureProvider):
             "lower `curvature.max_full_g_rows` (wide layers keep diag G) or target fewer layers with `pruning.targets`",
         )
         self.a_bar: dict[str, torch.Tensor] = {}  # FSDP2: the layers this rank owns only (`shards`)
-        self.input_mean: dict[str, torch.Tensor] = {}  # μ = E[a], Ā's ones column (a bias's input); kept with Ā
+        self.a_mean: dict[str, torch.Tensor] = {}  # μ = E[a], Ā's ones column (a bias's input); kept with Ā
         self.g: dict[str, torch.Tensor] = {}
         self._eigen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # full-G layers: (U_G, D), fp32
         self._rows: dict[str, RowModel] = {}  # FSDP2: owned layers, and the one being visited
@@ -89,7 +89,7 @@ class KFACProvider(CurvatureProvider):
             rows, cols = adapter.shape
             device = adapter.weight.device
             self.a_bar[name] = torch.zeros(cols, cols, device=device)
-            self.input_mean[name] = torch.zeros(cols, device=device)
+            self.a_mean[name] = torch.zeros(cols, device=device)
             self.g[name] = torch.zeros((rows, rows) if name in self.full_g else (rows,), device=device)
 
     @property
@@ -108,7 +108,7 @@ class KFACProvider(CurvatureProvider):
         for name in self.layers:
             if not self._owns(name):
                 self.a_bar.pop(name, None)
-                self.input_mean.pop(name, None)
+                self.a_mean.pop(name, None)
                 self._rows.pop(name, None)
 
     def _owns(self, name: str) -> bool:
@@ -194,7 +194,7 @@ class KFACProvider(CurvatureProvider):
                 raise CurvatureError(f"K-FAC statistics of `{name}` are not finite; check the model's activations")
             if a_bar is not None:
                 self.a_bar[name].copy_(a_bar[:-1, :-1])
-                self.input_mean[name].copy_(a_bar[:-1, -1])
+                self.a_mean[name].copy_(a_bar[:-1, -1])
             start, stop = self.layers[name].row_range  # FSDP2: this rank's rows of G (the statistics cover all)
             self.g[name].copy_(g[start:stop] if g.dim() == 1 else g)
         self.estimated = True
@@ -251,7 +251,7 @@ class KFACProvider(CurvatureProvider):
                 lam_g, u_g = torch.linalg.eigh(g)
                 inverse_eigen = 1.0 / (lam_g.clamp_min(0)[:, None] * lam_a[None, :] + self.damping)
                 self._eigen[name] = (u_g.float(), inverse_eigen.float())
-            self._rows[name] = self._row_model_of(name, u_a, lam_a, self.a_bar[name], self.input_mean[name])
+            self._rows[name] = self._row_model_of(name, u_a, lam_a, self.a_bar[name], self.a_mean[name])
 
     def _row_model_of(
         self, name: str, basis: torch.Tensor, eigenvalues: torch.Tensor, matrix: torch.Tensor, mean: torch.Tensor
@@ -356,6 +356,9 @@ class KFACProvider(CurvatureProvider):
     def mean_gradient(self, name: str) -> torch.Tensor | None:
         return self.gradients.get(name)
 
+    def input_mean(self, name: str) -> torch.Tensor | None:
+        return self._resident(name).input_mean if self.estimated else None
+
     def output_factor(self, name: str) -> torch.Tensor | None:
         g = self.g[name]  # a full G where this layer keeps one, else the row model's diag G
         return g.double() if self.estimated and g.dim() == 2 else super().output_factor(name)
@@ -375,7 +378,7 @@ class KFACProvider(CurvatureProvider):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {
             **{f"{n}/a_bar": t for n, t in self.a_bar.items()},
-            **{f"{n}/input_mean": t for n, t in self.input_mean.items()},
+            **{f"{n}/input_mean": t for n, t in self.a_mean.items()},
             **{f"{n}/g": t for n, t in self.g.items()},
         }
 
@@ -391,7 +394,7 @@ class KFACProvider(CurvatureProvider):
             saved = tensors.get(f"{name}/g")
             if g.dim() == 1 and saved is not None and saved.dim() == 2:
                 tensors[f"{name}/g"] = saved.diagonal().clone()
-        for name, mean in self.input_mean.items():  # checkpoints before session 25: zeros, no bias in group OBS
+        for name, mean in self.a_mean.items():  # checkpoints before session 25: zeros, no bias in group OBS
             tensors.setdefault(f"{name}/input_mean", torch.zeros_like(mean))
         super().load_state_dict({**state, "tensors": tensors})
         if self.estimated:

@@ -104,10 +104,10 @@ def prune_groups(
                 f"does not hold for `{consumer}`: use `pruning.method: kfac` (or magnitude / taylor)"
             )
         index = columns.to(model.basis.device)
-        mean = None
-        if model.input_mean is not None and layers[consumer].bias is not None:
-            means[block.prefix] = model.input_mean.double().to(w.device)
-            mean = model.input_mean[index]
+        mean = provider.input_mean(consumer) if layers[consumer].bias is not None else None
+        if mean is not None:
+            means[block.prefix] = mean.double().to(w.device)
+            mean = mean[index]
         inverses[block.prefix] = damped_inverse(model.a_bar()[index][:, index], damping, mean)
         chunk = -(-count // GREEDY_STEPS) if count else 1
         gradient = provider.mean_gradient(consumer)

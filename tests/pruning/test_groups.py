@@ -9,7 +9,7 @@ from fls_hf.errors import RecipeError
 from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, shrink, shrink_ffn
 from fls_hf.pruning.pruner import Pruner
 
-from helpers import causal_batches, tiny_bert, tiny_llama, token_batches
+from helpers import causal_batches, real_token_outputs, tiny_bert, tiny_llama, token_batches
 
 
 def recipe(method="kfac", share=0.5, mask_type="neurons", **pruning):
@@ -70,17 +70,9 @@ def test_group_obs_moves_the_removed_neurons_mean_into_the_down_projections_bias
     batches = token_batches(n_batches=4, batch_size=8)
     dense, model = tiny_bert(**settings), tiny_bert(**settings)
     oneshot(model, batches, recipe("kfac", share=0.5, global_sparsity=False))
+    # over the 16 examples of the statistics pass
     consumer, producer = "bert.encoder.layer.0.output.dense", "bert.encoder.layer.0.intermediate.dense"
-    outputs = {}
-    for key, net in (("dense", dense), ("pruned", model)):
-        rows = []
-        hook = net.get_submodule(consumer).register_forward_hook(lambda m, a, out: rows.append(out))
-        with torch.no_grad():
-            for batch in batches[:2]:  # the 16 examples of the statistics pass
-                net(**_inputs(batch))
-                rows[-1] = rows[-1][batch["attention_mask"].bool()]  # real tokens, as K-FAC's statistics count them
-        hook.remove()
-        outputs[key] = torch.cat(rows)
+    outputs = {k: real_token_outputs(net, consumer, batches[:2]) for k, net in (("dense", dense), ("pruned", model))}
     assert not torch.equal(model.get_submodule(consumer).bias, dense.get_submodule(consumer).bias)
     torch.testing.assert_close(model.get_submodule(producer).bias, dense.get_submodule(producer).bias)
     torch.testing.assert_close(outputs["pruned"].mean(0), outputs["dense"].mean(0), rtol=0, atol=1e-5)
