@@ -212,10 +212,7 @@ def run_single(args) -> dict:
         "layer_sparsity": {n: pruner.masks.sparsity(n) for n in pruner.masks} if pruner else {},
         "curvature_gib": pruner.provider.memory_bytes() / 2**30 if pruner else 0.0,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "validation": minilm.accuracy(model, data["validation"]),
-        "test": minilm.accuracy(model, data["test"]),
-        "validation_loss": minilm.log_loss(model, data["validation"]),
-        "test_loss": minilm.log_loss(model, data["test"]),
+        **minilm.scores(model, data),
     }
 
 

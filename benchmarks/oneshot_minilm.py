@@ -339,13 +339,13 @@ def run_method(name: str, recipe: dict, dense, data, sparsities, args) -> dict:
         row["results"][str(sparsity)] = {
             "prune_seconds": time.time() - start,
             "sparsity": pruner.masks.global_sparsity(),
-            "validation": minilm.accuracy(model, data["validation"]),
-            "test": minilm.accuracy(model, data["test"]),
+            **minilm.scores(model, data),
             "layer_sparsity": {layer: pruner.masks.sparsity(layer) for layer in pruner.masks},
         }
+        result = row["results"][str(sparsity)]
         print(
-            f"{name:18s} {100 * sparsity:4.0f} %  val {100 * row['results'][str(sparsity)]['validation']:.2f}  "
-            f"test {100 * row['results'][str(sparsity)]['test']:.2f}",
+            f"{name:18s} {100 * sparsity:4.0f} %  val {100 * result['validation']:.2f}  test {100 * result['test']:.2f}"
+            f"  loss {result['validation_loss']:.4f} / {result['test_loss']:.4f}",
             flush=True,
         )
     return row
@@ -422,8 +422,7 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     report = {
         "dense": {
-            "validation": minilm.accuracy(dense, data["validation"]),
-            "test": minilm.accuracy(dense, data["test"]),
+            **minilm.scores(dense, data),
             "checkpoint": minilm.checkpoint_id(dense_dir),
         },
         "settings": {

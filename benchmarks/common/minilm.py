@@ -107,13 +107,18 @@ def accuracy(model, dataset, batch_size: int = 128) -> float:
 
 
 @torch.inference_mode()
-def log_loss(model, dataset, batch_size: int = 128) -> float:
-    """Mean cross-entropy of the labels: finer-grained than accuracy where rules tie on the split's correct count."""
-    total = sum(
-        float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-        for logits, labels in _predictions(model, dataset, batch_size)
-    )
-    return total / len(dataset)
+def scores(model, data, batch_size: int = 128) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the labels (finer-grained than accuracy where rules tie on a split's
+    correct count) of the validation and test splits, one pass over each: {"validation", "test", "validation_loss",
+    "test_loss"}."""
+    out = {}
+    for split in ("validation", "test"):
+        correct, total = 0, 0.0
+        for logits, labels in _predictions(model, data[split], batch_size):
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        out[split], out[f"{split}_loss"] = correct / len(data[split]), total / len(data[split])
+    return out
 
 
 def dense_model(data, *, epochs: float = 2.0, seed: int = 0, directory: Path = DENSE_DIR):

@@ -36,6 +36,7 @@ def test_oneshot_quick_reports_each_method_at_each_sparsity(tmp_path):
         result = row["results"]["0.5"]
         assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
         assert all(math.isfinite(result[k]) for k in ("validation", "test", "prune_seconds"))
+        assert 0.0 < result["validation_loss"] < 5.0 and 0.0 < result["test_loss"] < 5.0
         assert len(result["layer_sparsity"]) == 36 and max(result["layer_sparsity"].values()) <= 0.98
 
 
