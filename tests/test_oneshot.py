@@ -11,7 +11,7 @@ from fls_hf import RecipeError, oneshot, sparsity_report
 from fls_hf.curvature import registered_methods
 from fls_hf.recipe import STRUCTURE_ONLY_METHODS
 
-from helpers import real_token_outputs, tiny_bert, tiny_gpt2, token_batches
+from helpers import tiny_bert, tiny_gpt2, token_batches
 
 METHOD_CURVATURE = {
     "fishleg": {"warmup_steps": 5, "block_size": 8},
@@ -61,23 +61,17 @@ def test_exact_sparsity_on_tiny_bert(method, global_scope):
 
 
 @pytest.mark.parametrize("method", ["kfac", "magnitude"])
-def test_kfac_keeps_each_rows_mean_output_through_the_bias(method):
-    """δb = −δW μ with K-FAC's input mean: the first query layer (its inputs, the embeddings, are not pruned) keeps
-    its mean output over the statistics' tokens; providers without μ leave every bias alone."""
-    settings = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+def test_unstructured_rules_leave_every_bias_alone(method):
+    """Only group OBS moves a bias (the removed groups' mean, tests/pruning/test_groups.py): shifting it by −δW μ after
+    row-wise OBC, though each layer's own optimum, raised MiniLM's one-shot cross-entropy at 50–80 % and cost 7.7
+    points of accuracy at 80 % (session 25), so unstructured rules leave biases as they are."""
     batches = token_batches(n_batches=2)
-    dense, model = tiny_bert(**settings), tiny_bert(**settings)
+    dense, model = tiny_bert(), tiny_bert()
     oneshot(model, batches, recipe(method, sparsity=0.6))
-    name = "bert.encoder.layer.0.attention.self.query"
-    pruned, original = real_token_outputs(model, name, batches), real_token_outputs(dense, name, batches)
     biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
-    moved = [n for n in biases if not torch.equal(model.get_parameter(n), dense.get_parameter(n))]
-    assert float((pruned - original).abs().max()) > 0.05 * float(original.abs().max())
-    if method == "magnitude":
-        assert moved == []
-        return
-    assert len(moved) == 12  # every targeted layer's bias; the classifier's and pooler's stay
-    torch.testing.assert_close(pruned.mean(0), original.mean(0), rtol=0, atol=1e-5)
+    assert all(torch.equal(model.get_parameter(n), dense.get_parameter(n)) for n in biases)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(model.get_parameter(query), dense.get_parameter(query))
 
 
 @pytest.mark.parametrize("method", ["fishleg", "block_fisher"])

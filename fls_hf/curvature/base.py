@@ -193,8 +193,8 @@ class CurvatureProvider(ABC):
 
     def input_mean(self, name: str) -> torch.Tensor | None:
         """μ = E[a] over the layer's input rows, (cols,), where the provider holds it (K-FAC's ones column), read
-        inside `visit`: with it a layer's bias takes δb = −δW μ after a weight update (`pruning/structured.py`); None
-        where it is not held."""
+        inside `visit`: group OBS eliminates a consumer's free bias with it (`pruning/structured.py`); None where it
+        is not held."""
         return None
 
     def output_factor(self, name: str) -> torch.Tensor | None:

@@ -9,9 +9,7 @@ With Q ≈ (F + γI)⁻¹ over one layer's weights (the (rows, cols) matrix view
 - independent compensation for a pruned set P (one Q·v product): δW = −Q(1_P ⊙ W / diag Q), exact
   for a single weight, an approximation that ignores interactions inside P otherwise;
 - joint block compensation (oBERT-style, blocks of B consecutive weights of a row):
-  δw = −Q[:, P] (Q_PP)⁻¹ w_P, exact OBS inside each block, with Q treated as block-diagonal;
-- a layer's bias, where the provider holds its inputs' mean μ (K-FAC's ones column), then takes δb = −δW μ: each
-  row's mean output stays, the bias's own optimum for the weights' move (Ā's ones column is [μ; 1]).
+  δw = −Q[:, P] (Q_PP)⁻¹ w_P, exact OBS inside each block, with Q treated as block-diagonal.
 
 Pure tensor maths: no transformers imports here. New weights are computed on a copy, pruned
 coordinates are set to exactly 0, and the result is checked with `isfinite` before it is written.
@@ -34,7 +32,6 @@ from .masks import MaskSet
 from .obc import obc_saliency, obc_solve, sweep_compensation
 from .patterns import MaskPattern, parse_mask_type, select_pruned
 from .schedule import recomputation_targets
-from .structured import bias_compensation
 
 DIAG_FLOOR = 1e-12  # diag Q is positive by contract; the floor only keeps 1 / diag Q finite
 _JITTERS = (1e-8, 1e-6, 1e-4, 1e-2)  # relative to the block's mean pruned diagonal, tried in order
@@ -222,11 +219,7 @@ def prune_step(
     broken: set[str] = set()
     diags: dict[str, torch.Tensor] = {}  # diag Q of the broken layers only
     saliencies: dict[str, torch.Tensor] = {}  # fresh tensors, handed to the selection to become scores in place
-    means: dict[str, torch.Tensor] = {}  # layers with a bias whose inputs' mean μ the provider holds
     for n in provider.visit(names):
-        mean = provider.input_mean(n) if layers[n].bias is not None else None
-        if mean is not None:
-            means[n] = mean.clone()
         diag = provider.diag(n)
         if _non_finite_curvature(n, diag):
             broken.add(n)
@@ -267,12 +260,7 @@ def prune_step(
     report: dict[str, dict[str, float | int]] = {}
     for n, new_weight, new_keep in updates():
         pruned_now = int((old_keep[n] & ~new_keep).sum())
-        # the bias keeps each row's mean output (δb = −δW μ): for any update of the weights this lowers the
-        # quadratic model's loss by (δw_i·μ)² per row (it is the bias's own optimum given δW)
-        shift = bias_compensation(new_weight - layers[n].weight_matrix(), means.pop(n)) if n in means else None
         layers[n].write_matrix(new_weight)
-        if shift is not None:
-            layers[n].shift_bias(shift)
         masks.set(n, new_keep)
         provider.mask(n, masks.keep_matrix(n))
         report[n] = {"sparsity": masks.sparsity(n), "pruned_now": pruned_now}
