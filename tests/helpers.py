@@ -239,18 +239,3 @@ def zero_removed_inputs(pruned, original, blocks) -> list[int]:
             original.get_submodule(block.consumer).weight[:, block.consumer_columns(gone)] = 0
             counts.append(len(gone))
     return counts
-
-
-def real_token_outputs(model, name: str, batches) -> torch.Tensor:
-    """Module `name`'s outputs at the batches' real tokens (those K-FAC's statistics count), (tokens, features)."""
-    rows = []
-    hook = model.get_submodule(name).register_forward_hook(lambda module, args, out: rows.append(out))
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-                rows[-1] = rows[-1][batch["attention_mask"].bool()]
-    finally:
-        hook.remove()
-    return torch.cat(rows)

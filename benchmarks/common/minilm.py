@@ -100,24 +100,26 @@ def _predictions(model, dataset, batch_size: int):
 
 
 @torch.inference_mode()
+def _accuracy_and_loss(model, dataset, batch_size: int) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of the labels on `dataset`, one pass."""
+    correct, total = 0, 0.0
+    for logits, labels in _predictions(model, dataset, batch_size):
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+    return correct / len(dataset), total / len(dataset)
+
+
 def accuracy(model, dataset, batch_size: int = 128) -> float:
-    batches = _predictions(model, dataset, batch_size)
-    correct = sum(int((logits.argmax(-1) == labels).sum()) for logits, labels in batches)
-    return correct / len(dataset)
+    return _accuracy_and_loss(model, dataset, batch_size)[0]
 
 
-@torch.inference_mode()
 def scores(model, data, batch_size: int = 128) -> dict[str, float]:
     """Accuracy and mean cross-entropy of the labels (finer-grained than accuracy where rules tie on a split's
     correct count) of the validation and test splits, one pass over each: {"validation", "test", "validation_loss",
     "test_loss"}."""
     out = {}
     for split in ("validation", "test"):
-        correct, total = 0, 0.0
-        for logits, labels in _predictions(model, data[split], batch_size):
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-        out[split], out[f"{split}_loss"] = correct / len(data[split]), total / len(data[split])
+        out[split], out[f"{split}_loss"] = _accuracy_and_loss(model, data[split], batch_size)
     return out
 
 

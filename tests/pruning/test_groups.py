@@ -9,7 +9,7 @@ from fls_hf.errors import RecipeError
 from fls_hf.model.structures import attention_blocks, ffn_blocks, live_groups, shrink, shrink_ffn
 from fls_hf.pruning.pruner import Pruner
 
-from helpers import causal_batches, real_token_outputs, tiny_bert, tiny_llama, token_batches
+from helpers import causal_batches, tiny_bert, tiny_llama, token_batches
 
 
 def recipe(method="kfac", share=0.5, mask_type="neurons", **pruning):
@@ -34,6 +34,21 @@ def output_error(model, dense, batches) -> float:
 
 def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def real_token_outputs(model, name: str, batches) -> torch.Tensor:
+    """Module `name`'s outputs at the batches' real tokens (those K-FAC's statistics count), (tokens, features)."""
+    rows = []
+    hook = model.get_submodule(name).register_forward_hook(lambda module, args, out: rows.append(out))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**_inputs(batch))
+                rows[-1] = rows[-1][batch["attention_mask"].bool()]
+    finally:
+        hook.remove()
+    return torch.cat(rows)
 
 
 @pytest.mark.parametrize("global_sparsity", [True, False])

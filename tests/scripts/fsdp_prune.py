@@ -140,8 +140,8 @@ def structures_case(cfg) -> dict:
     oneshot(plain, BATCHES, cfg)
     oneshot(shard, BATCHES, cfg)
     pw, sw = plain.state_dict(), full_weights(shard)
-    names = [n + ".weight" for n in Pruner(plain, cfg).layers]
-    biases = [n + ".bias" for n in Pruner(plain, cfg).layers]
+    targeted = Pruner(plain, cfg).layers
+    names, biases = [n + ".weight" for n in targeted], [n + ".bias" for n in targeted]
     recipe_ = load_recipe(cfg)
     return {
         "removed": [g.removed for g in sparsity_report(plain, recipe_).structures],
