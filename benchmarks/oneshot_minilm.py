@@ -259,14 +259,6 @@ METHODS = {
     "kfac-obc-sweep-r4-rel": method(
         "kfac", {"num_examples": 512, "damping": 1e-2}, compensation="obc", obc_rounds=4, obc_solver="sweep"
     ),
-    # the same, each token's ā āᵀ weighted by its output gradient's energy ‖δ_t‖² (`input_weighting: gradient`)
-    "kfac-obc-sweep-r4-rel-gw": method(
-        "kfac",
-        {"num_examples": 512, "damping": 1e-2, "input_weighting": "gradient"},
-        compensation="obc",
-        obc_rounds=4,
-        obc_solver="sweep",
-    ),
     # K-FAC statistics from the data labels (oBERT's empirical Fisher: ahead of its true-Fisher variants here)
     "kfac-obc-emp": method(
         "kfac",
@@ -292,9 +284,6 @@ for _kind in ("neurons", "heads"):
     METHODS[f"{_kind}-kfac"] = method("kfac", {"num_examples": 512, "damping": 1e-2}, **_structure)
     METHODS[f"{_kind}-kfac-emp"] = method(
         "kfac", {"num_examples": 512, "damping": 1e-2, "fisher_labels": "empirical"}, **_structure
-    )
-    METHODS[f"{_kind}-kfac-gw"] = method(
-        "kfac", {"num_examples": 512, "damping": 1e-2, "input_weighting": "gradient"}, **_structure
     )
     METHODS[f"{_kind}-magnitude"] = method("magnitude", {}, **_structure)
     METHODS[f"{_kind}-taylor"] = method("taylor", {}, **_structure)

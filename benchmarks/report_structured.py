@@ -3,10 +3,14 @@
     python -m benchmarks.report_structured                  # → benchmarks/results/structured_minilm.png
     python -m benchmarks.report_structured --output /tmp/s.png
 
-Reads the committed results: one-shot (no fine-tuning after pruning, `oneshot_structured_fullg.json`) and gradual
-(one epoch, from the task fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`;
-FFN neurons and a quarter or half of the heads together, `gradual_minilm_50_neurons+heads{25,50}_pretrained.json`, and
-from the task fine-tune, `gradual_minilm_50_neurons+heads{25,50}.json`, in the table only).
+Reads the committed results: one-shot (no fine-tuning after pruning, `oneshot_structured_bias.json`: every rule on
+one dense checkpoint, group OBS with and without the consumer's bias free) and gradual (one epoch, from the task
+fine-tune and from the pre-trained model, `gradual_minilm_{50,75}_neurons[_pretrained].json`; FFN neurons and a quarter
+or half of the heads together, `gradual_minilm_50_neurons+heads{25,50}_pretrained.json`, and from the task fine-tune,
+`gradual_minilm_50_neurons+heads{25,50}.json`, in the table only). Group OBS's gradual runs in those files are of the
+rule before session 25 ("kfac, bias not free"); the same setting's `..._bias.json` holds the shipped rule's runs
+("kfac (group OBS)": the consumer's bias takes δb = −δW μ), same seeds, where it was re-run from the same start (a
+re-run on another dense checkpoint is left to benchmarks/README.md's own table).
 Each point is a mean over the runs a file holds (dots: the runs); the table gives validation / test and the run count.
 """
 
@@ -25,11 +29,12 @@ import matplotlib.pyplot as plt
 from .common.paths import RESULTS
 from .common.plots import image_link
 
-ONESHOT = "oneshot_structured_fullg.json"
+ONESHOT = "oneshot_structured_bias.json"
+SHIPPED, BEFORE_BIAS = "kfac (group OBS)", "kfac, bias not free"
 # method names in the result files → the label a reader knows (uniform: every block keeps the same width)
-ONESHOT_METHODS = {"kfac": "kfac (group OBS)", "taylor": "Taylor", "magnitude": "magnitude"}
+ONESHOT_METHODS = {"kfac": SHIPPED, "kfac[no bias]": BEFORE_BIAS, "taylor": "Taylor", "magnitude": "magnitude"}
 GRADUAL_METHODS = {
-    "fls-obc-rel-uniform": "kfac (group OBS)",
+    "fls-obc-rel-uniform": BEFORE_BIAS,  # in a `_bias.json` file: SHIPPED
     "taylor-uniform": "Taylor",
     "gmp-uniform": "magnitude",
 }
@@ -52,7 +57,7 @@ GRADUAL = {
     "_neurons+heads50": ("gradual neurons + half of the heads, from the task fine-tune", None),
 }
 SHARES = (0.5, 0.75)
-COLOURS = {"kfac (group OBS)": "#1f77b4", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
+COLOURS = {SHIPPED: "#1f77b4", BEFORE_BIAS: "#9ecae1", "Taylor": "#ff7f0e", "magnitude": "#7f7f7f"}
 
 
 def oneshot_points(results: Path) -> tuple[dict, dict[tuple[str, str], dict[float, list[tuple[float, float]]]]]:
@@ -65,7 +70,10 @@ def oneshot_points(results: Path) -> tuple[dict, dict[tuple[str, str], dict[floa
             by_share = points.setdefault((kind, ONESHOT_METHODS[method]), {})
             for share, result in row["results"].items():
                 by_share.setdefault(float(share), []).append((result["validation"], result["test"]))
-    return data["dense"], points
+    order = list(COLOURS)
+    return data["dense"], dict(
+        sorted(points.items(), key=lambda item: (("neurons", "heads").index(item[0][0]), order.index(item[0][1])))
+    )
 
 
 def gradual_points(results: Path, suffix: str) -> tuple[list[tuple[float, float]], dict]:
@@ -73,15 +81,25 @@ def gradual_points(results: Path, suffix: str) -> tuple[list[tuple[float, float]
     setting; the dense runs (the same epoch with no pruning) come from the files that hold them."""
     dense, points = [], {}
     for share in SHARES:
-        path = results / f"gradual_minilm_{round(100 * share)}{suffix}.json"
-        if not path.is_file():
+        stem = f"gradual_minilm_{round(100 * share)}{suffix}"
+        base, shipped = results / f"{stem}.json", results / f"{stem}_bias.json"
+        if not base.is_file():
             continue
-        for row in json.loads(path.read_text())["rows"]:
+        rows = json.loads(base.read_text())["rows"]
+        starts = {row.get("dense_checkpoint") for row in rows}
+        if shipped.is_file():  # the shipped rule's runs from the same start (other checkpoints: README's own table)
+            rows += [
+                {**row, "method": SHIPPED}
+                for row in json.loads(shipped.read_text())["rows"]
+                if row["method"] == "fls-obc-rel-uniform" and row.get("dense_checkpoint") in starts
+            ]
+        for row in rows:
             pair = (row["validation"], row["test"])
             if row["method"] == "finetune":
                 dense.append(pair)
-            elif row["method"] in GRADUAL_METHODS:
-                points.setdefault(GRADUAL_METHODS[row["method"]], {}).setdefault(share, []).append(pair)
+            elif row["method"] in GRADUAL_METHODS or row["method"] == SHIPPED:
+                label = GRADUAL_METHODS.get(row["method"], SHIPPED)
+                points.setdefault(label, {}).setdefault(share, []).append(pair)
     order = list(COLOURS)
     return dense, dict(sorted(points.items(), key=lambda item: order.index(item[0])))
 
@@ -91,7 +109,7 @@ def mean_pair(runs: list[tuple[float, float]]) -> str:
     return f"{val:.2f} / {test:.2f} ({len(runs)})"
 
 
-TABLE_SHARES = (0.25, 0.5, 0.75)
+TABLE_SHARES = (0.5, 0.75, 0.9)
 
 
 def _row(setting: str, label: str, by_share: dict) -> str:

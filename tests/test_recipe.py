@@ -383,18 +383,6 @@ BAD_INPUTS = [
         r"`curvature\.statistics` = 'training' needs `curvature\.damping_mode: relative`",
     ),
     (
-        "unknown input weighting",
-        {"pruning": {"method": "kfac"}, "curvature": {"input_weighting": "attention"}},
-        None,
-        r"`curvature\.input_weighting` = 'attention'; allowed: uniform, gradient",
-    ),
-    (
-        "gradient-weighted input statistics from the training steps",
-        {"pruning": {"method": "kfac"}, "curvature": {"input_weighting": "gradient", "statistics": "training"}},
-        None,
-        r"`curvature\.input_weighting` = 'gradient' needs `curvature\.statistics: pass`",
-    ),
-    (
         "unknown damping mode",
         {"pruning": {"method": "kfac"}, "curvature": {"damping_mode": "loss"}},
         None,
@@ -490,7 +478,7 @@ def test_every_bad_input_is_rejected():
         except RecipeError:
             rejected.append(case)
     assert rejected == [c[0] for c in BAD_INPUTS], f"accepted: {set(c[0] for c in BAD_INPUTS) - set(rejected)}"
-    assert len(rejected) == len(BAD_INPUTS) == 61
+    assert len(rejected) == len(BAD_INPUTS) == 59
 
 
 @pytest.mark.bad_input

@@ -15,7 +15,6 @@ from ..fisher.likelihoods import LIKELIHOODS
 
 DAMPING_MODES = ("relative", "absolute")
 STATISTICS_SOURCES = ("pass", "training")  # kfac: where Ā and G come from
-INPUT_WEIGHTINGS = ("uniform", "gradient")  # kfac: how Ā weighs the tokens
 FULL_G_ROWS = 4096  # kfac: widest layer keeping the full G where the rule reads Q's coupling across rows
 
 
@@ -231,28 +230,8 @@ class KFACConfig(CurvatureConfig):
         },
     )
 
-    input_weighting: str = field(
-        default="uniform",
-        metadata={
-            "help": (
-                "uniform: Ā is the mean ā āᵀ over real tokens | gradient: tokens weighted by ‖δ_t‖², the energy of "
-                "their output gradient (needs statistics pass)."
-            )
-        },
-    )
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.input_weighting not in INPUT_WEIGHTINGS:
-            raise CurvatureError(
-                f"recipe key `curvature.input_weighting` = {self.input_weighting!r}; allowed: "
-                f"{', '.join(INPUT_WEIGHTINGS)}"
-            )
-        if self.input_weighting == "gradient" and self.statistics != "pass":
-            raise CurvatureError(
-                "recipe key `curvature.input_weighting` = 'gradient' needs `curvature.statistics: pass` (the "
-                f"training steps' Ā is summed unweighted); got statistics = {self.statistics!r}"
-            )
         if self.statistics not in STATISTICS_SOURCES:
             raise CurvatureError(
                 f"recipe key `curvature.statistics` = {self.statistics!r}; allowed: {', '.join(STATISTICS_SOURCES)}"

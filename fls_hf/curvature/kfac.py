@@ -139,7 +139,6 @@ class KFACProvider(CurvatureProvider):
             full_g=self.full_g,
             labels=self.config.fisher_labels,
             owners=self.global_owners(),
-            weighted=self.config.input_weighting == "gradient",
         )
         if self.config.first_order:
             self._take_gradients(model, batches)

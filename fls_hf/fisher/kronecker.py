@@ -5,17 +5,12 @@ gradient is g = Σ_t δ_t a_tᵀ. K-FAC treats δ and a as independent and token
 
     F ≈ G ⊗ Ā,   G = E_n[Σ_t δ_nt δ_ntᵀ],   Ā = E_{n,t}[ā āᵀ]  (ā = [a; 1]),
 
-with labels sampled from the model (true Fisher). With `weighted` (`curvature.input_weighting: gradient`) each
-token's ā āᵀ counts in proportion to its output gradient's energy ‖δ_t‖², Ā = Σ ‖δ_t‖² ā āᵀ / Σ ‖δ_t‖²: the
-one-step nearest Kronecker product to Σ_t δ_t δ_tᵀ ⊗ a_t a_tᵀ from G's side (its trace is exact). Where the loss
-reads a few positions (a classifier's first token, the last block's every other token carries δ = 0) the plain
-mean weighs every token alike and the weighted one only those the loss sees.
-
-Ā always carries the ones column, whether or not the layer has a bias; structures that do not model the bias
-drop it. By default only diag G (rows,) and Ā ((cols+1)²) are kept: the FishLeg structures need no more
-(diagonal: G_ii Ā_jj; within-row blocks: G_ii Ā_JJ). Linear and GPT-2 Conv1D layers use their token positions; a
-plain Conv2d (groups=1, zero padding) is the same map at every output position, with a_t the input patch under t
-(im2col, `patches.py`; "KFC", Grosse & Martens 2016): its positions are all real, whatever the attention mask.
+with labels sampled from the model (true Fisher). Ā always carries the ones column, whether or not
+the layer has a bias; structures that do not model the bias drop it. By default only diag G (rows,) and Ā
+((cols+1)²) are kept: the FishLeg structures need no more (diagonal: G_ii Ā_jj; within-row blocks:
+G_ii Ā_JJ). Linear and GPT-2 Conv1D layers use their token positions; a plain Conv2d (groups=1, zero
+padding) is the same map at every output position, with a_t the input patch under t (im2col,
+`patches.py`; "KFC", Grosse & Martens 2016): its positions are all real, whatever the attention mask.
 """
 
 from __future__ import annotations
@@ -74,42 +69,24 @@ class KroneckerSums:
     collection from the training steps themselves (`fisher/training.py`).
     """
 
-    def __init__(
-        self,
-        layers: Mapping[str, LayerAdapter],
-        device: torch.device,
-        full_g: Container[str] = (),
-        weighted: bool = False,
-    ):
+    def __init__(self, layers: Mapping[str, LayerAdapter], device: torch.device, full_g: Container[str] = ()):
         self.a = {n: torch.zeros(a.shape[1] + 1, a.shape[1] + 1, device=device) for n, a in layers.items()}
         # every row, also when sharded
         self.g = {n: torch.zeros((a.rows,) * (2 if n in full_g else 1), device=device) for n, a in layers.items()}
-        self.tokens = dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens (weighted: Σ ‖δ‖²)
+        self.tokens = dict.fromkeys(layers, 0.0)  # per layer: a conv's positions are not the tokens
         self.examples = 0
         self.device = device
-        self.weighted = weighted
 
     def observe(self, batch: Mapping[str, Any], name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor):
         """Add the layer's input rows (the batch's attention mask picks the real tokens); δ δᵀ follows in the
-        backward (`weighted`: ā āᵀ too, each row weighted by its ‖δ‖², so the rows wait for it)."""
+        backward."""
         conv = isinstance(module, nn.Conv2d)
         a = _input_rows(module, a.detach())
         mask = _token_mask(batch, a, self.device, conv=conv)
-        if not self.weighted:
-            self.tokens[name] += float(mask.sum())
-            _add_gram(self.a[name], a[mask])
-        if not output.requires_grad:
-            return
-
-        def backward(grad: torch.Tensor, name: str = name) -> None:
-            d = _output_rows(grad, conv)
-            _add_output_gradient(self.g[name], d)
-            if self.weighted:
-                weights = d.square().sum(-1)[mask]
-                self.tokens[name] += float(weights.sum())
-                _add_gram(self.a[name], a[mask], weights)
-
-        output.register_hook(backward)
+        self.tokens[name] += float(mask.sum())
+        _add_gram(self.a[name], a[mask])
+        if output.requires_grad:
+            output.register_hook(lambda grad, name=name, conv=conv: _add_output_gradient(self.g[name], grad, conv))
 
     def add_(self, other: KroneckerSums, g_scale: float = 1.0) -> None:
         """self += other, other's G sums scaled by `g_scale`."""
@@ -131,12 +108,6 @@ class KroneckerSums:
         sums are spent). `owners` (FSDP2): Ā reaches its owner only (None elsewhere)."""
         if self.examples == 0:
             raise CurvatureError("empty calibration dataloader: K-FAC statistics need at least one batch")
-        if self.weighted and any(count == 0 for count in self.tokens.values()):
-            silent = next(n for n, count in self.tokens.items() if count == 0)
-            raise CurvatureError(
-                f"no output gradient reached `{silent}` on a real token, so `curvature.input_weighting: gradient` "
-                "has no weights for its Ā; use `input_weighting: uniform` or leave the layer out (`pruning.ignore`)"
-            )
         if any(count == 0 for count in self.tokens.values()):
             raise CurvatureError(
                 "calibration batches hold no real token (every `attention_mask` entry is 0): K-FAC statistics "
@@ -155,24 +126,18 @@ class KroneckerSums:
         return {name: (self.a[name] if owners[name] == rank() else None, self.g[name]) for name in self.a}
 
 
-def _add_gram(total: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-    """total += Σ_t w_t ā_t ā_tᵀ for ā = [x, 1] (the appended 1 is the bias's input; w = 1 unless `weights`), on and
-    above the diagonal in blocks of ~`_GRAM_BLOCK` columns, the rest left for `averages` to mirror: with b blocks,
-    (b + 1) / 2b of the full product (62 % for MiniLM's 1,536 FFN-out columns, the largest share of the statistics'
-    time). The 1's row and column are x's (weighted) column sums and the count (Σ w), so x is never copied to append
-    it."""
-    if weights is not None:
-        total[:-1, -1] += weights.to(x.dtype) @ x
-        total[-1, -1] += weights.sum()
-        x = x * weights.sqrt().to(x.dtype)[:, None]
+def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += āᵀā for ā = [x, 1] (the appended 1 is the bias's input), on and above the diagonal in blocks of
+    ~`_GRAM_BLOCK` columns, the rest left for `averages` to mirror: with b blocks, (b + 1) / 2b of the full product
+    (62 % for MiniLM's 1,536 FFN-out columns, the largest share of the statistics' time). The 1's row and column are
+    x's column sums and the count, so x is never copied to append it."""
     cols = x.shape[1]
     parts = max(1, cols // _GRAM_BLOCK)
     edges = [round(i * cols / parts) for i in range(parts + 1)]
     for start, stop in zip(edges[:-1], edges[1:]):
         total[start:stop, start:cols] += x[:, start:stop].T @ x[:, start:]  # in x's dtype (bf16 stays bf16)
-    if weights is None:
-        total[:cols, cols] += x.sum(dim=0)
-        total[cols, cols] += x.shape[0]
+    total[:cols, cols] += x.sum(dim=0)
+    total[cols, cols] += x.shape[0]
 
 
 def kronecker_statistics(
@@ -186,7 +151,6 @@ def kronecker_statistics(
     full_g: Container[str] = (),
     labels: str = "sampled",
     owners: Mapping[str, int] | None = None,
-    weighted: bool = False,
 ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
     """name → (Ā: (cols+1, cols+1), G), averaged over up to `max_examples` examples (and over the data-parallel
     ranks' examples).
@@ -195,8 +159,6 @@ def kronecker_statistics(
     the output gradients' labels from the model (true Fisher); `empirical` uses the batch's `labels` (as oBERT's
     empirical Fisher; causal LMs: logits[:, :-1] against labels[:, 1:]). `owners` (FSDP2, Ā sharded by layers): the
     global rank that keeps each layer's Ā; it alone receives the average, the others get None and free theirs.
-    `weighted`: Ā weighs each token by its ‖δ_t‖² (module docstring); it holds each layer's input rows of the batch
-    until its backward.
 
     Memory: each layer's ā āᵀ is added up in its forward hook and δ δᵀ in a hook on its output's gradient, with
     every parameter frozen, so the pass holds no layer input, output gradient or weight gradient beyond what
@@ -205,7 +167,7 @@ def kronecker_statistics(
     model = unwrap(model)
     shift = labels == "empirical" and is_causal_lm(model)
     device = model_device(model)
-    sums = KroneckerSums(layers, device, full_g, weighted)
+    sums = KroneckerSums(layers, device, full_g)
     current: dict[str, Any] = {}  # the batch being passed (its attention mask picks the real tokens)
 
     def on_forward(name: str, module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> None:
@@ -241,13 +203,9 @@ def kronecker_statistics(
     return sums.averages(owners)
 
 
-def _output_rows(grad: torch.Tensor, conv: bool) -> torch.Tensor:
-    """fp32 output-gradient rows (..., rows), at the positions `_input_rows` gives (a conv's output positions)."""
-    return (conv_output_rows(grad) if conv else grad).detach().float()
-
-
-def _add_output_gradient(total: torch.Tensor, d: torch.Tensor) -> None:
-    """total += Σ_t δ_t δ_tᵀ (full G) or Σ_t δ_t² (diag G) over every position of the rows d (..., rows)."""
+def _add_output_gradient(total: torch.Tensor, grad: torch.Tensor, conv: bool) -> None:
+    """total += Σ_t δ_t δ_tᵀ (full G) or Σ_t δ_t² (diag G) over every position of one output gradient."""
+    d = (conv_output_rows(grad) if conv else grad).detach().float()
     d = d.reshape(-1, d.shape[-1])
     total += d.T @ d if total.dim() == 2 else d.pow(2).sum(0)
 

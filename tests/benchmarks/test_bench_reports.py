@@ -179,17 +179,19 @@ def test_gradual_rows_replace_a_rerun_but_keep_another_dense_checkpoints_row(tmp
 
 def test_structured_report_averages_each_share_and_start_and_plots_four_panels(tmp_path):
     """Issue 20's summary (benchmarks.report_structured) from result files: one-shot per kind, gradual per start; a
-    start with no file is left out of the table and drawn empty."""
+    start with no file is left out of the table and drawn empty. Gradual group OBS runs of the old files are the rule
+    before the bias; a `_bias.json` beside them adds the shipped rule's runs from the same start only."""
     from benchmarks import report_structured
 
-    (tmp_path / "oneshot_structured_fullg.json").write_text(
+    (tmp_path / "oneshot_structured_bias.json").write_text(
         json.dumps(
             {
                 "dense": {"validation": 0.85, "test": 0.86},
                 "methods": [
                     {"method": "neurons-kfac", "results": {"0.5": {"validation": 0.85, "test": 0.855}}},
+                    {"method": "neurons-kfac[no bias]", "results": {"0.5": {"validation": 0.84, "test": 0.845}}},
                     {"method": "neurons-taylor", "results": {"0.5": {"validation": 0.83, "test": 0.84}}},
-                    {"method": "heads-magnitude", "results": {"0.75": {"validation": 0.5, "test": 0.51}}},
+                    {"method": "heads-magnitude", "results": {"0.9": {"validation": 0.5, "test": 0.51}}},
                     {"method": "neurons-kfac-emp", "results": {"0.5": {"validation": 0.1, "test": 0.1}}},
                 ],
             }
@@ -200,21 +202,29 @@ def test_structured_report_averages_each_share_and_start_and_plots_four_panels(t
         75: [("taylor-uniform", 0.84, 0.83), ("fls-obc-rel-uniform[max_full_g_rows=0]", 0.1, 0.1)],
     }
     for share, runs in gradual.items():
-        rows = [{"method": m, "validation": v, "test": t} for m, v, t in runs]
+        rows = [{"method": m, "validation": v, "test": t, "dense_checkpoint": "abc"} for m, v, t in runs]
         (tmp_path / f"gradual_minilm_{share}_neurons.json").write_text(json.dumps({"rows": rows}))
+    shipped = [("abc", 0.87, 0.86), ("other", 0.2, 0.2)]  # a re-run from another dense checkpoint: left out
+    rows = [{"method": "fls-obc-rel-uniform", "validation": v, "test": t, "dense_checkpoint": c} for c, v, t in shipped]
+    (tmp_path / "gradual_minilm_50_neurons_bias.json").write_text(json.dumps({"rows": rows}))
     with_heads = [{"method": "fls-obc-rel-uniform", "validation": 0.83, "test": 0.82}]
     (tmp_path / "gradual_minilm_50_neurons+heads25_pretrained.json").write_text(json.dumps({"rows": with_heads}))
     lines = report_structured.table(tmp_path).splitlines()
     assert "| one-shot | dense: 85.00 / 86.00 | | | |" in lines
-    assert "| one-shot, neurons | kfac (group OBS) | – | 85.00 / 85.50 (1) | – |" in lines
+    assert "| one-shot, neurons | kfac (group OBS) | 85.00 / 85.50 (1) | – | – |" in lines
+    assert "| one-shot, neurons | kfac, bias not free | 84.00 / 84.50 (1) | – | – |" in lines
     assert "| one-shot, heads | magnitude | – | – | 50.00 / 51.00 (1) |" in lines
     assert "| gradual neurons, from the task fine-tune | dense fine-tune: 85.20 / 85.80 (1) | | | |" in lines
-    assert "| gradual neurons, from the task fine-tune | kfac (group OBS) | – | 85.50 / 85.50 (2) | – |" in lines
-    assert "| gradual neurons, from the task fine-tune | Taylor | – | – | 84.00 / 83.00 (1) |" in lines
+    assert "| gradual neurons, from the task fine-tune | kfac (group OBS) | 87.00 / 86.00 (1) | – | – |" in lines
+    assert "| gradual neurons, from the task fine-tune | kfac, bias not free | 85.50 / 85.50 (2) | – | – |" in lines
+    assert "| gradual neurons, from the task fine-tune | Taylor | – | 84.00 / 83.00 (1) | – |" in lines
     setting = "gradual neurons + a quarter of the heads, from the pre-trained model"
-    assert f"| {setting} | kfac (group OBS) | – | 83.00 / 82.00 (1) | – |" in lines
-    # no neurons-only file from the pre-trained model, nor one with half of the heads; scan rows left out
-    assert not any("neurons, from the pre-trained" in line or "half" in line or "10.00" in line for line in lines)
+    assert f"| {setting} | kfac, bias not free | 83.00 / 82.00 (1) | – | – |" in lines
+    # no neurons-only file from the pre-trained model, nor one with half of the heads; scan rows and other starts out
+    assert not any(
+        "neurons, from the pre-trained" in line or "half" in line or "10.00" in line or "20.00" in line
+        for line in lines
+    )
     out = tmp_path / "structured.png"
     report_structured.plot(tmp_path, out)
     assert out.stat().st_size > 10_000

@@ -8,7 +8,6 @@ from torch import nn
 
 from fls_hf.curvature.fishleg import FishLegConfig, FishLegProvider
 from fls_hf.curvature.fishleg.structures import BlockDiagonalQ, DiagonalQ, KroneckerQ
-from fls_hf.errors import CurvatureError
 from fls_hf.fisher.kronecker import kronecker_statistics
 from fls_hf.fisher.likelihoods import Categorical
 from fls_hf.model.adapters import adapter_for
@@ -176,58 +175,3 @@ def test_layers_fed_one_tensor_share_their_kfac_eigenbasis():
     assert models[query].basis is models[key].basis is models[value].basis
     assert models[out].basis is not models[value].basis
     assert not torch.equal(provider.a_bar[out], provider.a_bar[value])
-
-
-@pytest.mark.parametrize("name", ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"])
-def test_gradient_weighted_input_covariance_matches_explicit_sum(name):
-    """`weighted`: Ā = Σ_t ‖δ_t‖² ā āᵀ / Σ_t ‖δ_t‖² over real tokens, G as without weights. In the last block only the
-    first token feeds the classifier, so there Ā is that token's (weighted) second moment alone."""
-    model = tiny_bert()
-    batches = token_batches(n_batches=2)
-    layers = resolve_targets(model, [name])
-    plain = kronecker_statistics(model, batches, layers, Categorical(), labels="empirical")[name]
-    a_bar, g = kronecker_statistics(model, batches, layers, Categorical(), labels="empirical", weighted=True)[name]
-    torch.testing.assert_close(g, plain[1])
-
-    module = model.get_submodule(name)
-    model.eval()
-    weighted_sum, weight_total, first_token_only = 0.0, 0.0, True
-    for batch in batches:
-        store = {}
-        handle = module.register_forward_hook(lambda m, i, o: store.update(a=i[0], out=o))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        handle.remove()
-        loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-        delta = torch.autograd.grad(loss, store["out"])[0]
-        energy = delta.square().sum(-1) * batch["attention_mask"]  # (N, T), real tokens only
-        first_token_only &= bool((energy[:, 1:] == 0).all())
-        a1 = torch.cat([store["a"], torch.ones(*store["a"].shape[:2], 1)], -1).detach().flatten(0, 1)
-        weighted_sum += (a1 * energy.reshape(-1, 1)).T @ a1
-        weight_total += float(energy.sum())
-    torch.testing.assert_close(a_bar, weighted_sum / weight_total, rtol=1e-4, atol=1e-6)
-    assert a_bar[-1, -1] == pytest.approx(1.0)  # the ones column's weighted second moment
-    assert first_token_only == name.startswith("bert.encoder.layer.1")
-    assert not torch.allclose(a_bar, plain[0], rtol=1e-2)
-
-
-class DeadBranch(nn.Module):
-    """`unused` runs in the forward but its output never reaches the logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.used, self.unused = nn.Linear(5, 3), nn.Linear(5, 3)
-
-    def forward(self, x):
-        self.unused(x)
-        return self.used(x)
-
-
-def test_gradient_weighting_refuses_a_layer_no_gradient_reaches():
-    model = DeadBranch()
-    layers = {n: adapter_for(n, model.get_submodule(n)) for n in ("used", "unused")}
-    batch = {"x": torch.randn(4, 5)}
-    kronecker_statistics(model, [batch], layers, Categorical(), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(CurvatureError, match="`unused`.*input_weighting: gradient"):
-        kronecker_statistics(
-            model, [batch], layers, Categorical(), generator=torch.Generator().manual_seed(0), weighted=True
-        )
