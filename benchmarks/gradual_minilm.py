@@ -40,7 +40,7 @@ from pathlib import Path
 from .common.encoder_recipe import recipe as encoder_recipe
 from .common.overrides import parse_overrides, quick_curvature, row_name
 from .common.paths import REPO, RESULTS
-from .common.rows import record
+from .common.rows import open_report, record
 
 # Same schedule for all; per-method curvature settings from the one-shot benchmark's validation scans.
 METHODS = {
@@ -274,23 +274,21 @@ def main() -> None:
         )
     )
     out = Path(args.output) if args.output else RESULTS / f"gradual_minilm_{tag}.json"
-    report = {
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "sparsity",
-                "mask_type",
-                "head_sparsity",
-                "start",
-                "window",
-                "epochs",
-                "batch_size",
-                "learning_rate",
-                "quick",
-            )
-        },
-        "rows": json.loads(out.read_text())["rows"] if out.is_file() and not args.quick else [],
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "sparsity",
+            "mask_type",
+            "head_sparsity",
+            "start",
+            "window",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "quick",
+        )
     }
+    report = open_report(out, settings, fresh=args.quick)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.methods.split(","):
             with tempfile.NamedTemporaryFile(suffix=".json") as row:

@@ -7,6 +7,13 @@ import json
 from pathlib import Path
 
 
+def open_report(out: Path, settings: dict, fresh: bool = False) -> dict:
+    """The report to add rows to: `out`'s rows and any other keys it holds (a hand-written `note`) unless `fresh`, with
+    `settings` as given."""
+    stored = {} if fresh or not out.is_file() else json.loads(out.read_text())
+    return {**stored, "settings": settings, "rows": stored.get("rows", [])}
+
+
 def record(report: dict, row: dict, out: Path, extra: str = "") -> None:
     """Put `row` into `report["rows"]` (replacing the same method, seed and dense checkpoint), write the file, print
     a summary line.

@@ -177,6 +177,19 @@ def test_gradual_rows_replace_a_rerun_but_keep_another_dense_checkpoints_row(tmp
     assert [(r.get("dense_checkpoint"), r["test"]) for r in stored] == [(None, 0.78), ("abc", 0.80)]
 
 
+def test_adding_rows_keeps_a_results_files_note_and_takes_the_new_settings(tmp_path):
+    from benchmarks.common.rows import open_report, record
+
+    out = tmp_path / "gradual.json"
+    out.write_text(json.dumps({"settings": {"seeds": "0"}, "rows": rows([("fls", 0, 0.78)]), "note": "session 25"}))
+    report = open_report(out, {"seeds": "1"})
+    record(report, rows([("fls", 1, 0.79)])[0], out)
+    stored = json.loads(out.read_text())
+    assert stored["note"] == "session 25" and stored["settings"] == {"seeds": "1"}
+    assert [r["seed"] for r in stored["rows"]] == [0, 1]
+    assert open_report(out, {}, fresh=True) == {"settings": {}, "rows": []}  # --quick: a smoke run starts empty
+
+
 def test_structured_report_averages_each_share_and_start_and_plots_four_panels(tmp_path):
     """Issue 20's summary (benchmarks.report_structured) from result files: one-shot per kind, gradual per start; a
     start with no file is left out of the table and drawn empty. Gradual group OBS runs of the old files are the rule
